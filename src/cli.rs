@@ -1,0 +1,121 @@
+//! Command-line types (clap derive) and nothing else: `settings` turns them into validated
+//! library settings, so no clap type travels further.
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+
+pub const DEFAULT_PROMPT: &str =
+    "ghibli style, hand-painted anime illustration, soft warm light, lush colors, detailed background";
+pub const DEFAULT_NEGATIVE: &str =
+    "photo, photorealistic, 3d render, blurry, lowres, jpeg artifacts, deformed, ugly, watermark, text, signature";
+
+const AFTER_HELP: &str = "\
+Examples:
+  ghiblify photo.jpg -o photo-ghibli.png
+  ghiblify photo.jpg -o out.png --strength 0.45 --seed 7 --steps 30
+  ghiblify photo.jpg -o out.png --model-dir ./my-sd15-diffusers-folder
+
+Trace (--trace FILE): a safetensors file with the run's intermediates, to compare against other
+implementations: posterior_eps and noise (the two Gaussian draws, shape (1, C, h, w), in that
+order), timesteps (the kept ones), prompt_embeds, negative_prompt_embeds (with CFG),
+init_latents (posterior sample x scaling_factor), noised_latents, stepNN_latents (after each
+step, NN = 00, 01, ...), stepNN_noise (samplers that draw noise inside a step), final_latents,
+and output_float (H, W, 3 in [0, 1]). The run's settings are stored in the file's metadata.
+
+Exit status: 0 on success, 1 on any error (bad arguments, unreadable input, model failure).";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA or Metal when this build has it and a device is present, else the CPU
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SamplerArg {
+    /// DDIM, deterministic (eta 0); 20-50 steps
+    Ddim,
+}
+
+/// Turn photos into Studio-Ghibli-style pictures with latent-diffusion img2img.
+#[derive(Debug, Parser)]
+#[command(name = "ghiblify", version, about, after_help = AFTER_HELP, args_override_self = true, allow_negative_numbers = true)]
+pub struct Args {
+    /// The photo to convert (PNG, JPEG, WebP, ...; EXIF orientation is applied)
+    pub input: PathBuf,
+
+    /// Where to write the result; the format follows the extension (.png, .jpg, .jpeg, .webp)
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// What the picture should look like; include the model's trigger words ("ghibli style")
+    #[arg(long, default_value = DEFAULT_PROMPT)]
+    pub prompt: String,
+
+    /// What to steer away from (used when --guidance > 1)
+    #[arg(long, default_value = DEFAULT_NEGATIVE)]
+    pub negative_prompt: String,
+
+    /// How much to repaint, 0..1: low keeps the photo, high keeps only its layout
+    #[arg(long, default_value_t = 0.55)]
+    pub strength: f64,
+
+    /// Denoising steps at strength 1 (img2img runs int(steps x strength) of them)
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+
+    /// Classifier-free guidance scale; 1 or less disables guidance (one UNet pass per step)
+    #[arg(long, default_value_t = 7.0)]
+    pub guidance: f64,
+
+    /// Seed for all noise (same seed and settings give the same picture on the same device);
+    /// random when omitted, and printed
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Sampler
+    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
+    pub sampler: SamplerArg,
+
+    /// Long side of the working resolution in pixels, rounded down to a multiple of 8 (aspect
+    /// kept); default: the model's native size (512 for SD1.5)
+    #[arg(long, value_name = "N")]
+    pub size: Option<u32>,
+
+    /// A local model folder in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    pub model_dir: Option<PathBuf>,
+
+    /// A hub repo in the diffusers layout, REPO_ID[@REVISION] (default nitrosocke/Ghibli-Diffusion)
+    #[arg(long, value_name = "REPO_ID")]
+    pub model: Option<String>,
+
+    /// Compute device
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+
+    /// Compute precision (default: f32 on the CPU, f16 on CUDA/Metal)
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+
+    /// Write the run's intermediates to FILE (safetensors; see below)
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+
+    /// Print only errors
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// Print details (timings, seed, sizes)
+    #[arg(short, long)]
+    pub verbose: bool,
+}

@@ -1,0 +1,169 @@
+//! Reading photos (EXIF orientation, alpha on white, resize to the working size), converting to
+//! and from tensors exactly as diffusers' `VaeImageProcessor` does, and writing results atomically
+//! with provenance metadata.
+
+use crate::error::{Error, Result};
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use std::io::Write;
+use std::path::Path;
+
+/// Output formats, chosen by the output file's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    Jpeg,
+    WebP,
+}
+
+impl OutputFormat {
+    pub fn from_path(path: &Path) -> Option<Self> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "png" => Some(Self::Png),
+            "jpg" | "jpeg" => Some(Self::Jpeg),
+            "webp" => Some(Self::WebP),
+            _ => None,
+        }
+    }
+}
+
+/// Decodes an image file (format from its content), applies its EXIF orientation, and flattens
+/// it to 8-bit RGB, compositing any transparency on white.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let reader = ImageReader::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = reader.with_guessed_format().map_err(|e| Error::io(path, e))?;
+    if reader.format().is_none() {
+        return Err(Error::image(path, "not a recognised image file"));
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| Error::image(path, e))?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| Error::image(path, e))?;
+    img.apply_orientation(orientation);
+    if img.width() == 0 || img.height() == 0 {
+        return Err(Error::image(path, "image has no pixels"));
+    }
+    Ok(if img.color().has_alpha() {
+        let rgba = img.to_rgba32f();
+        let mut out = RgbImage::new(rgba.width(), rgba.height());
+        for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+            let a = p[3];
+            for c in 0..3 {
+                o[c] = ((p[c] * a + (1.0 - a)) * 255.0).round().clamp(0.0, 255.0) as u8;
+            }
+        }
+        out
+    } else {
+        img.to_rgb8()
+    })
+}
+
+/// The working size for an image of `w`×`h`: the long side becomes `size` (both sides rounded
+/// down to a multiple of `multiple`), aspect kept. An image already at that size is left alone.
+pub fn working_size(w: u32, h: u32, size: u32, multiple: u32) -> (u32, u32) {
+    let (long, short) = if w >= h { (w, h) } else { (h, w) };
+    let long_out = (size / multiple * multiple).max(multiple);
+    let short_out = ((short as f64 * long_out as f64 / long as f64).round() as u32 / multiple * multiple).max(multiple);
+    if w >= h { (long_out, short_out) } else { (short_out, long_out) }
+}
+
+/// Resizes with Lanczos3 when needed (diffusers resamples with PIL's Lanczos).
+pub fn resize_to(img: RgbImage, w: u32, h: u32) -> RgbImage {
+    if img.width() == w && img.height() == h {
+        img
+    } else {
+        image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3)
+    }
+}
+
+/// (1, 3, H, W) f32 in [-1, 1]: `2 · (x / 255) - 1` in f32, as `VaeImageProcessor` computes it.
+pub fn to_tensor(img: &RgbImage) -> Result<Tensor> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
+    Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
+}
+
+/// (H, W, 3) in [0, 1] → 8-bit, rounding half to even like numpy's `(x * 255).round()`.
+pub fn to_rgb8(t: &Tensor) -> Result<RgbImage> {
+    let (h, w, _) = t.dims3()?;
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    let bytes = v.iter().map(|&x| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8).collect();
+    RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| Error::Argument("output buffer size mismatch".into()))
+}
+
+/// Writes `path` through a temporary file in the same folder and renames it into place, so a
+/// killed run never leaves a half-written file and an existing file is replaced in one step.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ghiblify-")
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    write(tmp.as_file_mut()).map_err(|e| Error::io(path, e))?;
+    tmp.as_file_mut().flush().map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Saves `img` in the format its extension names. PNG files carry the provenance as text chunks
+/// (`parameters` in the A1111 form tools read, `Software`, `Source`, and an IPTC digital source
+/// type saying it was made with a trained model).
+pub fn save(img: &RgbImage, path: &Path, provenance: &[(String, String)]) -> Result<()> {
+    let format = OutputFormat::from_path(path).ok_or_else(|| {
+        Error::Argument(format!("-o '{}': unknown output extension (use .png, .jpg, .jpeg or .webp)", path.display()))
+    })?;
+    write_atomically(path, |f| {
+        let w = std::io::BufWriter::new(f);
+        let to_io = |e: image::ImageError| std::io::Error::other(e.to_string());
+        match format {
+            OutputFormat::Png => {
+                let mut enc = png::Encoder::new(w, img.width(), img.height());
+                enc.set_color(png::ColorType::Rgb);
+                enc.set_depth(png::BitDepth::Eight);
+                for (k, v) in provenance {
+                    enc.add_itxt_chunk(k.clone(), v.clone()).map_err(std::io::Error::other)?;
+                }
+                let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+                writer.write_image_data(img.as_raw()).map_err(std::io::Error::other)?;
+                writer.finish().map_err(std::io::Error::other)
+            }
+            OutputFormat::Jpeg => {
+                let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(w, 95);
+                img.write_with_encoder(enc).map_err(to_io)
+            }
+            OutputFormat::WebP => {
+                let enc = image::codecs::webp::WebPEncoder::new_lossless(w);
+                img.write_with_encoder(enc).map_err(to_io)
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn working_size_keeps_aspect_and_multiple_of_8() {
+        assert_eq!(working_size(640, 480, 512, 8), (512, 384));
+        assert_eq!(working_size(480, 640, 512, 8), (384, 512));
+        assert_eq!(working_size(451, 300, 512, 8), (512, 336));
+        assert_eq!(working_size(64, 48, 64, 8), (64, 48));
+        assert_eq!(working_size(1000, 10, 512, 8), (512, 8));
+        assert_eq!(working_size(100, 100, 100, 8), (96, 96));
+    }
+
+    #[test]
+    fn tensor_round_trip_is_exact() {
+        let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 50, y as u8 * 100, 255]));
+        let t = to_tensor(&img).unwrap();
+        assert_eq!(t.dims(), &[1, 3, 3, 5]);
+        let back = ((t.squeeze(0).unwrap().permute((1, 2, 0)).unwrap() + 1.0).unwrap() / 2.0).unwrap();
+        assert_eq!(to_rgb8(&back).unwrap(), img);
+    }
+}

@@ -1,0 +1,34 @@
+//! The `ghiblify` binary: parse → settings → run → exit code. Nothing else lives here.
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = match ghiblify::cli::Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: stdout, status 0.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Usage errors get the same one-line shape and exit status as every other error.
+            let text = e.render().to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:"))
+                .collect();
+            eprintln!("ghiblify: {} (see --help)", line.join(" "));
+            return ExitCode::from(1);
+        }
+    };
+    let result = ghiblify::settings::Settings::from_args(args).and_then(|s| ghiblify::run::run(&s));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ghiblify: {:#}", anyhow::Error::from(e));
+            ExitCode::from(1)
+        }
+    }
+}

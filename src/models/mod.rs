@@ -1,0 +1,151 @@
+//! Model components in the diffusers folder layout, each built from its own `config.json`.
+//!
+//! We own these components (instead of using candle-transformers' SD module) because the shipped
+//! ones differ from diffusers where it matters for parity (tanh-approximated GELU in GEGLU, CLIP
+//! at batch 1 only, private VAE posterior, per-version hard-coded configs) and because a later
+//! speed issue replaces their kernels: the rest of the crate only sees these small wrapper types.
+
+pub mod clip;
+pub mod nn;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A config value that diffusers accepts either as one number for all blocks or as a list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    /// The per-block values for `n` blocks; a list of the wrong length is a config error.
+    pub fn per_block(&self, n: usize, path: &Path, key: &str) -> Result<Vec<T>> {
+        match self {
+            OneOrMany::One(v) => Ok(vec![v.clone(); n]),
+            OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),
+            OneOrMany::Many(v) => Err(Error::config(
+                path,
+                format!("'{key}' has {} entries but there are {n} blocks", v.len()),
+            )),
+        }
+    }
+}
+
+/// Reads a JSON config into `T` (whose serde defaults mirror diffusers' constructor defaults).
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::config(path, format!("malformed config: {e}")))
+}
+
+/// Where one component's config and weights live inside a model folder.
+#[derive(Debug, Clone)]
+pub struct ComponentFiles {
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+}
+
+/// Resolves `DIR/<component>/{config_name, weights}`. With f16/bf16 the `*.fp16.safetensors`
+/// variant is preferred (half the download and memory); otherwise the full-precision file, falling
+/// back to the other if only one exists. Sharded weights (`*.safetensors.index.json`) are followed.
+pub fn component_files(
+    dir: &Path,
+    component: &str,
+    config_name: &str,
+    weight_stem: &str,
+    dtype: DType,
+) -> Result<ComponentFiles> {
+    let cdir = dir.join(component);
+    if !cdir.is_dir() {
+        return Err(Error::Model {
+            dir: dir.to_path_buf(),
+            what: format!("missing component folder '{component}/'"),
+        });
+    }
+    let config = cdir.join(config_name);
+    if !config.is_file() {
+        return Err(Error::Model {
+            dir: dir.to_path_buf(),
+            what: format!("missing '{component}/{config_name}'"),
+        });
+    }
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let full = format!("{weight_stem}.safetensors");
+    let fp16 = format!("{weight_stem}.fp16.safetensors");
+    let order = if half { [&fp16, &full] } else { [&full, &fp16] };
+    for name in order {
+        let p = cdir.join(name);
+        if p.is_file() {
+            return Ok(ComponentFiles { config, weights: vec![p] });
+        }
+        let index = cdir.join(format!("{name}.index.json"));
+        if index.is_file() {
+            return Ok(ComponentFiles { config, weights: shards(&index)? });
+        }
+    }
+    let has_bin = ["bin", "fp16.bin"]
+        .iter()
+        .any(|ext| cdir.join(format!("{weight_stem}.{ext}")).is_file() || cdir.join(format!("pytorch_model.{ext}")).is_file());
+    let hint = if has_bin {
+        " (only PyTorch .bin weights are present: convert them to safetensors)"
+    } else {
+        ""
+    };
+    Err(Error::Model {
+        dir: dir.to_path_buf(),
+        what: format!("missing '{component}/{full}'{hint}"),
+    })
+}
+
+fn shards(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let idx: Index = read_json(index)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    for f in &files {
+        if !f.is_file() {
+            return Err(Error::config(index, format!("shard '{}' is missing", f.display())));
+        }
+    }
+    Ok(files)
+}
+
+/// Memory-maps safetensors weights; tensors are converted to `dtype` as they are fetched.
+pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    for f in &files.weights {
+        // Check the header here so a truncated or foreign file is named in the error.
+        let file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(f, e))?;
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Weights {
+            path: f.clone(),
+            msg: format!("not a valid safetensors file: {e}"),
+        })?;
+    }
+    // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody truncating
+    // the weights while we run.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }.map_err(|e| {
+        Error::Weights { path: files.weights[0].clone(), msg: crate::error::candle_message(&e) }
+    })?;
+    Ok(vb)
+}
+
+/// Wraps a candle error raised while building a component from its weights.
+pub fn weights_err(files: &ComponentFiles) -> impl Fn(candle_core::Error) -> Error + '_ {
+    move |e| Error::Weights {
+        path: files.weights[0].clone(),
+        msg: format!("weights do not match {}: {}", files.config.display(), crate::error::candle_message(&e)),
+    }
+}

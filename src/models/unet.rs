@@ -1,0 +1,624 @@
+//! The conditional UNet of latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis
+//! with Latent Diffusion Models"), a port of diffusers' `models/unets/unet_2d_condition.py`,
+//! `unet_2d_blocks.py` (CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, *UpBlock2D)
+//! and `transformers/transformer_2d.py` + `attention.py` (BasicTransformerBlock, GEGLU).
+//!
+//! Every architectural number comes from `unet/config.json`; options diffusers supports that the
+//! SD 1.x/2.x family never uses (class embeddings, SDXL's added conditions, …) are rejected by
+//! name instead of being silently ignored.
+
+use super::nn::{attention, conv2d, group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::{read_json, weights_err, ComponentFiles, OneOrMany};
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+use std::path::Path;
+
+/// `unet/config.json`; each field's default is diffusers' constructor default.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    /// `sample_size` (latent side the model was trained at; ×8 gives the native image size).
+    pub sample_size: Option<OneOrMany<usize>>,
+    /// `in_channels`, default 4.
+    #[serde(default = "d4")]
+    pub in_channels: usize,
+    /// `out_channels`, default 4.
+    #[serde(default = "d4")]
+    pub out_channels: usize,
+    /// `center_input_sample`, default false.
+    #[serde(default)]
+    pub center_input_sample: bool,
+    /// `flip_sin_to_cos`, default true.
+    #[serde(default = "dtrue")]
+    pub flip_sin_to_cos: bool,
+    /// `freq_shift`, default 0.
+    #[serde(default)]
+    pub freq_shift: f64,
+    /// `down_block_types`, default 3 × CrossAttnDownBlock2D + DownBlock2D.
+    #[serde(default = "default_down")]
+    pub down_block_types: Vec<String>,
+    /// `mid_block_type`, default UNetMidBlock2DCrossAttn.
+    #[serde(default = "default_mid")]
+    pub mid_block_type: Option<String>,
+    /// `up_block_types`, default UpBlock2D + 3 × CrossAttnUpBlock2D.
+    #[serde(default = "default_up")]
+    pub up_block_types: Vec<String>,
+    /// `only_cross_attention`, default false.
+    #[serde(default = "default_false_oom")]
+    pub only_cross_attention: OneOrMany<bool>,
+    /// `block_out_channels`, default (320, 640, 1280, 1280).
+    #[serde(default = "default_channels")]
+    pub block_out_channels: Vec<usize>,
+    /// `layers_per_block`, default 2 (int or per block).
+    #[serde(default = "default_layers")]
+    pub layers_per_block: OneOrMany<usize>,
+    /// `downsample_padding`, default 1.
+    #[serde(default = "d1")]
+    pub downsample_padding: usize,
+    /// `mid_block_scale_factor`, default 1.0.
+    #[serde(default = "d1f")]
+    pub mid_block_scale_factor: f64,
+    /// `act_fn`, default "silu".
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    /// `norm_num_groups`, default 32.
+    #[serde(default = "d32")]
+    pub norm_num_groups: usize,
+    /// `norm_eps`, default 1e-5.
+    #[serde(default = "d1e5")]
+    pub norm_eps: f64,
+    /// `cross_attention_dim`, default 1280 (int or per block).
+    #[serde(default = "default_xdim")]
+    pub cross_attention_dim: OneOrMany<usize>,
+    /// `transformer_layers_per_block`, default 1.
+    #[serde(default = "default_one_oom")]
+    pub transformer_layers_per_block: OneOrMany<usize>,
+    /// `reverse_transformer_layers_per_block`, default null (reverse of the above).
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<Vec<usize>>,
+    /// `attention_head_dim`, default 8: despite its name diffusers uses it as the *number of heads*
+    /// when `num_attention_heads` is null (a naming bug kept for compatibility).
+    #[serde(default = "default_heads")]
+    pub attention_head_dim: OneOrMany<usize>,
+    /// `num_attention_heads`, default null.
+    #[serde(default)]
+    pub num_attention_heads: Option<OneOrMany<usize>>,
+    /// `dual_cross_attention`, default false.
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    /// `use_linear_projection`, default false (true in SD2.x).
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    /// `upcast_attention`, default false (true in SD2.1: softmax in f32, which we always do).
+    #[serde(default)]
+    pub upcast_attention: bool,
+    /// `resnet_time_scale_shift`, default "default".
+    #[serde(default = "default_str")]
+    pub resnet_time_scale_shift: String,
+    /// `resnet_skip_time_act`, default false.
+    #[serde(default)]
+    pub resnet_skip_time_act: bool,
+    /// `resnet_out_scale_factor`, default 1.0.
+    #[serde(default = "d1f")]
+    pub resnet_out_scale_factor: f64,
+    /// `time_embedding_type`, default "positional".
+    #[serde(default = "positional")]
+    pub time_embedding_type: String,
+    /// `time_embedding_dim`, default null (4 × block_out_channels[0]).
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    /// `time_embedding_act_fn`, default null.
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    /// `timestep_post_act`, default null.
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    /// `time_cond_proj_dim`, default null (set by LCM-distilled UNets).
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    /// `conv_in_kernel`, default 3.
+    #[serde(default = "d3")]
+    pub conv_in_kernel: usize,
+    /// `conv_out_kernel`, default 3.
+    #[serde(default = "d3")]
+    pub conv_out_kernel: usize,
+    /// `class_embed_type`, default null.
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    /// `num_class_embeds`, default null.
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    /// `addition_embed_type`, default null ("text_time" in SDXL).
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// `encoder_hid_dim`, default null.
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    /// `attention_type`, default "default".
+    #[serde(default = "default_str")]
+    pub attention_type: String,
+    /// `cross_attention_norm`, default null.
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+    /// `mid_block_only_cross_attention`, default null.
+    #[serde(default)]
+    pub mid_block_only_cross_attention: Option<bool>,
+}
+
+fn d1() -> usize { 1 }
+fn d3() -> usize { 3 }
+fn d4() -> usize { 4 }
+fn d32() -> usize { 32 }
+fn d1f() -> f64 { 1.0 }
+fn d1e5() -> f64 { 1e-5 }
+fn dtrue() -> bool { true }
+fn silu() -> String { "silu".into() }
+fn positional() -> String { "positional".into() }
+fn default_str() -> String { "default".into() }
+fn default_mid() -> Option<String> { Some("UNetMidBlock2DCrossAttn".into()) }
+fn default_false_oom() -> OneOrMany<bool> { OneOrMany::One(false) }
+fn default_one_oom() -> OneOrMany<usize> { OneOrMany::One(1) }
+fn default_layers() -> OneOrMany<usize> { OneOrMany::One(2) }
+fn default_heads() -> OneOrMany<usize> { OneOrMany::One(8) }
+fn default_xdim() -> OneOrMany<usize> { OneOrMany::One(1280) }
+fn default_channels() -> Vec<usize> { vec![320, 640, 1280, 1280] }
+fn default_down() -> Vec<String> {
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
+}
+fn default_up() -> Vec<String> {
+    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
+}
+
+/// The per-block numbers diffusers derives from the config.
+#[derive(Debug, Clone)]
+struct Plan {
+    cross_attn: Vec<bool>,
+    layers: Vec<usize>,
+    heads: Vec<usize>,
+    xdim: Vec<usize>,
+    tlayers: Vec<usize>,
+    rev_tlayers: Vec<usize>,
+}
+
+impl UNetConfig {
+    fn unsupported(path: &Path, key: &str, value: impl std::fmt::Debug, hint: &str) -> Error {
+        Error::config(path, format!("'{key}' = {value:?} is not supported{hint}"))
+    }
+
+    /// Validates what we can run and derives the per-block plan, naming the key on any mismatch.
+    fn plan(&self, path: &Path) -> Result<Plan> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(Error::config(path, "'block_out_channels' is empty"));
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::config(
+                path,
+                format!(
+                    "'down_block_types' ({}) and 'up_block_types' ({}) must both have one entry per 'block_out_channels' ({n})",
+                    self.down_block_types.len(),
+                    self.up_block_types.len()
+                ),
+            ));
+        }
+        let sdxl = " (an SDXL or other non-SD1/SD2 model?)";
+        if let Some(v) = &self.addition_embed_type {
+            return Err(Self::unsupported(path, "addition_embed_type", v, sdxl));
+        }
+        if let Some(v) = &self.class_embed_type {
+            return Err(Self::unsupported(path, "class_embed_type", v, ""));
+        }
+        if let Some(v) = self.num_class_embeds {
+            return Err(Self::unsupported(path, "num_class_embeds", v, ""));
+        }
+        if let Some(v) = self.encoder_hid_dim {
+            return Err(Self::unsupported(path, "encoder_hid_dim", v, ""));
+        }
+        if let Some(v) = self.time_cond_proj_dim {
+            return Err(Self::unsupported(path, "time_cond_proj_dim", v, " (an LCM-distilled UNet)"));
+        }
+        if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
+            return Err(Self::unsupported(path, "mid_block_type", &self.mid_block_type, ""));
+        }
+        let checks: [(&str, bool, String); 10] = [
+            ("act_fn", self.act_fn == "silu", self.act_fn.clone()),
+            ("resnet_time_scale_shift", self.resnet_time_scale_shift == "default", self.resnet_time_scale_shift.clone()),
+            ("time_embedding_type", self.time_embedding_type == "positional", self.time_embedding_type.clone()),
+            ("attention_type", self.attention_type == "default", self.attention_type.clone()),
+            ("dual_cross_attention", !self.dual_cross_attention, "true".into()),
+            ("resnet_skip_time_act", !self.resnet_skip_time_act, "true".into()),
+            ("time_embedding_act_fn", self.time_embedding_act_fn.is_none(), format!("{:?}", self.time_embedding_act_fn)),
+            ("timestep_post_act", self.timestep_post_act.is_none(), format!("{:?}", self.timestep_post_act)),
+            ("cross_attention_norm", self.cross_attention_norm.is_none(), format!("{:?}", self.cross_attention_norm)),
+            ("mid_block_only_cross_attention", self.mid_block_only_cross_attention != Some(true), "true".into()),
+        ];
+        for (key, ok, value) in checks {
+            if !ok {
+                return Err(Error::config(path, format!("'{key}' = {value} is not supported")));
+            }
+        }
+        if self.only_cross_attention.per_block(n, path, "only_cross_attention")?.iter().any(|&b| b) {
+            return Err(Self::unsupported(path, "only_cross_attention", &self.only_cross_attention, ""));
+        }
+        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+            return Err(Error::config(path, "'conv_in_kernel' and 'conv_out_kernel' must be odd"));
+        }
+        let mut cross_attn = Vec::with_capacity(n);
+        for (i, t) in self.down_block_types.iter().enumerate() {
+            let ca = match t.as_str() {
+                "CrossAttnDownBlock2D" => true,
+                "DownBlock2D" => false,
+                other => return Err(Error::config(path, format!("'down_block_types'[{i}] = {other:?} is not supported"))),
+            };
+            // We build the up path as the mirror of the down path, as every SD checkpoint has it.
+            let up = &self.up_block_types[n - 1 - i];
+            let want = if ca { "CrossAttnUpBlock2D" } else { "UpBlock2D" };
+            if up != want {
+                return Err(Error::config(
+                    path,
+                    format!("'up_block_types'[{}] = {up:?} does not mirror 'down_block_types'[{i}] = {t:?} (expected {want:?})", n - 1 - i),
+                ));
+            }
+            cross_attn.push(ca);
+        }
+        let heads = match &self.num_attention_heads {
+            Some(h) => h.per_block(n, path, "num_attention_heads")?,
+            None => self.attention_head_dim.per_block(n, path, "attention_head_dim")?,
+        };
+        for (i, (&h, &c)) in heads.iter().zip(&self.block_out_channels).enumerate() {
+            if h == 0 || c % h != 0 {
+                return Err(Error::config(path, format!("block {i}: {c} channels do not split into {h} attention heads")));
+            }
+        }
+        let tlayers = self.transformer_layers_per_block.per_block(n, path, "transformer_layers_per_block")?;
+        let rev_tlayers = match &self.reverse_transformer_layers_per_block {
+            Some(v) if v.len() == n => v.clone(),
+            Some(v) => return Err(Error::config(path, format!("'reverse_transformer_layers_per_block' has {} entries, expected {n}", v.len()))),
+            None => tlayers.iter().rev().cloned().collect(),
+        };
+        for &c in &self.block_out_channels {
+            if c % self.norm_num_groups != 0 {
+                return Err(Error::config(path, format!("'norm_num_groups' {} does not divide {c} channels", self.norm_num_groups)));
+            }
+        }
+        Ok(Plan {
+            cross_attn,
+            layers: self.layers_per_block.per_block(n, path, "layers_per_block")?,
+            heads,
+            xdim: self.cross_attention_dim.per_block(n, path, "cross_attention_dim")?,
+            tlayers,
+            rev_tlayers,
+        })
+    }
+
+    /// The text-embedding width the UNet attends to (for checking it against the text encoder).
+    pub fn context_dim(&self) -> usize {
+        match &self.cross_attention_dim {
+            OneOrMany::One(d) => *d,
+            OneOrMany::Many(v) => v.last().copied().unwrap_or(0),
+        }
+    }
+
+    /// The latent side the model was trained at (`sample_size`).
+    pub fn native_latent_size(&self) -> Option<usize> {
+        match &self.sample_size {
+            Some(OneOrMany::One(s)) => Some(*s),
+            Some(OneOrMany::Many(v)) => v.iter().copied().max(),
+            None => None,
+        }
+    }
+}
+
+/// diffusers `BasicTransformerBlock` (self-attention, cross-attention, GEGLU feed-forward).
+#[derive(Debug)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+}
+
+#[derive(Debug)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, dim: usize, context: usize, heads: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context, dim, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context, dim, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        self.to_out.forward(&attention(&q, &k, &v, self.heads)?)
+    }
+}
+
+impl TransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, context: usize) -> candle_core::Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context, heads)?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff_proj: candle_nn::linear(dim, inner * 2, vb.pp("ff.net.0.proj"))?,
+            ff_out: candle_nn::linear(inner, dim, vb.pp("ff.net.2"))?,
+        })
+    }
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.norm1.forward(xs)?;
+        let xs = (self.attn1.forward(&h, &h)? + xs)?;
+        let h = self.norm2.forward(&xs)?;
+        let xs = (self.attn2.forward(&h, context)? + xs)?;
+        let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
+        let half = h.dim(2)? / 2;
+        // GEGLU with the exact (erf) GELU, as torch's F.gelu: candle's `gelu` is the tanh form.
+        let g = (h.narrow(2, 0, half)? * h.narrow(2, half, half)?.gelu_erf()?)?;
+        self.ff_out.forward(&g)? + xs
+    }
+}
+
+#[derive(Debug)]
+enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers `Transformer2DModel` with continuous input.
+#[derive(Debug)]
+struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl Transformer2D {
+    #[allow(clippy::too_many_arguments)]
+    fn new(vb: VarBuilder, channels: usize, heads: usize, layers: usize, context: usize, groups: usize, linear: bool) -> candle_core::Result<Self> {
+        let norm = group_norm(vb.pp("norm"), groups, channels, 1e-6)?;
+        let (proj_in, proj_out) = if linear {
+            (
+                Proj::Linear(candle_nn::linear(channels, channels, vb.pp("proj_in"))?),
+                Proj::Linear(candle_nn::linear(channels, channels, vb.pp("proj_out"))?),
+            )
+        } else {
+            (
+                Proj::Conv(conv2d(vb.pp("proj_in"), channels, channels, 1, 1, 0)?),
+                Proj::Conv(conv2d(vb.pp("proj_out"), channels, channels, 1, 1, 0)?),
+            )
+        };
+        let blocks = (0..layers)
+            .map(|i| TransformerBlock::new(vb.pp("transformer_blocks").pp(i), channels, heads, context))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { norm, proj_in, blocks, proj_out })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let residual = xs;
+        let xs = self.norm.forward(xs)?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let mut xs = match &self.proj_in {
+            Proj::Conv(conv) => to_tokens(&conv.forward(&xs)?)?,
+            Proj::Linear(lin) => lin.forward(&to_tokens(&xs)?)?,
+        };
+        for block in &self.blocks {
+            xs = block.forward(&xs, context)?;
+        }
+        let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        let xs = match &self.proj_out {
+            Proj::Conv(conv) => conv.forward(&to_image(&xs)?)?,
+            Proj::Linear(lin) => to_image(&lin.forward(&xs)?)?,
+        };
+        xs + residual
+    }
+}
+
+#[derive(Debug)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    downsampler: Option<Downsample2D>,
+}
+
+#[derive(Debug)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    upsampler: Option<Upsample2D>,
+}
+
+#[derive(Debug)]
+struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+}
+
+/// The UNet, built from `unet/config.json` and its safetensors weights.
+#[derive(Debug)]
+pub struct UNet {
+    pub config: UNetConfig,
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet {
+    pub fn load(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let config: UNetConfig = read_json(&files.config)?;
+        let plan = config.plan(&files.config)?;
+        let vb = super::var_builder(files, dtype, device)?;
+        Self::build(config, &plan, vb).map_err(weights_err(files))
+    }
+
+    fn build(config: UNetConfig, plan: &Plan, vb: VarBuilder) -> candle_core::Result<Self> {
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let groups = config.norm_num_groups;
+        let temb = config.time_embedding_dim.unwrap_or(ch[0] * 4);
+        let rcfg = |scale: f64| ResnetConfig { groups, eps: config.norm_eps, temb_channels: Some(temb), output_scale_factor: scale };
+        let block_cfg = rcfg(config.resnet_out_scale_factor);
+        let lin = config.use_linear_projection;
+
+        let conv_in = conv2d(vb.pp("conv_in"), config.in_channels, ch[0], config.conv_in_kernel, 1, config.conv_in_kernel / 2)?;
+        let time_linear_1 = candle_nn::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+
+        let mut down = Vec::with_capacity(n);
+        let mut cin = ch[0];
+        for i in 0..n {
+            let vb = vb.pp("down_blocks").pp(i);
+            let cout = ch[i];
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..plan.layers[i] {
+                let c = if j == 0 { cin } else { cout };
+                resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), c, cout, &block_cfg)?);
+                if plan.cross_attn[i] {
+                    attentions.push(Transformer2D::new(vb.pp("attentions").pp(j), cout, plan.heads[i], plan.tlayers[i], plan.xdim[i], groups, lin)?);
+                }
+            }
+            let downsampler = if i + 1 < n { Some(Downsample2D::new(vb.pp("downsamplers.0"), cout, config.downsample_padding)?) } else { None };
+            down.push(DownBlock { resnets, attentions, downsampler });
+            cin = cout;
+        }
+
+        let last = ch[n - 1];
+        let vbm = vb.pp("mid_block");
+        let mid_cfg = rcfg(config.mid_block_scale_factor);
+        let mid = MidBlock {
+            resnets: vec![
+                ResnetBlock2D::new(vbm.pp("resnets.0"), last, last, &mid_cfg)?,
+                ResnetBlock2D::new(vbm.pp("resnets.1"), last, last, &mid_cfg)?,
+            ],
+            attentions: vec![Transformer2D::new(vbm.pp("attentions.0"), last, plan.heads[n - 1], plan.tlayers[n - 1], plan.xdim[n - 1], groups, lin)?],
+        };
+
+        let mut up = Vec::with_capacity(n);
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut prev = rev[0];
+        for i in 0..n {
+            let vb = vb.pp("up_blocks").pp(i);
+            let cout = rev[i];
+            let cin = rev[(i + 1).min(n - 1)];
+            let d = n - 1 - i; // the mirrored down block
+            let layers = plan.layers[d] + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let skip = if j == layers - 1 { cin } else { cout };
+                let rin = if j == 0 { prev } else { cout };
+                resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), rin + skip, cout, &block_cfg)?);
+                if plan.cross_attn[d] {
+                    attentions.push(Transformer2D::new(vb.pp("attentions").pp(j), cout, plan.heads[d], plan.rev_tlayers[i], plan.xdim[d], groups, lin)?);
+                }
+            }
+            let upsampler = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
+            up.push(UpBlock { resnets, attentions, upsampler });
+            prev = cout;
+        }
+        let conv_norm_out = group_norm(vb.pp("conv_norm_out"), groups, ch[0], config.norm_eps)?;
+        let conv_out = conv2d(vb.pp("conv_out"), ch[0], config.out_channels, config.conv_out_kernel, 1, config.conv_out_kernel / 2)?;
+        Ok(Self { config, conv_in, time_linear_1, time_linear_2, down, mid, up, conv_norm_out, conv_out })
+    }
+
+    /// diffusers `get_timestep_embedding`, computed in f32 exactly as torch does it (the
+    /// argument t·freq reaches ~1000, where f64 vs f32 rounding would already differ by 1e-4).
+    fn timestep_embedding(&self, t: f64, batch: usize, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let ln = -(10000f64.ln() as f32);
+        let denom = half as f32 - self.config.freq_shift as f32;
+        let t = t as f32;
+        let mut row = vec![0f32; dim];
+        for i in 0..half {
+            let freq = ((ln * i as f32) / denom).exp();
+            let arg = t * freq;
+            let (s, c) = (arg.sin(), arg.cos());
+            if self.config.flip_sin_to_cos {
+                row[i] = c;
+                row[half + i] = s;
+            } else {
+                row[i] = s;
+                row[half + i] = c;
+            }
+        }
+        let data: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
+        Tensor::from_vec(data, (batch, dim), device)?.to_dtype(dtype)
+    }
+
+    /// One UNet evaluation: `xs` (B, C, h, w) latents, `t` the timestep, `context` (B, 77, D).
+    pub fn forward(&self, xs: &Tensor, t: f64, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, _, h, w) = xs.dims4()?;
+        let n = self.down.len();
+        let factor = 1usize << (n - 1);
+        let forward_upsample_size = h % factor != 0 || w % factor != 0;
+
+        let emb = self.timestep_embedding(t, b, xs.device(), xs.dtype())?;
+        let emb = self.time_linear_2.forward(&candle_nn::ops::silu(&self.time_linear_1.forward(&emb)?)?)?;
+
+        let xs = if self.config.center_input_sample { ((xs * 2.0)? - 1.0)? } else { xs.clone() };
+        let mut xs = self.conv_in.forward(&xs)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                xs = resnet.forward(&xs, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, context)?;
+                }
+                skips.push(xs.clone());
+            }
+            if let Some(ds) = &block.downsampler {
+                xs = ds.forward(&xs)?;
+                skips.push(xs.clone());
+            }
+        }
+
+        xs = self.mid.resnets[0].forward(&xs, Some(&emb))?;
+        xs = self.mid.attentions[0].forward(&xs, context)?;
+        xs = self.mid.resnets[1].forward(&xs, Some(&emb))?;
+
+        for block in &self.up {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("one skip per up resnet");
+                xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, context)?;
+                }
+            }
+            if let Some(us) = &block.upsampler {
+                let size = if forward_upsample_size {
+                    skips.last().map(|s| (s.dim(2).unwrap_or(0), s.dim(3).unwrap_or(0)))
+                } else {
+                    None
+                };
+                xs = us.forward(&xs, size)?;
+            }
+        }
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}

@@ -1,0 +1,260 @@
+//! Img2img with latent diffusion, following diffusers'
+//! `pipelines/stable_diffusion/pipeline_stable_diffusion_img2img.py` (`__call__`) step by step:
+//! the numbered steps below are that file's.
+
+use crate::error::{Error, Result};
+use crate::models::clip::ClipTextEncoder;
+use crate::models::tokenizer::ClipTokenizer;
+use crate::models::unet::UNet;
+use crate::models::vae::Vae;
+use crate::models::{component_files, ComponentFiles};
+use crate::noise::NoiseSource;
+use crate::samplers::{strength_start, SamplerKind, SchedulerConfig};
+use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What one img2img run computes.
+#[derive(Debug, Clone)]
+pub struct Img2ImgParams {
+    pub prompt: String,
+    /// diffusers treats a missing negative prompt as "".
+    pub negative_prompt: String,
+    pub strength: f64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub sampler: SamplerKind,
+}
+
+/// Named intermediates of a run, for `--trace` (a safetensors file) and the parity tests.
+#[derive(Debug, Default)]
+pub struct Trace {
+    enabled: bool,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl Trace {
+    pub fn enabled() -> Self {
+        Self { enabled: true, tensors: BTreeMap::new() }
+    }
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+    pub fn record(&mut self, name: impl Into<String>, t: &Tensor) -> Result<()> {
+        if self.enabled {
+            let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+            self.tensors.insert(name.into(), t);
+        }
+        Ok(())
+    }
+    /// Writes the trace as safetensors, atomically (temp file + rename).
+    pub fn save(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<()> {
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| {
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Ok((k.clone(), b, t.dims().to_vec()))
+            })
+            .collect::<Result<_>>()?;
+        let views = bytes
+            .iter()
+            .map(|(k, b, s)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| Error::Argument(format!("trace tensor {k}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta: std::collections::HashMap<String, String> = metadata.clone().into_iter().collect();
+        let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Argument(format!("--trace: {e}")))?;
+        crate::image_io::write_atomically(path, |f| std::io::Write::write_all(f, &out))
+    }
+}
+
+/// The loaded model: tokenizer, text encoder, VAE, UNet and the scheduler config.
+pub struct StableDiffusion {
+    pub dir: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextEncoder,
+    pub vae: Vae,
+    pub unet: UNet,
+    pub scheduler_config: SchedulerConfig,
+    pub scheduler_path: PathBuf,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Wall time of each stage of one run, in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub text: f64,
+    pub vae_encode: f64,
+    pub denoise: f64,
+    pub vae_decode: f64,
+    pub unet_calls: usize,
+}
+
+/// What one run returns: the image (H, W, 3) in [0, 1] on the CPU, and its timings.
+#[derive(Debug)]
+pub struct Img2ImgOutput {
+    pub image: Tensor,
+    pub timings: Timings,
+}
+
+/// Per-step progress callback: (steps done, steps total).
+pub type OnStep<'a> = &'a mut dyn FnMut(usize, usize);
+
+impl StableDiffusion {
+    /// Loads a diffusers-layout folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Model { dir: dir.to_path_buf(), what: "not a folder".into() });
+        }
+        let files = |c: &str, cfg: &str, w: &str| component_files(dir, c, cfg, w, dtype);
+        let unet_f: ComponentFiles = files("unet", "config.json", "diffusion_pytorch_model")?;
+        let vae_f = files("vae", "config.json", "diffusion_pytorch_model")?;
+        let te_f = files("text_encoder", "config.json", "model")?;
+        let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
+        if !scheduler_path.is_file() {
+            return Err(Error::Model { dir: dir.to_path_buf(), what: "missing 'scheduler/scheduler_config.json'".into() });
+        }
+        let tok_dir = dir.join("tokenizer");
+        if !tok_dir.is_dir() {
+            return Err(Error::Model { dir: dir.to_path_buf(), what: "missing component folder 'tokenizer/'".into() });
+        }
+        let scheduler_config = SchedulerConfig::read(&scheduler_path)?;
+        // Validate the schedule now, so a bad config fails before the slow loads.
+        crate::samplers::Schedule::from_config(&scheduler_config, &scheduler_path)?;
+        let text_encoder = ClipTextEncoder::load(&te_f, dtype, device)?;
+        let tokenizer = ClipTokenizer::load(&tok_dir, text_encoder.config.max_position_embeddings)?;
+        let unet = UNet::load(&unet_f, dtype, device)?;
+        let vae = Vae::load(&vae_f, dtype, device)?;
+        if unet.config.context_dim() != text_encoder.hidden_size() {
+            return Err(Error::config(
+                &unet_f.config,
+                format!("'cross_attention_dim' {} does not match the text encoder's hidden_size {}", unet.config.context_dim(), text_encoder.hidden_size()),
+            ));
+        }
+        if unet.config.in_channels != vae.config.latent_channels {
+            return Err(Error::config(
+                &unet_f.config,
+                format!("'in_channels' {} does not match the VAE's latent_channels {}", unet.config.in_channels, vae.config.latent_channels),
+            ));
+        }
+        Ok(Self { dir: dir.to_path_buf(), tokenizer, text_encoder, vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype })
+    }
+
+    /// Pixels per latent pixel.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config.scale_factor()
+    }
+
+    /// The image side the model was trained at (`unet.sample_size × vae scale`), 512 for SD1.5.
+    pub fn native_size(&self) -> usize {
+        self.unet.config.native_latent_size().map(|s| s * self.vae_scale_factor()).unwrap_or(512)
+    }
+
+    fn encode_text(&self, text: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(text)?;
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Runs img2img on `image`, (1, 3, H, W) f32 in [-1, 1] with H, W multiples of the VAE scale.
+    pub fn img2img(&self, image: &Tensor, p: &Img2ImgParams, noise: &mut dyn NoiseSource, trace: &mut Trace, on_step: OnStep) -> Result<Img2ImgOutput> {
+        let mut timings = Timings::default();
+        let clock = std::time::Instant::now;
+        // 1. Check inputs.
+        if !(0.0..=1.0).contains(&p.strength) {
+            return Err(Error::Argument(format!("--strength must be within [0.0, 1.0], got {}", p.strength)));
+        }
+        let (_, _, h, w) = image.dims4()?;
+        let f = self.vae_scale_factor();
+        if h % f != 0 || w % f != 0 {
+            return Err(Error::Argument(format!("image size {w}x{h} is not a multiple of {f}")));
+        }
+        let mut sampler = p.sampler.build(&self.scheduler_config, &self.scheduler_path, p.steps)?;
+        let begin = strength_start(p.steps, p.strength, sampler.order());
+        let total = sampler.timesteps().len();
+        if begin >= total {
+            return Err(Error::Argument(format!(
+                "--strength {} with --steps {} leaves no denoising step (int(steps x strength) = 0); raise --strength or --steps",
+                p.strength, p.steps
+            )));
+        }
+        let cfg = p.guidance > 1.0;
+
+        // 2. Encode the prompt (and the negative prompt for classifier-free guidance).
+        let t0 = clock();
+        let cond = self.encode_text(&p.prompt)?;
+        trace.record("prompt_embeds", &cond)?;
+        let context = if cfg {
+            let uncond = self.encode_text(&p.negative_prompt)?;
+            trace.record("negative_prompt_embeds", &uncond)?;
+            Tensor::cat(&[&uncond, &cond], 0)?
+        } else {
+            cond
+        };
+        timings.text = t0.elapsed().as_secs_f64();
+
+        // 3. Preprocess the image (done by the caller: [-1, 1], working size).
+        let image = image.to_device(&self.device)?.to_dtype(self.dtype)?;
+
+        // 4. Set timesteps, cut by strength (`get_timesteps`, `set_begin_index`).
+        sampler.set_begin_index(begin);
+        let kept: Vec<f32> = sampler.timesteps()[begin..].iter().map(|&t| t as f32).collect();
+        let n_kept = kept.len();
+        trace.record("timesteps", &Tensor::from_vec(kept, n_kept, &Device::Cpu)?)?;
+
+        // 5. Prepare latent variables: sample the posterior, scale, add noise at the first kept step.
+        let t0 = clock();
+        let posterior = self.vae.encode(&image)?;
+        let shape = posterior.mean.dims().to_vec();
+        let eps = noise.randn(&shape)?;
+        trace.record("posterior_eps", &eps)?;
+        let init = (posterior.sample(&eps)? * self.vae.config.scaling_factor)?;
+        trace.record("init_latents", &init)?;
+        let fwd = noise.randn(&shape)?;
+        trace.record("noise", &fwd)?;
+        let fwd = fwd.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let mut latents = sampler.add_noise(&init, &fwd, begin)?;
+        trace.record("noised_latents", &latents)?;
+        timings.vae_encode = t0.elapsed().as_secs_f64();
+
+        // 6. Denoising loop.
+        let t0 = clock();
+        for (k, index) in (begin..total).enumerate() {
+            let t = sampler.timesteps()[index];
+            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = sampler.scale_model_input(&input, index)?;
+            let out = self.unet.forward(&input, t, &context)?;
+            timings.unet_calls += 1;
+            let out = if cfg {
+                let uncond = out.narrow(0, 0, 1)?;
+                let text = out.narrow(0, 1, 1)?;
+                (&uncond + ((text - &uncond)? * p.guidance)?)?
+            } else {
+                out
+            };
+            latents = sampler.step(&out, index, &latents, noise)?;
+            trace.record(format!("step{k:02}_latents"), &latents)?;
+            on_step(k + 1, n_kept);
+        }
+        trace.record("final_latents", &latents)?;
+        timings.denoise = t0.elapsed().as_secs_f64();
+
+        // 7. Decode and post-process: (x / 2 + 0.5).clamp(0, 1), channels last.
+        let t0 = clock();
+        let decoded = self.vae.decode(&(latents / self.vae.config.scaling_factor)?)?;
+        let out = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        let out = out.squeeze(0)?.permute((1, 2, 0))?.contiguous()?.to_device(&Device::Cpu)?;
+        trace.record("output_float", &out)?;
+        timings.vae_decode = t0.elapsed().as_secs_f64();
+        Ok(Img2ImgOutput { image: out, timings })
+    }
+}

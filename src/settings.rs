@@ -1,0 +1,207 @@
+//! Command-line arguments → validated settings (ripgrep's LowArgs → HiArgs): every check on
+//! user input lives here and fails with a one-line message naming the flag and the value.
+
+use crate::cli::{Args, DTypeArg, DeviceArg, SamplerArg};
+use crate::error::{Error, Result};
+use crate::image_io::OutputFormat;
+use crate::printer::Verbosity;
+use crate::samplers::SamplerKind;
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+/// Where the model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Dir(PathBuf),
+    Hub { repo_id: String, revision: Option<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub strength: f64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub seed_was_given: bool,
+    pub sampler: SamplerKind,
+    pub size: Option<u32>,
+    pub model: ModelSource,
+    pub device: DeviceArg,
+    pub dtype: Option<DType>,
+    pub trace: Option<PathBuf>,
+    pub verbosity: Verbosity,
+}
+
+fn arg(msg: String) -> Error {
+    Error::Argument(msg)
+}
+
+/// The canonical form of a path that may not exist yet (its folder must).
+fn canonical_target(p: &Path) -> Option<PathBuf> {
+    if let Ok(c) = p.canonicalize() {
+        return Some(c);
+    }
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    Some(parent.canonicalize().ok()?.join(p.file_name()?))
+}
+
+impl Settings {
+    pub fn from_args(a: Args) -> Result<Self> {
+        if !a.input.exists() {
+            return Err(arg(format!("input '{}': no such file", a.input.display())));
+        }
+        if !a.input.is_file() {
+            return Err(arg(format!("input '{}': not a file", a.input.display())));
+        }
+        if OutputFormat::from_path(&a.output).is_none() {
+            return Err(arg(format!(
+                "-o '{}': unknown output extension (use .png, .jpg, .jpeg or .webp)",
+                a.output.display()
+            )));
+        }
+        let out_dir = match a.output.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !out_dir.is_dir() {
+            return Err(arg(format!("-o '{}': folder '{}' does not exist", a.output.display(), out_dir.display())));
+        }
+        if a.output.is_dir() {
+            return Err(arg(format!("-o '{}': is a folder, expected a file name", a.output.display())));
+        }
+        if canonical_target(&a.output).is_some() && canonical_target(&a.output) == canonical_target(&a.input) {
+            return Err(arg(format!("-o '{}' is the input file; refusing to overwrite it", a.output.display())));
+        }
+        if !a.strength.is_finite() || !(0.0..=1.0).contains(&a.strength) {
+            return Err(arg(format!("--strength must be within [0.0, 1.0], got {}", a.strength)));
+        }
+        if a.steps == 0 {
+            return Err(arg("--steps must be at least 1, got 0".into()));
+        }
+        if !a.guidance.is_finite() || a.guidance < 0.0 {
+            return Err(arg(format!("--guidance must be a finite number >= 0, got {}", a.guidance)));
+        }
+        if let Some(s) = a.size {
+            if !(64..=8192).contains(&s) {
+                return Err(arg(format!("--size must be within [64, 8192], got {s}")));
+            }
+        }
+        if let Some(t) = &a.trace {
+            if canonical_target(t).is_some() && canonical_target(t) == canonical_target(&a.input) {
+                return Err(arg(format!("--trace '{}' is the input file", t.display())));
+            }
+        }
+        let model = match (a.model_dir, a.model) {
+            (Some(d), _) => {
+                if !d.is_dir() {
+                    return Err(arg(format!("--model-dir '{}': no such folder", d.display())));
+                }
+                ModelSource::Dir(d)
+            }
+            (None, Some(m)) => {
+                let (repo, rev) = match m.split_once('@') {
+                    Some((r, v)) if !v.is_empty() => (r.to_string(), Some(v.to_string())),
+                    Some(_) => return Err(arg(format!("--model '{m}': empty revision after '@'"))),
+                    None => (m.clone(), None),
+                };
+                if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) {
+                    return Err(arg(format!("--model '{m}': expected a hub repo id like 'owner/name[@revision]'")));
+                }
+                ModelSource::Hub { repo_id: repo, revision: rev }
+            }
+            (None, None) => {
+                let p = crate::hub::default_preset();
+                ModelSource::Hub { repo_id: p.repo, revision: p.revision }
+            }
+        };
+        let dtype = a.dtype.map(|d| match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        });
+        let (seed, seed_was_given) = match a.seed {
+            Some(s) => (s, true),
+            None => (rand::random::<u32>() as u64, false),
+        };
+        let verbosity = if a.quiet {
+            Verbosity::Quiet
+        } else if a.verbose {
+            Verbosity::Verbose
+        } else {
+            Verbosity::Normal
+        };
+        Ok(Self {
+            input: a.input,
+            output: a.output,
+            prompt: a.prompt,
+            negative_prompt: a.negative_prompt,
+            strength: a.strength,
+            steps: a.steps,
+            guidance: a.guidance,
+            seed,
+            seed_was_given,
+            sampler: match a.sampler {
+                SamplerArg::Ddim => SamplerKind::Ddim,
+            },
+            size: a.size,
+            model,
+            device: a.device,
+            dtype,
+            trace: a.trace,
+            verbosity,
+        })
+    }
+
+    /// The compute device: `auto` takes CUDA, then Metal, when compiled in and present.
+    pub fn resolve_device(&self) -> Result<Device> {
+        let unavailable = |name: &str, feature: &str| {
+            arg(format!("--device {name}: this build has no {name} support (rebuild with --features {feature})"))
+        };
+        match self.device {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(unavailable("cuda", "cuda"));
+                }
+                Device::new_cuda(0).map_err(|e| arg(format!("--device cuda: {e}")))
+            }
+            DeviceArg::Metal => {
+                if !candle_core::utils::metal_is_available() {
+                    return Err(unavailable("metal", "metal"));
+                }
+                Device::new_metal(0).map_err(|e| arg(format!("--device metal: {e}")))
+            }
+            DeviceArg::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                if candle_core::utils::metal_is_available() {
+                    if let Ok(d) = Device::new_metal(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+        }
+    }
+
+    /// f32 on the CPU (f16 is converted inside candle's CPU kernels and is slower; bf16 matmul is
+    /// unsupported there), f16 on GPUs.
+    pub fn resolve_dtype(&self, device: &Device) -> Result<DType> {
+        match (self.dtype, device.is_cpu()) {
+            (Some(DType::BF16), true) => Err(arg("--dtype bf16 is not supported on the CPU (use f32 or f16)".into())),
+            (Some(d), _) => Ok(d),
+            (None, true) => Ok(DType::F32),
+            (None, false) => Ok(DType::F16),
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The real binary in a temp folder (ripgrep's `rgtest!` style): the happy path on the tiny SD1
+//! model, determinism, --trace, and every kind of bad input → exit 1, one line naming the
+//! problem, nothing written, the input untouched.
+
+use crate::common::{fixtures, load_safetensors};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn ghiblify() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ghiblify"));
+    // Never touch the user's cache or the network in tests.
+    c.env("HF_ENDPOINT", "http://127.0.0.1:9").env_remove("HF_TOKEN");
+    c
+}
+
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixtures().join("photo-64x48.png"), dir.path().join("photo.png")).unwrap();
+        Self { dir }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// A fast run on the tiny SD1 model with `extra` arguments.
+    fn run(&self, extra: &[&str]) -> Output {
+        let mut c = ghiblify();
+        c.current_dir(self.dir.path())
+            .env("HF_HOME", self.path("hf-home"))
+            .args(["--model-dir", fixtures().join("tiny-sd1").to_str().unwrap()])
+            .args(["--steps", "4", "--strength", "0.5", "--seed", "1", "-q"])
+            .args(extra);
+        c.output().unwrap()
+    }
+    /// Files in the case folder other than the input photo.
+    fn written(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "photo.png")
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn png_text(path: &Path, key: &str) -> Option<String> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    info.utf8_text.iter().find(|t| t.keyword == key).map(|t| t.get_text().unwrap())
+        .or_else(|| info.uncompressed_latin1_text.iter().find(|t| t.keyword == key).map(|t| t.text.clone()))
+}
+
+#[test]
+fn converts_a_photo_with_provenance_and_a_clean_stdout() {
+    let case = Case::new();
+    let o = case.run(&["photo.png", "-o", "out.png"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout.is_empty(), "stdout is for data only");
+    let img = image::open(case.path("out.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 48));
+    let params = png_text(&case.path("out.png"), "parameters").expect("parameters text chunk");
+    assert!(params.contains("Seed: 1") && params.contains("Sampler: ddim"), "{params}");
+    assert!(png_text(&case.path("out.png"), "Software").unwrap().starts_with("ghiblify "));
+    assert_eq!(case.written(), ["out.png"], "no temp files left behind");
+    assert_eq!(std::fs::read(case.path("photo.png")).unwrap(), std::fs::read(fixtures().join("photo-64x48.png")).unwrap());
+}
+
+#[test]
+fn same_seed_same_picture_other_seed_other_picture() {
+    let case = Case::new();
+    assert!(case.run(&["photo.png", "-o", "a.png"]).status.success());
+    assert!(case.run(&["photo.png", "-o", "b.png"]).status.success());
+    assert!(case.run(&["photo.png", "-o", "c.png", "--seed", "2"]).status.success());
+    let px = |n: &str| image::open(case.path(n)).unwrap().to_rgb8().into_raw();
+    assert_eq!(px("a.png"), px("b.png"));
+    assert_ne!(px("a.png"), px("c.png"));
+}
+
+#[test]
+fn resizes_to_the_working_size_and_writes_jpeg_and_webp() {
+    let case = Case::new();
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/chelsea.png"), case.path("cat.png")).unwrap();
+    let o = case.run(&["cat.png", "-o", "cat.jpg", "--size", "64"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(case.path("cat.jpg")).unwrap();
+    // 451x300 → long side 64, short side round(300·64/451) = 43 → 40 (multiple of 8).
+    assert_eq!((img.width(), img.height()), (64, 40));
+    let o = case.run(&["photo.png", "-o", "out.webp"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(image::open(case.path("out.webp")).unwrap().width(), 64);
+}
+
+#[test]
+fn trace_records_every_intermediate() {
+    let case = Case::new();
+    let o = case.run(&["photo.png", "-o", "out.png", "--trace", "t.safetensors"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (t, meta) = load_safetensors(&case.path("t.safetensors"));
+    for key in ["posterior_eps", "noise", "timesteps", "prompt_embeds", "negative_prompt_embeds", "init_latents", "step00_latents", "step01_latents", "final_latents", "output_float"] {
+        assert!(t.contains_key(key), "missing {key}");
+    }
+    assert_eq!(t["noise"].dims(), &[1, 4, 6, 8]);
+    assert_eq!(t["output_float"].dims(), &[48, 64, 3]);
+    assert_eq!(t["timesteps"].dims(), &[2]);
+    assert_eq!(meta["seed"], "1");
+}
+
+/// Runs with `args`, expects exit 1 with one stderr line containing every `needles`, and no file.
+fn fails(args: &[&str], needles: &[&str]) {
+    let case = Case::new();
+    std::fs::write(case.path("notes.jpg"), "this is a text file, not a JPEG").unwrap();
+    std::fs::write(case.path("empty.png"), "").unwrap();
+    let before = std::fs::read(case.path("photo.png")).unwrap();
+    let o = case.run(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "args {args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line, got: {err}");
+    for n in needles {
+        assert!(err.contains(n), "args {args:?}: {err:?} should mention {n:?}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(case.written(), ["empty.png", "notes.jpg"], "args {args:?}: nothing written");
+    assert_eq!(std::fs::read(case.path("photo.png")).unwrap(), before, "input untouched");
+}
+
+#[test]
+fn missing_input() {
+    fails(&["nope.jpg", "-o", "out.png"], &["nope.jpg", "no such file"]);
+}
+
+#[test]
+fn text_file_named_jpg() {
+    fails(&["notes.jpg", "-o", "out.png"], &["notes.jpg"]);
+}
+
+#[test]
+fn zero_byte_file() {
+    fails(&["empty.png", "-o", "out.png"], &["empty.png"]);
+}
+
+#[test]
+fn strength_out_of_range() {
+    fails(&["photo.png", "-o", "out.png", "--strength", "1.3"], &["--strength", "1.3"]);
+    fails(&["photo.png", "-o", "out.png", "--strength", "-0.1"], &["--strength", "-0.1"]);
+}
+
+#[test]
+fn zero_steps() {
+    fails(&["photo.png", "-o", "out.png", "--steps", "0"], &["--steps", "0"]);
+}
+
+#[test]
+fn strength_leaving_no_step() {
+    fails(&["photo.png", "-o", "out.png", "--strength", "0.1", "--steps", "4"], &["--strength 0.1", "--steps 4"]);
+}
+
+#[test]
+fn size_below_64() {
+    fails(&["photo.png", "-o", "out.png", "--size", "32"], &["--size", "32"]);
+}
+
+#[test]
+fn output_is_the_input() {
+    fails(&["photo.png", "-o", "photo.png"], &["photo.png", "input"]);
+    fails(&["photo.png", "-o", "./photo.png"], &["photo.png", "input"]);
+}
+
+#[test]
+fn unknown_output_extension() {
+    fails(&["photo.png", "-o", "out.gif"], &["out.gif", "extension"]);
+}
+
+#[test]
+fn unknown_flag_value() {
+    fails(&["photo.png", "-o", "out.png", "--sampler", "plms"], &["plms"]);
+}
+
+/// A copy of the tiny SD1 model with `edit` applied.
+fn broken_model(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-sd1");
+    for entry in walk(&src) {
+        let rel = entry.strip_prefix(&src).unwrap();
+        let dst = dir.path().join(rel);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &dst).unwrap();
+    }
+    edit(dir.path());
+    dir
+}
+
+fn walk(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+    }
+    out
+}
+
+#[test]
+fn model_dir_missing_a_component() {
+    let m = broken_model(|d| std::fs::remove_dir_all(d.join("vae")).unwrap());
+    fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["vae/"]);
+    let m = broken_model(|d| std::fs::remove_file(d.join("unet/diffusion_pytorch_model.safetensors")).unwrap());
+    fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["unet/diffusion_pytorch_model.safetensors"]);
+}
+
+#[test]
+fn model_dir_with_malformed_json() {
+    let m = broken_model(|d| std::fs::write(d.join("unet/config.json"), "{\"block_out_channels\": [8, 16,").unwrap());
+    fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["unet/config.json", "malformed"]);
+    let m = broken_model(|d| std::fs::write(d.join("scheduler/scheduler_config.json"), "{\"beta_schedule\": \"cubic\"}").unwrap());
+    fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["scheduler_config.json", "beta_schedule", "cubic"]);
+}
+
+#[test]
+fn model_dir_with_weights_that_do_not_match_the_config() {
+    let m = broken_model(|d| {
+        let p = d.join("unet/config.json");
+        let text = std::fs::read_to_string(&p).unwrap().replace("\"layers_per_block\": 2", "\"layers_per_block\": 3");
+        std::fs::write(p, text).unwrap();
+    });
+    fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["diffusion_pytorch_model.safetensors"]);
+}
+
+#[test]
+fn unreachable_hub_fails_fast_and_points_to_model_dir() {
+    let case = Case::new();
+    let start = Instant::now();
+    let o = ghiblify()
+        .current_dir(case.dir.path())
+        .env("HF_HOME", case.path("hf-home"))
+        .args(["photo.png", "-o", "out.png", "-q"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+    assert!(err.contains("nitrosocke/Ghibli-Diffusion") && err.contains("--model-dir"), "{err}");
+    assert!(!case.path("out.png").exists());
+}
+
+#[test]
+fn help_lists_the_trace_keys_and_exit_codes() {
+    let o = ghiblify().arg("--help").output().unwrap();
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    for word in ["--trace", "posterior_eps", "stepNN_latents", "output_float", "Exit status", "--strength"] {
+        assert!(help.contains(word), "--help lacks {word}");
+    }
+}

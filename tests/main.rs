@@ -1,0 +1,8 @@
+//! The integration suite: one binary, one module per area. Fixtures (tiny random-weight models in
+//! the diffusers layout and diffusers' recorded runs) are made by `fixtures/generate.py`.
+
+mod cli;
+mod common;
+mod parity;
+mod scheduler;
+mod tokenizer;

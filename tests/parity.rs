@@ -1,0 +1,79 @@
+//! Step-by-step parity with diffusers' StableDiffusionImg2ImgPipeline on the same weights and the
+//! same noise (recorded by fixtures/generate.py and replayed here).
+
+use crate::common::{fixtures, load_safetensors, max_abs, rel_err};
+use candle_core::{DType, Device};
+use ghiblify::image_io;
+use ghiblify::noise::ReplayNoise;
+use ghiblify::pipeline::{Img2ImgParams, StableDiffusion, Trace};
+use ghiblify::samplers::SamplerKind;
+
+/// Text embeddings, init latents and every step's latents: max abs diff / max abs value.
+const REL_TOL: f64 = 1e-4;
+/// Final 8-bit image: max abs difference per channel.
+const IMAGE_TOL: u8 = 2;
+
+fn check(model: &str, trace: &str) {
+    let sd = StableDiffusion::load(&fixtures().join(model), &Device::Cpu, DType::F32).unwrap();
+    let (reference, meta) = load_safetensors(&fixtures().join("traces").join(trace));
+    let params = Img2ImgParams {
+        prompt: meta["prompt"].clone(),
+        negative_prompt: meta["negative_prompt"].clone(),
+        strength: meta["strength"].parse().unwrap(),
+        steps: meta["steps"].parse().unwrap(),
+        guidance: meta["guidance"].parse().unwrap(),
+        sampler: meta["sampler"].parse::<SamplerKind>().unwrap(),
+    };
+    let photo = image_io::load_rgb(&fixtures().join(&meta["photo"])).unwrap();
+    let image = image_io::to_tensor(&photo).unwrap();
+    let mut noise = ReplayNoise::new([reference["posterior_eps"].clone(), reference["noise"].clone()]);
+    let mut ours = Trace::enabled();
+    let out = sd.img2img(&image, &params, &mut noise, &mut ours, &mut |_, _| {}).unwrap().image;
+    assert_eq!(noise.remaining(), 0, "{trace}: every recorded draw is used");
+
+    let ts = |t: &candle_core::Tensor| t.to_vec1::<f32>().unwrap();
+    assert_eq!(ts(&ours.tensors["timesteps"]), ts(&reference["timesteps"]), "{trace}: timesteps");
+
+    let mut keys: Vec<&String> = reference.keys().filter(|k| !matches!(k.as_str(), "timesteps" | "posterior_eps" | "noise" | "output_float")).collect();
+    keys.sort();
+    let mut report = Vec::new();
+    for key in keys {
+        let mine = ours.tensors.get(key).unwrap_or_else(|| panic!("{trace}: we did not record {key}"));
+        let err = rel_err(mine, &reference[key]);
+        report.push(format!("{key} {err:.2e}"));
+        assert!(err <= REL_TOL, "{trace}: {key} differs from diffusers by {err:.3e} (relative) > {REL_TOL:e}");
+    }
+    assert_eq!(ours.tensors.keys().filter(|k| k.ends_with("_latents") && k.starts_with("step")).count(),
+        reference.keys().filter(|k| k.ends_with("_latents") && k.starts_with("step")).count(), "{trace}: step count");
+    let float_err = max_abs(&out, &reference["output_float"]);
+    let a = image_io::to_rgb8(&out).unwrap();
+    let b = image_io::to_rgb8(&reference["output_float"]).unwrap();
+    let worst = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    eprintln!("{trace}: {} | output_float max abs {float_err:.2e}, 8-bit max diff {worst}", report.join(", "));
+    assert!(worst <= IMAGE_TOL, "{trace}: final image differs by {worst}/255 > {IMAGE_TOL}");
+}
+
+#[test]
+fn sd1_strength_060_cfg_negative_prompt() {
+    check("tiny-sd1", "sd1_s060.safetensors");
+}
+
+#[test]
+fn sd1_strength_100() {
+    check("tiny-sd1", "sd1_s100.safetensors");
+}
+
+#[test]
+fn sd1_square_without_cfg() {
+    check("tiny-sd1", "sd1_square_nocfg.safetensors");
+}
+
+#[test]
+fn sd2_vprediction_strength_055() {
+    check("tiny-sd2", "sd2_s055.safetensors");
+}
+
+#[test]
+fn sd2_vprediction_strength_100_square() {
+    check("tiny-sd2", "sd2_s100.safetensors");
+}
