@@ -13,6 +13,10 @@ fn configs() -> serde_json::Map<String, serde_json::Value> {
     serde_json::from_str(&text).unwrap()
 }
 
+/// f32 schedules match torch to ~1 ulp, except the zero-SNR rescale, whose tail (ᾱ ≈ 3e-5 after
+/// subtracting two nearly equal square roots) amplifies float32 rounding to a few 1e-6.
+const TOL: f64 = 5e-6;
+
 #[test]
 fn alphas_cumprod_match_diffusers() {
     for (name, entry) in configs() {
@@ -20,14 +24,9 @@ fn alphas_cumprod_match_diffusers() {
         let s = Schedule::from_config(&cfg, Path::new(&name)).unwrap();
         let want: Vec<f64> = entry["alphas_cumprod"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         assert_eq!(s.alphas_cumprod.len(), want.len(), "{name}");
-        let zero_snr = cfg.rescale_betas_zero_snr.unwrap_or(false);
         for (i, (a, b)) in s.alphas_cumprod.iter().zip(&want).enumerate() {
-            // diffusers' DDIM pins the zero-SNR last value to 2^-24 after computing it (checked below).
-            if zero_snr && i == want.len() - 1 {
-                continue;
-            }
             let rel = (*a as f64 - b).abs() / b.abs().max(1e-30);
-            assert!(rel < 2e-6, "{name}: alphas_cumprod[{i}] {a} vs {b}");
+            assert!(rel < TOL, "{name}: alphas_cumprod[{i}] {a} vs {b}");
         }
     }
 }

@@ -489,9 +489,8 @@ impl UNet {
 
         let mut down = Vec::with_capacity(n);
         let mut cin = ch[0];
-        for i in 0..n {
+        for (i, &cout) in ch.iter().enumerate() {
             let vb = vb.pp("down_blocks").pp(i);
-            let cout = ch[i];
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..plan.layers[i] {

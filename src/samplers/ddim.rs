@@ -21,16 +21,12 @@ pub struct Ddim {
 
 impl Ddim {
     pub fn new(cfg: &SchedulerConfig, path: &Path, steps: usize) -> Result<Self> {
-        let mut schedule = Schedule::from_config(cfg, path)?;
+        let schedule = Schedule::from_config(cfg, path)?;
         if steps == 0 || steps > schedule.num_train_timesteps {
             return Err(Error::Argument(format!(
                 "--steps must be within [1, {}] (the model's num_train_timesteps), got {steps}",
                 schedule.num_train_timesteps
             )));
-        }
-        if cfg.rescale_betas_zero_snr.unwrap_or(false) {
-            // diffusers: "close to 0 without being 0 so first sigma is not inf".
-            *schedule.alphas_cumprod.last_mut().unwrap() = 2f32.powi(-24);
         }
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { schedule.alphas_cumprod[0] };
         let timesteps = spaced_timesteps(&schedule, steps).into_iter().map(|t| t as f64).collect();
