@@ -67,12 +67,116 @@ pub fn working_size(w: u32, h: u32, size: u32, multiple: u32) -> (u32, u32) {
     if w >= h { (long_out, short_out) } else { (short_out, long_out) }
 }
 
-/// Resizes with Lanczos3 when needed (diffusers resamples with PIL's Lanczos).
+/// Resizes to `w`×`h` exactly as Pillow's `Image.resize(size, Image.LANCZOS)` does, which is what
+/// diffusers' `VaeImageProcessor` calls: an image that needs resampling gets the same pixels here
+/// as in the reference, so parity holds for photos of any size. The image crate's Lanczos3 differs
+/// from Pillow's by a few levels per pixel (other support rounding and no 8-bit fixed point).
 pub fn resize_to(img: RgbImage, w: u32, h: u32) -> RgbImage {
     if img.width() == w && img.height() == h {
-        img
-    } else {
-        image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3)
+        return img;
+    }
+    pil_resample::lanczos(&img, w, h)
+}
+
+/// A port of Pillow's two-pass separable resampler (`src/libImaging/Resample.c`:
+/// `precompute_coeffs`, `normalize_coeffs_8bpc`, `ImagingResample{Horizontal,Vertical}_8bpc`,
+/// `ImagingResampleInner`) for the Lanczos filter on 8-bit RGB: f64 coefficients normalised to
+/// 22-bit fixed point, an 8-bit intermediate image, horizontal pass first.
+mod pil_resample {
+    use image::RgbImage;
+
+    const PRECISION_BITS: u32 = 32 - 8 - 2;
+    const SUPPORT: f64 = 3.0;
+
+    fn sinc(x: f64) -> f64 {
+        if x == 0.0 {
+            1.0
+        } else {
+            let x = x * std::f64::consts::PI;
+            x.sin() / x
+        }
+    }
+
+    fn lanczos_filter(x: f64) -> f64 {
+        if (-3.0..3.0).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 }
+    }
+
+    /// Per output pixel: first input index and the fixed-point weights.
+    pub(super) fn coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+        let scale = in_size as f32 as f64 / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = SUPPORT * filterscale;
+        let ss = 1.0 / filterscale;
+        (0..out_size)
+            .map(|xx| {
+                let center = (xx as f64 + 0.5) * scale;
+                // C's (int) cast truncates toward zero before the clamp.
+                let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+                let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+                let n = xmax.saturating_sub(xmin);
+                let w: Vec<f64> = (0..n).map(|x| lanczos_filter((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
+                let total: f64 = w.iter().sum();
+                let fixed = w
+                    .iter()
+                    .map(|&k| {
+                        let k = if total != 0.0 { k / total } else { k };
+                        let v = k * (1u32 << PRECISION_BITS) as f64;
+                        (if k < 0.0 { -0.5 + v } else { 0.5 + v }) as i32
+                    })
+                    .collect();
+                (xmin, fixed)
+            })
+            .collect()
+    }
+
+    fn clip8(ss: i32) -> u8 {
+        (ss >> PRECISION_BITS).clamp(0, 255) as u8
+    }
+
+    fn apply(weights: &[i32], samples: impl Iterator<Item = u8>) -> u8 {
+        let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+        for (k, v) in weights.iter().zip(samples) {
+            ss = ss.wrapping_add((v as i32).wrapping_mul(*k));
+        }
+        clip8(ss)
+    }
+
+    pub fn lanczos(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+        let (iw, ih) = (img.width() as usize, img.height() as usize);
+        let (w, h) = (w as usize, h as usize);
+        let src = img.as_raw();
+        let vert = coeffs(ih, h);
+        // Rows the vertical pass reads; only those are resampled horizontally.
+        let first = vert.first().map(|c| c.0).unwrap_or(0);
+        let last = vert.last().map(|c| c.0 + c.1.len()).unwrap_or(0);
+        let (tmp, tw) = if w != iw {
+            let horiz = coeffs(iw, w);
+            let mut tmp = vec![0u8; (last - first) * w * 3];
+            for y in first..last {
+                let row = &src[y * iw * 3..(y + 1) * iw * 3];
+                for (xx, (xmin, k)) in horiz.iter().enumerate() {
+                    for c in 0..3 {
+                        tmp[((y - first) * w + xx) * 3 + c] = apply(k, (0..k.len()).map(|x| row[(xmin + x) * 3 + c]));
+                    }
+                }
+            }
+            (tmp, w)
+        } else {
+            (src[first * iw * 3..last * iw * 3].to_vec(), iw)
+        };
+        if h == ih && w != iw {
+            return RgbImage::from_raw(w as u32, h as u32, tmp).expect("buffer size");
+        }
+        let mut out = vec![0u8; h * tw * 3];
+        for (yy, (ymin, k)) in vert.iter().enumerate() {
+            let y0 = ymin - first;
+            for xx in 0..tw {
+                for c in 0..3 {
+                    out[(yy * tw + xx) * 3 + c] = apply(k, (0..k.len()).map(|y| tmp[((y0 + y) * tw + xx) * 3 + c]));
+                }
+            }
+        }
+        RgbImage::from_raw(tw as u32, h as u32, out).expect("buffer size")
     }
 }
 

@@ -3,6 +3,8 @@
 
 mod cli;
 mod common;
+mod loading;
+mod preprocess;
 mod parity;
 mod scheduler;
 mod tokenizer;
