@@ -44,6 +44,39 @@ pub enum DTypeArg {
 pub enum SamplerArg {
     /// DDIM, deterministic (eta 0); 20-50 steps
     Ddim,
+    /// Euler; 20-30 steps (--karras supported)
+    Euler,
+    /// Euler ancestral, adds fresh noise each step; 20-40 steps
+    #[value(name = "euler-a")]
+    EulerA,
+    /// Heun, 2 UNet calls per step; 10-20 steps (--karras supported)
+    Heun,
+    /// DPM++ 2M; 15-25 steps, the usual best choice (--karras supported)
+    #[value(name = "dpmpp-2m")]
+    DpmPp2m,
+    /// DPM++ 2M SDE, stochastic; 15-25 steps (--karras supported)
+    #[value(name = "dpmpp-2m-sde")]
+    DpmPp2mSde,
+    /// UniPC predictor-corrector; 8-15 steps (--karras supported)
+    Unipc,
+    /// LCM, for LCM-LoRA/LCM models; 4-8 steps with --guidance 1-1.5
+    Lcm,
+}
+
+impl From<SamplerArg> for crate::samplers::SamplerKind {
+    fn from(a: SamplerArg) -> Self {
+        use crate::samplers::SamplerKind as K;
+        match a {
+            SamplerArg::Ddim => K::Ddim,
+            SamplerArg::Euler => K::Euler,
+            SamplerArg::EulerA => K::EulerA,
+            SamplerArg::Heun => K::Heun,
+            SamplerArg::DpmPp2m => K::DpmPp2m,
+            SamplerArg::DpmPp2mSde => K::DpmPp2mSde,
+            SamplerArg::Unipc => K::UniPc,
+            SamplerArg::Lcm => K::Lcm,
+        }
+    }
 }
 
 /// Turn photos into Studio-Ghibli-style pictures with latent-diffusion img2img.
@@ -82,9 +115,13 @@ pub struct Args {
     #[arg(long)]
     pub seed: Option<u64>,
 
-    /// Sampler
+    /// Sampler (each reproduces its diffusers scheduler class on the model's scheduler_config.json)
     #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
     pub sampler: SamplerArg,
+
+    /// Karras sigma spacing (euler, heun, dpmpp-2m, dpmpp-2m-sde, unipc)
+    #[arg(long)]
+    pub karras: bool,
 
     /// Long side of the working resolution in pixels, rounded down to a multiple of 8 (aspect
     /// kept); default: the model's native size (512 for SD1.5)

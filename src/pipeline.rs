@@ -24,6 +24,8 @@ pub struct Img2ImgParams {
     pub steps: usize,
     pub guidance: f64,
     pub sampler: SamplerKind,
+    /// Karras sigmas (`--karras`).
+    pub karras: bool,
 }
 
 /// Named intermediates of a run, for `--trace` (a safetensors file) and the parity tests.
@@ -72,6 +74,20 @@ impl Trace {
         let meta: std::collections::HashMap<String, String> = metadata.clone().into_iter().collect();
         let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Argument(format!("--trace: {e}")))?;
         crate::image_io::write_atomically(path, |f| std::io::Write::write_all(f, &out))
+    }
+}
+
+/// Passes draws through and keeps them, so a step's noise can be traced as `stepNN_noise`.
+struct RecordingNoise<'a> {
+    inner: &'a mut dyn NoiseSource,
+    draws: Vec<Tensor>,
+}
+
+impl NoiseSource for RecordingNoise<'_> {
+    fn randn(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let t = self.inner.randn(shape)?;
+        self.draws.push(t.clone());
+        Ok(t)
     }
 }
 
@@ -178,7 +194,7 @@ impl StableDiffusion {
         if h % f != 0 || w % f != 0 {
             return Err(Error::Argument(format!("image size {w}x{h} is not a multiple of {f}")));
         }
-        let mut sampler = p.sampler.build(&self.scheduler_config, &self.scheduler_path, p.steps)?;
+        let mut sampler = p.sampler.build(&self.scheduler_config, &self.scheduler_path, p.steps, p.karras)?;
         let begin = strength_start(p.steps, p.strength, sampler.order());
         let total = sampler.timesteps().len();
         if begin >= total {
@@ -241,7 +257,12 @@ impl StableDiffusion {
             } else {
                 out
             };
-            latents = sampler.step(&out, index, &latents, noise)?;
+            let mut recorder = RecordingNoise { inner: &mut *noise, draws: Vec::new() };
+            latents = sampler.step(&out, index, &latents, &mut recorder)?;
+            for (j, z) in recorder.draws.iter().enumerate() {
+                let suffix = if j == 0 { String::new() } else { format!("_{j}") };
+                trace.record(format!("step{k:02}_noise{suffix}"), z)?;
+            }
             trace.record(format!("step{k:02}_latents"), &latents)?;
             on_step(k + 1, n_kept);
         }

@@ -57,6 +57,7 @@ pub fn run(s: &Settings) -> Result<()> {
         steps: s.steps,
         guidance: s.guidance,
         sampler: s.sampler,
+        karras: s.karras,
     };
     let mut noise = SeededNoise::new(s.seed);
     let mut trace = if s.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
@@ -77,8 +78,8 @@ pub fn run(s: &Settings) -> Result<()> {
 
     let img = image_io::to_rgb8(&out.image)?;
     let parameters = format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Denoising strength: {}, Model: {}",
-        s.prompt, s.negative_prompt, s.steps, s.sampler, s.guidance, s.seed, w, h, s.strength, model_name
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, Denoising strength: {}, Model: {}",
+        s.prompt, s.negative_prompt, s.steps, s.sampler, if s.karras { " Karras" } else { "" }, s.guidance, s.seed, w, h, s.strength, model_name
     );
     let source = s.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let provenance = vec![
@@ -100,6 +101,7 @@ pub fn run(s: &Settings) -> Result<()> {
             ("guidance", s.guidance.to_string()),
             ("seed", s.seed.to_string()),
             ("sampler", s.sampler.to_string()),
+            ("karras", s.karras.to_string()),
             ("model", model_name.clone()),
         ]
         .into_iter()

@@ -1,7 +1,7 @@
 //! Command-line arguments → validated settings (ripgrep's LowArgs → HiArgs): every check on
 //! user input lives here and fails with a one-line message naming the flag and the value.
 
-use crate::cli::{Args, DTypeArg, DeviceArg, SamplerArg};
+use crate::cli::{Args, DTypeArg, DeviceArg};
 use crate::error::{Error, Result};
 use crate::image_io::OutputFormat;
 use crate::printer::Verbosity;
@@ -28,6 +28,7 @@ pub struct Settings {
     pub seed: u64,
     pub seed_was_given: bool,
     pub sampler: SamplerKind,
+    pub karras: bool,
     pub size: Option<u32>,
     pub model: ModelSource,
     pub device: DeviceArg,
@@ -88,6 +89,10 @@ impl Settings {
         if !a.guidance.is_finite() || a.guidance < 0.0 {
             return Err(arg(format!("--guidance must be a finite number >= 0, got {}", a.guidance)));
         }
+        let kind = SamplerKind::from(a.sampler);
+        if a.karras && !kind.supports_karras() {
+            return Err(arg(format!("--karras: the {} sampler has no Karras sigmas (use euler, heun, dpmpp-2m, dpmpp-2m-sde or unipc)", kind.name())));
+        }
         if let Some(s) = a.size {
             if !(64..=8192).contains(&s) {
                 return Err(arg(format!("--size must be within [64, 8192], got {s}")));
@@ -147,9 +152,8 @@ impl Settings {
             guidance: a.guidance,
             seed,
             seed_was_given,
-            sampler: match a.sampler {
-                SamplerArg::Ddim => SamplerKind::Ddim,
-            },
+            sampler: kind,
+            karras: a.karras,
             size: a.size,
             model,
             device: a.device,

@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod loading;
 mod preprocess;
+mod samplers;
 mod parity;
 mod scheduler;
 mod tokenizer;

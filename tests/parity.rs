@@ -23,18 +23,33 @@ fn check(model: &str, trace: &str) {
         steps: meta["steps"].parse().unwrap(),
         guidance: meta["guidance"].parse().unwrap(),
         sampler: meta["sampler"].parse::<SamplerKind>().unwrap(),
+        karras: meta.get("karras").is_some_and(|k| k == "true"),
     };
     let photo = image_io::load_rgb(&fixtures().join(&meta["photo"])).unwrap();
     let image = image_io::to_tensor(&photo).unwrap();
-    let mut noise = ReplayNoise::new([reference["posterior_eps"].clone(), reference["noise"].clone()]);
+    // The draws in diffusers' order: posterior, forward noise, then each step's (stepNN_noise[_j]).
+    let mut step_draws: Vec<&String> = reference.keys().filter(|k| k.starts_with("step") && k.contains("_noise")).collect();
+    step_draws.sort();
+    let draws = [&reference["posterior_eps"], &reference["noise"]].into_iter().chain(step_draws.iter().map(|k| &reference[*k])).cloned();
+    let mut noise = ReplayNoise::new(draws);
     let mut ours = Trace::enabled();
     let out = sd.img2img(&image, &params, &mut noise, &mut ours, &mut |_, _| {}).unwrap().image;
     assert_eq!(noise.remaining(), 0, "{trace}: every recorded draw is used");
 
     let ts = |t: &candle_core::Tensor| t.to_vec1::<f32>().unwrap();
-    assert_eq!(ts(&ours.tensors["timesteps"]), ts(&reference["timesteps"]), "{trace}: timesteps");
+    // Integer timesteps must match exactly; Karras' fractional ones (Euler, Heun) to float32
+    // rounding of numpy's pow/log (3e-5 at most seen).
+    let (a, b) = (ts(&ours.tensors["timesteps"]), ts(&reference["timesteps"]));
+    assert_eq!(a.len(), b.len(), "{trace}: timesteps {a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        let ok = if y.fract() == 0.0 { x == y } else { (x - y).abs() <= 1e-4 };
+        assert!(ok, "{trace}: timesteps {a:?} vs {b:?}");
+    }
+    for k in &step_draws {
+        assert!(ours.tensors.contains_key(*k), "{trace}: we did not trace {k}");
+    }
 
-    let mut keys: Vec<&String> = reference.keys().filter(|k| !matches!(k.as_str(), "timesteps" | "posterior_eps" | "noise" | "output_float")).collect();
+    let mut keys: Vec<&String> = reference.keys().filter(|k| !matches!(k.as_str(), "timesteps" | "posterior_eps" | "noise" | "output_float") && !k.contains("_noise")).collect();
     keys.sort();
     let mut report = Vec::new();
     for key in keys {
@@ -76,4 +91,38 @@ fn sd2_vprediction_strength_055() {
 #[test]
 fn sd2_vprediction_strength_100_square() {
     check("tiny-sd2", "sd2_s100.safetensors");
+}
+
+macro_rules! sampler_parity {
+    ($($name:ident: $model:literal, $trace:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            check($model, $trace);
+        }
+    )*};
+}
+
+sampler_parity! {
+    ddim_sd1_s030: "tiny-sd1", "sd1_ddim_s030.safetensors";
+    ddim_sd1_s100: "tiny-sd1", "sd1_ddim_s100.safetensors";
+    euler_sd1_s030: "tiny-sd1", "sd1_euler_s030.safetensors";
+    euler_sd1_s100: "tiny-sd1", "sd1_euler_s100.safetensors";
+    euler_a_sd1_s030: "tiny-sd1", "sd1_euler-a_s030.safetensors";
+    euler_a_sd1_s100: "tiny-sd1", "sd1_euler-a_s100.safetensors";
+    heun_sd1_s030: "tiny-sd1", "sd1_heun_s030.safetensors";
+    heun_sd1_s100: "tiny-sd1", "sd1_heun_s100.safetensors";
+    dpmpp_2m_sd1_s030: "tiny-sd1", "sd1_dpmpp-2m_s030.safetensors";
+    dpmpp_2m_sd1_s100: "tiny-sd1", "sd1_dpmpp-2m_s100.safetensors";
+    dpmpp_2m_sde_sd1_s030: "tiny-sd1", "sd1_dpmpp-2m-sde_s030.safetensors";
+    dpmpp_2m_sde_sd1_s100: "tiny-sd1", "sd1_dpmpp-2m-sde_s100.safetensors";
+    unipc_sd1_s030: "tiny-sd1", "sd1_unipc_s030.safetensors";
+    unipc_sd1_s100: "tiny-sd1", "sd1_unipc_s100.safetensors";
+    lcm_sd1_s030: "tiny-sd1", "sd1_lcm_s030.safetensors";
+    lcm_sd1_s100: "tiny-sd1", "sd1_lcm_s100.safetensors";
+    euler_sd2_vpred_s070: "tiny-sd2", "sd2_euler_s070.safetensors";
+    dpmpp_2m_sd2_vpred_s070: "tiny-sd2", "sd2_dpmpp-2m_s070.safetensors";
+    unipc_sd2_vpred_s070: "tiny-sd2", "sd2_unipc_s070.safetensors";
+    dpmpp_2m_karras_sd1_s060: "tiny-sd1", "sd1_dpmpp-2m_karras_s060.safetensors";
+    euler_karras_sd1_s060: "tiny-sd1", "sd1_euler_karras_s060.safetensors";
+    unipc_karras_sd1_s060: "tiny-sd1", "sd1_unipc_karras_s060.safetensors";
 }

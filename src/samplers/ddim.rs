@@ -44,7 +44,7 @@ impl Ddim {
 
     /// diffusers `_threshold_sample` (Saharia et al. 2022, Imagen): per sample, clamp to the
     /// `ratio` quantile of |x0| (at least 1, at most `max`) and divide by it.
-    fn threshold(x0: &Tensor, ratio: f64, max: f64) -> Result<Tensor> {
+    pub(crate) fn threshold(x0: &Tensor, ratio: f64, max: f64) -> Result<Tensor> {
         let dims = x0.dims().to_vec();
         let b = dims[0];
         let flat = x0.to_dtype(DType::F32)?.reshape((b, ()))?;

@@ -5,6 +5,13 @@
 //! [`NoiseSource`], so a seeded run can be replayed and traced.
 
 pub mod ddim;
+pub mod dpmsolver;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod heun;
+pub mod lcm;
+pub mod sigmas;
+pub mod unipc;
 
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
@@ -50,6 +57,67 @@ pub struct SchedulerConfig {
     pub sample_max_value: Option<f64>,
     /// `rescale_betas_zero_snr` (default false).
     pub rescale_betas_zero_snr: Option<bool>,
+    /// `use_karras_sigmas` (default false; `--karras` turns it on).
+    pub use_karras_sigmas: Option<bool>,
+    /// `use_exponential_sigmas`, `use_beta_sigmas`, `use_lu_lambdas`, `use_flow_sigmas`: not
+    /// supported, rejected when true.
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub use_lu_lambdas: Option<bool>,
+    pub use_flow_sigmas: Option<bool>,
+    /// `sigma_min` / `sigma_max` (Karras range override; Euler and UniPC read them).
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    /// `final_sigmas_type`: "zero" (default) or "sigma_min".
+    pub final_sigmas_type: Option<String>,
+    /// `interpolation_type` (Euler): "linear" (default) or "log_linear".
+    pub interpolation_type: Option<String>,
+    /// `timestep_type` (Euler): "discrete" (default); "continuous" is rejected.
+    pub timestep_type: Option<String>,
+    /// `solver_type`: DPM-Solver "midpoint" (default) / "heun"; UniPC "bh2" (default) / "bh1".
+    pub solver_type: Option<String>,
+    /// `lower_order_final` (default true).
+    pub lower_order_final: Option<bool>,
+    /// `euler_at_final` (default false).
+    pub euler_at_final: Option<bool>,
+    /// `lambda_min_clipped` (default -inf).
+    pub lambda_min_clipped: Option<f64>,
+    /// `variance_type` (DPM-Solver): null; "learned"/"learned_range" are rejected.
+    pub variance_type: Option<String>,
+    /// `solver_order` (UniPC default 2; DPM++ 2M is order 2 by name).
+    pub solver_order: Option<usize>,
+    /// `predict_x0` (UniPC, default true).
+    pub predict_x0: Option<bool>,
+    /// `disable_corrector` (UniPC, default []).
+    pub disable_corrector: Option<Vec<usize>>,
+    /// `original_inference_steps` (LCM, default 50).
+    pub original_inference_steps: Option<usize>,
+    /// `timestep_scaling` (LCM, default 10.0).
+    pub timestep_scaling: Option<f64>,
+}
+
+/// The constructor defaults that differ between diffusers' scheduler classes.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassDefaults {
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: &'static str,
+    pub spacing: Spacing,
+    /// Whether the class honours `rescale_betas_zero_snr` at all (Heun does not).
+    pub zero_snr: bool,
+    /// Whether it then pins ᾱ_T to 2^-24 so the first sigma is finite (Euler, DPM, UniPC do).
+    pub pin_terminal: bool,
+}
+
+impl ClassDefaults {
+    /// DDIMScheduler.
+    pub const DDIM: Self = Self { beta_start: 0.0001, beta_end: 0.02, beta_schedule: "linear", spacing: Spacing::Leading, zero_snr: true, pin_terminal: false };
+    /// EulerDiscrete, EulerAncestralDiscrete, DPMSolverMultistep, UniPCMultistep.
+    pub const K: Self = Self { beta_start: 0.0001, beta_end: 0.02, beta_schedule: "linear", spacing: Spacing::Linspace, zero_snr: true, pin_terminal: true };
+    /// HeunDiscreteScheduler.
+    pub const HEUN: Self = Self { beta_start: 0.00085, beta_end: 0.012, beta_schedule: "linear", spacing: Spacing::Linspace, zero_snr: false, pin_terminal: false };
+    /// LCMScheduler.
+    pub const LCM: Self = Self { beta_start: 0.00085, beta_end: 0.012, beta_schedule: "scaled_linear", spacing: Spacing::Leading, zero_snr: true, pin_terminal: false };
 }
 
 impl SchedulerConfig {
@@ -84,7 +152,13 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// DDIM's defaults (see [`Schedule::with_defaults`]).
     pub fn from_config(cfg: &SchedulerConfig, path: &Path) -> Result<Self> {
+        Self::with_defaults(cfg, path, ClassDefaults::DDIM)
+    }
+
+    /// The schedule as diffusers' class with these constructor defaults builds it from `cfg`.
+    pub fn with_defaults(cfg: &SchedulerConfig, path: &Path, d: ClassDefaults) -> Result<Self> {
         let n = cfg.num_train_timesteps.unwrap_or(1000);
         if n < 2 {
             return Err(Error::config(path, format!("'num_train_timesteps' must be at least 2, got {n}")));
@@ -95,11 +169,12 @@ impl Schedule {
             "sample" => PredictionType::Sample,
             other => return Err(Error::config(path, format!("'prediction_type' = {other:?} is not supported"))),
         };
-        let spacing = match cfg.timestep_spacing.as_deref().unwrap_or("leading") {
-            "leading" => Spacing::Leading,
-            "trailing" => Spacing::Trailing,
-            "linspace" => Spacing::Linspace,
-            other => return Err(Error::config(path, format!("'timestep_spacing' = {other:?} is not supported"))),
+        let spacing = match cfg.timestep_spacing.as_deref() {
+            None => d.spacing,
+            Some("leading") => Spacing::Leading,
+            Some("trailing") => Spacing::Trailing,
+            Some("linspace") => Spacing::Linspace,
+            Some(other) => return Err(Error::config(path, format!("'timestep_spacing' = {other:?} is not supported"))),
         };
         let betas = match &cfg.trained_betas {
             Some(b) if !b.is_empty() => {
@@ -109,9 +184,9 @@ impl Schedule {
                 b.iter().map(|&x| x as f32).collect()
             }
             _ => {
-                let start = cfg.beta_start.unwrap_or(0.0001);
-                let end = cfg.beta_end.unwrap_or(0.02);
-                match cfg.beta_schedule.as_deref().unwrap_or("linear") {
+                let start = cfg.beta_start.unwrap_or(d.beta_start);
+                let end = cfg.beta_end.unwrap_or(d.beta_end);
+                match cfg.beta_schedule.as_deref().unwrap_or(d.beta_schedule) {
                     "linear" => linspace_f32(start as f32, end as f32, n),
                     "scaled_linear" => linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n).into_iter().map(|b| b * b).collect(),
                     "squaredcos_cap_v2" => cosine_betas(n),
@@ -119,8 +194,13 @@ impl Schedule {
                 }
             }
         };
-        let betas = if cfg.rescale_betas_zero_snr.unwrap_or(false) { rescale_zero_terminal_snr(&betas) } else { betas };
-        let alphas_cumprod = cumprod(&betas);
+        let zero_snr = d.zero_snr && cfg.rescale_betas_zero_snr.unwrap_or(false);
+        let betas = if zero_snr { rescale_zero_terminal_snr(&betas) } else { betas };
+        let mut alphas_cumprod = cumprod(&betas);
+        if zero_snr && d.pin_terminal {
+            // diffusers: "close to 0 without being 0 so first sigma is not inf".
+            *alphas_cumprod.last_mut().unwrap() = 2f32.powi(-24);
+        }
         Ok(Self { num_train_timesteps: n, prediction, spacing, steps_offset: cfg.steps_offset.unwrap_or(0), alphas_cumprod })
     }
 }
@@ -226,6 +306,13 @@ pub fn strength_start(steps: usize, strength: f64, order: usize) -> usize {
     (steps - init) * order
 }
 
+/// `t / s` as a true division by the f32 scalar, as torch divides by a 0-d float32 tensor (candle's
+/// `Tensor / f64` multiplies by the reciprocal, which differs by an ulp — visible where σ ≫ 1).
+pub(crate) fn div(t: &Tensor, s: f64) -> Result<Tensor> {
+    let s = Tensor::new(s as f32, t.device())?.to_dtype(t.dtype())?;
+    Ok(t.broadcast_div(&s)?)
+}
+
 /// One sampler algorithm (a diffusers scheduler class).
 pub trait Sampler: Send {
     /// All timesteps after `set_timesteps`, as the UNet sees them.
@@ -246,26 +333,95 @@ pub trait Sampler: Send {
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
 }
 
-/// The samplers users can pick by name.
+/// The samplers users can pick by name (A1111/ComfyUI habits), each a diffusers scheduler class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SamplerKind {
     Ddim,
+    Euler,
+    EulerA,
+    Heun,
+    DpmPp2m,
+    DpmPp2mSde,
+    UniPc,
+    Lcm,
 }
 
 impl SamplerKind {
-    pub const ALL: &'static [SamplerKind] = &[SamplerKind::Ddim];
+    pub const ALL: &'static [SamplerKind] = &[
+        SamplerKind::Ddim,
+        SamplerKind::Euler,
+        SamplerKind::EulerA,
+        SamplerKind::Heun,
+        SamplerKind::DpmPp2m,
+        SamplerKind::DpmPp2mSde,
+        SamplerKind::UniPc,
+        SamplerKind::Lcm,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             SamplerKind::Ddim => "ddim",
+            SamplerKind::Euler => "euler",
+            SamplerKind::EulerA => "euler-a",
+            SamplerKind::Heun => "heun",
+            SamplerKind::DpmPp2m => "dpmpp-2m",
+            SamplerKind::DpmPp2mSde => "dpmpp-2m-sde",
+            SamplerKind::UniPc => "unipc",
+            SamplerKind::Lcm => "lcm",
         }
     }
 
-    /// Builds the sampler for `steps` inference steps from the model's scheduler config.
-    pub fn build(self, cfg: &SchedulerConfig, path: &Path, steps: usize) -> Result<Box<dyn Sampler>> {
+    /// The diffusers class (and settings) it reproduces.
+    pub fn diffusers_class(self) -> &'static str {
         match self {
-            SamplerKind::Ddim => Ok(Box::new(ddim::Ddim::new(cfg, path, steps)?)),
+            SamplerKind::Ddim => "DDIMScheduler (eta 0)",
+            SamplerKind::Euler => "EulerDiscreteScheduler",
+            SamplerKind::EulerA => "EulerAncestralDiscreteScheduler",
+            SamplerKind::Heun => "HeunDiscreteScheduler",
+            SamplerKind::DpmPp2m => "DPMSolverMultistepScheduler (dpmsolver++, order 2)",
+            SamplerKind::DpmPp2mSde => "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
+            SamplerKind::UniPc => "UniPCMultistepScheduler",
+            SamplerKind::Lcm => "LCMScheduler",
         }
+    }
+
+    /// Typical step counts at strength 1 (for help texts and benches).
+    pub fn typical_steps(self) -> usize {
+        match self {
+            SamplerKind::Ddim | SamplerKind::Euler | SamplerKind::EulerA => 30,
+            SamplerKind::Heun => 15,
+            SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde => 20,
+            SamplerKind::UniPc => 15,
+            SamplerKind::Lcm => 4,
+        }
+    }
+
+    /// Whether the diffusers class has `use_karras_sigmas`.
+    pub fn supports_karras(self) -> bool {
+        !matches!(self, SamplerKind::Ddim | SamplerKind::EulerA | SamplerKind::Lcm)
+    }
+
+    /// Builds the sampler for `steps` inference steps from the model's scheduler config.
+    /// `karras` (the `--karras` flag) or the config's own `use_karras_sigmas` selects Karras sigmas.
+    pub fn build(self, cfg: &SchedulerConfig, path: &Path, steps: usize, karras: bool) -> Result<Box<dyn Sampler>> {
+        if karras && !self.supports_karras() {
+            return Err(Error::Argument(format!(
+                "--karras: the {} sampler has no Karras sigmas ({} has no use_karras_sigmas)",
+                self.name(),
+                self.diffusers_class()
+            )));
+        }
+        let k = karras || (self.supports_karras() && cfg.use_karras_sigmas.unwrap_or(false));
+        Ok(match self {
+            SamplerKind::Ddim => Box::new(ddim::Ddim::new(cfg, path, steps)?),
+            SamplerKind::Euler => Box::new(euler::Euler::new(cfg, path, steps, k)?),
+            SamplerKind::EulerA => Box::new(euler_ancestral::EulerAncestral::new(cfg, path, steps)?),
+            SamplerKind::Heun => Box::new(heun::Heun::new(cfg, path, steps, k)?),
+            SamplerKind::DpmPp2m => Box::new(dpmsolver::DpmSolver::new(cfg, path, steps, k, false)?),
+            SamplerKind::DpmPp2mSde => Box::new(dpmsolver::DpmSolver::new(cfg, path, steps, k, true)?),
+            SamplerKind::UniPc => Box::new(unipc::UniPc::new(cfg, path, steps, k)?),
+            SamplerKind::Lcm => Box::new(lcm::Lcm::new(cfg, path, steps)?),
+        })
     }
 }
 
