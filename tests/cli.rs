@@ -261,3 +261,29 @@ fn help_lists_the_trace_keys_and_exit_codes() {
         assert!(help.contains(word), "--help lacks {word}");
     }
 }
+
+#[test]
+fn karras_on_a_sampler_without_it() {
+    fails(&["photo.png", "-o", "out.png", "--sampler", "euler-a", "--karras"], &["--karras", "euler-a"]);
+    fails(&["photo.png", "-o", "out.png", "--sampler", "lcm", "--karras"], &["--karras", "lcm"]);
+}
+
+#[test]
+fn lcm_steps_beyond_its_schedule() {
+    fails(&["photo.png", "-o", "out.png", "--sampler", "lcm", "--steps", "60"], &["--steps", "60", "lcm"]);
+}
+
+#[test]
+fn stochastic_sampler_traces_its_step_noise_and_repeats_with_the_seed() {
+    let case = Case::new();
+    for out in ["a.png", "b.png"] {
+        let o = case.run(&["photo.png", "-o", out, "--sampler", "dpmpp-2m-sde", "--karras", "--trace", &format!("{out}.safetensors")]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let (t, meta) = load_safetensors(&case.path("a.png.safetensors"));
+    assert_eq!(meta["sampler"], "dpmpp-2m-sde");
+    assert_eq!(meta["karras"], "true");
+    assert!(t.contains_key("step00_noise") && t.contains_key("step01_noise"), "{:?}", t.keys());
+    let px = |n: &str| image::open(case.path(n)).unwrap().to_rgb8().into_raw();
+    assert_eq!(px("a.png"), px("b.png"));
+}

@@ -7,6 +7,7 @@
 
 pub mod clip;
 pub mod nn;
+pub mod random;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

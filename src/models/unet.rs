@@ -474,6 +474,13 @@ impl UNet {
         Self::build(config, &plan, vb).map_err(weights_err(files))
     }
 
+    /// Builds from a parsed config and any VarBuilder (random weights in benches); `path` names the
+    /// config in errors.
+    pub fn from_config(config: UNetConfig, vb: VarBuilder, path: &Path) -> Result<Self> {
+        let plan = config.plan(path)?;
+        Ok(Self::build(config, &plan, vb)?)
+    }
+
     fn build(config: UNetConfig, plan: &Plan, vb: VarBuilder) -> candle_core::Result<Self> {
         let ch = &config.block_out_channels;
         let n = ch.len();

@@ -30,11 +30,8 @@ impl Ddim {
         }
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { schedule.alphas_cumprod[0] };
         let timesteps = spaced_timesteps(&schedule, steps).into_iter().map(|t| t as f64).collect();
-        let clip_sample = cfg.clip_sample.unwrap_or(true).then(|| cfg.clip_sample_range.unwrap_or(1.0));
-        let thresholding = cfg
-            .thresholding
-            .unwrap_or(false)
-            .then(|| (cfg.dynamic_thresholding_ratio.unwrap_or(0.995), cfg.sample_max_value.unwrap_or(1.0)));
+        let clip_sample = cfg.clip_sample(true);
+        let thresholding = cfg.thresholding();
         Ok(Self { schedule, steps, timesteps, final_alpha_cumprod, clip_sample, thresholding })
     }
 

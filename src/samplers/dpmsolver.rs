@@ -111,10 +111,7 @@ impl DpmSolver {
             "heun" => true,
             other => return Err(Error::config(path, format!("'solver_type' = {other:?} is not supported"))),
         };
-        let thresholding = cfg
-            .thresholding
-            .unwrap_or(false)
-            .then(|| (cfg.dynamic_thresholding_ratio.unwrap_or(0.995), cfg.sample_max_value.unwrap_or(1.0)));
+        let thresholding = cfg.thresholding();
         Ok(Self {
             final_zero: cfg.final_sigmas_type.as_deref().unwrap_or("zero") == "zero",
             m,

@@ -40,7 +40,7 @@ impl Heun {
             sigmas.extend([s, s]);
         }
         sigmas.push(k.sigmas[n]);
-        let clip = cfg.clip_sample.unwrap_or(false).then(|| cfg.clip_sample_range.unwrap_or(1.0));
+        let clip = cfg.clip_sample(false);
         Ok(Self { timesteps, sigmas, k, clip, state: None })
     }
 }

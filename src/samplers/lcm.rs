@@ -45,11 +45,8 @@ impl Lcm {
             timesteps,
             final_alpha_cumprod,
             timestep_scaling: cfg.timestep_scaling.unwrap_or(10.0),
-            clip_sample: cfg.clip_sample.unwrap_or(false).then(|| cfg.clip_sample_range.unwrap_or(1.0)),
-            thresholding: cfg
-                .thresholding
-                .unwrap_or(false)
-                .then(|| (cfg.dynamic_thresholding_ratio.unwrap_or(0.995), cfg.sample_max_value.unwrap_or(1.0))),
+            clip_sample: cfg.clip_sample(false),
+            thresholding: cfg.thresholding(),
         })
     }
 

@@ -124,6 +124,18 @@ impl SchedulerConfig {
     pub fn read(path: &Path) -> Result<Self> {
         crate::models::read_json(path)
     }
+
+    /// `(dynamic_thresholding_ratio, sample_max_value)` when `thresholding` is on.
+    pub fn thresholding(&self) -> Option<(f64, f64)> {
+        self.thresholding
+            .unwrap_or(false)
+            .then(|| (self.dynamic_thresholding_ratio.unwrap_or(0.995), self.sample_max_value.unwrap_or(1.0)))
+    }
+
+    /// `clip_sample_range` when `clip_sample` is on (`default`: the class's default for the switch).
+    pub fn clip_sample(&self, default: bool) -> Option<f64> {
+        self.clip_sample.unwrap_or(default).then(|| self.clip_sample_range.unwrap_or(1.0))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -62,10 +62,7 @@ impl UniPc {
         if !(1..=3).contains(&order) {
             return Err(Error::config(path, format!("'solver_order' = {order} is not supported (1 to 3)")));
         }
-        let thresholding = cfg
-            .thresholding
-            .unwrap_or(false)
-            .then(|| (cfg.dynamic_thresholding_ratio.unwrap_or(0.995), cfg.sample_max_value.unwrap_or(1.0)));
+        let thresholding = cfg.thresholding();
         Ok(Self {
             m,
             order,
