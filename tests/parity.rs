@@ -125,4 +125,9 @@ sampler_parity! {
     dpmpp_2m_karras_sd1_s060: "tiny-sd1", "sd1_dpmpp-2m_karras_s060.safetensors";
     euler_karras_sd1_s060: "tiny-sd1", "sd1_euler_karras_s060.safetensors";
     unipc_karras_sd1_s060: "tiny-sd1", "sd1_unipc_karras_s060.safetensors";
+    // Two blocks (attention in the second only), per-block layer counts, unflipped sin/cos with
+    // freq_shift 1, scaled mid block, a 3-block VAE (latent factor 4) without mid attention or
+    // quant convs, 44x36 (latents 11x9: odd sizes through the UNet).
+    odd_layout_euler_a_s080: "tiny-odd", "odd_euler-a_s080.safetensors";
+    odd_layout_dpmpp_2m_s050: "tiny-odd", "odd_dpmpp-2m_s050.safetensors";
 }
