@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage};
 use std::io::Write;
 use std::path::Path;
 
@@ -214,9 +214,40 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> s
     Ok(())
 }
 
-/// Saves `img` in the format its extension names. PNG files carry the provenance as text chunks
+/// The provenance as an EXIF block (TIFF layout, little endian) for JPEG and WebP: ImageDescription
+/// (`Source`), Software, and the `parameters` text in the Exif UserComment, where A1111-compatible
+/// tools look for it in JPEGs (ASCII when it is, else the UNICODE/UTF-16 form the standard defines).
+fn exif_block(provenance: &[(String, String)]) -> std::io::Result<Vec<u8>> {
+    use exif::{Field, In, Tag, Value};
+    let get = |k: &str| provenance.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str()).unwrap_or("");
+    // ASCII fields: keep them ASCII (non-ASCII prompt text lives in UserComment).
+    let ascii = |s: &str| s.chars().map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' }).collect::<String>();
+    let params = get("parameters");
+    let mut comment = Vec::new();
+    if params.is_ascii() {
+        comment.extend_from_slice(b"ASCII\0\0\0");
+        comment.extend_from_slice(params.as_bytes());
+    } else {
+        comment.extend_from_slice(b"UNICODE\0");
+        comment.extend(params.encode_utf16().flat_map(|u| u.to_le_bytes()));
+    }
+    let fields = [
+        Field { tag: Tag::ImageDescription, ifd_num: In::PRIMARY, value: Value::Ascii(vec![ascii(get("Source")).into_bytes()]) },
+        Field { tag: Tag::Software, ifd_num: In::PRIMARY, value: Value::Ascii(vec![ascii(get("Software")).into_bytes()]) },
+        Field { tag: Tag::UserComment, ifd_num: In::PRIMARY, value: Value::Undefined(comment, 0) },
+    ];
+    let mut w = exif::experimental::Writer::new();
+    for f in &fields {
+        w.push_field(f);
+    }
+    let mut buf = std::io::Cursor::new(Vec::new());
+    w.write(&mut buf, true).map_err(std::io::Error::other)?;
+    Ok(buf.into_inner())
+}
+
+/// Saves `img` in the format its extension names, with the provenance: PNG as iTXt chunks
 /// (`parameters` in the A1111 form tools read, `Software`, `Source`, and an IPTC digital source
-/// type saying it was made with a trained model).
+/// type saying it was made with a trained model), JPEG and WebP as EXIF (see [`exif_block`]).
 pub fn save(img: &RgbImage, path: &Path, provenance: &[(String, String)]) -> Result<()> {
     let format = OutputFormat::from_path(path).ok_or_else(|| {
         Error::Argument(format!("-o '{}': unknown output extension (use .png, .jpg, .jpeg or .webp)", path.display()))
@@ -237,11 +268,13 @@ pub fn save(img: &RgbImage, path: &Path, provenance: &[(String, String)]) -> Res
                 writer.finish().map_err(std::io::Error::other)
             }
             OutputFormat::Jpeg => {
-                let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(w, 95);
+                let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(w, 95);
+                enc.set_exif_metadata(exif_block(provenance)?).map_err(std::io::Error::other)?;
                 img.write_with_encoder(enc).map_err(to_io)
             }
             OutputFormat::WebP => {
-                let enc = image::codecs::webp::WebPEncoder::new_lossless(w);
+                let mut enc = image::codecs::webp::WebPEncoder::new_lossless(w);
+                enc.set_exif_metadata(exif_block(provenance)?).map_err(std::io::Error::other)?;
                 img.write_with_encoder(enc).map_err(to_io)
             }
         }

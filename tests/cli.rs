@@ -96,9 +96,25 @@ fn resizes_to_the_working_size_and_writes_jpeg_and_webp() {
     let img = image::open(case.path("cat.jpg")).unwrap();
     // 451x300 → long side 64, short side round(300·64/451) = 43 → 40 (multiple of 8).
     assert_eq!((img.width(), img.height()), (64, 40));
-    let o = case.run(&["photo.png", "-o", "out.webp"]);
+    let o = case.run(&["photo.png", "-o", "out.webp", "--prompt", "ghibli style, café à Kyōto"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(image::open(case.path("out.webp")).unwrap().width(), 64);
+    // Provenance as EXIF: Software, ImageDescription and the parameters in UserComment.
+    for (file, want) in [("cat.jpg", "Seed: 1"), ("out.webp", "café à Kyōto")] {
+        let f = std::fs::File::open(case.path(file)).unwrap();
+        let exif = exif::Reader::new().read_from_container(&mut std::io::BufReader::new(f)).unwrap();
+        let field = |t| exif.get_field(t, exif::In::PRIMARY).unwrap_or_else(|| panic!("{file}: no {t}"));
+        assert!(field(exif::Tag::Software).display_value().to_string().contains("ghiblify"));
+        assert!(field(exif::Tag::ImageDescription).display_value().to_string().contains("AI-generated"));
+        let exif::Value::Undefined(bytes, _) = &field(exif::Tag::UserComment).value else { panic!("UserComment type") };
+        let text = if bytes.starts_with(b"UNICODE\0") {
+            let units: Vec<u16> = bytes[8..].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+            String::from_utf16(&units).unwrap()
+        } else {
+            String::from_utf8_lossy(&bytes[8..]).into_owned()
+        };
+        assert!(text.contains(want) && text.contains("Sampler: ddim"), "{file}: {text}");
+    }
 }
 
 #[test]
