@@ -22,7 +22,12 @@ init_latents (posterior sample x scaling_factor), noised_latents, stepNN_latents
 step, NN = 00, 01, ...), stepNN_noise (samplers that draw noise inside a step), final_latents,
 and output_float (H, W, 3 in [0, 1]). The run's settings are stored in the file's metadata.
 
-Exit status: 0 on success, 1 on any error (bad arguments, unreadable input, model failure).";
+Batch mode: with several inputs, a folder, or - (paths on stdin), -o names a folder; sub-folders
+are mirrored, existing outputs are skipped (re-running resumes), each file gets its own seed derived
+from --seed and its relative path, and a failing file prints 'path: error' and the run goes on.
+
+Exit status: 0 when every picture was written (or skipped as already done), 1 when nothing could be
+done (bad arguments, unreadable model, ...), 2 when some files failed in a batch.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
@@ -31,6 +36,13 @@ pub enum DeviceArg {
     Cpu,
     Cuda,
     Metal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Png,
+    Jpg,
+    Webp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -83,12 +95,40 @@ impl From<SamplerArg> for crate::samplers::SamplerKind {
 #[derive(Debug, Parser)]
 #[command(name = "ghiblify", version, about, after_help = AFTER_HELP, args_override_self = true, allow_negative_numbers = true)]
 pub struct Args {
-    /// The photo to convert (PNG, JPEG, WebP, ...; EXIF orientation is applied)
-    pub input: PathBuf,
+    /// Photos to convert (PNG, JPEG, WebP, ...; EXIF orientation is applied), folders (walked for
+    /// image files, by content), or - to read paths from stdin, one per line
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
 
-    /// Where to write the result; the format follows the extension (.png, .jpg, .jpeg, .webp)
-    #[arg(short, long, value_name = "FILE")]
+    /// One input: the output file, format from its extension (.png, .jpg, .jpeg, .webp).
+    /// Several inputs, a folder or -: the output folder (created if needed)
+    #[arg(short, long, value_name = "FILE|DIR")]
     pub output: PathBuf,
+
+    /// Batch output format
+    #[arg(long, value_enum, default_value_t = FormatArg::Png)]
+    pub format: FormatArg,
+
+    /// Do not descend into sub-folders of folder inputs
+    #[arg(long)]
+    pub no_recursive: bool,
+
+    /// Redo outputs that already exist (batch mode skips them by default, so re-running resumes)
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Write one JSON object per input (input, output, status, error, seed, width, height, seconds)
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub report: Option<PathBuf>,
+
+    /// Take only shard K of N of the inputs (a stable split by path), e.g. for Slurm job arrays:
+    /// --shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<String>,
+
+    /// Write no provenance metadata into the outputs
+    #[arg(long)]
+    pub no_metadata: bool,
 
     /// What the picture should look like; include the model's trigger words ("ghibli style")
     #[arg(long, default_value = DEFAULT_PROMPT)]

@@ -28,17 +28,35 @@ impl OutputFormat {
     }
 }
 
+/// The largest side we decode.
+pub const MAX_SIDE: u32 = 16384;
+/// The most memory one decode may take.
+pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+
 /// Decodes an image file (format from its content), applies its EXIF orientation, and flattens
 /// it to 8-bit RGB, compositing any transparency on white.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let reader = ImageReader::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = reader.with_guessed_format().map_err(|e| Error::io(path, e))?;
+    let mut reader = reader.with_guessed_format().map_err(|e| Error::io(path, e))?;
     if reader.format().is_none() {
         return Err(Error::image(path, "not a recognised image file"));
     }
-    let mut decoder = reader.into_decoder().map_err(|e| Error::image(path, e))?;
+    // A photo is resized to ~512 px anyway; refuse what would take gigabytes to decode instead of
+    // being killed for memory (a 20000x20000 RGBA image is 1.6 GB).
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(_) => Error::image(path, format!("image is larger than {MAX_SIDE} px on a side or {} MiB decoded; downscale it first", MAX_DECODE_BYTES >> 20)),
+        e => Error::image(path, e),
+    })?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| Error::image(path, e))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        image::ImageError::Limits(_) => Error::image(path, format!("image is larger than {MAX_SIDE} px on a side or {} MiB decoded; downscale it first", MAX_DECODE_BYTES >> 20)),
+        e => Error::image(path, e),
+    })?;
     img.apply_orientation(orientation);
     if img.width() == 0 || img.height() == 0 {
         return Err(Error::image(path, "image has no pixels"));
@@ -245,40 +263,137 @@ fn exif_block(provenance: &[(String, String)]) -> std::io::Result<Vec<u8>> {
     Ok(buf.into_inner())
 }
 
-/// Saves `img` in the format its extension names, with the provenance: PNG as iTXt chunks
-/// (`parameters` in the A1111 form tools read, `Software`, `Source`, and an IPTC digital source
-/// type saying it was made with a trained model), JPEG and WebP as EXIF (see [`exif_block`]).
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// The XMP packet: IPTC digital source type (a photo composited with a trained model's output),
+/// the creator tool, the description and the model.
+fn xmp_packet(provenance: &[(String, String)]) -> String {
+    let get = |k: &str| provenance.iter().find(|(key, _)| key == k).map(|(_, v)| xml_escape(v)).unwrap_or_default();
+    format!(
+        "<?xpacket begin=\"\u{feff}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>\n\
+<x:xmpmeta xmlns:x=\"adobe:ns:meta/\">\n\
+ <rdf:RDF xmlns:rdf=\"http://www.w3.org/1999/02/22-rdf-syntax-ns#\">\n\
+  <rdf:Description rdf:about=\"\"\n\
+    xmlns:Iptc4xmpExt=\"http://iptc.org/std/Iptc4xmpExt/2008-02-29/\"\n\
+    xmlns:xmp=\"http://ns.adobe.com/xap/1.0/\"\n\
+    xmlns:dc=\"http://purl.org/dc/elements/1.1/\"\n\
+    Iptc4xmpExt:DigitalSourceType=\"{DIGITAL_SOURCE_TYPE}\"\n\
+    xmp:CreatorTool=\"{}\">\n\
+   <dc:description><rdf:Alt><rdf:li xml:lang=\"x-default\">{}</rdf:li></rdf:Alt></dc:description>\n\
+   <dc:source>{}</dc:source>\n\
+  </rdf:Description>\n\
+ </rdf:RDF>\n\
+</x:xmpmeta>\n\
+<?xpacket end=\"r\"?>",
+        get("Software"),
+        get("Source"),
+        get("Model")
+    )
+}
+
+/// IPTC's term for "a photo transformed or composited with a generative model's output".
+pub const DIGITAL_SOURCE_TYPE: &str = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia";
+
+/// Inserts an XMP APP1 segment after the JPEG's leading APPn segments (JFIF, Exif).
+fn jpeg_with_xmp(jpeg: Vec<u8>, xmp: &str) -> std::io::Result<Vec<u8>> {
+    const NS: &[u8] = b"http://ns.adobe.com/xap/1.0/\0";
+    let len = 2 + NS.len() + xmp.len();
+    if len > u16::MAX as usize || jpeg.len() < 4 || jpeg[..2] != [0xFF, 0xD8] {
+        return Ok(jpeg);
+    }
+    let mut pos = 2;
+    while pos + 4 <= jpeg.len() && jpeg[pos] == 0xFF && (0xE0..=0xEF).contains(&jpeg[pos + 1]) {
+        pos += 2 + u16::from_be_bytes([jpeg[pos + 2], jpeg[pos + 3]]) as usize;
+    }
+    let mut out = Vec::with_capacity(jpeg.len() + len + 2);
+    out.extend_from_slice(&jpeg[..pos]);
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    out.extend_from_slice(NS);
+    out.extend_from_slice(xmp.as_bytes());
+    out.extend_from_slice(&jpeg[pos..]);
+    Ok(out)
+}
+
+/// Appends an `XMP ` chunk to an extended (VP8X) WebP file and sets its XMP flag.
+fn webp_with_xmp(mut webp: Vec<u8>, xmp: &str) -> Vec<u8> {
+    if webp.len() < 21 || &webp[..4] != b"RIFF" || &webp[8..12] != b"WEBP" || &webp[12..16] != b"VP8X" {
+        return webp;
+    }
+    webp[20] |= 0x04;
+    webp.extend_from_slice(b"XMP ");
+    webp.extend_from_slice(&(xmp.len() as u32).to_le_bytes());
+    webp.extend_from_slice(xmp.as_bytes());
+    if xmp.len() % 2 == 1 {
+        webp.push(0);
+    }
+    let riff = (webp.len() - 8) as u32;
+    webp[4..8].copy_from_slice(&riff.to_le_bytes());
+    webp
+}
+
+/// Saves `img` in the format its extension names (see [`save_as`]).
 pub fn save(img: &RgbImage, path: &Path, provenance: &[(String, String)]) -> Result<()> {
     let format = OutputFormat::from_path(path).ok_or_else(|| {
         Error::Argument(format!("-o '{}': unknown output extension (use .png, .jpg, .jpeg or .webp)", path.display()))
     })?;
-    write_atomically(path, |f| {
-        let w = std::io::BufWriter::new(f);
-        let to_io = |e: image::ImageError| std::io::Error::other(e.to_string());
+    save_as(img, path, format, provenance)
+}
+
+/// Saves `img` atomically with the provenance (none when `provenance` is empty): PNG as text chunks
+/// (`parameters` in the A1111 form — tEXt when Latin-1, else iTXt —, `Software`, `Source`, `Model`)
+/// plus the XMP packet; JPEG as EXIF (see [`exif_block`]) plus an XMP APP1 segment; WebP as EXIF plus
+/// an XMP chunk. Nothing of the input's own metadata (GPS, camera serial) is ever copied.
+pub fn save_as(img: &RgbImage, path: &Path, format: OutputFormat, provenance: &[(String, String)]) -> Result<()> {
+    let meta = !provenance.is_empty();
+    let xmp = xmp_packet(provenance);
+    let to_io = |e: image::ImageError| std::io::Error::other(e.to_string());
+    let bytes: Vec<u8> = (|| -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
         match format {
             OutputFormat::Png => {
-                let mut enc = png::Encoder::new(w, img.width(), img.height());
+                let mut enc = png::Encoder::new(&mut buf, img.width(), img.height());
                 enc.set_color(png::ColorType::Rgb);
                 enc.set_depth(png::BitDepth::Eight);
-                for (k, v) in provenance {
-                    enc.add_itxt_chunk(k.clone(), v.clone()).map_err(std::io::Error::other)?;
+                if meta {
+                    for (k, v) in provenance {
+                        let latin1 = v.chars().all(|c| (c as u32) < 256);
+                        if latin1 { enc.add_text_chunk(k.clone(), v.clone()) } else { enc.add_itxt_chunk(k.clone(), v.clone()) }
+                            .map_err(std::io::Error::other)?;
+                    }
+                    enc.add_itxt_chunk("XML:com.adobe.xmp".into(), xmp.clone()).map_err(std::io::Error::other)?;
                 }
                 let mut writer = enc.write_header().map_err(std::io::Error::other)?;
                 writer.write_image_data(img.as_raw()).map_err(std::io::Error::other)?;
-                writer.finish().map_err(std::io::Error::other)
+                writer.finish().map_err(std::io::Error::other)?;
             }
             OutputFormat::Jpeg => {
-                let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(w, 95);
-                enc.set_exif_metadata(exif_block(provenance)?).map_err(std::io::Error::other)?;
-                img.write_with_encoder(enc).map_err(to_io)
+                let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95);
+                if meta {
+                    enc.set_exif_metadata(exif_block(provenance)?).map_err(std::io::Error::other)?;
+                }
+                img.write_with_encoder(enc).map_err(to_io)?;
+                if meta {
+                    buf = jpeg_with_xmp(buf, &xmp)?;
+                }
             }
             OutputFormat::WebP => {
-                let mut enc = image::codecs::webp::WebPEncoder::new_lossless(w);
-                enc.set_exif_metadata(exif_block(provenance)?).map_err(std::io::Error::other)?;
-                img.write_with_encoder(enc).map_err(to_io)
+                let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut buf);
+                if meta {
+                    enc.set_exif_metadata(exif_block(provenance)?).map_err(std::io::Error::other)?;
+                }
+                img.write_with_encoder(enc).map_err(to_io)?;
+                if meta {
+                    buf = webp_with_xmp(buf, &xmp);
+                }
             }
         }
-    })
+        Ok(buf)
+    })()
+    .map_err(|e| Error::image(path, format!("cannot encode: {e}")))?;
+    write_atomically(path, |f| f.write_all(&bytes))
 }
 
 #[cfg(test)]

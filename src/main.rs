@@ -25,7 +25,9 @@ fn main() -> ExitCode {
     };
     let result = ghiblify::settings::Settings::from_args(args).and_then(|s| ghiblify::run::run(&s));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        // Some files of a batch failed (each said why on its own line): 2, like ripgrep.
+        Ok(outcome) if outcome.failed > 0 => ExitCode::from(2),
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ghiblify: {:#}", anyhow::Error::from(e));
             ExitCode::from(1)

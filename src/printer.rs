@@ -58,6 +58,15 @@ impl Printer {
         self.bar(len as u64, "{msg:>10} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}")
     }
 
+    /// The batch view: an overall bar (files, ETA) with the per-image step bar below it.
+    pub fn batch_bars(&self, files: usize) -> (ProgressBar, ProgressBar) {
+        let multi = indicatif::MultiProgress::with_draw_target(if self.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+        let overall = multi.add(self.bar(files as u64, "{msg:>10} [{bar:30}] {pos}/{len} files, {elapsed} elapsed, ETA {eta}"));
+        overall.set_message("images");
+        let steps = multi.add(self.steps_bar(0));
+        (overall, steps)
+    }
+
     /// A download bar for one file.
     pub fn bytes_bar(&self, len: u64, name: &str) -> ProgressBar {
         let bar = self.bar(len, "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, ETA {eta}");

@@ -1,98 +1,149 @@
-//! One conversion from validated settings: decode the photo, get the model, run img2img, write.
+//! Conversions from validated settings: one photo to one file, or a batch into a folder. The model
+//! is loaded once, and only when there is something to do.
 
-use crate::error::Result;
-use crate::image_io;
+use crate::batch::{self, Job, Report, ReportLine};
+use crate::error::{Error, Result};
+use crate::image_io::{self, OutputFormat};
 use crate::noise::SeededNoise;
 use crate::pipeline::{Img2ImgParams, StableDiffusion, Trace};
 use crate::printer::Printer;
-use crate::settings::{ModelSource, Settings};
-use std::collections::BTreeMap;
+use crate::settings::{Batch, Mode, ModelSource, Settings};
+use candle_core::DType;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub fn run(s: &Settings) -> Result<()> {
+/// What a run did, for the exit status.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Outcome {
+    pub done: usize,
+    pub skipped: usize,
+    pub failed: usize,
+}
+
+/// The model, loaded on first use.
+struct Engine<'a> {
+    s: &'a Settings,
+    printer: Printer,
+    model: Option<(StableDiffusion, String)>,
+}
+
+impl Engine<'_> {
+    fn model(&mut self) -> Result<&(StableDiffusion, String)> {
+        if self.model.is_none() {
+            let device = self.s.resolve_device()?;
+            let dtype: DType = self.s.resolve_dtype(&device)?;
+            self.printer.verbose(format!("device {device:?}, dtype {dtype:?}"));
+            let (dir, name) = match &self.s.model {
+                ModelSource::Dir(d) => (d.clone(), d.display().to_string()),
+                ModelSource::Hub { repo_id, revision } => {
+                    let files = crate::hub::default_preset().files;
+                    let dir = crate::hub::fetch(repo_id, revision.as_deref(), &files, self.printer)?;
+                    (dir, revision.as_ref().map(|r| format!("{repo_id}@{r}")).unwrap_or_else(|| repo_id.clone()))
+                }
+            };
+            let t = Instant::now();
+            let model = StableDiffusion::load(&dir, &device, dtype)?;
+            self.printer.verbose(format!("loaded model '{name}' in {:.1} s", t.elapsed().as_secs_f64()));
+            let overflow = model.tokenizer.overflow(&self.s.prompt);
+            if overflow > 0 {
+                self.printer.warn(format!("--prompt is {overflow} tokens longer than the text encoder reads; the end was cut"));
+            }
+            self.model = Some((model, name));
+        }
+        Ok(self.model.as_ref().expect("loaded above"))
+    }
+
+    /// Converts one decoded photo and writes `output`; returns the working size.
+    fn convert(&mut self, photo: image::RgbImage, source: &Path, output: &Path, format: OutputFormat, seed: u64, trace: &mut Trace, bar: &indicatif::ProgressBar) -> Result<(u32, u32)> {
+        let s = self.s;
+        let printer = self.printer;
+        let (model, name) = self.model()?;
+        let f = model.vae_scale_factor() as u32;
+        let size = s.size.unwrap_or(model.native_size() as u32);
+        let (w, h) = image_io::working_size(photo.width(), photo.height(), size, f);
+        if (w, h) != (photo.width(), photo.height()) {
+            printer.verbose(format!("{}: resizing {}x{} to {w}x{h}", source.display(), photo.width(), photo.height()));
+        }
+        let image = image_io::to_tensor(&image_io::resize_to(photo, w, h))?;
+        let params = Img2ImgParams {
+            prompt: s.prompt.clone(),
+            negative_prompt: s.negative_prompt.clone(),
+            strength: s.strength,
+            steps: s.steps,
+            guidance: s.guidance,
+            sampler: s.sampler,
+            karras: s.karras,
+        };
+        bar.reset();
+        bar.set_message(s.sampler.name());
+        let out = model.img2img(&image, &params, &mut SeededNoise::new(seed), trace, &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })?;
+        let tm = out.timings;
+        printer.verbose(format!(
+            "timings: text {:.2} s, vae encode {:.2} s, denoise {:.2} s ({} unet calls, {:.2} s each), vae decode {:.2} s",
+            tm.text, tm.vae_encode, tm.denoise, tm.unet_calls, tm.denoise / tm.unet_calls.max(1) as f64, tm.vae_decode
+        ));
+        let img = image_io::to_rgb8(&out.image)?;
+        let provenance = if s.metadata { provenance(s, name, source, seed, w, h) } else { Vec::new() };
+        image_io::save_as(&img, output, format, &provenance)?;
+        Ok((w, h))
+    }
+}
+
+/// The provenance written into every output (see README): A1111 `parameters`, software, source,
+/// and the IPTC digital source type of a photo transformed by a generative model.
+fn provenance(s: &Settings, model: &str, source: &Path, seed: u64, w: u32, h: u32) -> Vec<(String, String)> {
+    let version = format!("ghiblify {}", env!("CARGO_PKG_VERSION"));
+    let parameters = format!(
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Denoising strength: {}, Version: {}",
+        s.prompt,
+        s.negative_prompt,
+        s.steps,
+        s.sampler,
+        if s.karras { " Karras" } else { "" },
+        s.guidance,
+        seed,
+        w,
+        h,
+        model,
+        s.strength,
+        version
+    );
+    let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    vec![
+        ("parameters".to_string(), parameters),
+        ("Software".to_string(), version),
+        ("Source".to_string(), format!("AI-generated: latent-diffusion img2img of '{name}'")),
+        ("Model".to_string(), model.to_string()),
+    ]
+}
+
+pub fn run(s: &Settings) -> Result<Outcome> {
+    match &s.mode {
+        Mode::Single { input, output } => single(s, input, output),
+        Mode::Batch(b) => run_batch(s, b),
+    }
+}
+
+fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     let printer = Printer::new(s.verbosity);
     let t0 = Instant::now();
     // The photo first: a bad input fails in milliseconds, not after a model load.
-    let photo = image_io::load_rgb(&s.input)?;
-    let device = s.resolve_device()?;
-    let dtype = s.resolve_dtype(&device)?;
-    printer.verbose(format!("device {device:?}, dtype {dtype:?}"));
-
-    let (model_dir, model_name) = match &s.model {
-        ModelSource::Dir(d) => (d.clone(), d.display().to_string()),
-        ModelSource::Hub { repo_id, revision } => {
-            let files = crate::hub::default_preset().files;
-            let dir = crate::hub::fetch(repo_id, revision.as_deref(), &files, printer)?;
-            let name = match revision {
-                Some(r) => format!("{repo_id}@{r}"),
-                None => repo_id.clone(),
-            };
-            (dir, name)
-        }
-    };
-    let t_load = Instant::now();
-    let model = StableDiffusion::load(&model_dir, &device, dtype)?;
-    printer.verbose(format!("loaded model '{model_name}' in {:.1} s", t_load.elapsed().as_secs_f64()));
-
-    let f = model.vae_scale_factor() as u32;
-    let size = s.size.unwrap_or(model.native_size() as u32);
-    let (w, h) = image_io::working_size(photo.width(), photo.height(), size, f);
-    if (w, h) != (photo.width(), photo.height()) {
-        printer.verbose(format!("resizing {}x{} to {w}x{h}", photo.width(), photo.height()));
-    }
-    let working = image_io::resize_to(photo, w, h);
-    let image = image_io::to_tensor(&working)?;
-
-    let overflow = model.tokenizer.overflow(&s.prompt);
-    if overflow > 0 {
-        printer.warn(format!("--prompt is {overflow} tokens longer than the text encoder reads; the end was cut"));
-    }
+    let photo = image_io::load_rgb(input)?;
+    let format = OutputFormat::from_path(output).ok_or_else(|| Error::Argument(format!("-o '{}': unknown output extension", output.display())))?;
     if !s.seed_was_given {
         printer.info(format!("seed {} (pass --seed {} to repeat this picture)", s.seed, s.seed));
     }
-    let params = Img2ImgParams {
-        prompt: s.prompt.clone(),
-        negative_prompt: s.negative_prompt.clone(),
-        strength: s.strength,
-        steps: s.steps,
-        guidance: s.guidance,
-        sampler: s.sampler,
-        karras: s.karras,
-    };
-    let mut noise = SeededNoise::new(s.seed);
+    let mut engine = Engine { s, printer, model: None };
     let mut trace = if s.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
     let bar = printer.steps_bar(0);
-    bar.set_message(s.sampler.name());
-    let t_run = Instant::now();
-    let out = model.img2img(&image, &params, &mut noise, &mut trace, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let (w, h) = engine.convert(photo, input, output, format, s.seed, &mut trace, &bar)?;
     bar.finish_and_clear();
-    let run_s = t_run.elapsed().as_secs_f64();
-    let tm = out.timings;
-    printer.verbose(format!(
-        "timings: text {:.2} s, vae encode {:.2} s, denoise {:.2} s ({} unet calls, {:.2} s each), vae decode {:.2} s",
-        tm.text, tm.vae_encode, tm.denoise, tm.unet_calls, tm.denoise / tm.unet_calls.max(1) as f64, tm.vae_decode
-    ));
-
-    let img = image_io::to_rgb8(&out.image)?;
-    let parameters = format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, Denoising strength: {}, Model: {}",
-        s.prompt, s.negative_prompt, s.steps, s.sampler, if s.karras { " Karras" } else { "" }, s.guidance, s.seed, w, h, s.strength, model_name
-    );
-    let source = s.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let provenance = vec![
-        ("parameters".to_string(), parameters.clone()),
-        ("Software".to_string(), format!("ghiblify {}", env!("CARGO_PKG_VERSION"))),
-        ("Source".to_string(), format!("AI-generated: latent-diffusion img2img of '{source}'")),
-        (
-            "DigitalSourceType".to_string(),
-            "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia".to_string(),
-        ),
-    ];
-    image_io::save(&img, &s.output, &provenance)?;
     if let Some(path) = &s.trace {
+        let model = engine.model.as_ref().map(|m| m.1.clone()).unwrap_or_default();
         let meta: BTreeMap<String, String> = [
             ("prompt", s.prompt.clone()),
             ("negative_prompt", s.negative_prompt.clone()),
@@ -102,18 +153,116 @@ pub fn run(s: &Settings) -> Result<()> {
             ("seed", s.seed.to_string()),
             ("sampler", s.sampler.to_string()),
             ("karras", s.karras.to_string()),
-            ("model", model_name.clone()),
+            ("model", model),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         trace.save(path, &meta)?;
     }
-    printer.info(format!(
-        "wrote {} ({w}x{h}, {} steps in {run_s:.1} s, total {:.1} s)",
-        s.output.display(),
-        tm.unet_calls,
-        t0.elapsed().as_secs_f64()
-    ));
-    Ok(())
+    let mut report = Report::create(s.report.as_deref())?;
+    report.write(&ReportLine {
+        input: &input.to_string_lossy(),
+        output: &output.to_string_lossy(),
+        status: "ok",
+        error: None,
+        seed: s.seed,
+        width: Some(w),
+        height: Some(h),
+        seconds: t0.elapsed().as_secs_f64(),
+    })?;
+    printer.info(format!("wrote {} ({w}x{h}) in {:.1} s", output.display(), t0.elapsed().as_secs_f64()));
+    Ok(Outcome { done: 1, ..Default::default() })
+}
+
+fn extension(format: OutputFormat) -> &'static str {
+    match format {
+        OutputFormat::Png => "png",
+        OutputFormat::Jpeg => "jpg",
+        OutputFormat::WebP => "webp",
+    }
+}
+
+fn canonical(p: &Path) -> Option<PathBuf> {
+    p.canonicalize().ok()
+}
+
+fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
+    let printer = Printer::new(s.verbosity);
+    let t0 = Instant::now();
+    let mut jobs: Vec<Job> = batch::collect(&b.inputs, b.recursive)?;
+    if let Some((k, n)) = b.shard {
+        jobs.retain(|j| batch::in_shard(&j.rel, k, n));
+        printer.verbose(format!("shard {k}/{n}: {} inputs", jobs.len()));
+    }
+    if !s.seed_was_given {
+        printer.info(format!("base seed {} (pass --seed {} to repeat these pictures)", s.seed, s.seed));
+    }
+    std::fs::create_dir_all(&b.out_dir).map_err(|e| Error::io(&b.out_dir, e))?;
+    let inputs: HashMap<PathBuf, ()> = jobs.iter().filter_map(|j| canonical(&j.input)).map(|c| (c, ())).collect();
+    let mut report = Report::create(s.report.as_deref())?;
+    let mut engine = Engine { s, printer, model: None };
+    let mut outcome = Outcome::default();
+    let mut claimed: HashMap<PathBuf, PathBuf> = HashMap::new();
+    let (overall, steps) = printer.batch_bars(jobs.len());
+    for job in &jobs {
+        let started = Instant::now();
+        let output = b.out_dir.join(&job.rel).with_extension(extension(b.format));
+        let seed = batch::file_seed(s.seed, &job.rel);
+        printer.verbose(format!("{}: seed {seed}", job.input.display()));
+        let result: Result<Option<(u32, u32)>> = (|| {
+            if let Some(first) = claimed.get(&output) {
+                return Err(Error::Argument(format!("output '{}' is also the output of '{}'", output.display(), first.display())));
+            }
+            claimed.insert(output.clone(), job.input.clone());
+            if canonical(&output).is_some_and(|c| inputs.contains_key(&c)) {
+                return Err(Error::Argument(format!("output '{}' is an input; refusing to overwrite it", output.display())));
+            }
+            if output.exists() && !b.overwrite {
+                return Ok(None);
+            }
+            let photo = image_io::load_rgb(&job.input)?;
+            if let Some(dir) = output.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            engine.convert(photo, &job.input, &output, b.format, seed, &mut Trace::disabled(), &steps).map(Some)
+        })();
+        let (status, error, size) = match result {
+            Ok(Some(size)) => {
+                outcome.done += 1;
+                ("ok", None, Some(size))
+            }
+            Ok(None) => {
+                outcome.skipped += 1;
+                ("skipped", None, None)
+            }
+            Err(e) => {
+                // A model that cannot be loaded stops the whole run: nothing else could succeed.
+                if engine.model.is_none() && matches!(e, Error::Model { .. } | Error::Config { .. } | Error::Weights { .. } | Error::Tokenizer { .. } | Error::Hub(_)) {
+                    return Err(e);
+                }
+                outcome.failed += 1;
+                let msg = format!("{:#}", anyhow::Error::from(e));
+                overall.suspend(|| eprintln!("{}: {msg}", job.input.display()));
+                ("failed", Some(msg), None)
+            }
+        };
+        report.write(&ReportLine {
+            input: &job.input.to_string_lossy(),
+            output: &output.to_string_lossy(),
+            status,
+            error,
+            seed,
+            width: size.map(|s| s.0),
+            height: size.map(|s| s.1),
+            seconds: started.elapsed().as_secs_f64(),
+        })?;
+        overall.inc(1);
+    }
+    steps.finish_and_clear();
+    overall.finish_and_clear();
+    let total = t0.elapsed().as_secs_f64();
+    let per = if outcome.done > 0 { format!(", {:.2} s per image", total / outcome.done as f64) } else { String::new() };
+    printer.info(format!("done {}, skipped {}, failed {} in {total:.1} s{per}", outcome.done, outcome.skipped, outcome.failed));
+    Ok(outcome)
 }

@@ -1,7 +1,7 @@
 //! Command-line arguments → validated settings (ripgrep's LowArgs → HiArgs): every check on
 //! user input lives here and fails with a one-line message naming the flag and the value.
 
-use crate::cli::{Args, DTypeArg, DeviceArg};
+use crate::cli::{Args, DTypeArg, DeviceArg, FormatArg};
 use crate::error::{Error, Result};
 use crate::image_io::OutputFormat;
 use crate::printer::Verbosity;
@@ -16,10 +16,28 @@ pub enum ModelSource {
     Hub { repo_id: String, revision: Option<String> },
 }
 
+/// One photo to one file, or a batch into a folder.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Single { input: PathBuf, output: PathBuf },
+    Batch(Batch),
+}
+
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub inputs: Vec<PathBuf>,
+    pub out_dir: PathBuf,
+    pub format: OutputFormat,
+    pub recursive: bool,
+    pub overwrite: bool,
+    pub shard: Option<(usize, usize)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub input: PathBuf,
-    pub output: PathBuf,
+    pub mode: Mode,
+    pub report: Option<PathBuf>,
+    pub metadata: bool,
     pub prompt: String,
     pub negative_prompt: String,
     pub strength: f64,
@@ -55,30 +73,73 @@ fn canonical_target(p: &Path) -> Option<PathBuf> {
 
 impl Settings {
     pub fn from_args(a: Args) -> Result<Self> {
-        if !a.input.exists() {
-            return Err(arg(format!("input '{}': no such file", a.input.display())));
-        }
-        if !a.input.is_file() {
-            return Err(arg(format!("input '{}': not a file", a.input.display())));
-        }
-        if OutputFormat::from_path(&a.output).is_none() {
-            return Err(arg(format!(
-                "-o '{}': unknown output extension (use .png, .jpg, .jpeg or .webp)",
-                a.output.display()
-            )));
-        }
-        let out_dir = match a.output.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
+        let single = a.inputs.len() == 1
+            && a.inputs[0].as_os_str() != "-"
+            && !a.inputs[0].is_dir()
+            && !a.output.is_dir()
+            && OutputFormat::from_path(&a.output).is_some();
+        let mode = if single {
+            let input = a.inputs[0].clone();
+            if !input.exists() {
+                return Err(arg(format!("input '{}': no such file", input.display())));
+            }
+            if !input.is_file() {
+                return Err(arg(format!("input '{}': not a file", input.display())));
+            }
+            let out_dir = match a.output.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !out_dir.is_dir() {
+                return Err(arg(format!("-o '{}': folder '{}' does not exist", a.output.display(), out_dir.display())));
+            }
+            if canonical_target(&a.output).is_some() && canonical_target(&a.output) == canonical_target(&input) {
+                return Err(arg(format!("-o '{}' is the input file; refusing to overwrite it", a.output.display())));
+            }
+            if let Some(t) = &a.trace {
+                if canonical_target(t).is_some() && canonical_target(t) == canonical_target(&input) {
+                    return Err(arg(format!("--trace '{}' is the input file", t.display())));
+                }
+            }
+            Mode::Single { input, output: a.output.clone() }
+        } else {
+            if a.inputs.len() == 1 && !a.inputs[0].exists() && a.inputs[0].as_os_str() != "-" {
+                return Err(arg(format!("input '{}': no such file", a.inputs[0].display())));
+            }
+            if a.inputs.len() == 1 && a.inputs[0].is_file() && !a.output.is_dir() {
+                return Err(arg(format!(
+                    "-o '{}': unknown output extension (use .png, .jpg, .jpeg or .webp, or an existing folder)",
+                    a.output.display()
+                )));
+            }
+            if a.output.exists() && !a.output.is_dir() {
+                return Err(arg(format!("-o '{}': several inputs need an output folder, and this is a file", a.output.display())));
+            }
+            if a.trace.is_some() {
+                return Err(arg("--trace works with one input file and one output file".into()));
+            }
+            for i in &a.inputs {
+                if i.as_os_str() != "-" && !i.exists() {
+                    return Err(arg(format!("input '{}': no such file or folder", i.display())));
+                }
+            }
+            Mode::Batch(Batch {
+                inputs: a.inputs.clone(),
+                out_dir: a.output.clone(),
+                format: match a.format {
+                    FormatArg::Png => OutputFormat::Png,
+                    FormatArg::Jpg => OutputFormat::Jpeg,
+                    FormatArg::Webp => OutputFormat::WebP,
+                },
+                recursive: !a.no_recursive,
+                overwrite: a.overwrite,
+                shard: a.shard.as_deref().map(crate::batch::parse_shard).transpose()?,
+            })
         };
-        if !out_dir.is_dir() {
-            return Err(arg(format!("-o '{}': folder '{}' does not exist", a.output.display(), out_dir.display())));
-        }
-        if a.output.is_dir() {
-            return Err(arg(format!("-o '{}': is a folder, expected a file name", a.output.display())));
-        }
-        if canonical_target(&a.output).is_some() && canonical_target(&a.output) == canonical_target(&a.input) {
-            return Err(arg(format!("-o '{}' is the input file; refusing to overwrite it", a.output.display())));
+        if let Some(r) = &a.report {
+            if a.inputs.iter().any(|i| canonical_target(i).is_some() && canonical_target(i) == canonical_target(r)) {
+                return Err(arg(format!("--report '{}' is an input file", r.display())));
+            }
         }
         if !a.strength.is_finite() || !(0.0..=1.0).contains(&a.strength) {
             return Err(arg(format!("--strength must be within [0.0, 1.0], got {}", a.strength)));
@@ -96,11 +157,6 @@ impl Settings {
         if let Some(s) = a.size {
             if !(64..=8192).contains(&s) {
                 return Err(arg(format!("--size must be within [64, 8192], got {s}")));
-            }
-        }
-        if let Some(t) = &a.trace {
-            if canonical_target(t).is_some() && canonical_target(t) == canonical_target(&a.input) {
-                return Err(arg(format!("--trace '{}' is the input file", t.display())));
             }
         }
         let model = match (a.model_dir, a.model) {
@@ -143,8 +199,9 @@ impl Settings {
             Verbosity::Normal
         };
         Ok(Self {
-            input: a.input,
-            output: a.output,
+            mode,
+            report: a.report,
+            metadata: !a.no_metadata,
             prompt: a.prompt,
             negative_prompt: a.negative_prompt,
             strength: a.strength,
