@@ -28,6 +28,18 @@ impl OutputFormat {
     }
 }
 
+/// Whether the JPEG ends with its EOI marker (FF D9), allowing some trailing padding.
+fn jpeg_has_end_marker(path: &Path) -> Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let tail = len.min(4096);
+    f.seek(SeekFrom::Start(len - tail)).map_err(|e| Error::io(path, e))?;
+    let mut buf = Vec::with_capacity(tail as usize);
+    f.read_to_end(&mut buf).map_err(|e| Error::io(path, e))?;
+    Ok(buf.windows(2).any(|w| w == [0xFF, 0xD9]))
+}
+
 /// The largest side we decode.
 pub const MAX_SIDE: u32 = 16384;
 /// The most memory one decode may take.
@@ -40,6 +52,10 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let mut reader = reader.with_guessed_format().map_err(|e| Error::io(path, e))?;
     if reader.format().is_none() {
         return Err(Error::image(path, "not a recognised image file"));
+    }
+    // The JPEG decoder fills a cut-off file with grey instead of failing: look for the end marker.
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_has_end_marker(path)? {
+        return Err(Error::image(path, "truncated JPEG (no end-of-image marker)"));
     }
     // A photo is resized to ~512 px anyway; refuse what would take gigabytes to decode instead of
     // being killed for memory (a 20000x20000 RGBA image is 1.6 GB).

@@ -26,6 +26,8 @@ struct Engine<'a> {
     s: &'a Settings,
     printer: Printer,
     model: Option<(StableDiffusion, String)>,
+    /// The per-image step bar.
+    bar: indicatif::ProgressBar,
 }
 
 impl Engine<'_> {
@@ -55,9 +57,10 @@ impl Engine<'_> {
     }
 
     /// Converts one decoded photo and writes `output`; returns the working size.
-    fn convert(&mut self, photo: image::RgbImage, source: &Path, output: &Path, format: OutputFormat, seed: u64, trace: &mut Trace, bar: &indicatif::ProgressBar) -> Result<(u32, u32)> {
+    fn convert(&mut self, photo: image::RgbImage, source: &Path, output: &Path, format: OutputFormat, seed: u64, trace: &mut Trace) -> Result<(u32, u32)> {
         let s = self.s;
         let printer = self.printer;
+        let bar = self.bar.clone();
         let (model, name) = self.model()?;
         let f = model.vae_scale_factor() as u32;
         let size = s.size.unwrap_or(model.native_size() as u32);
@@ -137,11 +140,10 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     if !s.seed_was_given {
         printer.info(format!("seed {} (pass --seed {} to repeat this picture)", s.seed, s.seed));
     }
-    let mut engine = Engine { s, printer, model: None };
+    let mut engine = Engine { s, printer, model: None, bar: printer.steps_bar(0) };
     let mut trace = if s.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
-    let bar = printer.steps_bar(0);
-    let (w, h) = engine.convert(photo, input, output, format, s.seed, &mut trace, &bar)?;
-    bar.finish_and_clear();
+    let (w, h) = engine.convert(photo, input, output, format, s.seed, &mut trace)?;
+    engine.bar.finish_and_clear();
     if let Some(path) = &s.trace {
         let model = engine.model.as_ref().map(|m| m.1.clone()).unwrap_or_default();
         let meta: BTreeMap<String, String> = [
@@ -201,10 +203,10 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
     std::fs::create_dir_all(&b.out_dir).map_err(|e| Error::io(&b.out_dir, e))?;
     let inputs: HashMap<PathBuf, ()> = jobs.iter().filter_map(|j| canonical(&j.input)).map(|c| (c, ())).collect();
     let mut report = Report::create(s.report.as_deref())?;
-    let mut engine = Engine { s, printer, model: None };
+    let (overall, steps) = printer.batch_bars(jobs.len());
+    let mut engine = Engine { s, printer, model: None, bar: steps.clone() };
     let mut outcome = Outcome::default();
     let mut claimed: HashMap<PathBuf, PathBuf> = HashMap::new();
-    let (overall, steps) = printer.batch_bars(jobs.len());
     for job in &jobs {
         let started = Instant::now();
         let output = b.out_dir.join(&job.rel).with_extension(extension(b.format));
@@ -225,7 +227,7 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
             if let Some(dir) = output.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
-            engine.convert(photo, &job.input, &output, b.format, seed, &mut Trace::disabled(), &steps).map(Some)
+            engine.convert(photo, &job.input, &output, b.format, seed, &mut Trace::disabled()).map(Some)
         })();
         let (status, error, size) = match result {
             Ok(Some(size)) => {

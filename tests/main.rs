@@ -1,6 +1,7 @@
 //! The integration suite: one binary, one module per area. Fixtures (tiny random-weight models in
 //! the diffusers layout and diffusers' recorded runs) are made by `fixtures/generate.py`.
 
+mod batch;
 mod cli;
 mod common;
 mod loading;
