@@ -299,13 +299,15 @@ fn xmp_packet(provenance: &[(String, String)]) -> String {
     xmp:CreatorTool=\"{}\">\n\
    <dc:description><rdf:Alt><rdf:li xml:lang=\"x-default\">{}</rdf:li></rdf:Alt></dc:description>\n\
    <dc:source>{}</dc:source>\n\
+   <dc:rights><rdf:Alt><rdf:li xml:lang=\"x-default\">{}</rdf:li></rdf:Alt></dc:rights>\n\
   </rdf:Description>\n\
  </rdf:RDF>\n\
 </x:xmpmeta>\n\
 <?xpacket end=\"r\"?>",
         get("Software"),
         get("Source"),
-        get("Model")
+        get("Model"),
+        get("License")
     )
 }
 

@@ -77,6 +77,24 @@ impl Trace {
     }
 }
 
+/// `license:` in the front matter of a model folder's README.md (hub model cards have it).
+pub fn model_card_license(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("README.md")).ok()?;
+    let front = text.strip_prefix("---")?.split("\n---").next()?;
+    front.lines().find_map(|l| l.strip_prefix("license:").map(|v| v.trim().trim_matches('"').to_string())).filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn licence_from_the_model_card() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(super::model_card_license(d.path()), None);
+        std::fs::write(d.path().join("README.md"), "---\nlanguage: en\nlicense: creativeml-openrail-m\ntags:\n- x\n---\n# Card\nlicense: not this\n").unwrap();
+        assert_eq!(super::model_card_license(d.path()).as_deref(), Some("creativeml-openrail-m"));
+    }
+}
+
 /// Passes draws through and keeps them, so a step's noise can be traced as `stepNN_noise`.
 struct RecordingNoise<'a> {
     inner: &'a mut dyn NoiseSource,
@@ -94,6 +112,8 @@ impl NoiseSource for RecordingNoise<'_> {
 /// The loaded model: tokenizer, text encoder, VAE, UNet and the scheduler config.
 pub struct StableDiffusion {
     pub dir: PathBuf,
+    /// The UNet weight files (for the provenance's model hash).
+    pub unet_weights: Vec<PathBuf>,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextEncoder,
     pub vae: Vae,
@@ -161,7 +181,30 @@ impl StableDiffusion {
                 format!("'in_channels' {} does not match the VAE's latent_channels {}", unet.config.in_channels, vae.config.latent_channels),
             ));
         }
-        Ok(Self { dir: dir.to_path_buf(), tokenizer, text_encoder, vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype })
+        Ok(Self { dir: dir.to_path_buf(), unet_weights: unet_f.weights.clone(), tokenizer, text_encoder, vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype })
+    }
+
+    /// A short hash naming the weights, as A1111's "Model hash" does (first 10 hex digits of a
+    /// sha256): of the UNet weights file — free when it is a hub-cache blob, whose name is its
+    /// sha256, else hashed once (~2 s for SD1.5's 3.4 GB).
+    pub fn model_hash(&self) -> Option<String> {
+        let file = self.unet_weights.first()?;
+        if let Ok(target) = std::fs::read_link(file) {
+            let name = target.file_name()?.to_str()?.to_string();
+            if name.len() == 64 && name.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Some(name[..10].to_string());
+            }
+        }
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let mut f = std::fs::File::open(file).ok()?;
+        std::io::copy(&mut f, &mut h).ok()?;
+        Some(format!("{:x}", h.finalize())[..10].to_string())
+    }
+
+    /// The model's licence as its model card states it.
+    pub fn license(&self) -> Option<String> {
+        model_card_license(&self.dir)
     }
 
     /// Pixels per latent pixel.

@@ -21,17 +21,20 @@ pub struct Outcome {
     pub failed: usize,
 }
 
+type ModelInfo = (Option<String>, Option<String>);
+
 /// The model, loaded on first use.
 struct Engine<'a> {
     s: &'a Settings,
     printer: Printer,
-    model: Option<(StableDiffusion, String)>,
+    /// The model, its name, and (model hash, licence) for the provenance, all computed once.
+    model: Option<(StableDiffusion, String, ModelInfo)>,
     /// The per-image step bar.
     bar: indicatif::ProgressBar,
 }
 
 impl Engine<'_> {
-    fn model(&mut self) -> Result<&(StableDiffusion, String)> {
+    fn model(&mut self) -> Result<&(StableDiffusion, String, ModelInfo)> {
         if self.model.is_none() {
             let device = self.s.resolve_device()?;
             let dtype: DType = self.s.resolve_dtype(&device)?;
@@ -51,7 +54,12 @@ impl Engine<'_> {
             if overflow > 0 {
                 self.printer.warn(format!("--prompt is {overflow} tokens longer than the text encoder reads; the end was cut"));
             }
-            self.model = Some((model, name));
+            let hash = if self.s.metadata { model.model_hash() } else { None };
+            let license = model.license().or_else(|| match &self.s.model {
+                ModelSource::Hub { repo_id, .. } if *repo_id == crate::hub::default_preset().repo => Some(crate::hub::default_preset().license),
+                _ => None,
+            });
+            self.model = Some((model, name, (hash, license)));
         }
         Ok(self.model.as_ref().expect("loaded above"))
     }
@@ -61,7 +69,7 @@ impl Engine<'_> {
         let s = self.s;
         let printer = self.printer;
         let bar = self.bar.clone();
-        let (model, name) = self.model()?;
+        let (model, name, info) = self.model()?;
         let f = model.vae_scale_factor() as u32;
         let size = s.size.unwrap_or(model.native_size() as u32);
         let (w, h) = image_io::working_size(photo.width(), photo.height(), size, f);
@@ -90,7 +98,7 @@ impl Engine<'_> {
             tm.text, tm.vae_encode, tm.denoise, tm.unet_calls, tm.denoise / tm.unet_calls.max(1) as f64, tm.vae_decode
         ));
         let img = image_io::to_rgb8(&out.image)?;
-        let provenance = if s.metadata { provenance(s, name, source, seed, w, h) } else { Vec::new() };
+        let provenance = if s.metadata { provenance(s, name, info, source, seed, w, h) } else { Vec::new() };
         image_io::save_as(&img, output, format, &provenance)?;
         Ok((w, h))
     }
@@ -98,10 +106,10 @@ impl Engine<'_> {
 
 /// The provenance written into every output (see README): A1111 `parameters`, software, source,
 /// and the IPTC digital source type of a photo transformed by a generative model.
-fn provenance(s: &Settings, model: &str, source: &Path, seed: u64, w: u32, h: u32) -> Vec<(String, String)> {
+fn provenance(s: &Settings, model: &str, info: &ModelInfo, source: &Path, seed: u64, w: u32, h: u32) -> Vec<(String, String)> {
     let version = format!("ghiblify {}", env!("CARGO_PKG_VERSION"));
     let parameters = format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Denoising strength: {}, Version: {}",
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, {}Model: {}, Denoising strength: {}, Version: {}",
         s.prompt,
         s.negative_prompt,
         s.steps,
@@ -111,6 +119,7 @@ fn provenance(s: &Settings, model: &str, source: &Path, seed: u64, w: u32, h: u3
         seed,
         w,
         h,
+        info.0.as_ref().map(|h| format!("Model hash: {h}, ")).unwrap_or_default(),
         model,
         s.strength,
         version
@@ -121,6 +130,7 @@ fn provenance(s: &Settings, model: &str, source: &Path, seed: u64, w: u32, h: u3
         ("Software".to_string(), version),
         ("Source".to_string(), format!("AI-generated: latent-diffusion img2img of '{name}'")),
         ("Model".to_string(), model.to_string()),
+        ("License".to_string(), format!("model licence: {}", info.1.as_deref().unwrap_or("unknown (see the model card)"))),
     ]
 }
 

@@ -270,6 +270,8 @@ fn paths_from_stdin_and_outputs_with_provenance() {
     let info = reader.info();
     let params = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").expect("tEXt parameters");
     assert!(params.text.contains("Negative prompt: ") && params.text.contains("Version: ghiblify "), "{}", params.text);
+    let hash = params.text.split("Model hash: ").nth(1).expect("Model hash").split(',').next().unwrap();
+    assert!(hash.len() == 10 && hash.chars().all(|c| c.is_ascii_hexdigit()), "{hash}");
     let xmp = info.utf8_text.iter().find(|t| t.keyword == "XML:com.adobe.xmp").expect("XMP iTXt");
     assert!(xmp.get_text().unwrap().contains("Iptc4xmpExt:DigitalSourceType"));
     // --no-metadata: none of it.
@@ -353,4 +355,22 @@ proptest::proptest! {
         std::fs::write(&path, &bytes).unwrap();
         let _ = ghiblify::image_io::load_rgb(&path);
     }
+}
+
+#[test]
+fn outputs_that_would_overwrite_inputs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = std::fs::read(fixtures().join("photo-64x48.png")).unwrap();
+    write(&tmp.path().join("in/p.png"), &png);
+    write(&tmp.path().join("in/-dash.png"), &png);
+    // Output folder = input folder, same format: every output would be its input.
+    let o = ghiblify(tmp.path()).args(["in", "-o", "in"]).output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("in/p.png: ") && err.contains("is an input"), "{err}");
+    assert_eq!(std::fs::read(tmp.path().join("in/p.png")).unwrap(), png, "input untouched");
+    // A file whose name starts with a dash, after --.
+    let o = ghiblify(tmp.path()).args(["-o", "dash-out.png", "--", "in/-dash.png"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(tmp.path().join("dash-out.png").exists());
 }
