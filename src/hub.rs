@@ -1,6 +1,7 @@
 //! Model files from the Hugging Face hub, through hf-hub, into the standard cache shared with
 //! Python tools (`HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN` are honoured by hf-hub).
-//! Verified, resumable downloads and presets-as-data are a later issue; this is the working path.
+//! Verified, resumable downloads, offline mode and the full set of presets are a later issue; this
+//! is the working path for the default model.
 
 use crate::error::{Error, Result};
 use crate::printer::Printer;

@@ -352,14 +352,6 @@ fn webp_with_xmp(mut webp: Vec<u8>, xmp: &str) -> Vec<u8> {
     webp
 }
 
-/// Saves `img` in the format its extension names (see [`save_as`]).
-pub fn save(img: &RgbImage, path: &Path, provenance: &[(String, String)]) -> Result<()> {
-    let format = OutputFormat::from_path(path).ok_or_else(|| {
-        Error::Argument(format!("-o '{}': unknown output extension (use .png, .jpg, .jpeg or .webp)", path.display()))
-    })?;
-    save_as(img, path, format, provenance)
-}
-
 /// Saves `img` atomically with the provenance (none when `provenance` is empty): PNG as text chunks
 /// (`parameters` in the A1111 form — tEXt when Latin-1, else iTXt —, `Software`, `Source`, `Model`)
 /// plus the XMP packet; JPEG as EXIF (see [`exif_block`]) plus an XMP APP1 segment; WebP as EXIF plus
