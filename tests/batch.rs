@@ -290,7 +290,13 @@ fn a_killed_run_leaves_no_partial_file_and_resumes() {
     }
     let mut child = ghiblify(tmp.path()).args(["in", "-o", "out", "--steps", "30", "--strength", "1"]).spawn().unwrap();
     let start = Instant::now();
-    while std::fs::read_dir(tmp.path().join("out")).map(|d| d.count()).unwrap_or(0) < 2 && start.elapsed() < Duration::from_secs(60) {
+    // Wait for two finished outputs (not temp files), then kill during the third image's compute.
+    let finished = || {
+        std::fs::read_dir(tmp.path().join("out"))
+            .map(|d| d.filter_map(|e| e.ok()).filter(|e| !ghiblify::batch::is_temp_name(&e.path())).count())
+            .unwrap_or(0)
+    };
+    while finished() < 2 && start.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
