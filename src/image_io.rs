@@ -17,6 +17,15 @@ pub enum OutputFormat {
 }
 
 impl OutputFormat {
+    /// The file extension batch outputs get.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpg",
+            Self::WebP => "webp",
+        }
+    }
+
     pub fn from_path(path: &Path) -> Option<Self> {
         let ext = path.extension()?.to_str()?.to_ascii_lowercase();
         match ext.as_str() {
@@ -38,6 +47,17 @@ fn jpeg_has_end_marker(path: &Path) -> Result<bool> {
     let mut buf = Vec::with_capacity(tail as usize);
     f.read_to_end(&mut buf).map_err(|e| Error::io(path, e))?;
     Ok(buf.windows(2).any(|w| w == [0xFF, 0xD9]))
+}
+
+/// A decoding error, with the size limits spelled out when they were hit.
+fn decode_error(path: &Path, e: image::ImageError) -> Error {
+    match e {
+        image::ImageError::Limits(_) => Error::image(
+            path,
+            format!("image is larger than {MAX_SIDE} px on a side or {} MiB decoded; downscale it first", MAX_DECODE_BYTES >> 20),
+        ),
+        e => Error::image(path, e),
+    }
 }
 
 /// The largest side we decode.
@@ -64,15 +84,9 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| match e {
-        image::ImageError::Limits(_) => Error::image(path, format!("image is larger than {MAX_SIDE} px on a side or {} MiB decoded; downscale it first", MAX_DECODE_BYTES >> 20)),
-        e => Error::image(path, e),
-    })?;
+    let mut decoder = reader.into_decoder().map_err(|e| decode_error(path, e))?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| match e {
-        image::ImageError::Limits(_) => Error::image(path, format!("image is larger than {MAX_SIDE} px on a side or {} MiB decoded; downscale it first", MAX_DECODE_BYTES >> 20)),
-        e => Error::image(path, e),
-    })?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(path, e))?;
     img.apply_orientation(orientation);
     if img.width() == 0 || img.height() == 0 {
         return Err(Error::image(path, "image has no pixels"));

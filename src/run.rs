@@ -9,7 +9,7 @@ use crate::pipeline::{Img2ImgParams, StableDiffusion, Trace};
 use crate::printer::Printer;
 use crate::settings::{Batch, Mode, ModelSource, Settings};
 use candle_core::DType;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -187,14 +187,6 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     Ok(Outcome { done: 1, ..Default::default() })
 }
 
-fn extension(format: OutputFormat) -> &'static str {
-    match format {
-        OutputFormat::Png => "png",
-        OutputFormat::Jpeg => "jpg",
-        OutputFormat::WebP => "webp",
-    }
-}
-
 fn canonical(p: &Path) -> Option<PathBuf> {
     p.canonicalize().ok()
 }
@@ -211,7 +203,7 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
         printer.info(format!("base seed {} (pass --seed {} to repeat these pictures)", s.seed, s.seed));
     }
     std::fs::create_dir_all(&b.out_dir).map_err(|e| Error::io(&b.out_dir, e))?;
-    let inputs: HashMap<PathBuf, ()> = jobs.iter().filter_map(|j| canonical(&j.input)).map(|c| (c, ())).collect();
+    let inputs: HashSet<PathBuf> = jobs.iter().filter_map(|j| canonical(&j.input)).collect();
     let mut report = Report::create(s.report.as_deref())?;
     let (overall, steps) = printer.batch_bars(jobs.len());
     let mut engine = Engine { s, printer, model: None, bar: steps.clone() };
@@ -219,7 +211,7 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
     let mut claimed: HashMap<PathBuf, PathBuf> = HashMap::new();
     for job in &jobs {
         let started = Instant::now();
-        let output = b.out_dir.join(&job.rel).with_extension(extension(b.format));
+        let output = b.out_dir.join(&job.rel).with_extension(b.format.extension());
         let seed = batch::file_seed(s.seed, &job.rel);
         printer.verbose(format!("{}: seed {seed}", job.input.display()));
         let result: Result<Option<(u32, u32)>> = (|| {
@@ -227,7 +219,7 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
                 return Err(Error::Argument(format!("output '{}' is also the output of '{}'", output.display(), first.display())));
             }
             claimed.insert(output.clone(), job.input.clone());
-            if canonical(&output).is_some_and(|c| inputs.contains_key(&c)) {
+            if canonical(&output).is_some_and(|c| inputs.contains(&c)) {
                 return Err(Error::Argument(format!("output '{}' is an input; refusing to overwrite it", output.display())));
             }
             if output.exists() && !b.overwrite {

@@ -71,6 +71,14 @@ fn canonical_target(p: &Path) -> Option<PathBuf> {
     Some(parent.canonicalize().ok()?.join(p.file_name()?))
 }
 
+/// Whether two paths (the second may not exist yet) name the same file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (canonical_target(a), canonical_target(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
 impl Settings {
     pub fn from_args(a: Args) -> Result<Self> {
         let single = a.inputs.len() == 1
@@ -93,11 +101,11 @@ impl Settings {
             if !out_dir.is_dir() {
                 return Err(arg(format!("-o '{}': folder '{}' does not exist", a.output.display(), out_dir.display())));
             }
-            if canonical_target(&a.output).is_some() && canonical_target(&a.output) == canonical_target(&input) {
+            if same_file(&a.output, &input) {
                 return Err(arg(format!("-o '{}' is the input file; refusing to overwrite it", a.output.display())));
             }
             if let Some(t) = &a.trace {
-                if canonical_target(t).is_some() && canonical_target(t) == canonical_target(&input) {
+                if same_file(t, &input) {
                     return Err(arg(format!("--trace '{}' is the input file", t.display())));
                 }
             }
@@ -137,7 +145,7 @@ impl Settings {
             })
         };
         if let Some(r) = &a.report {
-            if a.inputs.iter().any(|i| canonical_target(i).is_some() && canonical_target(i) == canonical_target(r)) {
+            if a.inputs.iter().any(|i| same_file(i, r)) {
                 return Err(arg(format!("--report '{}' is an input file", r.display())));
             }
         }
