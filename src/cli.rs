@@ -4,16 +4,20 @@
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 
-pub const DEFAULT_PROMPT: &str =
-    "ghibli style, hand-painted anime illustration, soft warm light, lush colors, detailed background";
-pub const DEFAULT_NEGATIVE: &str =
-    "photo, photorealistic, 3d render, blurry, lowres, jpeg artifacts, deformed, ugly, watermark, text, signature";
-
 const AFTER_HELP: &str = "\
 Examples:
   ghiblify photo.jpg -o photo-ghibli.png
   ghiblify photo.jpg -o out.png --strength 0.45 --seed 7 --steps 30
   ghiblify photo.jpg -o out.png --model-dir ./my-sd15-diffusers-folder
+  ghiblify --list-models
+  ghiblify --download-only --model ghibli-diffusion     # then copy the HF cache to offline nodes
+
+Models: --model takes a preset name, or any hub repo in the diffusers layout (REPO_ID[@REVISION]);
+files go to the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)
+shared with Python tools, are verified against the hub's sha256/ETag, and a cut download resumes
+on the next run. HF_ENDPOINT picks another hub, HF_TOKEN authenticates (private/gated repos).
+With --offline or HF_HUB_OFFLINE=1 only the cache is used; when the hub is unreachable a complete
+cache is used with a warning.
 
 Trace (--trace FILE): a safetensors file with the run's intermediates, to compare against other
 implementations: posterior_eps and noise (the two Gaussian draws, shape (1, C, h, w), in that
@@ -97,13 +101,13 @@ impl From<SamplerArg> for crate::samplers::SamplerKind {
 pub struct Args {
     /// Photos to convert (PNG, JPEG, WebP, ...; EXIF orientation is applied), folders (walked for
     /// image files, by content), or - to read paths from stdin, one per line
-    #[arg(required = true, value_name = "INPUT")]
+    #[arg(required_unless_present_any = ["list_models", "download_only"], value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
 
     /// One input: the output file, format from its extension (.png, .jpg, .jpeg, .webp).
     /// Several inputs, a folder or -: the output folder (created if needed)
-    #[arg(short, long, value_name = "FILE|DIR")]
-    pub output: PathBuf,
+    #[arg(short, long, value_name = "FILE|DIR", required_unless_present_any = ["list_models", "download_only"])]
+    pub output: Option<PathBuf>,
 
     /// Batch output format
     #[arg(long, value_enum, default_value_t = FormatArg::Png)]
@@ -130,25 +134,29 @@ pub struct Args {
     #[arg(long)]
     pub no_metadata: bool,
 
-    /// What the picture should look like; include the model's trigger words ("ghibli style")
-    #[arg(long, default_value = DEFAULT_PROMPT)]
-    pub prompt: String,
+    /// What the picture should look like; include the model's trigger words ("ghibli style").
+    /// Default: the preset's (see --list-models), for other models: "ghibli style, hand-painted anime ..."
+    #[arg(long)]
+    pub prompt: Option<String>,
 
-    /// What to steer away from (used when --guidance > 1)
-    #[arg(long, default_value = DEFAULT_NEGATIVE)]
-    pub negative_prompt: String,
+    /// What to steer away from (used when --guidance > 1); default: the preset's
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
 
-    /// How much to repaint, 0..1: low keeps the photo, high keeps only its layout
-    #[arg(long, default_value_t = 0.55)]
-    pub strength: f64,
+    /// How much to repaint, 0..1: low keeps the photo, high keeps only its layout [default: the
+    /// preset's, 0.55]
+    #[arg(long)]
+    pub strength: Option<f64>,
 
-    /// Denoising steps at strength 1 (img2img runs int(steps x strength) of them)
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
+    /// Denoising steps at strength 1 (img2img runs int(steps x strength) of them) [default: the
+    /// preset's, 30]
+    #[arg(long)]
+    pub steps: Option<usize>,
 
     /// Classifier-free guidance scale; 1 or less disables guidance (one UNet pass per step)
-    #[arg(long, default_value_t = 7.0)]
-    pub guidance: f64,
+    /// [default: the preset's, 7]
+    #[arg(long)]
+    pub guidance: Option<f64>,
 
     /// Seed for all noise (same seed and settings give the same picture on the same device);
     /// random when omitted, and printed
@@ -156,8 +164,9 @@ pub struct Args {
     pub seed: Option<u64>,
 
     /// Sampler (each reproduces its diffusers scheduler class on the model's scheduler_config.json)
-    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
-    pub sampler: SamplerArg,
+    /// [default: the preset's, ddim]
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
 
     /// Karras sigma spacing (euler, heun, dpmpp-2m, dpmpp-2m-sde, unipc)
     #[arg(long)]
@@ -172,9 +181,22 @@ pub struct Args {
     #[arg(long, value_name = "DIR", conflicts_with = "model")]
     pub model_dir: Option<PathBuf>,
 
-    /// A hub repo in the diffusers layout, REPO_ID[@REVISION] (default nitrosocke/Ghibli-Diffusion)
-    #[arg(long, value_name = "REPO_ID")]
+    /// A preset (see --list-models; default ghibli-diffusion) or any diffusers-layout hub repo,
+    /// REPO_ID[@REVISION]; downloaded once into the Hugging Face cache (HF_HOME, HF_HUB_CACHE)
+    #[arg(long, value_name = "NAME|REPO_ID[@REV]")]
     pub model: Option<String>,
+
+    /// Use only the local Hugging Face cache, never the network (also HF_HUB_OFFLINE=1)
+    #[arg(long)]
+    pub offline: bool,
+
+    /// Fetch the model into the cache and exit (to prefetch for machines without internet)
+    #[arg(long, conflicts_with = "offline")]
+    pub download_only: bool,
+
+    /// Print the model presets with their size and licence, and exit
+    #[arg(long, exclusive = true)]
+    pub list_models: bool,
 
     /// Compute device
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]

@@ -1,110 +1,573 @@
-//! Model files from the Hugging Face hub, through hf-hub, into the standard cache shared with
-//! Python tools (`HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN` are honoured by hf-hub).
-//! Verified, resumable downloads, offline mode and the full set of presets are a later issue; this
-//! is the working path for the default model.
+//! Model files from the Hugging Face hub into the standard cache shared with Python tools, and
+//! the presets (`models/*.json`).
+//!
+//! hf-hub resolves the configuration (`HF_ENDPOINT`, `HF_HOME`, `HF_HUB_CACHE`) and answers
+//! cache-only lookups; the transfer itself is ours because hf-hub 1.0 neither verifies content
+//! nor resumes a cut download. It follows `huggingface_hub/file_download.py` (`hf_hub_download`):
+//! a HEAD on `resolve/<revision>/<file>` without following the CDN redirect gives the commit
+//! (`X-Repo-Commit`), the content id (`X-Linked-Etag` = sha256 for LFS files, `ETag` = git blob
+//! sha1 for small ones) and the size; the body goes to `blobs/<etag>.incomplete` (resumed with
+//! `Range`), is verified, renamed to `blobs/<etag>`, and linked from `snapshots/<commit>/<file>`,
+//! with `refs/<revision>` holding the commit. A file diffusers already put there is not fetched.
 
 use crate::error::{Error, Result};
 use crate::printer::Printer;
-use hf_hub::progress::{DownloadEvent, ProgressEvent, ProgressHandler};
+use reqwest::blocking::{Client, Response};
+use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, ETAG, LOCATION, RANGE};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use std::cell::RefCell;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::time::Duration;
 
-/// A model preset, kept as data in `models/*.json` and compiled in (so the binary needs no files
-/// beside it): the repo, the exact files an img2img run needs and nothing else, and its licence.
-#[derive(Debug, Clone, serde::Deserialize)]
+/// A model preset (`models/*.json`, compiled in so the binary needs no files beside it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Preset {
     pub name: String,
+    pub description: String,
     pub repo: String,
+    /// A commit to pin; `null` follows `main`.
     pub revision: Option<String>,
     pub family: String,
     pub license: String,
     pub license_url: String,
     pub trigger_words: Vec<String>,
+    /// Approximate download size, for `--list-models`.
+    pub download_size_mb: u64,
+    /// Exactly the files an img2img run reads (never a whole repo, never `.bin`/`.ckpt`).
     pub files: Vec<String>,
+    /// LoRAs merged into the model (`--lora` specs).
+    #[serde(default)]
+    pub loras: Vec<String>,
+    pub defaults: PresetDefaults,
 }
 
-const DEFAULT_PRESET_JSON: &str = include_str!("../models/ghibli-diffusion.json");
+/// Generation settings that suit a preset; each is overridden by its flag.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresetDefaults {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub strength: f64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub sampler: String,
+    #[serde(default)]
+    pub karras: bool,
+}
 
-/// The default model: nitrosocke/Ghibli-Diffusion, an SD1.5 fine-tune on Studio Ghibli frames.
+/// Every preset file; a unit test checks this list against the `models/` folder.
+const PRESETS: &[(&str, &str)] = &[
+    ("ghibli-diffusion.json", include_str!("../models/ghibli-diffusion.json")),
+    ("sd15.json", include_str!("../models/sd15.json")),
+];
+
+pub const DEFAULT_PRESET: &str = "ghibli-diffusion";
+
+pub fn presets() -> Vec<Preset> {
+    PRESETS
+        .iter()
+        .map(|(file, text)| serde_json::from_str(text).unwrap_or_else(|e| panic!("models/{file} is invalid: {e} (checked by a unit test)")))
+        .collect()
+}
+
+pub fn preset(name: &str) -> Option<Preset> {
+    presets().into_iter().find(|p| p.name == name)
+}
+
 pub fn default_preset() -> Preset {
-    serde_json::from_str(DEFAULT_PRESET_JSON).expect("models/ghibli-diffusion.json is valid (checked by a unit test)")
+    preset(DEFAULT_PRESET).expect("the default preset exists (checked by a unit test)")
 }
 
-struct BarHandler {
+/// `--list-models`: one line per preset.
+pub fn list_models() -> String {
+    let mut out = String::new();
+    for p in presets() {
+        let default = if p.name == DEFAULT_PRESET { " (default)" } else { "" };
+        out.push_str(&format!(
+            "{:<18} {:<44} {:>6.1} GB  {}  {}{default}\n",
+            p.name,
+            p.repo,
+            p.download_size_mb as f64 / 1000.0,
+            p.license,
+            p.description
+        ));
+    }
+    out
+}
+
+/// `HF_HUB_OFFLINE` as huggingface_hub reads it.
+pub fn offline_from_env() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+fn is_commit(rev: &str) -> bool {
+    rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Why a hub request did not give a file.
+enum Failure {
+    /// No answer (connection refused, DNS, timeout, 5xx): the cache may still serve.
+    Unreachable(String),
+    /// A definite answer (404, 401, bad content, disk error): report it.
+    Fatal(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Fatal(e)
+    }
+}
+
+/// What the HEAD request tells about one file.
+struct Meta {
+    commit: String,
+    etag: String,
+    size: Option<u64>,
+    /// Where the content is (the CDN for LFS files).
+    url: String,
+    /// Whether `url` is a redirect target (a signed CDN URL: it gets no token).
+    redirected: bool,
+}
+
+/// A hub session: the client configuration, the cache, and whether the network is usable.
+pub struct Hub {
+    endpoint: String,
+    token: Option<String>,
+    cache: PathBuf,
+    offline: bool,
+    /// Follows redirects (the content, from the CDN).
+    http: Client,
+    /// For the metadata HEAD, whose redirect is the answer.
+    no_redirect: Client,
+    client: hf_hub::HFClientSync,
     printer: Printer,
-    bar: Mutex<Option<indicatif::ProgressBar>>,
-    name: String,
+    /// Set after the first unanswered request: later files go to the cache at once.
+    unreachable: RefCell<Option<String>>,
+    /// Whether the "fetching …" line was printed.
+    announced: std::cell::Cell<bool>,
 }
 
-impl ProgressHandler for BarHandler {
-    fn on_progress(&self, event: &ProgressEvent) {
-        let ProgressEvent::Download(ev) = event else { return };
-        let mut bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
-        match ev {
-            DownloadEvent::Start { total_bytes, .. } => {
-                *bar = Some(self.printer.bytes_bar(*total_bytes, &self.name));
-            }
-            DownloadEvent::Progress { files } => {
-                if let (Some(b), Some(f)) = (bar.as_ref(), files.last()) {
-                    if f.total_bytes > 0 {
-                        b.set_length(f.total_bytes);
-                    }
-                    b.set_position(f.bytes_completed);
-                }
-            }
-            DownloadEvent::AggregateProgress { bytes_completed, total_bytes, .. } => {
-                if let Some(b) = bar.as_ref() {
-                    b.set_length(*total_bytes);
-                    b.set_position(*bytes_completed);
-                }
-            }
-            DownloadEvent::Complete => {
-                if let Some(b) = bar.take() {
-                    b.finish_and_clear();
-                }
-            }
+/// The token as huggingface_hub finds it: `HF_TOKEN`, else the file `huggingface-cli login` wrote.
+fn resolve_token() -> Option<String> {
+    if let Ok(t) = std::env::var("HF_TOKEN") {
+        if !t.trim().is_empty() {
+            return Some(t.trim().to_string());
         }
     }
+    let path = std::env::var_os("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| {
+        let home = std::env::var_os("HF_HOME").map(PathBuf::from).or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(|x| PathBuf::from(x).join("huggingface"))
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface")))
+        })?;
+        Some(home.join("token"))
+    })?;
+    std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }
 
-/// Downloads (or finds in the cache) `files` of `repo_id` and returns the local snapshot folder,
-/// a diffusers-layout model folder.
-pub fn fetch(repo_id: &str, revision: Option<&str>, files: &[String], printer: Printer) -> Result<PathBuf> {
-    let (owner, name) = repo_id
-        .split_once('/')
-        .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
-        .ok_or_else(|| Error::Argument(format!("--model '{repo_id}': expected a hub repo id like 'owner/name'")))?;
-    let client = hf_hub::HFClient::builder()
-        .retry_max_attempts(2)
-        .build_sync()
-        .map_err(|e| Error::Hub(format!("cannot set up the hub client: {e}")))?;
-    let repo = client.model(owner, name);
-    let mut root: Option<PathBuf> = None;
-    for file in files {
-        // Cache first: a file the user already has (from diffusers too) is not fetched again.
-        let cached = repo.download_file().filename(file.as_str()).maybe_revision(revision.map(String::from)).local_files_only(true).send();
-        let path = match cached {
-            Ok(p) => p,
-            Err(_) => {
-                printer.info(format!("downloading {repo_id}/{file}"));
-                let handler = BarHandler { printer, bar: Mutex::new(None), name: file.clone() };
-                repo.download_file()
-                    .filename(file.as_str())
-                    .maybe_revision(revision.map(String::from))
-                    .progress(hf_hub::progress::Progress::new(handler))
-                    .send()
-                    .map_err(|e| {
-                        Error::Hub(format!(
-                            "could not fetch '{file}' from hub repo '{repo_id}': {e}; download the model elsewhere and pass its folder with --model-dir DIR"
-                        ))
-                    })?
-            }
+impl Hub {
+    pub fn new(offline: bool, printer: Printer) -> Result<Self> {
+        let setup = |e: hf_hub::HFError| Error::Hub(format!("cannot set up the hub client (check HF_ENDPOINT): {e}"));
+        let inner = hf_hub::HFClient::builder().build().map_err(setup)?;
+        let endpoint = inner.endpoint().trim_end_matches('/').to_string();
+        let cache = inner.cache_dir().to_path_buf();
+        let client = hf_hub::HFClientSync::from_inner(inner).map_err(setup)?;
+        let builder = || {
+            Client::builder()
+                .user_agent(format!("ghiblify/{}", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(5))
+                // Per read of the body in the blocking client: a stalled transfer fails and resumes.
+                .timeout(Duration::from_secs(30))
         };
-        if root.is_none() {
-            root = snapshot_root(&path, file);
+        let built = |r: reqwest::Result<Client>| r.map_err(|e| Error::Hub(format!("cannot set up the HTTP client: {e}")));
+        let http = built(builder().build())?;
+        let no_redirect = built(builder().redirect(reqwest::redirect::Policy::none()).build())?;
+        Ok(Self {
+            endpoint,
+            token: resolve_token(),
+            cache,
+            offline: offline || offline_from_env(),
+            http,
+            no_redirect,
+            client,
+            printer,
+            unreachable: RefCell::new(None),
+            announced: std::cell::Cell::new(false),
+        })
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache
+    }
+
+    fn repo_folder(&self, repo_id: &str) -> PathBuf {
+        self.cache.join(format!("models--{}", repo_id.replace('/', "--")))
+    }
+
+    /// The cached copy of a file at a revision, as hf-hub resolves it (refs → snapshot).
+    fn cached(&self, repo_id: &str, revision: &str, file: &str) -> Option<PathBuf> {
+        let (owner, name) = repo_id.split_once('/')?;
+        let p = self.client.model(owner, name).download_file().filename(file).revision(revision.to_string()).local_files_only(true).send().ok()?;
+        p.is_file().then_some(p)
+    }
+
+    /// The local snapshot folder holding `files` of `repo_id`, fetching what the cache lacks.
+    /// `cli` is the `--model` value, for the hint in errors.
+    pub fn fetch(&self, repo_id: &str, revision: Option<&str>, files: &[String], cli: &str) -> Result<PathBuf> {
+        check_repo_id(repo_id)?;
+        let rev = revision.unwrap_or("main");
+        let mut paths = Vec::new();
+        let mut missing = Vec::new();
+        for file in files {
+            let got = if self.offline || self.unreachable.borrow().is_some() {
+                None
+            } else {
+                match self.download(repo_id, rev, file) {
+                    Ok(p) => Some(p),
+                    Err(Failure::Fatal(e)) => return Err(e),
+                    Err(Failure::Unreachable(why)) => {
+                        *self.unreachable.borrow_mut() = Some(why);
+                        None
+                    }
+                }
+            };
+            match got.or_else(|| self.cached(repo_id, rev, file)) {
+                Some(p) => paths.push((p, file)),
+                None => missing.push(file.as_str()),
+            }
+        }
+        let fetch_cmd = format!("ghiblify --download-only --model {cli}");
+        if !missing.is_empty() {
+            let list = missing.join(", ");
+            let cache = self.cache.display();
+            return Err(Error::Hub(match self.unreachable.borrow().as_ref() {
+                _ if self.offline => format!("offline (--offline or HF_HUB_OFFLINE): '{repo_id}' is not fully in the cache {cache}; missing: {list}; fetch them on a connected machine with: {fetch_cmd}"),
+                Some(why) => format!("the hub at {} is unreachable ({why}) and the cache {cache} lacks from '{repo_id}': {list}; retry when online, fetch elsewhere with: {fetch_cmd}, or pass a local model folder with --model-dir", self.endpoint),
+                None => unreachable!("a file is missing only offline or when the hub is unreachable"),
+            }));
+        }
+        if let Some(why) = self.unreachable.borrow().as_ref() {
+            self.printer.warn(format!("the hub at {} is unreachable ({why}); using the cached '{repo_id}'", self.endpoint));
+        }
+        let (first, file) = paths.first().ok_or_else(|| Error::Hub(format!("hub repo '{repo_id}': no files were requested")))?;
+        snapshot_root(first, file).ok_or_else(|| Error::Hub(format!("unexpected cache path {}", first.display())))
+    }
+
+    /// One file (a LoRA) from a repo; returns its local path.
+    pub fn fetch_file(&self, repo_id: &str, revision: Option<&str>, file: &str, cli: &str) -> Result<PathBuf> {
+        let root = self.fetch(repo_id, revision, &[file.to_string()], cli)?;
+        Ok(root.join(file))
+    }
+
+    fn auth(&self, req: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
+        match &self.token {
+            Some(t) => req.header(AUTHORIZATION, format!("Bearer {t}")),
+            None => req,
         }
     }
-    root.ok_or_else(|| Error::Hub(format!("hub repo '{repo_id}': no files were requested")))
+
+    /// HEAD `resolve/<rev>/<file>`, following only relative redirects (a renamed repo), as
+    /// huggingface_hub does: the CDN redirect's own headers carry the metadata.
+    fn head(&self, repo_id: &str, rev: &str, file: &str) -> std::result::Result<Meta, Failure> {
+        let mut url = format!("{}/{repo_id}/resolve/{}/{}", self.endpoint, encode(rev), file.split('/').map(encode).collect::<Vec<_>>().join("/"));
+        for _ in 0..5 {
+            let resp = self
+                .auth(self.no_redirect.head(&url))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .map_err(|e| Failure::Unreachable(short_error(&e)))?;
+            let st = resp.status();
+            let h = resp.headers();
+            let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let location = header(LOCATION.as_str());
+            if st.is_redirection() && header("x-repo-commit").is_none() {
+                if let Some(loc) = location.as_ref().filter(|l| l.starts_with('/')) {
+                    url = format!("{}{loc}", self.endpoint);
+                    continue;
+                }
+            }
+            if !(st.is_success() || st.is_redirection()) {
+                return Err(self.http_error(st, header("x-error-code"), repo_id, rev, file));
+            }
+            let etag = header("x-linked-etag").or_else(|| header(ETAG.as_str())).map(|e| e.trim_start_matches("W/").trim_matches('"').to_string());
+            let commit = header("x-repo-commit");
+            let size = header("x-linked-size").or_else(|| header(CONTENT_LENGTH.as_str())).and_then(|s| s.parse().ok());
+            let (Some(etag), Some(commit)) = (etag, commit) else {
+                return Err(Failure::Fatal(Error::Hub(format!("{url}: the server sent no ETag or X-Repo-Commit; is HF_ENDPOINT ({}) a Hugging Face hub?", self.endpoint))));
+            };
+            let target = match location {
+                Some(l) if st.is_redirection() && l.starts_with('/') => format!("{}{l}", self.endpoint),
+                Some(l) if st.is_redirection() => l,
+                _ => url.clone(),
+            };
+            return Ok(Meta { commit, etag, size, redirected: target != url, url: target });
+        }
+        Err(Failure::Fatal(Error::Hub(format!("{url}: too many redirects"))))
+    }
+
+    fn http_error(&self, st: StatusCode, code: Option<String>, repo_id: &str, rev: &str, file: &str) -> Failure {
+        let token_hint = if self.token.is_some() { "the token in HF_TOKEN has no access to it" } else { "set HF_TOKEN to a token with access (https://huggingface.co/settings/tokens)" };
+        let msg = match (st.as_u16(), code.as_deref()) {
+            (401, _) | (403, Some("GatedRepo")) => format!("hub repo '{repo_id}' needs authentication ({st}): it is private or gated; {token_hint}, after accepting its terms on the model page"),
+            (403, _) => format!("hub repo '{repo_id}': access denied ({st}); {token_hint}"),
+            (404, Some("RepoNotFound")) => format!("hub repo '{repo_id}' does not exist at {} (404; a private repo also needs HF_TOKEN)", self.endpoint),
+            (404, Some("RevisionNotFound")) => format!("hub repo '{repo_id}' has no revision '{rev}' (404)"),
+            (404, _) => format!("hub repo '{repo_id}' has no file '{file}' at revision '{rev}' (404)"),
+            (s, _) if s >= 500 || s == 429 => return Failure::Unreachable(format!("{st}")),
+            _ => format!("hub repo '{repo_id}', file '{file}': unexpected answer {st}"),
+        };
+        Failure::Fatal(Error::Hub(msg))
+    }
+
+    /// Makes sure `snapshots/<commit>/<file>` exists, downloading its blob if needed.
+    fn download(&self, repo_id: &str, rev: &str, file: &str) -> std::result::Result<PathBuf, Failure> {
+        let meta = self.head(repo_id, rev, file)?;
+        let folder = self.repo_folder(repo_id);
+        let blob = folder.join("blobs").join(&meta.etag);
+        if !blob.is_file() {
+            self.download_blob(&meta, &blob, repo_id, file)?;
+        }
+        let pointer = folder.join("snapshots").join(&meta.commit).join(file);
+        link_pointer(&blob, &pointer)?;
+        if !is_commit(rev) {
+            let r = folder.join("refs").join(rev);
+            if std::fs::read_to_string(&r).ok().as_deref() != Some(meta.commit.as_str()) {
+                let dir = r.parent().expect("refs/<rev> has a parent");
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                crate::image_io::write_atomically(&r, |f| f.write_all(meta.commit.as_bytes()))?;
+            }
+        }
+        Ok(pointer)
+    }
+
+    /// Streams the content into `<blob>.incomplete`, resuming what an earlier run left with a
+    /// `Range` request, retrying a cut transfer a few times, then verifies and renames it.
+    fn download_blob(&self, meta: &Meta, blob: &Path, repo_id: &str, file: &str) -> std::result::Result<(), Failure> {
+        let dir = blob.parent().expect("blobs/<etag> has a parent");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let part = PathBuf::from(format!("{}.incomplete", blob.display()));
+        let bar = self.printer.bytes_bar(meta.size.unwrap_or(0), file);
+        let resumed = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        if !self.announced.replace(true) {
+            self.printer.info(format!("fetching '{repo_id}' into the Hugging Face cache {} (once; later runs use the cache)", self.cache.display()));
+        }
+        // Weights (LFS files) get a line each; small files only with -v.
+        let say = |m: String| if meta.etag.len() == 64 { self.printer.info(m) } else { self.printer.verbose(m) };
+        if resumed > 0 {
+            say(format!("resuming {repo_id}/{file} at {:.1} of {:.1} MB", resumed as f64 / 1e6, meta.size.unwrap_or(0) as f64 / 1e6));
+        } else {
+            say(format!("downloading {repo_id}/{file}{}", meta.size.map(|s| format!(" ({:.1} MB)", s as f64 / 1e6)).unwrap_or_default()));
+        }
+        // Only the hub itself gets the token, never the (signed) URL it redirects to.
+        let same_host = !meta.redirected;
+        const ATTEMPTS: u32 = 5;
+        let mut last_error = String::new();
+        let mut done = false;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(500 << attempt.min(4)));
+            }
+            match self.transfer(meta, &part, same_host, &bar) {
+                Ok(()) => {
+                    done = true;
+                    break;
+                }
+                Err(Failure::Unreachable(why)) => last_error = why,
+                Err(f) => {
+                    bar.finish_and_clear();
+                    return Err(f);
+                }
+            }
+        }
+        bar.finish_and_clear();
+        if !done {
+            // The partial file stays: the next run resumes from it.
+            return Err(Failure::Fatal(Error::Hub(format!(
+                "downloading '{file}' from '{repo_id}' failed {ATTEMPTS} times ({last_error}); run again to resume"
+            ))));
+        }
+        let len = std::fs::metadata(&part).map_err(|e| Error::io(&part, e))?.len();
+        if let Some(size) = meta.size.filter(|&s| s != len) {
+            let _ = std::fs::remove_file(&part);
+            return Err(Failure::Fatal(Error::Hub(format!("'{file}' from '{repo_id}': got {len} bytes, the hub announced {size}; the bad copy was removed, run again"))));
+        }
+        if let Some((kind, got)) = content_hash(&part, &meta.etag)? {
+            if got != meta.etag {
+                let _ = std::fs::remove_file(&part);
+                return Err(Failure::Fatal(Error::Hub(format!(
+                    "'{file}' from '{repo_id}' is corrupt: its {kind} is {got}, the hub says {}; the bad copy was removed, run again",
+                    meta.etag
+                ))));
+            }
+        }
+        std::fs::rename(&part, blob).map_err(|e| Error::io(blob, e))?;
+        Ok(())
+    }
+
+    /// One GET of the rest of the content into `part`.
+    fn transfer(&self, meta: &Meta, part: &Path, same_host: bool, bar: &indicatif::ProgressBar) -> std::result::Result<(), Failure> {
+        let mut have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+        if meta.size.is_some_and(|s| have > s) {
+            have = 0;
+        }
+        if meta.size == Some(have) && have > 0 {
+            return Ok(());
+        }
+        let mut req = self.http.get(&meta.url);
+        if same_host {
+            req = self.auth(req);
+        }
+        if have > 0 {
+            req = req.header(RANGE, format!("bytes={have}-"));
+        }
+        let mut resp: Response = req.send().map_err(|e| Failure::Unreachable(short_error(&e)))?;
+        let st = resp.status();
+        let append = match st {
+            StatusCode::PARTIAL_CONTENT => {
+                let start = resp.headers().get("content-range").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("bytes ")?.split('-').next()?.parse::<u64>().ok());
+                if start != Some(have) {
+                    return Err(Failure::Unreachable(format!("the server resumed at {start:?}, not {have}")));
+                }
+                true
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                // What we have is not a prefix of this content: start over.
+                let _ = std::fs::remove_file(part);
+                return Err(Failure::Unreachable("the partial download did not match; restarting".into()));
+            }
+            s if s.is_success() => false,
+            s if s.is_server_error() => return Err(Failure::Unreachable(format!("{s}"))),
+            s => return Err(Failure::Fatal(Error::Hub(format!("{}: unexpected answer {s}", meta.url)))),
+        };
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(part)
+            .map_err(|e| Error::io(part, e))?;
+        let mut pos = if append { have } else { 0 };
+        bar.set_position(pos);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match resp.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = out.flush();
+                    return Err(Failure::Unreachable(format!("connection lost after {pos} bytes: {e}")));
+                }
+            };
+            out.write_all(&buf[..n]).map_err(|e| Error::io(part, e))?;
+            pos += n as u64;
+            bar.set_position(pos);
+        }
+        out.sync_all().map_err(|e| Error::io(part, e))?;
+        if let Some(size) = meta.size.filter(|&s| pos < s) {
+            return Err(Failure::Unreachable(format!("connection closed at {pos} of {size} bytes")));
+        }
+        Ok(())
+    }
+}
+
+/// Percent-encodes one path segment (revision names like `refs/pr/1` included).
+fn encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A request error's innermost cause, on one line ("connection refused", "timed out", ...).
+fn short_error(e: &reqwest::Error) -> String {
+    let mut src: &dyn std::error::Error = e;
+    while let Some(s) = src.source() {
+        src = s;
+    }
+    let what = if e.is_timeout() { "timed out".to_string() } else { src.to_string() };
+    what.lines().next().unwrap_or_default().to_string()
+}
+
+/// The hash the hub's ETag is: sha256 (64 hex digits) for LFS files, the git blob sha1
+/// (`sha1("blob <len>\0" + data)`, 40 hex digits) for small files; other ETags (Xet) are not
+/// content hashes and are not checked.
+fn content_hash(path: &Path, etag: &str) -> Result<Option<(&'static str, String)>> {
+    use sha2::Digest;
+    let hex = etag.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut feed = |update: &mut dyn FnMut(&[u8])| -> Result<()> {
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+            if n == 0 {
+                return Ok(());
+            }
+            update(&buf[..n]);
+        }
+    };
+    let to_hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    match etag.len() {
+        64 if hex => {
+            let mut h = sha2::Sha256::new();
+            feed(&mut |d| h.update(d))?;
+            Ok(Some(("sha256", to_hex(&h.finalize()))))
+        }
+        40 if hex => {
+            let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+            let mut h = sha1::Sha1::new();
+            h.update(format!("blob {len}\0").as_bytes());
+            feed(&mut |d| h.update(d))?;
+            Ok(Some(("git sha1", to_hex(&h.finalize()))))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `snapshots/<commit>/<file>` → `../..(/..)*/blobs/<etag>`, relative like huggingface_hub's.
+fn link_pointer(blob: &Path, pointer: &Path) -> Result<()> {
+    let dir = pointer.parent().expect("a snapshot path has a parent");
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    if pointer.is_file() && std::fs::canonicalize(pointer).ok() == std::fs::canonicalize(blob).ok() {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(pointer);
+    #[cfg(unix)]
+    {
+        // pointer = <repo>/snapshots/<commit>/<a>/<b>; blob = <repo>/blobs/<etag>.
+        let repo = blob.parent().and_then(Path::parent).expect("blobs/<etag> lives in the repo folder");
+        let depth = pointer.strip_prefix(repo).map(|p| p.components().count() - 1).unwrap_or(0);
+        let mut rel = PathBuf::new();
+        for _ in 0..depth {
+            rel.push("..");
+        }
+        rel.push("blobs");
+        rel.push(blob.file_name().expect("a blob has a name"));
+        std::os::unix::fs::symlink(&rel, pointer).map_err(|e| Error::io(pointer, e))
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::copy(blob, pointer).map(|_| ()).map_err(|e| Error::io(pointer, e))
+    }
+}
+
+fn check_repo_id(repo_id: &str) -> Result<()> {
+    let ok = repo_id.split_once('/').is_some_and(|(o, n)| {
+        let valid = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) && !s.starts_with('.');
+        valid(o) && valid(n)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Argument(format!("--model '{repo_id}': expected a preset name or a hub repo id like 'owner/name[@revision]'")))
+    }
 }
 
 /// `…/snapshots/<commit>/unet/config.json` minus `unet/config.json`.
@@ -117,20 +580,168 @@ fn snapshot_root(path: &Path, file: &str) -> Option<PathBuf> {
     Some(p)
 }
 
+/// The files of a diffusers-layout repo an img2img run needs, picked from its listing: each
+/// component's config, its safetensors weights (the fp16 variant when computing in half
+/// precision and present; shards with their index), the tokenizer files, the scheduler config,
+/// model_index.json and the model card. `.bin`/`.ckpt` are never taken.
+pub fn select_files(listing: &[String], half: bool) -> std::result::Result<Vec<String>, String> {
+    let has = |f: &str| listing.iter().any(|l| l == f);
+    let mut out: Vec<String> = ["model_index.json", "README.md", "scheduler/scheduler_config.json"].iter().filter(|f| has(f)).map(|f| f.to_string()).collect();
+    if !has("scheduler/scheduler_config.json") {
+        return Err("it has no scheduler/scheduler_config.json (not a diffusers-layout pipeline)".into());
+    }
+    out.extend(listing.iter().filter(|f| f.starts_with("tokenizer/") && !f.ends_with(".bin")).cloned());
+    for (comp, stem) in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")] {
+        let config = format!("{comp}/config.json");
+        if !has(&config) {
+            return Err(format!("it has no {config}"));
+        }
+        out.push(config);
+        let full = format!("{comp}/{stem}.safetensors");
+        let fp16 = format!("{comp}/{stem}.fp16.safetensors");
+        let order = if half { [&fp16, &full] } else { [&full, &fp16] };
+        let pick = order.iter().find_map(|name| {
+            if has(name) {
+                return Some(vec![name.to_string()]);
+            }
+            let index = format!("{name}.index.json");
+            let shard_prefix = name.trim_end_matches(".safetensors");
+            has(&index).then(|| {
+                let mut v = vec![index.clone()];
+                v.extend(listing.iter().filter(|l| l.starts_with(&format!("{shard_prefix}-")) && l.ends_with(".safetensors")).cloned());
+                v
+            })
+        });
+        match pick {
+            Some(v) => out.extend(v),
+            None => return Err(format!("it has no safetensors weights for {comp}/ (only .bin/.ckpt files cannot be loaded; convert them)")),
+        }
+    }
+    Ok(out)
+}
+
+impl Hub {
+    /// The file listing of a repo at a revision (`/api/models/<repo>/tree/<rev>?recursive=true`).
+    pub fn list(&self, repo_id: &str, revision: Option<&str>) -> std::result::Result<Vec<String>, String> {
+        #[derive(Deserialize)]
+        struct Entry {
+            #[serde(rename = "type")]
+            kind: String,
+            path: String,
+        }
+        let url = format!("{}/api/models/{repo_id}/tree/{}?recursive=true", self.endpoint, encode(revision.unwrap_or("main")));
+        let resp = self.auth(self.http.get(&url)).timeout(Duration::from_secs(15)).send().map_err(|e| short_error(&e))?;
+        if !resp.status().is_success() {
+            let code = resp.headers().get("x-error-code").and_then(|v| v.to_str().ok()).map(str::to_string);
+            return Err(match self.http_error(resp.status(), code, repo_id, revision.unwrap_or("main"), "") {
+                Failure::Fatal(e) => e.to_string(),
+                Failure::Unreachable(w) => w,
+            });
+        }
+        let entries: Vec<Entry> = resp.json().map_err(|e| format!("unreadable file listing: {e}"))?;
+        Ok(entries.into_iter().filter(|e| e.kind == "file").map(|e| e.path).collect())
+    }
+
+    /// The files to fetch for a non-preset repo: from its listing, or offline from the cached
+    /// snapshot (whatever it holds is loaded and checked by the model loader).
+    pub fn repo_files(&self, repo_id: &str, revision: Option<&str>, half: bool) -> Result<Option<Vec<String>>> {
+        check_repo_id(repo_id)?;
+        if self.offline {
+            return Ok(None);
+        }
+        match self.list(repo_id, revision) {
+            Ok(listing) => select_files(&listing, half).map(Some).map_err(|why| Error::Hub(format!("hub repo '{repo_id}': {why}"))),
+            Err(why) if why.contains("hub repo") => Err(Error::Hub(why)),
+            Err(why) => {
+                *self.unreachable.borrow_mut() = Some(why);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The cached snapshot of a repo at a revision, when the listing cannot be had.
+    pub fn cached_snapshot(&self, repo_id: &str, revision: Option<&str>, cli: &str) -> Result<PathBuf> {
+        let rev = revision.unwrap_or("main");
+        let folder = self.repo_folder(repo_id);
+        let commit = if is_commit(rev) { Some(rev.to_string()) } else { std::fs::read_to_string(folder.join("refs").join(rev)).ok().map(|s| s.trim().to_string()) };
+        let snap = commit.map(|c| folder.join("snapshots").join(c)).filter(|d| d.join("model_index.json").is_file() || d.join("unet").is_dir());
+        match snap {
+            Some(s) => {
+                if let Some(why) = self.unreachable.borrow().as_ref() {
+                    self.printer.warn(format!("the hub at {} is unreachable ({why}); using the cached '{repo_id}'", self.endpoint));
+                }
+                Ok(s)
+            }
+            None => Err(Error::Hub(format!(
+                "'{repo_id}' (revision {rev}) is not in the cache {}{}; fetch it on a connected machine with: ghiblify --download-only --model {cli}",
+                self.cache.display(),
+                self.unreachable.borrow().as_ref().map(|w| format!(" and the hub at {} is unreachable ({w})", self.endpoint)).unwrap_or_default()
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn default_preset_parses() {
-        let p = default_preset();
-        assert_eq!(p.repo, "nitrosocke/Ghibli-Diffusion");
-        assert!(p.files.iter().any(|f| f == "unet/diffusion_pytorch_model.safetensors"));
+    fn presets_parse_and_every_file_is_listed() {
+        let ps = presets();
+        assert_eq!(default_preset().repo, "nitrosocke/Ghibli-Diffusion");
+        assert!(preset("sd15").is_some());
+        let on_disk: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        assert_eq!(on_disk.len(), PRESETS.len(), "every models/*.json must be listed in PRESETS");
+        for p in &ps {
+            assert!(on_disk.contains(&format!("{}.json", p.name)), "preset {} is in models/{}.json", p.name, p.name);
+            assert!(p.files.iter().all(|f| !f.ends_with(".bin") && !f.ends_with(".ckpt")));
+            for c in ["unet", "vae", "text_encoder"] {
+                assert!(p.files.iter().any(|f| f.starts_with(&format!("{c}/")) && f.ends_with(".safetensors")), "{} lacks {c} weights", p.name);
+            }
+            assert!(p.defaults.sampler.parse::<crate::samplers::SamplerKind>().is_ok(), "{}: sampler {}", p.name, p.defaults.sampler);
+        }
     }
 
     #[test]
     fn snapshot_root_strips_the_repo_path() {
         let p = Path::new("/c/models--a--b/snapshots/abc/unet/config.json");
         assert_eq!(snapshot_root(p, "unet/config.json").unwrap(), Path::new("/c/models--a--b/snapshots/abc"));
+    }
+
+    #[test]
+    fn file_selection_prefers_safetensors_and_the_precision_asked_for() {
+        let listing: Vec<String> = [
+            "model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+            "unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+            "text_encoder/config.json", "text_encoder/model.safetensors.index.json", "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
+            "v1-5-pruned.ckpt", "safety_checker/model.safetensors",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let f32 = select_files(&listing, false).unwrap();
+        assert!(f32.contains(&"unet/diffusion_pytorch_model.safetensors".into()));
+        assert!(f32.contains(&"vae/diffusion_pytorch_model.fp16.safetensors".into()), "falls back to the only variant");
+        assert!(f32.contains(&"text_encoder/model-00002-of-00002.safetensors".into()));
+        assert!(!f32.iter().any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.starts_with("safety_checker")));
+        let f16 = select_files(&listing, true).unwrap();
+        assert!(f16.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".into()));
+        let bin_only: Vec<String> = listing.iter().filter(|f| !f.starts_with("unet/diffusion_pytorch_model.") || f.ends_with(".bin")).cloned().collect();
+        assert!(select_files(&bin_only, false).unwrap_err().contains("unet/"));
+    }
+
+    #[test]
+    fn git_blob_sha1_matches_git() {
+        // `printf 'hello\n' | git hash-object --stdin`
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"hello\n").unwrap();
+        let h = content_hash(&p, "ce013625030ba8dba906f756967f9e9ca394464a").unwrap().unwrap();
+        assert_eq!(h.1, "ce013625030ba8dba906f756967f9e9ca394464a");
     }
 }

@@ -39,14 +39,7 @@ impl Engine<'_> {
             let device = self.s.resolve_device()?;
             let dtype: DType = self.s.resolve_dtype(&device)?;
             self.printer.verbose(format!("device {device:?}, dtype {dtype:?}"));
-            let (dir, name) = match &self.s.model {
-                ModelSource::Dir(d) => (d.clone(), d.display().to_string()),
-                ModelSource::Hub { repo_id, revision } => {
-                    let files = crate::hub::default_preset().files;
-                    let dir = crate::hub::fetch(repo_id, revision.as_deref(), &files, self.printer)?;
-                    (dir, revision.as_ref().map(|r| format!("{repo_id}@{r}")).unwrap_or_else(|| repo_id.clone()))
-                }
-            };
+            let (dir, name) = model_folder(self.s, self.printer, dtype)?;
             let t = Instant::now();
             let model = StableDiffusion::load(&dir, &device, dtype)?;
             self.printer.verbose(format!("loaded model '{name}' in {:.1} s", t.elapsed().as_secs_f64()));
@@ -56,8 +49,8 @@ impl Engine<'_> {
             }
             let hash = if self.s.metadata { model.model_hash() } else { None };
             let license = model.license().or_else(|| match &self.s.model {
-                ModelSource::Hub { repo_id, .. } if *repo_id == crate::hub::default_preset().repo => Some(crate::hub::default_preset().license),
-                _ => None,
+                ModelSource::Hub { license, .. } => license.clone(),
+                ModelSource::Dir(_) => None,
             });
             self.model = Some((model, name, (hash, license)));
         }
@@ -138,6 +131,38 @@ pub fn run(s: &Settings) -> Result<Outcome> {
     match &s.mode {
         Mode::Single { input, output } => single(s, input, output),
         Mode::Batch(b) => run_batch(s, b),
+        Mode::ListModels => {
+            print!("{}", crate::hub::list_models());
+            Ok(Outcome::default())
+        }
+        Mode::DownloadOnly => {
+            let printer = Printer::new(s.verbosity);
+            let device = s.resolve_device()?;
+            let (dir, name) = model_folder(s, printer, s.resolve_dtype(&device)?)?;
+            printer.info(format!("'{name}' is in the cache: {}", dir.display()));
+            println!("{}", dir.display());
+            Ok(Outcome { done: 1, ..Default::default() })
+        }
+    }
+}
+
+/// The local model folder: `--model-dir`, or the hub snapshot (downloaded when needed).
+fn model_folder(s: &Settings, printer: Printer, dtype: DType) -> Result<(PathBuf, String)> {
+    match &s.model {
+        ModelSource::Dir(d) => Ok((d.clone(), d.display().to_string())),
+        ModelSource::Hub { repo_id, revision, files, cli, .. } => {
+            let hub = crate::hub::Hub::new(s.offline, printer)?;
+            let rev = revision.as_deref();
+            let listed = match files {
+                Some(f) => Some(f.clone()),
+                None => hub.repo_files(repo_id, rev, matches!(dtype, DType::F16 | DType::BF16))?,
+            };
+            let dir = match listed {
+                Some(f) => hub.fetch(repo_id, rev, &f, cli)?,
+                None => hub.cached_snapshot(repo_id, rev, cli)?,
+            };
+            Ok((dir, revision.as_ref().map(|r| format!("{repo_id}@{r}")).unwrap_or_else(|| repo_id.clone())))
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::cli::{Args, DTypeArg, DeviceArg, FormatArg};
 use crate::error::{Error, Result};
+use crate::hub::PresetDefaults;
 use crate::image_io::OutputFormat;
 use crate::printer::Verbosity;
 use crate::samplers::SamplerKind;
@@ -13,7 +14,16 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
     Dir(PathBuf),
-    Hub { repo_id: String, revision: Option<String> },
+    Hub {
+        repo_id: String,
+        revision: Option<String>,
+        /// A preset's exact file list; `None`: picked from the repo's listing.
+        files: Option<Vec<String>>,
+        /// The `--model` value (or the default preset's name), for messages.
+        cli: String,
+        /// A preset's licence.
+        license: Option<String>,
+    },
 }
 
 /// One photo to one file, or a batch into a folder.
@@ -21,6 +31,10 @@ pub enum ModelSource {
 pub enum Mode {
     Single { input: PathBuf, output: PathBuf },
     Batch(Batch),
+    /// `--download-only`: fetch the model into the cache.
+    DownloadOnly,
+    /// `--list-models`.
+    ListModels,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +67,7 @@ pub struct Settings {
     pub dtype: Option<DType>,
     pub trace: Option<PathBuf>,
     pub verbosity: Verbosity,
+    pub offline: bool,
 }
 
 fn arg(msg: String) -> Error {
@@ -71,6 +86,57 @@ fn canonical_target(p: &Path) -> Option<PathBuf> {
     Some(parent.canonicalize().ok()?.join(p.file_name()?))
 }
 
+/// `--model-dir DIR`, `--model NAME|REPO_ID[@REVISION]`, or the default preset; with the
+/// generation defaults that go with it (a preset's own, else the default preset's).
+fn model_source(model_dir: Option<PathBuf>, model: Option<String>) -> Result<(ModelSource, PresetDefaults)> {
+    let fallback = crate::hub::default_preset().defaults;
+    let from_preset = |p: crate::hub::Preset, revision: Option<String>| {
+        let source = ModelSource::Hub {
+            repo_id: p.repo.clone(),
+            revision: revision.or(p.revision.clone()),
+            files: Some(p.files.clone()),
+            cli: p.name.clone(),
+            license: Some(p.license.clone()),
+        };
+        (source, p.defaults)
+    };
+    match (model_dir, model) {
+        (Some(d), _) => {
+            if !d.is_dir() {
+                return Err(arg(format!("--model-dir '{}': no such folder", d.display())));
+            }
+            Ok((ModelSource::Dir(d), fallback))
+        }
+        (None, Some(m)) => {
+            let (name, rev) = match m.split_once('@') {
+                Some((r, v)) if !v.is_empty() => (r.to_string(), Some(v.to_string())),
+                Some(_) => return Err(arg(format!("--model '{m}': empty revision after '@'"))),
+                None => (m.clone(), None),
+            };
+            if !name.contains('/') {
+                let p = crate::hub::preset(&name).ok_or_else(|| {
+                    let names: Vec<String> = crate::hub::presets().into_iter().map(|p| p.name).collect();
+                    arg(format!("--model '{m}': no such preset (presets: {}; or give a hub repo id 'owner/name')", names.join(", ")))
+                })?;
+                return Ok(from_preset(p, rev));
+            }
+            if name.split('/').count() != 2 || name.split('/').any(str::is_empty) {
+                return Err(arg(format!("--model '{m}': expected a preset name or a hub repo id like 'owner/name[@revision]'")));
+            }
+            // A preset's repo named by id still gets the preset's exact files and licence.
+            if let Some(p) = crate::hub::presets().into_iter().find(|p| p.repo == name) {
+                let (mut source, d) = from_preset(p, rev);
+                if let ModelSource::Hub { cli, .. } = &mut source {
+                    *cli = m.clone();
+                }
+                return Ok((source, d));
+            }
+            Ok((ModelSource::Hub { repo_id: name, revision: rev, files: None, cli: m, license: None }, fallback))
+        }
+        (None, None) => Ok(from_preset(crate::hub::default_preset(), None)),
+    }
+}
+
 /// Whether two paths (the second may not exist yet) name the same file.
 fn same_file(a: &Path, b: &Path) -> bool {
     match (canonical_target(a), canonical_target(b)) {
@@ -81,11 +147,27 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 impl Settings {
     pub fn from_args(a: Args) -> Result<Self> {
+        let (model, defaults) = model_source(a.model_dir.clone(), a.model.clone())?;
+        let mode = if a.list_models {
+            Mode::ListModels
+        } else if a.download_only {
+            if matches!(model, ModelSource::Dir(_)) {
+                return Err(arg("--download-only fetches hub models; --model-dir is already local".into()));
+            }
+            Mode::DownloadOnly
+        } else {
+            Self::convert_mode(&a)?
+        };
+        Self::finish(a, mode, model, defaults)
+    }
+
+    fn convert_mode(a: &Args) -> Result<Mode> {
+        let output = a.output.clone().ok_or_else(|| arg("-o is required".into()))?;
         let single = a.inputs.len() == 1
             && a.inputs[0].as_os_str() != "-"
             && !a.inputs[0].is_dir()
-            && !a.output.is_dir()
-            && OutputFormat::from_path(&a.output).is_some();
+            && !output.is_dir()
+            && OutputFormat::from_path(&output).is_some();
         let mode = if single {
             let input = a.inputs[0].clone();
             if !input.exists() {
@@ -94,34 +176,34 @@ impl Settings {
             if !input.is_file() {
                 return Err(arg(format!("input '{}': not a file", input.display())));
             }
-            let out_dir = match a.output.parent() {
+            let out_dir = match output.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                 _ => PathBuf::from("."),
             };
             if !out_dir.is_dir() {
-                return Err(arg(format!("-o '{}': folder '{}' does not exist", a.output.display(), out_dir.display())));
+                return Err(arg(format!("-o '{}': folder '{}' does not exist", output.display(), out_dir.display())));
             }
-            if same_file(&a.output, &input) {
-                return Err(arg(format!("-o '{}' is the input file; refusing to overwrite it", a.output.display())));
+            if same_file(&output, &input) {
+                return Err(arg(format!("-o '{}' is the input file; refusing to overwrite it", output.display())));
             }
             if let Some(t) = &a.trace {
                 if same_file(t, &input) {
                     return Err(arg(format!("--trace '{}' is the input file", t.display())));
                 }
             }
-            Mode::Single { input, output: a.output.clone() }
+            Mode::Single { input, output: output.clone() }
         } else {
             if a.inputs.len() == 1 && !a.inputs[0].exists() && a.inputs[0].as_os_str() != "-" {
                 return Err(arg(format!("input '{}': no such file", a.inputs[0].display())));
             }
-            if a.inputs.len() == 1 && a.inputs[0].is_file() && !a.output.is_dir() {
+            if a.inputs.len() == 1 && a.inputs[0].is_file() && !output.is_dir() {
                 return Err(arg(format!(
                     "-o '{}': unknown output extension (use .png, .jpg, .jpeg or .webp, or an existing folder)",
-                    a.output.display()
+                    output.display()
                 )));
             }
-            if a.output.exists() && !a.output.is_dir() {
-                return Err(arg(format!("-o '{}': several inputs need an output folder, and this is a file", a.output.display())));
+            if output.exists() && !output.is_dir() {
+                return Err(arg(format!("-o '{}': several inputs need an output folder, and this is a file", output.display())));
             }
             if a.trace.is_some() {
                 return Err(arg("--trace works with one input file and one output file".into()));
@@ -133,7 +215,7 @@ impl Settings {
             }
             Mode::Batch(Batch {
                 inputs: a.inputs.clone(),
-                out_dir: a.output.clone(),
+                out_dir: output.clone(),
                 format: match a.format {
                     FormatArg::Png => OutputFormat::Png,
                     FormatArg::Jpg => OutputFormat::Jpeg,
@@ -144,22 +226,33 @@ impl Settings {
                 shard: a.shard.as_deref().map(crate::batch::parse_shard).transpose()?,
             })
         };
+        Ok(mode)
+    }
+
+    fn finish(a: Args, mode: Mode, model: ModelSource, d: PresetDefaults) -> Result<Self> {
         if let Some(r) = &a.report {
             if a.inputs.iter().any(|i| same_file(i, r)) {
                 return Err(arg(format!("--report '{}' is an input file", r.display())));
             }
         }
-        if !a.strength.is_finite() || !(0.0..=1.0).contains(&a.strength) {
-            return Err(arg(format!("--strength must be within [0.0, 1.0], got {}", a.strength)));
+        let strength = a.strength.unwrap_or(d.strength);
+        if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
+            return Err(arg(format!("--strength must be within [0.0, 1.0], got {strength}")));
         }
-        if a.steps == 0 {
+        let steps = a.steps.unwrap_or(d.steps);
+        if steps == 0 {
             return Err(arg("--steps must be at least 1, got 0".into()));
         }
-        if !a.guidance.is_finite() || a.guidance < 0.0 {
-            return Err(arg(format!("--guidance must be a finite number >= 0, got {}", a.guidance)));
+        let guidance = a.guidance.unwrap_or(d.guidance);
+        if !guidance.is_finite() || guidance < 0.0 {
+            return Err(arg(format!("--guidance must be a finite number >= 0, got {guidance}")));
         }
-        let kind = SamplerKind::from(a.sampler);
-        if a.karras && !kind.supports_karras() {
+        let kind = match a.sampler {
+            Some(s) => SamplerKind::from(s),
+            None => d.sampler.parse::<SamplerKind>()?,
+        };
+        let karras = a.karras || (a.sampler.is_none() && d.karras);
+        if karras && !kind.supports_karras() {
             return Err(arg(format!("--karras: the {} sampler has no Karras sigmas (use euler, heun, dpmpp-2m, dpmpp-2m-sde or unipc)", kind.name())));
         }
         if let Some(s) = a.size {
@@ -167,29 +260,6 @@ impl Settings {
                 return Err(arg(format!("--size must be within [64, 8192], got {s}")));
             }
         }
-        let model = match (a.model_dir, a.model) {
-            (Some(d), _) => {
-                if !d.is_dir() {
-                    return Err(arg(format!("--model-dir '{}': no such folder", d.display())));
-                }
-                ModelSource::Dir(d)
-            }
-            (None, Some(m)) => {
-                let (repo, rev) = match m.split_once('@') {
-                    Some((r, v)) if !v.is_empty() => (r.to_string(), Some(v.to_string())),
-                    Some(_) => return Err(arg(format!("--model '{m}': empty revision after '@'"))),
-                    None => (m.clone(), None),
-                };
-                if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) {
-                    return Err(arg(format!("--model '{m}': expected a hub repo id like 'owner/name[@revision]'")));
-                }
-                ModelSource::Hub { repo_id: repo, revision: rev }
-            }
-            (None, None) => {
-                let p = crate::hub::default_preset();
-                ModelSource::Hub { repo_id: p.repo, revision: p.revision }
-            }
-        };
         let dtype = a.dtype.map(|d| match d {
             DTypeArg::F32 => DType::F32,
             DTypeArg::F16 => DType::F16,
@@ -210,21 +280,22 @@ impl Settings {
             mode,
             report: a.report,
             metadata: !a.no_metadata,
-            prompt: a.prompt,
-            negative_prompt: a.negative_prompt,
-            strength: a.strength,
-            steps: a.steps,
-            guidance: a.guidance,
+            prompt: a.prompt.unwrap_or(d.prompt),
+            negative_prompt: a.negative_prompt.unwrap_or(d.negative_prompt),
+            strength,
+            steps,
+            guidance,
             seed,
             seed_was_given,
             sampler: kind,
-            karras: a.karras,
+            karras,
             size: a.size,
             model,
             device: a.device,
             dtype,
             trace: a.trace,
             verbosity,
+            offline: a.offline,
         })
     }
 

@@ -2,7 +2,7 @@
 //! model, determinism, --trace, and every kind of bad input → exit 1, one line naming the
 //! problem, nothing written, the input untouched.
 
-use crate::common::{fixtures, load_safetensors};
+use crate::common::{fixtures, load_safetensors, Case};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -14,19 +14,12 @@ fn ghiblify() -> Command {
     c
 }
 
-struct Case {
-    dir: tempfile::TempDir,
+trait TinyRun {
+    fn run(&self, extra: &[&str]) -> Output;
+    fn written(&self) -> Vec<String>;
 }
 
-impl Case {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(fixtures().join("photo-64x48.png"), dir.path().join("photo.png")).unwrap();
-        Self { dir }
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
+impl TinyRun for Case {
     /// A fast run on the tiny SD1 model with `extra` arguments.
     fn run(&self, extra: &[&str]) -> Output {
         let mut c = ghiblify();

@@ -31,3 +31,19 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max)
 }
+
+/// A temporary working folder holding the test photo as `photo.png`.
+pub struct Case {
+    pub dir: tempfile::TempDir,
+}
+
+impl Case {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixtures().join("photo-64x48.png"), dir.path().join("photo.png")).unwrap();
+        Self { dir }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}

@@ -4,6 +4,7 @@
 mod batch;
 mod cli;
 mod common;
+mod hub;
 mod loading;
 mod preprocess;
 mod samplers;

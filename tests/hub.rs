@@ -1,0 +1,480 @@
+//! Downloads against a loopback hub that answers like huggingface.co: HEAD on `resolve/` with
+//! `X-Repo-Commit`, a git-sha1 `ETag` for small files, and for LFS files (`*.safetensors`) a 302 to
+//! a CDN path with `X-Linked-Etag` (sha256) and `X-Linked-Size`; GET with `Range`; 404s with
+//! `X-Error-Code`; 401 for private repos; the recursive tree API. Nothing touches the network or
+//! the user's cache (each test has its own `HF_HOME`).
+
+use crate::common::{fixtures, Case};
+use sha2::Digest;
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+#[derive(Default)]
+struct State {
+    /// repo id → (path → content).
+    repos: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Files whose next CDN body stops halfway (the connection drops).
+    cut_once: HashSet<String>,
+    /// Files served with one byte changed (the ETag stays the true sha256).
+    corrupt: HashSet<String>,
+    /// Repos that need `Authorization: Bearer <token>`.
+    private: BTreeMap<String, String>,
+    /// "METHOD path range" of every request.
+    log: Vec<String>,
+}
+
+struct TestHub {
+    port: u16,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn sha256(b: &[u8]) -> String {
+    hex(&sha2::Sha256::digest(b))
+}
+
+fn git_sha1(b: &[u8]) -> String {
+    let mut h = sha1::Sha1::new();
+    h.update(format!("blob {}\0", b.len()).as_bytes());
+    h.update(b);
+    hex(&h.finalize())
+}
+
+fn is_lfs(path: &str) -> bool {
+    path.ends_with(".safetensors")
+}
+
+impl TestHub {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if sp.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &st, port);
+                });
+            }
+        });
+        Self { port, state, stop }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Serves a fixture model folder as `repo`, with a model card carrying its licence.
+    fn add_folder(&self, repo: &str, dir: &Path) {
+        let mut files = BTreeMap::new();
+        for e in walkdir::WalkDir::new(dir).into_iter().map(Result::unwrap).filter(|e| e.file_type().is_file()) {
+            let rel = e.path().strip_prefix(dir).unwrap().to_string_lossy().replace('\\', "/");
+            files.insert(rel, std::fs::read(e.path()).unwrap());
+        }
+        files.insert("README.md".into(), b"---\nlicense: creativeml-openrail-m\n---\n# test model\n".to_vec());
+        self.state.lock().unwrap().repos.insert(repo.into(), files);
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.state.lock().unwrap().log.clone()
+    }
+
+    /// Stops answering: later connections are refused.
+    fn shut_down(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn respond(out: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8], head_only: bool) -> std::io::Result<()> {
+    let mut text = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        text.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !headers.iter().any(|(k, _)| k == "Content-Length") {
+        text.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    text.push_str("\r\n");
+    out.write_all(text.as_bytes())?;
+    if !head_only {
+        out.write_all(body)?;
+    }
+    out.flush()
+}
+
+fn serve(conn: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let range = headers.get("range").cloned().unwrap_or_default();
+    let head = method == "HEAD";
+    let mut st = state.lock().unwrap();
+    let auth = if headers.contains_key("authorization") { " [auth]" } else { "" };
+    st.log.push(format!("{method} {target} {range}").trim().to_string() + auth);
+    let err = |code: &str| vec![("X-Error-Code".to_string(), code.to_string())];
+    let path = target.split('?').next().unwrap_or("").to_string();
+
+    // The CDN: /cdn/<repo>/<file>, with Range.
+    if let Some(rest) = path.strip_prefix("/cdn/") {
+        let (repo, file) = rest.split_once("/--/").unwrap();
+        let Some(mut body) = st.repos.get(repo).and_then(|r| r.get(file)).cloned() else {
+            return respond(&mut out, "404 Not Found", &[], b"", head);
+        };
+        if st.corrupt.contains(file) {
+            let mid = body.len() / 2;
+            body[mid] ^= 0xff;
+        }
+        let cut = st.cut_once.remove(file);
+        drop(st);
+        let total = body.len();
+        let start = range.strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse::<usize>().ok()).unwrap_or(0);
+        if start >= total && start > 0 {
+            return respond(&mut out, "416 Range Not Satisfiable", &[], b"", head);
+        }
+        let (status, mut hs) = if range.is_empty() {
+            ("200 OK", vec![])
+        } else {
+            ("206 Partial Content", vec![("Content-Range".to_string(), format!("bytes {start}-{}/{total}", total - 1))])
+        };
+        hs.push(("Content-Length".into(), (total - start).to_string()));
+        hs.push(("Accept-Ranges".into(), "bytes".into()));
+        if cut {
+            // Announce the whole body, send half, drop the connection.
+            let half = &body[start..start + (total - start) / 2];
+            let mut text = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+            for (k, v) in &hs {
+                text.push_str(&format!("{k}: {v}\r\n"));
+            }
+            text.push_str("\r\n");
+            out.write_all(text.as_bytes())?;
+            out.write_all(half)?;
+            out.flush()?;
+            return out.shutdown(std::net::Shutdown::Both);
+        }
+        return respond(&mut out, status, &hs, &body[start..], head);
+    }
+
+    // The tree API: /api/models/<owner>/<name>/tree/<rev>
+    if let Some(rest) = path.strip_prefix("/api/models/") {
+        let segs: Vec<&str> = rest.splitn(5, '/').collect();
+        let repo = format!("{}/{}", segs[0], segs.get(1).unwrap_or(&""));
+        let Some(files) = st.repos.get(&repo) else {
+            return respond(&mut out, "404 Not Found", &err("RepoNotFound"), b"{\"error\":\"Repository not found\"}", head);
+        };
+        let list: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(p, b)| serde_json::json!({"type": "file", "path": p, "size": b.len(), "oid": git_sha1(b)}))
+            .collect();
+        let body = serde_json::to_vec(&list).unwrap();
+        return respond(&mut out, "200 OK", &[("Content-Type".into(), "application/json".into())], &body, head);
+    }
+
+    // /<owner>/<name>/resolve/<rev>/<file>
+    let segs: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
+    if segs.len() < 5 || segs[2] != "resolve" {
+        return respond(&mut out, "404 Not Found", &[], b"", head);
+    }
+    let repo = format!("{}/{}", segs[0], segs[1]);
+    let (rev, file) = (segs[3], segs[4]);
+    if let Some(token) = st.private.get(&repo) {
+        if headers.get("authorization") != Some(&format!("Bearer {token}")) {
+            return respond(&mut out, "401 Unauthorized", &err("RepoNotFound"), b"{\"error\":\"Invalid username or password.\"}", head);
+        }
+    }
+    let Some(files) = st.repos.get(&repo) else {
+        return respond(&mut out, "404 Not Found", &err("RepoNotFound"), b"", head);
+    };
+    if rev != "main" && rev != COMMIT {
+        return respond(&mut out, "404 Not Found", &err("RevisionNotFound"), b"", head);
+    }
+    let Some(body) = files.get(file) else {
+        return respond(&mut out, "404 Not Found", &err("EntryNotFound"), b"", head);
+    };
+    let mut hs = vec![("X-Repo-Commit".to_string(), COMMIT.to_string())];
+    if is_lfs(file) {
+        hs.push(("X-Linked-Etag".into(), format!("\"{}\"", sha256(body))));
+        hs.push(("X-Linked-Size".into(), body.len().to_string()));
+        hs.push(("ETag".into(), format!("\"{}\"", git_sha1(b"pointer"))));
+        hs.push(("Location".into(), format!("http://127.0.0.1:{port}/cdn/{repo}/--/{file}")));
+        return respond(&mut out, "302 Found", &hs, b"", head);
+    }
+    hs.push(("ETag".into(), format!("\"{}\"", git_sha1(body))));
+    let body = body.clone();
+    drop(st);
+    respond(&mut out, "200 OK", &hs, &body, head)
+}
+
+trait HubCase {
+    fn cmd(&self, endpoint: &str) -> Command;
+    fn repo_cache(&self, repo: &str) -> PathBuf;
+}
+
+impl HubCase for Case {
+    fn cmd(&self, endpoint: &str) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ghiblify"));
+        c.current_dir(self.dir.path())
+            .env("HF_ENDPOINT", endpoint)
+            .env("HF_HOME", self.path("hf-home"))
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_HUB_OFFLINE");
+        c
+    }
+    fn repo_cache(&self, repo: &str) -> PathBuf {
+        self.path("hf-home/hub").join(format!("models--{}", repo.replace('/', "--")))
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const RUN: &[&str] = &["photo.png", "-o", "out.png", "--steps", "2", "--strength", "1", "--seed", "1"];
+
+fn tiny() -> PathBuf {
+    fixtures().join("tiny-sd1")
+}
+
+#[test]
+fn first_run_downloads_the_default_preset_then_runs_offline_from_the_cache() {
+    let hub = TestHub::start();
+    hub.add_folder("nitrosocke/Ghibli-Diffusion", &tiny());
+    let case = Case::new();
+    let o = case.cmd(&hub.endpoint()).args(RUN).output().unwrap();
+    let err = stderr(&o);
+    // What a first run prints (see with --nocapture).
+    eprintln!("--- first run ---\n{err}");
+    assert!(o.status.success(), "{err}");
+    assert!(case.path("out.png").is_file());
+    assert!(err.contains("downloading nitrosocke/Ghibli-Diffusion/unet/diffusion_pytorch_model.safetensors"), "{err}");
+    // The standard layout: refs/main → commit, snapshot links into blobs named by sha256 / sha1.
+    let cache = case.repo_cache("nitrosocke/Ghibli-Diffusion");
+    assert_eq!(std::fs::read_to_string(cache.join("refs/main")).unwrap(), COMMIT);
+    let unet = cache.join("snapshots").join(COMMIT).join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(tiny().join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(std::fs::symlink_metadata(&unet).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_link(&unet).unwrap(), Path::new("../../../blobs").join(sha256(&bytes)));
+    assert_eq!(std::fs::read(&unet).unwrap(), bytes);
+    let vocab = std::fs::read(tiny().join("tokenizer/vocab.json")).unwrap();
+    assert!(cache.join("blobs").join(git_sha1(&vocab)).is_file());
+    // Only the preset's files; no leftovers.
+    let blobs: Vec<String> = std::fs::read_dir(cache.join("blobs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(blobs.len(), 13, "{blobs:?}");
+    assert!(!blobs.iter().any(|b| b.ends_with(".incomplete")));
+    // The model card's licence reaches the provenance.
+    let png = std::fs::read(case.path("out.png")).unwrap();
+    assert!(String::from_utf8_lossy(&png).contains("creativeml-openrail-m"));
+
+    // Second run: already cached, nothing downloaded (HEADs only).
+    let before = hub.log().len();
+    let o = case.cmd(&hub.endpoint()).args(RUN).arg("--overwrite").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("downloading"), "{}", stderr(&o));
+    assert!(hub.log()[before..].iter().all(|l| l.starts_with("HEAD ")), "{:?}", &hub.log()[before..]);
+
+    // Hub gone: the complete cache works, with one warning line.
+    hub.shut_down();
+    std::fs::remove_file(case.path("out.png")).unwrap();
+    let t = Instant::now();
+    let o = case.cmd(&hub_gone()).args(RUN).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(60));
+    assert_eq!(err.matches("unreachable").count(), 1, "{err}");
+    assert!(case.path("out.png").is_file());
+
+    // --offline and HF_HUB_OFFLINE: no request at all, no warning.
+    for offline in [true, false] {
+        let mut c = case.cmd(&hub_gone());
+        c.args(RUN).arg("--overwrite");
+        if offline {
+            c.arg("--offline");
+        } else {
+            c.env("HF_HUB_OFFLINE", "1");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("unreachable"), "{}", stderr(&o));
+    }
+}
+
+/// An endpoint nobody listens on.
+fn hub_gone() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn offline_with_an_empty_cache_lists_the_missing_files_and_the_fetch_command() {
+    let case = Case::new();
+    let o = case.cmd(&hub_gone()).args(RUN).arg("--offline").output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for f in ["unet/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json", "ghiblify --download-only --model ghibli-diffusion"] {
+        assert!(err.contains(f), "{f} in {err}");
+    }
+    assert!(!case.path("out.png").exists());
+}
+
+#[test]
+fn unreachable_hub_with_an_empty_cache_fails_within_ten_seconds() {
+    let case = Case::new();
+    let t = Instant::now();
+    let o = case.cmd(&hub_gone()).args(RUN).output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(err.contains("unreachable") && err.contains("nitrosocke/Ghibli-Diffusion") && err.contains("--download-only"), "{err}");
+}
+
+#[test]
+fn a_cut_download_resumes_with_a_range_request() {
+    let hub = TestHub::start();
+    hub.add_folder("someone/tiny", &tiny());
+    let file = "unet/diffusion_pytorch_model.safetensors";
+    hub.state.lock().unwrap().cut_once.insert(file.into());
+    let case = Case::new();
+    let o = case.cmd(&hub.endpoint()).args(["--download-only", "--model", "someone/tiny"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let len = std::fs::metadata(tiny().join(file)).unwrap().len();
+    let resumed = format!("bytes={}-", len / 2);
+    assert!(hub.log().iter().any(|l| l.contains("/cdn/someone/tiny/--/unet/") && l.ends_with(&resumed)), "{:?}", hub.log());
+    let blob = case.repo_cache("someone/tiny").join("snapshots").join(COMMIT).join(file);
+    assert_eq!(std::fs::read(blob).unwrap(), std::fs::read(tiny().join(file)).unwrap());
+    // The listing picked only what a run needs.
+    assert!(String::from_utf8_lossy(&o.stdout).contains(COMMIT));
+}
+
+#[test]
+fn a_partial_file_left_by_a_killed_run_is_resumed_not_restarted() {
+    let hub = TestHub::start();
+    hub.add_folder("someone/tiny", &tiny());
+    let case = Case::new();
+    let file = "vae/diffusion_pytorch_model.safetensors";
+    let bytes = std::fs::read(tiny().join(file)).unwrap();
+    let blobs = case.repo_cache("someone/tiny").join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let have = 100_000;
+    std::fs::write(blobs.join(format!("{}.incomplete", sha256(&bytes))), &bytes[..have]).unwrap();
+    let o = case.cmd(&hub.endpoint()).args(["--download-only", "--model", "someone/tiny"]).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("resuming someone/tiny/vae/diffusion_pytorch_model.safetensors"), "{err}");
+    let vae_gets: Vec<String> = hub.log().into_iter().filter(|l| l.starts_with("GET /cdn/someone/tiny/--/vae/")).collect();
+    assert_eq!(vae_gets, vec![format!("GET /cdn/someone/tiny/--/{file} bytes={have}-")]);
+    assert_eq!(std::fs::read(blobs.join(sha256(&bytes))).unwrap(), bytes);
+}
+
+#[test]
+fn content_that_does_not_match_its_sha256_is_refused_and_removed() {
+    let hub = TestHub::start();
+    hub.add_folder("someone/tiny", &tiny());
+    let file = "text_encoder/model.safetensors";
+    hub.state.lock().unwrap().corrupt.insert(file.into());
+    let case = Case::new();
+    let o = case.cmd(&hub.endpoint()).args(RUN).args(["--model", "someone/tiny"]).output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(file) && err.contains("corrupt") && err.contains("sha256"), "{err}");
+    let blobs = case.repo_cache("someone/tiny").join("blobs");
+    let sha = sha256(&std::fs::read(tiny().join(file)).unwrap());
+    assert!(!blobs.join(&sha).exists() && !blobs.join(format!("{sha}.incomplete")).exists());
+    assert!(!case.path("out.png").exists());
+}
+
+#[test]
+fn not_found_and_unauthorised_say_what_is_wrong() {
+    let hub = TestHub::start();
+    hub.add_folder("someone/tiny", &tiny());
+    hub.add_folder("someone/private", &tiny());
+    hub.state.lock().unwrap().private.insert("someone/private".into(), "hf_secret".into());
+    let case = Case::new();
+    let run = |model: &str, token: Option<&str>| {
+        let mut c = case.cmd(&hub.endpoint());
+        c.args(["--download-only", "--model", model]);
+        if let Some(t) = token {
+            c.env("HF_TOKEN", t);
+        }
+        let o = c.output().unwrap();
+        (o.status.code(), stderr(&o))
+    };
+    let (code, err) = run("someone/missing", None);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("'someone/missing' does not exist"), "{err}");
+    let (code, err) = run("someone/tiny@v9", None);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no revision 'v9'"), "{err}");
+    let (code, err) = run("someone/private", None);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("HF_TOKEN") && err.contains("someone/private"), "{err}");
+    let (code, err) = run("someone/private", Some("hf_secret"));
+    assert_eq!(code, Some(0), "{err}");
+    // The token goes to the hub, never to the CDN.
+    let log = hub.log();
+    assert!(log.iter().any(|l| l.starts_with("HEAD /someone/private/resolve/") && l.ends_with("[auth]")), "{log:?}");
+    let cdn: Vec<&String> = log.iter().filter(|l| l.starts_with("GET /cdn/someone/private/")).collect();
+    assert!(!cdn.is_empty() && cdn.iter().all(|l| !l.ends_with("[auth]")), "{cdn:?}");
+
+    // A preset whose repo lacks a file: the 404 names the repo and the file.
+    let mut files = hub.state.lock().unwrap().repos["someone/tiny"].clone();
+    files.remove("tokenizer/merges.txt");
+    hub.state.lock().unwrap().repos.insert("nitrosocke/Ghibli-Diffusion".into(), files);
+    let (code, err) = run("ghibli-diffusion", None);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("nitrosocke/Ghibli-Diffusion") && err.contains("tokenizer/merges.txt") && err.contains("404"), "{err}");
+}
+
+#[test]
+fn list_models_prints_presets_with_size_and_licence() {
+    let o = Command::new(env!("CARGO_BIN_EXE_ghiblify")).arg("--list-models").output().unwrap();
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for needle in ["ghibli-diffusion", "nitrosocke/Ghibli-Diffusion", "sd15", "GB", "creativeml-openrail-m", "(default)"] {
+        assert!(out.contains(needle), "{needle} in {out}");
+    }
+}
+
+#[test]
+fn a_model_that_is_neither_a_preset_nor_owner_name_is_a_usage_error() {
+    let case = Case::new();
+    for (model, needle) in [("a/b/c", "'a/b/c'"), ("ghibli", "no such preset")] {
+        let o = case.cmd(&hub_gone()).args(["--download-only", "--model", model]).output().unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+        assert!(o.stdout.is_empty());
+    }
+}
