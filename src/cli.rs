@@ -186,6 +186,16 @@ pub struct Args {
     #[arg(long, value_name = "NAME|REPO_ID[@REV]")]
     pub model: Option<String>,
 
+    /// A LoRA merged into the model: PATH[:SCALE] or a hub file REPO_ID/FILE.safetensors[:SCALE]
+    /// (scale default 1.0); repeat for several. kohya/A1111 and diffusers/PEFT files, LoCon included
+    #[arg(long, value_name = "SPEC")]
+    pub lora: Vec<String>,
+
+    /// Fast mode: LCM-LoRA (latent-consistency/lcm-lora-sdv1-5) with the lcm sampler, 8 steps at
+    /// strength 1 (4 at the default strength), guidance 1 — several times faster, a little softer
+    #[arg(long)]
+    pub fast: bool,
+
     /// Use only the local Hugging Face cache, never the network (also HF_HUB_OFFLINE=1)
     #[arg(long)]
     pub offline: bool,

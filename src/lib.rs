@@ -9,6 +9,7 @@ pub mod cli;
 pub mod error;
 pub mod hub;
 pub mod image_io;
+pub mod lora;
 pub mod models;
 pub mod noise;
 pub mod pipeline;

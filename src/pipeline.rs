@@ -124,6 +124,14 @@ pub struct StableDiffusion {
     pub dtype: DType,
 }
 
+/// What the LoRAs of a load did.
+#[derive(Debug, Default)]
+pub struct LoraOutcome {
+    pub reports: Vec<crate::lora::Report>,
+    /// Model weights a LoRA changed that the model never reads (reported, harmless).
+    pub unused: Vec<String>,
+}
+
 /// Wall time of each stage of one run, in seconds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
@@ -147,13 +155,34 @@ pub type OnStep<'a> = &'a mut dyn FnMut(usize, usize);
 impl StableDiffusion {
     /// Loads a diffusers-layout folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(Self::load_with_loras(dir, device, dtype, &[])?.0)
+    }
+
+    /// Loads the model with LoRAs (name, file, scale) merged into the UNet and text encoder
+    /// weights; returns what each LoRA applied.
+    pub fn load_with_loras(dir: &Path, device: &Device, dtype: DType, loras: &[(String, PathBuf, f64)]) -> Result<(Self, LoraOutcome)> {
         if !dir.is_dir() {
             return Err(Error::Model { dir: dir.to_path_buf(), what: "not a folder".into() });
         }
         let files = |c: &str, cfg: &str, w: &str| component_files(dir, c, cfg, w, dtype);
-        let unet_f: ComponentFiles = files("unet", "config.json", "diffusion_pytorch_model")?;
+        let mut unet_f: ComponentFiles = files("unet", "config.json", "diffusion_pytorch_model")?;
         let vae_f = files("vae", "config.json", "diffusion_pytorch_model")?;
-        let te_f = files("text_encoder", "config.json", "model")?;
+        let mut te_f = files("text_encoder", "config.json", "model")?;
+        let mut outcome = LoraOutcome::default();
+        let set = if loras.is_empty() {
+            None
+        } else {
+            let unet_layout = crate::lora::Layout::read(&unet_f.weights)?;
+            let te_layout = crate::lora::Layout::read(&te_f.weights)?;
+            let planned = loras
+                .iter()
+                .map(|(name, path, scale)| crate::lora::plan(name, path, *scale, &unet_layout, &te_layout))
+                .collect::<Result<Vec<_>>>()?;
+            let set = crate::lora::LoraSet::new(planned);
+            unet_f.merge = set.merge_for(crate::lora::Part::Unet);
+            te_f.merge = set.merge_for(crate::lora::Part::TextEncoder);
+            Some(set)
+        };
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         if !scheduler_path.is_file() {
             return Err(Error::Model { dir: dir.to_path_buf(), what: "missing 'scheduler/scheduler_config.json'".into() });
@@ -181,7 +210,12 @@ impl StableDiffusion {
                 format!("'in_channels' {} does not match the VAE's latent_channels {}", unet.config.in_channels, vae.config.latent_channels),
             ));
         }
-        Ok(Self { dir: dir.to_path_buf(), unet_weights: unet_f.weights.clone(), tokenizer, text_encoder, vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype })
+        if let Some(set) = set {
+            outcome.unused = set.unet.unused().into_iter().chain(set.text_encoder.unused()).collect();
+            outcome.reports = set.reports;
+        }
+        let model = Self { dir: dir.to_path_buf(), unet_weights: unet_f.weights.clone(), tokenizer, text_encoder, vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype };
+        Ok((model, outcome))
     }
 
     /// A short hash naming the weights, as A1111's "Model hash" does (first 10 hex digits of a

@@ -21,7 +21,13 @@ pub struct Outcome {
     pub failed: usize,
 }
 
-type ModelInfo = (Option<String>, Option<String>);
+/// What the provenance says about the model.
+struct ModelInfo {
+    hash: Option<String>,
+    license: Option<String>,
+    /// (name, first 10 hex digits of the file's sha256, scale) per LoRA.
+    loras: Vec<(String, String, f64)>,
+}
 
 /// The model, loaded on first use.
 struct Engine<'a> {
@@ -40,9 +46,20 @@ impl Engine<'_> {
             let dtype: DType = self.s.resolve_dtype(&device)?;
             self.printer.verbose(format!("device {device:?}, dtype {dtype:?}"));
             let (dir, name) = model_folder(self.s, self.printer, dtype)?;
+            let loras = lora_files(self.s, self.printer)?;
             let t = Instant::now();
-            let model = StableDiffusion::load(&dir, &device, dtype)?;
+            let (model, outcome) = StableDiffusion::load_with_loras(&dir, &device, dtype, &loras)?;
             self.printer.verbose(format!("loaded model '{name}' in {:.1} s", t.elapsed().as_secs_f64()));
+            for r in &outcome.reports {
+                self.printer.info(r.line());
+                for k in &r.unmatched {
+                    self.printer.verbose(format!("lora '{}': '{k}' matches nothing in this model", r.name));
+                }
+            }
+            if !outcome.unused.is_empty() {
+                self.printer.warn(format!("LoRAs changed {} weights this model never reads: {}", outcome.unused.len(), outcome.unused.join(", ")));
+            }
+            let lora_info = loras.iter().map(|(n, p, s)| (n.clone(), file_sha256_10(p), *s)).collect();
             let overflow = model.tokenizer.overflow(&self.s.prompt);
             if overflow > 0 {
                 self.printer.warn(format!("--prompt is {overflow} tokens longer than the text encoder reads; the end was cut"));
@@ -52,7 +69,7 @@ impl Engine<'_> {
                 ModelSource::Hub { license, .. } => license.clone(),
                 ModelSource::Dir(_) => None,
             });
-            self.model = Some((model, name, (hash, license)));
+            self.model = Some((model, name, ModelInfo { hash, license, loras: lora_info }));
         }
         Ok(self.model.as_ref().expect("loaded above"))
     }
@@ -102,8 +119,10 @@ impl Engine<'_> {
 fn provenance(s: &Settings, model: &str, info: &ModelInfo, source: &Path, seed: u64, w: u32, h: u32) -> Vec<(String, String)> {
     let version = format!("ghiblify {}", env!("CARGO_PKG_VERSION"));
     let parameters = format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, {}Model: {}, Denoising strength: {}, Version: {}",
+        "{}{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, {}Model: {}, Denoising strength: {}, {}Version: {}",
         s.prompt,
+        // A1111 names LoRAs in the prompt as <lora:NAME:SCALE> and hashes them in "Lora hashes".
+        info.loras.iter().map(|(n, _, sc)| format!(" <lora:{n}:{sc}>")).collect::<String>(),
         s.negative_prompt,
         s.steps,
         s.sampler,
@@ -112,9 +131,14 @@ fn provenance(s: &Settings, model: &str, info: &ModelInfo, source: &Path, seed: 
         seed,
         w,
         h,
-        info.0.as_ref().map(|h| format!("Model hash: {h}, ")).unwrap_or_default(),
+        info.hash.as_ref().map(|h| format!("Model hash: {h}, ")).unwrap_or_default(),
         model,
         s.strength,
+        if info.loras.is_empty() {
+            String::new()
+        } else {
+            format!("Lora hashes: \"{}\", ", info.loras.iter().map(|(n, h, _)| format!("{n}: {h}")).collect::<Vec<_>>().join(", "))
+        },
         version
     );
     let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -123,7 +147,7 @@ fn provenance(s: &Settings, model: &str, info: &ModelInfo, source: &Path, seed: 
         ("Software".to_string(), version),
         ("Source".to_string(), format!("AI-generated: latent-diffusion img2img of '{name}'")),
         ("Model".to_string(), model.to_string()),
-        ("License".to_string(), format!("model licence: {}", info.1.as_deref().unwrap_or("unknown (see the model card)"))),
+        ("License".to_string(), format!("model licence: {}", info.license.as_deref().unwrap_or("unknown (see the model card)"))),
     ]
 }
 
@@ -139,10 +163,43 @@ pub fn run(s: &Settings) -> Result<Outcome> {
             let printer = Printer::new(s.verbosity);
             let device = s.resolve_device()?;
             let (dir, name) = model_folder(s, printer, s.resolve_dtype(&device)?)?;
+            for (n, p, _) in lora_files(s, printer)? {
+                printer.info(format!("lora '{n}' is in the cache: {}", p.display()));
+            }
             printer.info(format!("'{name}' is in the cache: {}", dir.display()));
             println!("{}", dir.display());
             Ok(Outcome { done: 1, ..Default::default() })
         }
+    }
+}
+
+/// The LoRA files of the run (hub files fetched into the cache), named for the report.
+fn lora_files(s: &Settings, printer: Printer) -> Result<Vec<(String, PathBuf, f64)>> {
+    let mut hub = None;
+    let mut out = Vec::new();
+    for spec in &s.loras {
+        let path = match &spec.source {
+            crate::lora::LoraSource::File(p) => p.clone(),
+            crate::lora::LoraSource::Hub { repo, file } => {
+                if hub.is_none() {
+                    hub = Some(crate::hub::Hub::new(s.offline, printer)?);
+                }
+                let hub = hub.as_ref().expect("set above");
+                hub.fetch_file(repo, None, file, &format!("{repo}/{file}"))?
+            }
+        };
+        out.push((spec.name(), path, spec.scale));
+    }
+    Ok(out)
+}
+
+/// First 10 hex digits of a file's sha256 (A1111's short hash), "unknown" if unreadable.
+fn file_sha256_10(path: &Path) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    match std::fs::File::open(path).and_then(|mut f| std::io::copy(&mut f, &mut h)) {
+        Ok(_) => format!("{:x}", h.finalize())[..10].to_string(),
+        Err(_) => "unknown".into(),
     }
 }
 

@@ -23,6 +23,8 @@ pub enum ModelSource {
         cli: String,
         /// A preset's licence.
         license: Option<String>,
+        /// A preset's LoRAs (`--lora` specs).
+        preset_loras: Vec<String>,
     },
 }
 
@@ -68,7 +70,12 @@ pub struct Settings {
     pub trace: Option<PathBuf>,
     pub verbosity: Verbosity,
     pub offline: bool,
+    /// LoRAs to merge: the preset's, then `--fast`'s, then `--lora`'s.
+    pub loras: Vec<crate::lora::LoraSpec>,
 }
+
+/// The LCM-LoRA for SD1.5 that `--fast` merges, and the settings it is distilled for.
+pub const FAST_LORA: &str = "latent-consistency/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors";
 
 fn arg(msg: String) -> Error {
     Error::Argument(msg)
@@ -97,6 +104,7 @@ fn model_source(model_dir: Option<PathBuf>, model: Option<String>) -> Result<(Mo
             files: Some(p.files.clone()),
             cli: p.name.clone(),
             license: Some(p.license.clone()),
+            preset_loras: p.loras.clone(),
         };
         (source, p.defaults)
     };
@@ -131,7 +139,7 @@ fn model_source(model_dir: Option<PathBuf>, model: Option<String>) -> Result<(Mo
                 }
                 return Ok((source, d));
             }
-            Ok((ModelSource::Hub { repo_id: name, revision: rev, files: None, cli: m, license: None }, fallback))
+            Ok((ModelSource::Hub { repo_id: name, revision: rev, files: None, cli: m, license: None, preset_loras: Vec::new() }, fallback))
         }
         (None, None) => Ok(from_preset(crate::hub::default_preset(), None)),
     }
@@ -229,7 +237,24 @@ impl Settings {
         Ok(mode)
     }
 
-    fn finish(a: Args, mode: Mode, model: ModelSource, d: PresetDefaults) -> Result<Self> {
+    fn finish(a: Args, mode: Mode, model: ModelSource, mut d: PresetDefaults) -> Result<Self> {
+        let mut loras = Vec::new();
+        if let ModelSource::Hub { preset_loras, .. } = &model {
+            for l in preset_loras {
+                loras.push(crate::lora::LoraSpec::parse(l)?);
+            }
+        }
+        if a.fast {
+            // LCM-LoRA's recommended settings (its model card): 4-8 steps, guidance 1-2.
+            d.sampler = "lcm".into();
+            d.steps = 8;
+            d.guidance = 1.0;
+            d.karras = false;
+            loras.push(crate::lora::LoraSpec::parse(FAST_LORA)?);
+        }
+        for l in &a.lora {
+            loras.push(crate::lora::LoraSpec::parse(l)?);
+        }
         if let Some(r) = &a.report {
             if a.inputs.iter().any(|i| same_file(i, r)) {
                 return Err(arg(format!("--report '{}' is an input file", r.display())));
@@ -296,6 +321,7 @@ impl Settings {
             trace: a.trace,
             verbosity,
             offline: a.offline,
+            loras,
         })
     }
 

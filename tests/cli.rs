@@ -46,7 +46,7 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn png_text(path: &Path, key: &str) -> Option<String> {
+pub fn png_text(path: &Path, key: &str) -> Option<String> {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
     let reader = decoder.read_info().unwrap();
     let info = reader.info();

@@ -478,3 +478,22 @@ fn a_model_that_is_neither_a_preset_nor_owner_name_is_a_usage_error() {
         assert!(o.stdout.is_empty());
     }
 }
+
+#[test]
+fn fast_mode_fetches_lcm_lora_and_runs_the_lcm_sampler_without_guidance() {
+    let hub = TestHub::start();
+    // The LCM-LoRA repo, served with a stand-in of the same form (a diffusers-format LoRA file).
+    let lora = std::fs::read(fixtures().join("lora/peft.safetensors")).unwrap();
+    let files = BTreeMap::from([("pytorch_lora_weights.safetensors".to_string(), lora)]);
+    hub.state.lock().unwrap().repos.insert("latent-consistency/lcm-lora-sdv1-5".into(), files);
+    let case = Case::new();
+    let o = case.cmd(&hub.endpoint()).args(["photo.png", "-o", "out.png", "--seed", "1", "--fast", "--model-dir"]).arg(tiny()).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("lora 'lcm-lora-sdv1-5': applied 150 of 150 tensors (unet 132, text encoder 18)"), "{err}");
+    let params = crate::cli::png_text(&case.path("out.png"), "parameters").unwrap();
+    assert!(params.contains("Steps: 8, Sampler: lcm, CFG scale: 1,") && params.contains("<lora:lcm-lora-sdv1-5:1>"), "{params}");
+    // Offline afterwards: the LoRA comes from the cache.
+    let o = case.cmd(&hub_gone()).args(["photo.png", "-o", "out2.png", "--fast", "--offline", "--model-dir"]).arg(tiny()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}

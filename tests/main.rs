@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod hub;
 mod loading;
+mod lora;
 mod preprocess;
 mod samplers;
 mod parity;

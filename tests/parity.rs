@@ -15,6 +15,11 @@ const IMAGE_TOL: u8 = 2;
 
 fn check(model: &str, trace: &str) {
     let sd = StableDiffusion::load(&fixtures().join(model), &Device::Cpu, DType::F32).unwrap();
+    check_loaded(&sd, trace);
+}
+
+/// Runs the trace's settings with its recorded noise on a loaded model and compares every stage.
+pub fn check_loaded(sd: &StableDiffusion, trace: &str) {
     let (reference, meta) = load_safetensors(&fixtures().join("traces").join(trace));
     let params = Img2ImgParams {
         prompt: meta["prompt"].clone(),

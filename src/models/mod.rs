@@ -52,6 +52,8 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 pub struct ComponentFiles {
     pub config: PathBuf,
     pub weights: Vec<PathBuf>,
+    /// LoRA updates merged into the weights as they load (`crate::lora`).
+    pub merge: Option<std::sync::Arc<crate::lora::Merge>>,
 }
 
 /// Resolves `DIR/<component>/{config_name, weights}`. With f16/bf16 the `*.fp16.safetensors`
@@ -85,11 +87,11 @@ pub fn component_files(
     for name in order {
         let p = cdir.join(name);
         if p.is_file() {
-            return Ok(ComponentFiles { config, weights: vec![p] });
+            return Ok(ComponentFiles { config, weights: vec![p], merge: None });
         }
         let index = cdir.join(format!("{name}.index.json"));
         if index.is_file() {
-            return Ok(ComponentFiles { config, weights: shards(&index)? });
+            return Ok(ComponentFiles { config, weights: shards(&index)?, merge: None });
         }
     }
     let has_bin = ["bin", "fp16.bin"]
@@ -135,11 +137,17 @@ pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Res
             msg: format!("not a valid safetensors file: {e}"),
         })?;
     }
+    let weights_error = |e: candle_core::Error| Error::Weights { path: files.weights[0].clone(), msg: crate::error::candle_message(&e) };
     // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody truncating
     // the weights while we run.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }.map_err(|e| {
-        Error::Weights { path: files.weights[0].clone(), msg: crate::error::candle_message(&e) }
-    })?;
+    let vb = match &files.merge {
+        None => unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }.map_err(weights_error)?,
+        Some(merge) => {
+            let inner = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files.weights) }.map_err(weights_error)?;
+            let backend = crate::lora::MergingBackend { inner, merge: merge.clone() };
+            VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+        }
+    };
     Ok(vb)
 }
 
