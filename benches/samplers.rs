@@ -55,6 +55,7 @@ fn img2img_tiny(c: &mut Criterion) {
             guidance: if kind == SamplerKind::Lcm { 1.0 } else { 5.0 },
             sampler: kind,
             karras: false,
+            vae_tiling: false,
         };
         g.bench_function(format!("{}_{}steps", kind.name(), steps), |b| {
             b.iter(|| {

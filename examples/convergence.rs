@@ -26,6 +26,7 @@ fn run(sd: &StableDiffusion, image: &Tensor, kind: SamplerKind, karras: bool, st
         guidance: if kind == SamplerKind::Lcm { 1.0 } else { 5.0 },
         sampler: kind,
         karras,
+        vae_tiling: false,
     };
     let mut trace = Trace::enabled();
     let out = sd.img2img(image, &params, &mut SeededNoise::new(42), &mut trace, &mut |_, _| {}).unwrap();

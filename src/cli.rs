@@ -43,6 +43,13 @@ pub enum DeviceArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TilingArg {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FormatArg {
     Png,
     Jpg,
@@ -195,6 +202,17 @@ pub struct Args {
     /// strength 1 (4 at the default strength), guidance 1 — several times faster, a little softer
     #[arg(long)]
     pub fast: bool,
+
+    /// Replace the model's VAE: a folder (config.json + weights, AutoencoderKL or AutoencoderTiny),
+    /// a hub repo REPO_ID[@REV] with them at its root, or `taesd` (madebyollin/taesd, the tiny
+    /// autoencoder: ~10x faster encode/decode, slightly softer detail)
+    #[arg(long, value_name = "DIR|REPO_ID|taesd")]
+    pub vae: Option<String>,
+
+    /// Encode/decode the KL VAE in overlapping 512 px tiles (as diffusers' enable_tiling) so
+    /// memory stays bounded for big pictures; auto: above 1024 px working size
+    #[arg(long, value_enum, default_value_t = TilingArg::Auto)]
+    pub vae_tiling: TilingArg,
 
     /// Use only the local Hugging Face cache, never the network (also HF_HUB_OFFLINE=1)
     #[arg(long)]

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::models::clip::ClipTextEncoder;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet;
-use crate::models::vae::Vae;
+use crate::models::Autoencoder;
 use crate::models::{component_files, ComponentFiles};
 use crate::noise::NoiseSource;
 use crate::samplers::{strength_start, SamplerKind, SchedulerConfig};
@@ -26,6 +26,8 @@ pub struct Img2ImgParams {
     pub sampler: SamplerKind,
     /// Karras sigmas (`--karras`).
     pub karras: bool,
+    /// Encode and decode a KL VAE in overlapping tiles (diffusers' `enable_tiling()`).
+    pub vae_tiling: bool,
 }
 
 /// Named intermediates of a run, for `--trace` (a safetensors file) and the parity tests.
@@ -116,7 +118,7 @@ pub struct StableDiffusion {
     pub unet_weights: Vec<PathBuf>,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextEncoder,
-    pub vae: Vae,
+    pub vae: Autoencoder,
     pub unet: UNet,
     pub scheduler_config: SchedulerConfig,
     pub scheduler_path: PathBuf,
@@ -197,17 +199,17 @@ impl StableDiffusion {
         let text_encoder = ClipTextEncoder::load(&te_f, dtype, device)?;
         let tokenizer = ClipTokenizer::load(&tok_dir, text_encoder.config.max_position_embeddings)?;
         let unet = UNet::load(&unet_f, dtype, device)?;
-        let vae = Vae::load(&vae_f, dtype, device)?;
+        let vae = Autoencoder::load(&vae_f, dtype, device)?;
         if unet.config.context_dim() != text_encoder.hidden_size() {
             return Err(Error::config(
                 &unet_f.config,
                 format!("'cross_attention_dim' {} does not match the text encoder's hidden_size {}", unet.config.context_dim(), text_encoder.hidden_size()),
             ));
         }
-        if unet.config.in_channels != vae.config.latent_channels {
+        if unet.config.in_channels != vae.latent_channels() {
             return Err(Error::config(
                 &unet_f.config,
-                format!("'in_channels' {} does not match the VAE's latent_channels {}", unet.config.in_channels, vae.config.latent_channels),
+                format!("'in_channels' {} does not match the VAE's latent_channels {}", unet.config.in_channels, vae.latent_channels()),
             ));
         }
         if let Some(set) = set {
@@ -247,8 +249,29 @@ impl StableDiffusion {
     }
 
     /// Pixels per latent pixel.
+    /// Replaces the model's VAE (`--vae`): a folder with config.json and weights, AutoencoderKL
+    /// or AutoencoderTiny; its latent space must be the UNet's.
+    pub fn replace_vae(&mut self, dir: &Path) -> Result<()> {
+        let files = crate::models::component_files(dir.parent().unwrap_or(Path::new(".")), &dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), "config.json", "diffusion_pytorch_model", self.dtype)?;
+        let vae = Autoencoder::load(&files, self.dtype, &self.device)?;
+        if vae.latent_channels() != self.unet.config.in_channels || vae.scale_factor() != self.vae.scale_factor() {
+            return Err(Error::config(
+                &files.config,
+                format!(
+                    "this VAE ({} latent channels, factor {}) does not fit the model's latent space ({} channels, factor {})",
+                    vae.latent_channels(),
+                    vae.scale_factor(),
+                    self.unet.config.in_channels,
+                    self.vae.scale_factor()
+                ),
+            ));
+        }
+        self.vae = vae;
+        Ok(())
+    }
+
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae.config.scale_factor()
+        self.vae.scale_factor()
     }
 
     /// The image side the model was trained at (`unet.sample_size × vae scale`), 512 for SD1.5.
@@ -311,11 +334,18 @@ impl StableDiffusion {
 
         // 5. Prepare latent variables: sample the posterior, scale, add noise at the first kept step.
         let t0 = clock();
-        let posterior = self.vae.encode(&image)?;
-        let shape = posterior.mean.dims().to_vec();
-        let eps = noise.randn(&shape)?;
-        trace.record("posterior_eps", &eps)?;
-        let init = (posterior.sample(&eps)? * self.vae.config.scaling_factor)?;
+        let latents = match &self.vae {
+            Autoencoder::Kl(vae) => {
+                let posterior = if p.vae_tiling { vae.encode_tiled(&image)? } else { vae.encode(&image)? };
+                let eps = noise.randn(posterior.mean.dims())?;
+                trace.record("posterior_eps", &eps)?;
+                posterior.sample(&eps)?
+            }
+            // AutoencoderTiny gives latents, not a distribution: no posterior draw.
+            Autoencoder::Tiny(t) => t.encode(&image)?,
+        };
+        let shape = latents.dims().to_vec();
+        let init = (latents * self.vae.scaling_factor())?;
         trace.record("init_latents", &init)?;
         let fwd = noise.randn(&shape)?;
         trace.record("noise", &fwd)?;
@@ -353,7 +383,7 @@ impl StableDiffusion {
 
         // 7. Decode and post-process: (x / 2 + 0.5).clamp(0, 1), channels last.
         let t0 = clock();
-        let decoded = self.vae.decode(&(latents / self.vae.config.scaling_factor)?)?;
+        let decoded = self.vae.decode(&(latents / self.vae.scaling_factor())?, p.vae_tiling)?;
         let out = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         let out = out.squeeze(0)?.permute((1, 2, 0))?.contiguous()?.to_device(&Device::Cpu)?;
         trace.record("output_float", &out)?;

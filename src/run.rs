@@ -48,7 +48,11 @@ impl Engine<'_> {
             let (dir, name) = model_folder(self.s, self.printer, dtype)?;
             let loras = lora_files(self.s, self.printer)?;
             let t = Instant::now();
-            let (model, outcome) = StableDiffusion::load_with_loras(&dir, &device, dtype, &loras)?;
+            let (mut model, outcome) = StableDiffusion::load_with_loras(&dir, &device, dtype, &loras)?;
+            if let Some(v) = vae_folder(self.s, self.printer)? {
+                model.replace_vae(&v)?;
+                self.printer.verbose(format!("vae: {} from {}", model.vae.name(), v.display()));
+            }
             self.printer.verbose(format!("loaded model '{name}' in {:.1} s", t.elapsed().as_secs_f64()));
             for r in &outcome.reports {
                 self.printer.info(r.line());
@@ -95,6 +99,7 @@ impl Engine<'_> {
             guidance: s.guidance,
             sampler: s.sampler,
             karras: s.karras,
+            vae_tiling: s.vae_tiling_for(w, h),
         };
         bar.reset();
         bar.set_message(s.sampler.name());
@@ -163,6 +168,9 @@ pub fn run(s: &Settings) -> Result<Outcome> {
             let printer = Printer::new(s.verbosity);
             let device = s.resolve_device()?;
             let (dir, name) = model_folder(s, printer, s.resolve_dtype(&device)?)?;
+            if let Some(v) = vae_folder(s, printer)? {
+                printer.info(format!("vae is in the cache: {}", v.display()));
+            }
             for (n, p, _) in lora_files(s, printer)? {
                 printer.info(format!("lora '{n}' is in the cache: {}", p.display()));
             }
@@ -191,6 +199,19 @@ fn lora_files(s: &Settings, printer: Printer) -> Result<Vec<(String, PathBuf, f6
         out.push((spec.name(), path, spec.scale));
     }
     Ok(out)
+}
+
+/// The `--vae` folder (a hub repo is fetched: config.json and the safetensors weights).
+fn vae_folder(s: &Settings, printer: Printer) -> Result<Option<PathBuf>> {
+    match &s.vae {
+        None => Ok(None),
+        Some(crate::settings::VaeSource::Dir(d)) => Ok(Some(d.clone())),
+        Some(crate::settings::VaeSource::Hub { repo_id, revision }) => {
+            let hub = crate::hub::Hub::new(s.offline, printer)?;
+            let files = ["config.json".to_string(), "diffusion_pytorch_model.safetensors".to_string()];
+            Ok(Some(hub.fetch(repo_id, revision.as_deref(), &files, repo_id)?))
+        }
+    }
 }
 
 /// First 10 hex digits of a file's sha256 (A1111's short hash), "unknown" if unreadable.

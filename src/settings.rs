@@ -72,6 +72,51 @@ pub struct Settings {
     pub offline: bool,
     /// LoRAs to merge: the preset's, then `--fast`'s, then `--lora`'s.
     pub loras: Vec<crate::lora::LoraSpec>,
+    /// `--vae`: another autoencoder.
+    pub vae: Option<VaeSource>,
+    pub vae_tiling: crate::cli::TilingArg,
+}
+
+/// Where a replacement VAE comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaeSource {
+    Dir(PathBuf),
+    Hub { repo_id: String, revision: Option<String> },
+}
+
+/// The TAESD weights `--vae taesd` fetches.
+pub const TAESD_REPO: &str = "madebyollin/taesd";
+
+/// Working sizes (long side, pixels) above which `--vae-tiling auto` tiles the KL VAE.
+pub const AUTO_TILING_ABOVE: u32 = 1024;
+
+impl Settings {
+    /// Whether this working size is encoded/decoded in tiles.
+    pub fn vae_tiling_for(&self, w: u32, h: u32) -> bool {
+        match self.vae_tiling {
+            crate::cli::TilingArg::On => true,
+            crate::cli::TilingArg::Off => false,
+            crate::cli::TilingArg::Auto => w.max(h) > AUTO_TILING_ABOVE,
+        }
+    }
+}
+
+fn vae_source(v: &str) -> Result<VaeSource> {
+    if v == "taesd" {
+        return Ok(VaeSource::Hub { repo_id: TAESD_REPO.into(), revision: None });
+    }
+    let p = Path::new(v);
+    if p.is_dir() {
+        return Ok(VaeSource::Dir(p.to_path_buf()));
+    }
+    let (repo, rev) = match v.split_once('@') {
+        Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
+        _ => (v, None),
+    };
+    if repo.split('/').count() == 2 && !repo.split('/').any(str::is_empty) && !p.exists() {
+        return Ok(VaeSource::Hub { repo_id: repo.to_string(), revision: rev });
+    }
+    Err(arg(format!("--vae '{v}': not a folder, a hub repo id (owner/name) or 'taesd'")))
 }
 
 /// The LCM-LoRA for SD1.5 that `--fast` merges, and the settings it is distilled for.
@@ -322,6 +367,8 @@ impl Settings {
             verbosity,
             offline: a.offline,
             loras,
+            vae: a.vae.as_deref().map(vae_source).transpose()?,
+            vae_tiling: a.vae_tiling,
         })
     }
 

@@ -497,3 +497,24 @@ fn fast_mode_fetches_lcm_lora_and_runs_the_lcm_sampler_without_guidance() {
     let o = case.cmd(&hub_gone()).args(["photo.png", "-o", "out2.png", "--fast", "--offline", "--model-dir"]).arg(tiny()).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn vae_taesd_is_fetched_from_its_repo_and_used() {
+    let hub = TestHub::start();
+    let dir = fixtures().join("tiny-taesd");
+    let files: BTreeMap<String, Vec<u8>> = ["config.json", "diffusion_pytorch_model.safetensors"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
+        .collect();
+    hub.state.lock().unwrap().repos.insert("madebyollin/taesd".into(), files);
+    let case = Case::new();
+    let o = case.cmd(&hub.endpoint()).args(RUN).args(["--vae", "taesd", "-v", "--model-dir"]).arg(tiny()).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("vae: AutoencoderTiny from"), "{err}");
+    assert!(hub.log().iter().any(|l| l.starts_with("GET /cdn/madebyollin/taesd/")));
+    // A VAE whose latent space does not fit is refused by name.
+    let o = case.cmd(&hub_gone()).args(RUN).args(["--vae"]).arg(tiny().parent().unwrap().join("tiny-odd/vae")).args(["--overwrite", "--model-dir"]).arg(tiny()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("does not fit the model's latent space"), "{}", stderr(&o));
+}

@@ -12,3 +12,4 @@ mod samplers;
 mod parity;
 mod scheduler;
 mod tokenizer;
+mod vae;

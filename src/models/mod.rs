@@ -8,6 +8,7 @@
 pub mod clip;
 pub mod nn;
 pub mod random;
+pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
@@ -37,6 +38,69 @@ impl<T: Clone> OneOrMany<T> {
                 path,
                 format!("'{key}' has {} entries but there are {n} blocks", v.len()),
             )),
+        }
+    }
+}
+
+/// The model's autoencoder: the KL VAE of latent diffusion, or the tiny TAESD (`--vae`), picked
+/// by the `_class_name` of its config.json.
+#[derive(Debug)]
+pub enum Autoencoder {
+    Kl(vae::Vae),
+    Tiny(taesd::TinyVae),
+}
+
+impl Autoencoder {
+    pub fn load(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Class {
+            #[serde(rename = "_class_name", default)]
+            class: Option<String>,
+        }
+        let c: Class = read_json(&files.config)?;
+        match c.class.as_deref() {
+            Some("AutoencoderTiny") => Ok(Self::Tiny(taesd::TinyVae::load(files, dtype, device)?)),
+            Some("AutoencoderKL") | None => Ok(Self::Kl(vae::Vae::load(files, dtype, device)?)),
+            Some(other) => Err(Error::config(&files.config, format!("'_class_name' = {other:?} is not supported (AutoencoderKL or AutoencoderTiny)"))),
+        }
+    }
+
+    /// Image pixels per latent pixel.
+    pub fn scale_factor(&self) -> usize {
+        match self {
+            Self::Kl(v) => v.config.scale_factor(),
+            Self::Tiny(t) => t.config.scale_factor(),
+        }
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Self::Kl(v) => v.config.latent_channels,
+            Self::Tiny(t) => t.config.latent_channels,
+        }
+    }
+
+    pub fn scaling_factor(&self) -> f64 {
+        match self {
+            Self::Kl(v) => v.config.scaling_factor,
+            Self::Tiny(t) => t.config.scaling_factor,
+        }
+    }
+
+    /// "AutoencoderKL" / "AutoencoderTiny", for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Kl(_) => "AutoencoderKL",
+            Self::Tiny(_) => "AutoencoderTiny",
+        }
+    }
+
+    /// Latents (unscaled) → images in about [-1, 1]; `tiled` splits a KL decode into tiles.
+    pub fn decode(&self, z: &candle_core::Tensor, tiled: bool) -> candle_core::Result<candle_core::Tensor> {
+        match self {
+            Self::Kl(v) if tiled => v.decode_tiled(z),
+            Self::Kl(v) => v.decode(z),
+            Self::Tiny(t) => t.decode(z),
         }
     }
 }

@@ -61,6 +61,9 @@ pub struct VaeConfig {
     /// `mid_block_add_attention`, default true.
     #[serde(default = "dtrue")]
     pub mid_block_add_attention: bool,
+    /// `sample_size`, default 32: diffusers' tile size in pixels when tiling (512 for SD1.5's VAE).
+    #[serde(default = "d32")]
+    pub sample_size: usize,
 }
 
 fn kl() -> String { "AutoencoderKL".into() }
@@ -215,6 +218,12 @@ impl Vae {
         Self::build(config, vb).map_err(weights_err(files))
     }
 
+    /// Builds from a parsed config and any VarBuilder (random weights in benches).
+    pub fn from_config(config: VaeConfig, vb: VarBuilder, path: &std::path::Path) -> Result<Self> {
+        config.validate(path)?;
+        Self::build(config, vb).map_err(|e| Error::config(path, crate::error::candle_message(&e)))
+    }
+
     fn build(config: VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let ch = &config.block_out_channels;
         let n = ch.len();
@@ -269,6 +278,46 @@ impl Vae {
 
     /// Encodes images in [-1, 1], (B, 3, H, W), to the latent posterior (unscaled).
     pub fn encode(&self, xs: &Tensor) -> candle_core::Result<Posterior> {
+        self.posterior(&self.moments(xs)?)
+    }
+
+    /// Encodes in tiles (diffusers' `enable_tiling()`) when the image is larger than one tile.
+    pub fn encode_tiled(&self, xs: &Tensor) -> candle_core::Result<Posterior> {
+        let (_, _, h, w) = xs.dims4()?;
+        let tile = self.config.sample_size;
+        if h <= tile && w <= tile {
+            return self.encode(xs);
+        }
+        let latent_tile = tile / self.config.scale_factor();
+        let overlap = (tile as f64 * (1.0 - OVERLAP)) as usize;
+        let blend = (latent_tile as f64 * OVERLAP) as usize;
+        let moments = tiled(xs, tile, overlap, blend, latent_tile - blend, |t| self.moments(t))?;
+        self.posterior(&moments)
+    }
+
+    /// Decodes in tiles (diffusers' `tiled_decode`) when the latents are larger than one tile.
+    pub fn decode_tiled(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = z.dims4()?;
+        let tile = self.config.sample_size;
+        let latent_tile = tile / self.config.scale_factor();
+        if h <= latent_tile && w <= latent_tile {
+            return self.decode(z);
+        }
+        let overlap = (latent_tile as f64 * (1.0 - OVERLAP)) as usize;
+        let blend = (tile as f64 * OVERLAP) as usize;
+        tiled(z, latent_tile, overlap, blend, tile - blend, |t| self.decode(t))
+    }
+
+    fn posterior(&self, h: &Tensor) -> candle_core::Result<Posterior> {
+        let lc = self.config.latent_channels;
+        let mean = h.narrow(1, 0, lc)?;
+        let logvar = h.narrow(1, lc, lc)?.clamp(-30f32, 20f32)?;
+        let std = (logvar * 0.5)?.exp()?;
+        Ok(Posterior { mean, std })
+    }
+
+    /// The encoder's output after `quant_conv`: mean and log-variance stacked on channels.
+    fn moments(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let e = &self.encoder;
         let mut h = e.conv_in.forward(xs)?;
         for (resnets, ds) in &e.blocks {
@@ -284,11 +333,7 @@ impl Vae {
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
-        let lc = self.config.latent_channels;
-        let mean = h.narrow(1, 0, lc)?;
-        let logvar = h.narrow(1, lc, lc)?.clamp(-30f32, 20f32)?;
-        let std = (logvar * 0.5)?.exp()?;
-        Ok(Posterior { mean, std })
+        Ok(h)
     }
 
     /// Decodes unscaled latents to images in about [-1, 1].
@@ -310,4 +355,65 @@ impl Vae {
         }
         d.conv_out.forward(&candle_nn::ops::silu(&d.norm_out.forward(&h)?)?)
     }
+}
+
+/// diffusers' `tile_overlap_factor`.
+const OVERLAP: f64 = 0.25;
+
+/// diffusers' tiling (`AutoencoderKL._tiled_encode` / `tiled_decode`): `f` runs on `tile`-sized
+/// windows every `stride` pixels; each output tile is blended into its upper and left neighbours
+/// (already blended, as diffusers' in-place blends leave them) over `blend` pixels with linear
+/// ramps, cropped to `keep`, and the crops are concatenated. Only one tile's activations are alive
+/// at a time, so peak memory follows the tile size, not the image size.
+fn tiled(x: &Tensor, tile: usize, stride: usize, blend: usize, keep: usize, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let mut rows: Vec<Vec<Tensor>> = Vec::new();
+    for i in (0..h).step_by(stride) {
+        let mut row: Vec<Tensor> = Vec::new();
+        for j in (0..w).step_by(stride) {
+            let t = x.narrow(2, i, tile.min(h - i))?.narrow(3, j, tile.min(w - j))?;
+            let mut out = f(&t)?;
+            if let Some(above) = rows.last().map(|r: &Vec<Tensor>| &r[row.len()]) {
+                out = blend_along(above, &out, blend, 2)?;
+            }
+            if let Some(left) = row.last() {
+                out = blend_along(left, &out, blend, 3)?;
+            }
+            row.push(out);
+        }
+        rows.push(row);
+    }
+    let mut out_rows = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let crops = row
+            .iter()
+            .map(|t| {
+                let (_, _, th, tw) = t.dims4()?;
+                t.narrow(2, 0, keep.min(th))?.narrow(3, 0, keep.min(tw))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        out_rows.push(Tensor::cat(&crops, 3)?);
+    }
+    Tensor::cat(&out_rows, 2)
+}
+
+/// The first `extent` rows (dim 2) or columns (dim 3) of `b` become
+/// `a_end · (1 - y/extent) + b · (y/extent)`, as diffusers' `blend_v` / `blend_h`.
+fn blend_along(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> candle_core::Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let a_end = a.narrow(dim, a.dim(dim)? - extent, extent)?;
+    let b_start = b.narrow(dim, 0, extent)?;
+    let mut shape = vec![1usize; 4];
+    shape[dim] = extent;
+    // diffusers computes y / extent in Python floats, then multiplies the f32 tensors.
+    let ramp: Vec<f32> = (0..extent).map(|y| (y as f64 / extent as f64) as f32).collect();
+    let up = Tensor::from_vec(ramp, shape.as_slice(), b.device())?.to_dtype(b.dtype())?;
+    let down: Vec<f32> = (0..extent).map(|y| (1.0 - y as f64 / extent as f64) as f32).collect();
+    let down = Tensor::from_vec(down, shape.as_slice(), b.device())?.to_dtype(b.dtype())?;
+    let mixed = (a_end.broadcast_mul(&down)? + b_start.broadcast_mul(&up)?)?;
+    let rest = b.narrow(dim, extent, b.dim(dim)? - extent)?;
+    Tensor::cat(&[&mixed, &rest], dim)
 }
