@@ -199,14 +199,16 @@ pub struct Args {
     pub lora: Vec<String>,
 
     /// Fast mode: LCM-LoRA (latent-consistency/lcm-lora-sdv1-5) with the lcm sampler, 8 steps at
-    /// strength 1 (4 at the default strength), guidance 1 — several times faster, a little softer
+    /// strength 1 (4 at the default strength), guidance 1, and the TAESD VAE — several times
+    /// faster, a little softer
     #[arg(long)]
     pub fast: bool,
 
     /// Replace the model's VAE: a folder (config.json + weights, AutoencoderKL or AutoencoderTiny),
-    /// a hub repo REPO_ID[@REV] with them at its root, or `taesd` (madebyollin/taesd, the tiny
-    /// autoencoder: ~10x faster encode/decode, slightly softer detail)
-    #[arg(long, value_name = "DIR|REPO_ID|taesd")]
+    /// a hub repo REPO_ID[@REV] with them at its root, `taesd` (madebyollin/taesd, the tiny
+    /// autoencoder: several times faster encode/decode, slightly softer detail), or `model` (the
+    /// model's own, e.g. to keep it with --fast)
+    #[arg(long, value_name = "DIR|REPO_ID|taesd|model")]
     pub vae: Option<String>,
 
     /// Encode/decode the KL VAE in overlapping 512 px tiles (as diffusers' enable_tiling) so

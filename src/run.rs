@@ -139,7 +139,11 @@ fn provenance(s: &Settings, model: &str, info: &ModelInfo, source: &Path, seed: 
         info.hash.as_ref().map(|h| format!("Model hash: {h}, ")).unwrap_or_default(),
         model,
         s.strength,
-        if info.loras.is_empty() {
+        match &s.vae {
+            None => String::new(),
+            Some(crate::settings::VaeSource::Dir(d)) => format!("VAE: {}, ", d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+            Some(crate::settings::VaeSource::Hub { repo_id, .. }) => format!("VAE: {repo_id}, "),
+        } + &if info.loras.is_empty() {
             String::new()
         } else {
             format!("Lora hashes: \"{}\", ", info.loras.iter().map(|(n, h, _)| format!("{n}: {h}")).collect::<Vec<_>>().join(", "))

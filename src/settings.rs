@@ -116,7 +116,7 @@ fn vae_source(v: &str) -> Result<VaeSource> {
     if repo.split('/').count() == 2 && !repo.split('/').any(str::is_empty) && !p.exists() {
         return Ok(VaeSource::Hub { repo_id: repo.to_string(), revision: rev });
     }
-    Err(arg(format!("--vae '{v}': not a folder, a hub repo id (owner/name) or 'taesd'")))
+    Err(arg(format!("--vae '{v}': not a folder, a hub repo id (owner/name), 'taesd' or 'model'")))
 }
 
 /// The LCM-LoRA for SD1.5 that `--fast` merges, and the settings it is distilled for.
@@ -367,7 +367,13 @@ impl Settings {
             verbosity,
             offline: a.offline,
             loras,
-            vae: a.vae.as_deref().map(vae_source).transpose()?,
+            // --fast takes TAESD unless --vae says otherwise (`--vae model` keeps the model's own).
+            vae: match a.vae.as_deref() {
+                Some("model") => None,
+                Some(v) => Some(vae_source(v)?),
+                None if a.fast => Some(VaeSource::Hub { repo_id: TAESD_REPO.into(), revision: None }),
+                None => None,
+            },
             vae_tiling: a.vae_tiling,
         })
     }

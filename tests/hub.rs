@@ -486,6 +486,7 @@ fn fast_mode_fetches_lcm_lora_and_runs_the_lcm_sampler_without_guidance() {
     let lora = std::fs::read(fixtures().join("lora/peft.safetensors")).unwrap();
     let files = BTreeMap::from([("pytorch_lora_weights.safetensors".to_string(), lora)]);
     hub.state.lock().unwrap().repos.insert("latent-consistency/lcm-lora-sdv1-5".into(), files);
+    serve_taesd(&hub);
     let case = Case::new();
     let o = case.cmd(&hub.endpoint()).args(["photo.png", "-o", "out.png", "--seed", "1", "--fast", "--model-dir"]).arg(tiny()).output().unwrap();
     let err = stderr(&o);
@@ -493,6 +494,11 @@ fn fast_mode_fetches_lcm_lora_and_runs_the_lcm_sampler_without_guidance() {
     assert!(err.contains("lora 'lcm-lora-sdv1-5': applied 150 of 150 tensors (unet 132, text encoder 18)"), "{err}");
     let params = crate::cli::png_text(&case.path("out.png"), "parameters").unwrap();
     assert!(params.contains("Steps: 8, Sampler: lcm, CFG scale: 1,") && params.contains("<lora:lcm-lora-sdv1-5:1>"), "{params}");
+    assert!(params.contains("VAE: madebyollin/taesd, "), "--fast takes TAESD: {params}");
+    // --vae model keeps the model's own VAE.
+    let o = case.cmd(&hub.endpoint()).args(["photo.png", "-o", "own.png", "--fast", "--vae", "model", "--model-dir"]).arg(tiny()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!crate::cli::png_text(&case.path("own.png"), "parameters").unwrap().contains("VAE:"));
     // Offline afterwards: the LoRA comes from the cache.
     let o = case.cmd(&hub_gone()).args(["photo.png", "-o", "out2.png", "--fast", "--offline", "--model-dir"]).arg(tiny()).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -501,20 +507,27 @@ fn fast_mode_fetches_lcm_lora_and_runs_the_lcm_sampler_without_guidance() {
 #[test]
 fn vae_taesd_is_fetched_from_its_repo_and_used() {
     let hub = TestHub::start();
-    let dir = fixtures().join("tiny-taesd");
-    let files: BTreeMap<String, Vec<u8>> = ["config.json", "diffusion_pytorch_model.safetensors"]
-        .iter()
-        .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
-        .collect();
-    hub.state.lock().unwrap().repos.insert("madebyollin/taesd".into(), files);
+    serve_taesd(&hub);
     let case = Case::new();
     let o = case.cmd(&hub.endpoint()).args(RUN).args(["--vae", "taesd", "-v", "--model-dir"]).arg(tiny()).output().unwrap();
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("vae: AutoencoderTiny from"), "{err}");
     assert!(hub.log().iter().any(|l| l.starts_with("GET /cdn/madebyollin/taesd/")));
+    let params = crate::cli::png_text(&case.path("out.png"), "parameters").unwrap();
+    assert!(params.contains("VAE: madebyollin/taesd, "), "{params}");
     // A VAE whose latent space does not fit is refused by name.
     let o = case.cmd(&hub_gone()).args(RUN).args(["--vae"]).arg(tiny().parent().unwrap().join("tiny-odd/vae")).args(["--overwrite", "--model-dir"]).arg(tiny()).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("does not fit the model's latent space"), "{}", stderr(&o));
+}
+
+/// Serves the tiny TAESD fixture as madebyollin/taesd.
+fn serve_taesd(hub: &TestHub) {
+    let dir = fixtures().join("tiny-taesd");
+    let files: BTreeMap<String, Vec<u8>> = ["config.json", "diffusion_pytorch_model.safetensors"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
+        .collect();
+    hub.state.lock().unwrap().repos.insert("madebyollin/taesd".into(), files);
 }

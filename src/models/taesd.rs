@@ -152,6 +152,12 @@ impl TinyVae {
         Self::build(config, vb).map_err(weights_err(files))
     }
 
+    /// Builds from a parsed config and any VarBuilder (random weights in benches).
+    pub fn from_config(config: TinyConfig, vb: VarBuilder, path: &std::path::Path) -> Result<Self> {
+        config.validate(path)?;
+        Self::build(config, vb).map_err(|e| Error::config(path, crate::error::candle_message(&e)))
+    }
+
     fn build(config: TinyConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let e = vb.pp("encoder").pp("layers");
         let mut encoder = Vec::new();
