@@ -328,7 +328,17 @@ impl Hub {
         let folder = self.repo_folder(repo_id);
         let blob = folder.join("blobs").join(&meta.etag);
         if !blob.is_file() {
-            self.download_blob(&meta, &blob, repo_id, file)?;
+            // One writer per blob across processes (a Slurm array sharing a cache), on the lock
+            // file huggingface_hub uses, so Python tools and ghiblify also exclude each other.
+            let locks = self.cache.join(".locks").join(folder.file_name().expect("a repo folder has a name"));
+            std::fs::create_dir_all(&locks).map_err(|e| Error::io(&locks, e))?;
+            let lock_path = locks.join(format!("{}.lock", meta.etag));
+            let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+            lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+            // Another process may have finished it while we waited.
+            if !blob.is_file() {
+                self.download_blob(&meta, &blob, repo_id, file)?;
+            }
         }
         let pointer = folder.join("snapshots").join(&meta.commit).join(file);
         link_pointer(&blob, &pointer)?;
@@ -550,7 +560,11 @@ fn link_pointer(blob: &Path, pointer: &Path) -> Result<()> {
         }
         rel.push("blobs");
         rel.push(blob.file_name().expect("a blob has a name"));
-        std::os::unix::fs::symlink(&rel, pointer).map_err(|e| Error::io(pointer, e))
+        match std::os::unix::fs::symlink(&rel, pointer) {
+            // Another process linked it between our remove and our link: same target.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            r => r.map_err(|e| Error::io(pointer, e)),
+        }
     }
     #[cfg(not(unix))]
     {

@@ -531,3 +531,22 @@ fn serve_taesd(hub: &TestHub) {
         .collect();
     hub.state.lock().unwrap().repos.insert("madebyollin/taesd".into(), files);
 }
+
+#[test]
+fn processes_sharing_a_cache_fetch_each_file_once() {
+    let hub = TestHub::start();
+    hub.add_folder("someone/tiny", &tiny());
+    let case = Case::new();
+    let children: Vec<_> = (0..3)
+        .map(|_| case.cmd(&hub.endpoint()).args(["--download-only", "-q", "--model", "someone/tiny"]).stdout(std::process::Stdio::null()).spawn().unwrap())
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    for file in ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"] {
+        let gets = hub.log().iter().filter(|l| l.starts_with(&format!("GET /cdn/someone/tiny/--/{file}"))).count();
+        assert_eq!(gets, 1, "{file} fetched {gets} times");
+        let p = case.repo_cache("someone/tiny").join("snapshots").join(COMMIT).join(file);
+        assert_eq!(std::fs::read(p).unwrap(), std::fs::read(tiny().join(file)).unwrap());
+    }
+}
