@@ -75,6 +75,8 @@ pub struct Settings {
     /// `--vae`: another autoencoder.
     pub vae: Option<VaeSource>,
     pub vae_tiling: crate::cli::TilingArg,
+    /// `--fast` was given.
+    pub fast: bool,
 }
 
 /// Where a replacement VAE comes from.
@@ -375,6 +377,7 @@ impl Settings {
                 None => None,
             },
             vae_tiling: a.vae_tiling,
+            fast: a.fast,
         })
     }
 
