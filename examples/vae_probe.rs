@@ -37,17 +37,17 @@ fn main() {
     let image = Tensor::randn(0f32, 0.5, (1, 3, size, size), &dev).unwrap();
     let latent = Tensor::randn(0f32, 1.0, (1, 4, size / 8, size / 8), &dev).unwrap();
     enum Model {
-        Kl(Vae),
-        Tiny(TinyVae),
+        Kl(Box<Vae>),
+        Tiny(Box<TinyVae>),
     }
     let model = match kind {
         "kl" | "kl-tiled" => {
             let cfg: VaeConfig = serde_json::from_str(SD15_VAE).unwrap();
-            Model::Kl(Vae::from_config(cfg, vb, Path::new("sd15-vae")).unwrap())
+            Model::Kl(Box::new(Vae::from_config(cfg, vb, Path::new("sd15-vae")).unwrap()))
         }
         "taesd" => {
             let cfg: TinyConfig = serde_json::from_str("{}").unwrap();
-            Model::Tiny(TinyVae::from_config(cfg, vb, Path::new("taesd")).unwrap())
+            Model::Tiny(Box::new(TinyVae::from_config(cfg, vb, Path::new("taesd")).unwrap()))
         }
         _ => panic!("unknown kind {kind}"),
     };

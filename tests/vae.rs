@@ -18,7 +18,7 @@ fn refs() -> std::collections::HashMap<String, Tensor> {
 fn taesd() -> TinyVae {
     let files = component_files(&fixtures(), "tiny-taesd", "config.json", "diffusion_pytorch_model", DType::F32).unwrap();
     match Autoencoder::load(&files, DType::F32, &Device::Cpu).unwrap() {
-        Autoencoder::Tiny(t) => t,
+        Autoencoder::Tiny(t) => *t,
         other => panic!("config.json says AutoencoderTiny, loaded {}", other.name()),
     }
 }

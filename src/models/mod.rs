@@ -46,8 +46,8 @@ impl<T: Clone> OneOrMany<T> {
 /// by the `_class_name` of its config.json.
 #[derive(Debug)]
 pub enum Autoencoder {
-    Kl(vae::Vae),
-    Tiny(taesd::TinyVae),
+    Kl(Box<vae::Vae>),
+    Tiny(Box<taesd::TinyVae>),
 }
 
 impl Autoencoder {
@@ -59,8 +59,8 @@ impl Autoencoder {
         }
         let c: Class = read_json(&files.config)?;
         match c.class.as_deref() {
-            Some("AutoencoderTiny") => Ok(Self::Tiny(taesd::TinyVae::load(files, dtype, device)?)),
-            Some("AutoencoderKL") | None => Ok(Self::Kl(vae::Vae::load(files, dtype, device)?)),
+            Some("AutoencoderTiny") => Ok(Self::Tiny(Box::new(taesd::TinyVae::load(files, dtype, device)?))),
+            Some("AutoencoderKL") | None => Ok(Self::Kl(Box::new(vae::Vae::load(files, dtype, device)?))),
             Some(other) => Err(Error::config(&files.config, format!("'_class_name' = {other:?} is not supported (AutoencoderKL or AutoencoderTiny)"))),
         }
     }

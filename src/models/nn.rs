@@ -15,14 +15,17 @@ pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> R
 
 /// A linear layer whose weight may be stored as a 1×1 convolution (old VAE checkpoints).
 pub fn linear_maybe_conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> Result<Linear> {
-    let w = if vb.contains_tensor("weight") {
-        let w = vb.get_unchecked("weight")?;
-        match w.rank() {
-            4 => w.squeeze(3)?.squeeze(2)?,
-            _ => w,
+    // The (out, in) shape first (also what random-weight backends need), else the stored one.
+    let w = match vb.get((cout, cin), "weight") {
+        Ok(w) => w,
+        Err(_) if vb.contains_tensor("weight") => {
+            let w = vb.get_unchecked("weight")?;
+            match w.rank() {
+                4 => w.squeeze(3)?.squeeze(2)?,
+                _ => w,
+            }
         }
-    } else {
-        vb.get((cout, cin), "weight")?
+        Err(e) => return Err(e),
     };
     if w.dims() != [cout, cin] {
         candle_core::bail!("{} has shape {:?}, expected [{cout}, {cin}]", vb.prefix(), w.dims());

@@ -241,7 +241,7 @@ impl UNetConfig {
         if self.only_cross_attention.per_block(n, path, "only_cross_attention")?.iter().any(|&b| b) {
             return Err(Self::unsupported(path, "only_cross_attention", &self.only_cross_attention, ""));
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return Err(Error::config(path, "'conv_in_kernel' and 'conv_out_kernel' must be odd"));
         }
         let mut cross_attn = Vec::with_capacity(n);
