@@ -148,6 +148,8 @@ pub struct Hub {
     unreachable: RefCell<Option<String>>,
     /// Whether the "fetching …" line was printed.
     announced: std::cell::Cell<bool>,
+    /// Whether the "unreachable, using the cache" warning was printed.
+    warned: std::cell::Cell<bool>,
 }
 
 /// The token as huggingface_hub finds it: `HF_TOKEN`, else the file `huggingface-cli login` wrote.
@@ -196,7 +198,17 @@ impl Hub {
             printer,
             unreachable: RefCell::new(None),
             announced: std::cell::Cell::new(false),
+            warned: std::cell::Cell::new(false),
         })
+    }
+
+    /// One warning per run that the hub did not answer and the cache serves.
+    fn warn_cached(&self, repo_id: &str) {
+        if let Some(why) = self.unreachable.borrow().as_ref() {
+            if !self.warned.replace(true) {
+                self.printer.warn(format!("the hub at {} is unreachable ({why}); using the cached '{repo_id}' (and any other cached files)", self.endpoint));
+            }
+        }
     }
 
     pub fn cache_dir(&self) -> &Path {
@@ -249,9 +261,7 @@ impl Hub {
                 None => unreachable!("a file is missing only offline or when the hub is unreachable"),
             }));
         }
-        if let Some(why) = self.unreachable.borrow().as_ref() {
-            self.printer.warn(format!("the hub at {} is unreachable ({why}); using the cached '{repo_id}'", self.endpoint));
-        }
+        self.warn_cached(repo_id);
         let (first, file) = paths.first().ok_or_else(|| Error::Hub(format!("hub repo '{repo_id}': no files were requested")))?;
         snapshot_root(first, file).ok_or_else(|| Error::Hub(format!("unexpected cache path {}", first.display())))
     }
@@ -506,36 +516,31 @@ fn short_error(e: &reqwest::Error) -> String {
     what.lines().next().unwrap_or_default().to_string()
 }
 
+/// A file's sha256, lower-case hex (the hub's LFS ETag; A1111's hashes are its prefixes).
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
 /// The hash the hub's ETag is: sha256 (64 hex digits) for LFS files, the git blob sha1
 /// (`sha1("blob <len>\0" + data)`, 40 hex digits) for small files; other ETags (Xet) are not
 /// content hashes and are not checked.
 fn content_hash(path: &Path, etag: &str) -> Result<Option<(&'static str, String)>> {
     use sha2::Digest;
-    let hex = etag.bytes().all(|b| b.is_ascii_hexdigit());
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut feed = |update: &mut dyn FnMut(&[u8])| -> Result<()> {
-        loop {
-            let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-            if n == 0 {
-                return Ok(());
-            }
-            update(&buf[..n]);
-        }
-    };
-    let to_hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let io = |e| Error::io(path, e);
+    if !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
     match etag.len() {
-        64 if hex => {
-            let mut h = sha2::Sha256::new();
-            feed(&mut |d| h.update(d))?;
-            Ok(Some(("sha256", to_hex(&h.finalize()))))
-        }
-        40 if hex => {
-            let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+        64 => Ok(Some(("sha256", file_sha256(path).map_err(io)?))),
+        40 => {
+            let len = std::fs::metadata(path).map_err(io)?.len();
             let mut h = sha1::Sha1::new();
             h.update(format!("blob {len}\0").as_bytes());
-            feed(&mut |d| h.update(d))?;
-            Ok(Some(("git sha1", to_hex(&h.finalize()))))
+            std::io::copy(&mut std::fs::File::open(path).map_err(io)?, &mut h).map_err(io)?;
+            Ok(Some(("git sha1", format!("{:x}", h.finalize()))))
         }
         _ => Ok(None),
     }
@@ -681,9 +686,7 @@ impl Hub {
         let snap = commit.map(|c| folder.join("snapshots").join(c)).filter(|d| d.join("model_index.json").is_file() || d.join("unet").is_dir());
         match snap {
             Some(s) => {
-                if let Some(why) = self.unreachable.borrow().as_ref() {
-                    self.printer.warn(format!("the hub at {} is unreachable ({why}); using the cached '{repo_id}'", self.endpoint));
-                }
+                self.warn_cached(repo_id);
                 Ok(s)
             }
             None => Err(Error::Hub(format!(

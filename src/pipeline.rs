@@ -236,11 +236,7 @@ impl StableDiffusion {
         if std::fs::metadata(file).ok()?.len() > MAX_HASHED {
             return None;
         }
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        let mut f = std::fs::File::open(file).ok()?;
-        std::io::copy(&mut f, &mut h).ok()?;
-        Some(format!("{:x}", h.finalize())[..10].to_string())
+        crate::hub::file_sha256(file).ok().map(|h| h[..10].to_string())
     }
 
     /// The model's licence as its model card states it.

@@ -45,9 +45,10 @@ impl Engine<'_> {
             let device = self.s.resolve_device()?;
             let dtype: DType = self.s.resolve_dtype(&device)?;
             self.printer.verbose(format!("device {device:?}, dtype {dtype:?}"));
-            let (dir, name) = model_folder(self.s, self.printer, dtype)?;
-            let loras = lora_files(self.s, self.printer)?;
-            let vae_dir = vae_folder(self.s, self.printer)?;
+            let hub = LazyHub::new(self.s, self.printer);
+            let (dir, name) = model_folder(self.s, &hub, dtype)?;
+            let loras = lora_files(self.s, &hub)?;
+            let vae_dir = vae_folder(self.s, &hub)?;
             let t = Instant::now();
             let (mut model, outcome) = StableDiffusion::load_with_loras(&dir, &device, dtype, &loras)?;
             if let Some(v) = vae_dir {
@@ -68,9 +69,9 @@ impl Engine<'_> {
             if self.s.fast {
                 self.printer.info(format!("fast mode: LCM-LoRA, {} {kept} steps, guidance {}; drop --fast for the full-quality sampler", self.s.sampler, self.s.guidance));
             } else if device.is_cpu() && kept > 8 {
-                // Measured on 2 cores, 512x512: ~7.5 min per picture for 16 steps with guidance,
-                // ~1.5 min with --fast (see README, Fast mode).
-                self.printer.info(format!("{} {kept} steps with guidance {} on the CPU; --fast (LCM-LoRA, 4 steps, TAESD) is ~5x faster", self.s.sampler, self.s.guidance));
+                // Measured on 2 cores, 512x512: 434 s for 16 steps with guidance, 64 s with
+                // --fast (README, Fast mode).
+                self.printer.info(format!("{} {kept} steps with guidance {} on the CPU; --fast (LCM-LoRA, 4 steps, TAESD) is several times faster", self.s.sampler, self.s.guidance));
             }
             let lora_info = loras.iter().map(|(n, p, s)| (n.clone(), file_sha256_10(p), *s)).collect();
             let overflow = model.tokenizer.overflow(&self.s.prompt);
@@ -180,11 +181,12 @@ pub fn run(s: &Settings) -> Result<Outcome> {
         Mode::DownloadOnly => {
             let printer = Printer::new(s.verbosity);
             let device = s.resolve_device()?;
-            let (dir, name) = model_folder(s, printer, s.resolve_dtype(&device)?)?;
-            if let Some(v) = vae_folder(s, printer)? {
+            let hub = LazyHub::new(s, printer);
+            let (dir, name) = model_folder(s, &hub, s.resolve_dtype(&device)?)?;
+            if let Some(v) = vae_folder(s, &hub)? {
                 printer.info(format!("vae is in the cache: {}", v.display()));
             }
-            for (n, p, _) in lora_files(s, printer)? {
+            for (n, p, _) in lora_files(s, &hub)? {
                 printer.info(format!("lora '{n}' is in the cache: {}", p.display()));
             }
             printer.info(format!("'{name}' is in the cache: {}", dir.display()));
@@ -195,19 +197,12 @@ pub fn run(s: &Settings) -> Result<Outcome> {
 }
 
 /// The LoRA files of the run (hub files fetched into the cache), named for the report.
-fn lora_files(s: &Settings, printer: Printer) -> Result<Vec<(String, PathBuf, f64)>> {
-    let mut hub = None;
+fn lora_files(s: &Settings, hub: &LazyHub) -> Result<Vec<(String, PathBuf, f64)>> {
     let mut out = Vec::new();
     for spec in &s.loras {
         let path = match &spec.source {
             crate::lora::LoraSource::File(p) => p.clone(),
-            crate::lora::LoraSource::Hub { repo, file } => {
-                if hub.is_none() {
-                    hub = Some(crate::hub::Hub::new(s.offline, printer)?);
-                }
-                let hub = hub.as_ref().expect("set above");
-                hub.fetch_file(repo, None, file, &format!("{repo}/{file}"))?
-            }
+            crate::lora::LoraSource::Hub { repo, file } => hub.get()?.fetch_file(repo, None, file, &format!("{repo}/{file}"))?,
         };
         out.push((spec.name(), path, spec.scale));
     }
@@ -215,34 +210,48 @@ fn lora_files(s: &Settings, printer: Printer) -> Result<Vec<(String, PathBuf, f6
 }
 
 /// The `--vae` folder (a hub repo is fetched: config.json and the safetensors weights).
-fn vae_folder(s: &Settings, printer: Printer) -> Result<Option<PathBuf>> {
+fn vae_folder(s: &Settings, hub: &LazyHub) -> Result<Option<PathBuf>> {
     match &s.vae {
         None => Ok(None),
         Some(crate::settings::VaeSource::Dir(d)) => Ok(Some(d.clone())),
         Some(crate::settings::VaeSource::Hub { repo_id, revision }) => {
-            let hub = crate::hub::Hub::new(s.offline, printer)?;
             let files = ["config.json".to_string(), "diffusion_pytorch_model.safetensors".to_string()];
-            Ok(Some(hub.fetch(repo_id, revision.as_deref(), &files, repo_id)?))
+            Ok(Some(hub.get()?.fetch(repo_id, revision.as_deref(), &files, repo_id)?))
         }
     }
 }
 
 /// First 10 hex digits of a file's sha256 (A1111's short hash), "unknown" if unreadable.
 fn file_sha256_10(path: &Path) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    match std::fs::File::open(path).and_then(|mut f| std::io::copy(&mut f, &mut h)) {
-        Ok(_) => format!("{:x}", h.finalize())[..10].to_string(),
-        Err(_) => "unknown".into(),
-    }
+    crate::hub::file_sha256(path).map(|h| h[..10].to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
 /// The local model folder: `--model-dir`, or the hub snapshot (downloaded when needed).
-fn model_folder(s: &Settings, printer: Printer, dtype: DType) -> Result<(PathBuf, String)> {
+/// One hub session per run, made on first use, so an unreachable hub is found out once (not
+/// once for the model, once for each LoRA and once for the VAE).
+struct LazyHub {
+    offline: bool,
+    printer: Printer,
+    hub: std::cell::OnceCell<crate::hub::Hub>,
+}
+
+impl LazyHub {
+    fn new(s: &Settings, printer: Printer) -> Self {
+        Self { offline: s.offline, printer, hub: std::cell::OnceCell::new() }
+    }
+    fn get(&self) -> Result<&crate::hub::Hub> {
+        if self.hub.get().is_none() {
+            let _ = self.hub.set(crate::hub::Hub::new(self.offline, self.printer)?);
+        }
+        Ok(self.hub.get().expect("set above"))
+    }
+}
+
+fn model_folder(s: &Settings, hub: &LazyHub, dtype: DType) -> Result<(PathBuf, String)> {
     match &s.model {
         ModelSource::Dir(d) => Ok((d.clone(), d.display().to_string())),
         ModelSource::Hub { repo_id, revision, files, cli, .. } => {
-            let hub = crate::hub::Hub::new(s.offline, printer)?;
+            let hub = hub.get()?;
             let rev = revision.as_deref();
             let listed = match files {
                 Some(f) => Some(f.clone()),

@@ -499,6 +499,10 @@ fn fast_mode_fetches_lcm_lora_and_runs_the_lcm_sampler_without_guidance() {
     let o = case.cmd(&hub.endpoint()).args(["photo.png", "-o", "own.png", "--fast", "--vae", "model", "--model-dir"]).arg(tiny()).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!crate::cli::png_text(&case.path("own.png"), "parameters").unwrap().contains("VAE:"));
+    // Hub gone: model folder local, LoRA and TAESD from the cache, one warning for the run.
+    let o = case.cmd(&hub_gone()).args(["photo.png", "-o", "gone.png", "--fast", "--model-dir"]).arg(tiny()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("unreachable").count(), 1, "{}", stderr(&o));
     // Offline afterwards: the LoRA comes from the cache.
     let o = case.cmd(&hub_gone()).args(["photo.png", "-o", "out2.png", "--fast", "--offline", "--model-dir"]).arg(tiny()).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
