@@ -60,7 +60,7 @@ fn img2img_tiny(c: &mut Criterion) {
         g.bench_function(format!("{}_{}steps", kind.name(), steps), |b| {
             b.iter(|| {
                 let mut noise = SeededNoise::new(1);
-                sd.img2img(&image, &params, &mut noise, &mut Trace::disabled(), &mut |_, _| {}).unwrap()
+                sd.img2img(&image, &params, &mut noise, &mut Trace::disabled(), &mut |_, _, _| Ok(())).unwrap()
             })
         });
     }

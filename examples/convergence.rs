@@ -29,7 +29,7 @@ fn run(sd: &StableDiffusion, image: &Tensor, kind: SamplerKind, karras: bool, st
         vae_tiling: false,
     };
     let mut trace = Trace::enabled();
-    let out = sd.img2img(image, &params, &mut SeededNoise::new(42), &mut trace, &mut |_, _| {}).unwrap();
+    let out = sd.img2img(image, &params, &mut SeededNoise::new(42), &mut trace, &mut |_, _, _| Ok(())).unwrap();
     (out.image, trace.tensors["final_latents"].clone())
 }
 

@@ -211,6 +211,11 @@ pub struct Args {
     #[arg(long, value_name = "DIR|REPO_ID|taesd|model")]
     pub vae: Option<String>,
 
+    /// Write the picture as it forms to FILE.png after every step (decoded with TAESD, a 10 MB
+    /// download on first use), to watch a slow run and stop it early
+    #[arg(long, value_name = "FILE.png")]
+    pub preview: Option<PathBuf>,
+
     /// Encode/decode the KL VAE in overlapping 512 px tiles (as diffusers' enable_tiling) so
     /// memory stays bounded for big pictures; auto: above 1024 px working size
     #[arg(long, value_enum, default_value_t = TilingArg::Auto)]

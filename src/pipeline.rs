@@ -151,8 +151,9 @@ pub struct Img2ImgOutput {
     pub timings: Timings,
 }
 
-/// Per-step progress callback: (steps done, steps total).
-pub type OnStep<'a> = &'a mut dyn FnMut(usize, usize);
+/// Per-step callback: (steps done, steps total, the latents after that step) — progress bars
+/// and `--preview`. An error stops the run.
+pub type OnStep<'a> = &'a mut dyn FnMut(usize, usize, &Tensor) -> Result<()>;
 
 impl StableDiffusion {
     /// Loads a diffusers-layout folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
@@ -248,11 +249,10 @@ impl StableDiffusion {
     /// Replaces the model's VAE (`--vae`): a folder with config.json and weights, AutoencoderKL
     /// or AutoencoderTiny; its latent space must be the UNet's.
     pub fn replace_vae(&mut self, dir: &Path) -> Result<()> {
-        let files = crate::models::component_files(dir.parent().unwrap_or(Path::new(".")), &dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), "config.json", "diffusion_pytorch_model", self.dtype)?;
-        let vae = Autoencoder::load(&files, self.dtype, &self.device)?;
+        let vae = Autoencoder::load_folder(dir, self.dtype, &self.device)?;
         if vae.latent_channels() != self.unet.config.in_channels || vae.scale_factor() != self.vae.scale_factor() {
             return Err(Error::config(
-                &files.config,
+                dir.join("config.json"),
                 format!(
                     "this VAE ({} latent channels, factor {}) does not fit the model's latent space ({} channels, factor {})",
                     vae.latent_channels(),
@@ -372,7 +372,7 @@ impl StableDiffusion {
                 trace.record(format!("step{k:02}_noise{suffix}"), z)?;
             }
             trace.record(format!("step{k:02}_latents"), &latents)?;
-            on_step(k + 1, n_kept);
+            on_step(k + 1, n_kept, &latents)?;
         }
         trace.record("final_latents", &latents)?;
         timings.denoise = t0.elapsed().as_secs_f64();

@@ -37,6 +37,8 @@ struct Engine<'a> {
     model: Option<(StableDiffusion, String, ModelInfo)>,
     /// The per-image step bar.
     bar: indicatif::ProgressBar,
+    /// TAESD for `--preview`, loaded with the model.
+    preview: Option<crate::models::Autoencoder>,
 }
 
 impl Engine<'_> {
@@ -49,8 +51,15 @@ impl Engine<'_> {
             let (dir, name) = model_folder(self.s, &hub, dtype)?;
             let loras = lora_files(self.s, &hub)?;
             let vae_dir = vae_folder(self.s, &hub)?;
+            let preview_dir = match &self.s.preview {
+                Some(_) => Some(fetch_vae_repo(&hub, crate::settings::TAESD_REPO, None)?),
+                None => None,
+            };
             let t = Instant::now();
             let (mut model, outcome) = StableDiffusion::load_with_loras(&dir, &device, dtype, &loras)?;
+            if let Some(p) = preview_dir {
+                self.preview = Some(crate::models::Autoencoder::load_folder(&p, dtype, &device)?);
+            }
             if let Some(v) = vae_dir {
                 model.replace_vae(&v)?;
                 self.printer.verbose(format!("vae: {} from {}", model.vae.name(), v.display()));
@@ -93,7 +102,8 @@ impl Engine<'_> {
         let s = self.s;
         let printer = self.printer;
         let bar = self.bar.clone();
-        let (model, name, info) = self.model()?;
+        self.model()?;
+        let (model, name, info) = self.model.as_ref().expect("loaded above");
         let f = model.vae_scale_factor() as u32;
         let size = s.size.unwrap_or(model.native_size() as u32);
         let (w, h) = image_io::working_size(photo.width(), photo.height(), size, f);
@@ -113,9 +123,14 @@ impl Engine<'_> {
         };
         bar.reset();
         bar.set_message(s.sampler.name());
-        let out = model.img2img(&image, &params, &mut SeededNoise::new(seed), trace, &mut |done, total| {
+        let preview = self.preview.as_ref().zip(s.preview.as_ref());
+        let out = model.img2img(&image, &params, &mut SeededNoise::new(seed), trace, &mut |done, total, latents| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
+            if let Some((vae, path)) = preview {
+                write_preview(vae, latents, path)?;
+            }
+            Ok(())
         })?;
         let tm = out.timings;
         printer.verbose(format!(
@@ -209,16 +224,28 @@ fn lora_files(s: &Settings, hub: &LazyHub) -> Result<Vec<(String, PathBuf, f64)>
     Ok(out)
 }
 
+/// Decodes the current latents with TAESD and replaces `path` atomically (a viewer never sees a
+/// half-written file).
+fn write_preview(vae: &crate::models::Autoencoder, latents: &candle_core::Tensor, path: &Path) -> Result<()> {
+    let decoded = vae.decode(&(latents / vae.scaling_factor())?, false)?;
+    let img = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    let img = img.squeeze(0)?.permute((1, 2, 0))?.contiguous()?.to_device(&candle_core::Device::Cpu)?;
+    image_io::save_as(&image_io::to_rgb8(&img)?, path, OutputFormat::Png, &[])
+}
+
 /// The `--vae` folder (a hub repo is fetched: config.json and the safetensors weights).
 fn vae_folder(s: &Settings, hub: &LazyHub) -> Result<Option<PathBuf>> {
     match &s.vae {
         None => Ok(None),
         Some(crate::settings::VaeSource::Dir(d)) => Ok(Some(d.clone())),
-        Some(crate::settings::VaeSource::Hub { repo_id, revision }) => {
-            let files = ["config.json".to_string(), "diffusion_pytorch_model.safetensors".to_string()];
-            Ok(Some(hub.get()?.fetch(repo_id, revision.as_deref(), &files, repo_id)?))
-        }
+        Some(crate::settings::VaeSource::Hub { repo_id, revision }) => Ok(Some(fetch_vae_repo(hub, repo_id, revision.as_deref())?)),
     }
+}
+
+/// A VAE repo's config.json and safetensors weights (at its root).
+fn fetch_vae_repo(hub: &LazyHub, repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let files = ["config.json".to_string(), "diffusion_pytorch_model.safetensors".to_string()];
+    hub.get()?.fetch(repo_id, revision, &files, repo_id)
 }
 
 /// First 10 hex digits of a file's sha256 (A1111's short hash), "unknown" if unreadable.
@@ -275,7 +302,7 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     if !s.seed_was_given {
         printer.info(format!("seed {} (pass --seed {} to repeat this picture)", s.seed, s.seed));
     }
-    let mut engine = Engine { s, printer, model: None, bar: printer.steps_bar(0) };
+    let mut engine = Engine { s, printer, model: None, bar: printer.steps_bar(0), preview: None };
     let mut trace = if s.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
     let (w, h) = engine.convert(photo, input, output, format, s.seed, &mut trace)?;
     engine.bar.finish_and_clear();
@@ -331,7 +358,7 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
     let inputs: HashSet<PathBuf> = jobs.iter().filter_map(|j| canonical(&j.input)).collect();
     let mut report = Report::create(s.report.as_deref())?;
     let (overall, steps) = printer.batch_bars(jobs.len());
-    let mut engine = Engine { s, printer, model: None, bar: steps.clone() };
+    let mut engine = Engine { s, printer, model: None, bar: steps.clone(), preview: None };
     let mut outcome = Outcome::default();
     let mut claimed: HashMap<PathBuf, PathBuf> = HashMap::new();
     for job in &jobs {

@@ -77,6 +77,8 @@ pub struct Settings {
     pub vae_tiling: crate::cli::TilingArg,
     /// `--fast` was given.
     pub fast: bool,
+    /// `--preview FILE`: the picture so far after each step.
+    pub preview: Option<PathBuf>,
 }
 
 /// Where a replacement VAE comes from.
@@ -285,6 +287,14 @@ impl Settings {
     }
 
     fn finish(a: Args, mode: Mode, model: ModelSource, mut d: PresetDefaults) -> Result<Self> {
+        if let Some(p) = &a.preview {
+            if OutputFormat::from_path(p) != Some(OutputFormat::Png) {
+                return Err(arg(format!("--preview '{}': the preview is written as PNG; name it .png", p.display())));
+            }
+            if a.inputs.iter().any(|i| same_file(i, p)) {
+                return Err(arg(format!("--preview '{}' is an input file", p.display())));
+            }
+        }
         let mut loras = Vec::new();
         if let ModelSource::Hub { preset_loras, .. } = &model {
             for l in preset_loras {
@@ -378,6 +388,7 @@ impl Settings {
             },
             vae_tiling: a.vae_tiling,
             fast: a.fast,
+            preview: a.preview,
         })
     }
 

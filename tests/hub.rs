@@ -554,3 +554,18 @@ fn processes_sharing_a_cache_fetch_each_file_once() {
         assert_eq!(std::fs::read(p).unwrap(), std::fs::read(tiny().join(file)).unwrap());
     }
 }
+
+#[test]
+fn preview_writes_the_picture_so_far_with_taesd() {
+    let hub = TestHub::start();
+    serve_taesd(&hub);
+    let case = Case::new();
+    let o = case.cmd(&hub.endpoint()).args(RUN).args(["--preview", "prev.png", "--model-dir"]).arg(tiny()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let prev = image::open(case.path("prev.png")).unwrap();
+    assert_eq!((prev.width(), prev.height()), (64, 48));
+    assert!(!case.path("prev.png.tmp").exists());
+    let o = case.cmd(&hub_gone()).args(RUN).args(["--preview", "prev.jpg", "--model-dir"]).arg(tiny()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--preview 'prev.jpg'"), "{}", stderr(&o));
+}

@@ -40,7 +40,7 @@ pub fn check_loaded(sd: &StableDiffusion, trace: &str) {
     let draws = reference.get("posterior_eps").into_iter().chain([&reference["noise"]]).chain(step_draws.iter().map(|k| &reference[*k])).cloned();
     let mut noise = ReplayNoise::new(draws);
     let mut ours = Trace::enabled();
-    let out = sd.img2img(&image, &params, &mut noise, &mut ours, &mut |_, _| {}).unwrap().image;
+    let out = sd.img2img(&image, &params, &mut noise, &mut ours, &mut |_, _, _| Ok(())).unwrap().image;
     assert_eq!(noise.remaining(), 0, "{trace}: every recorded draw is used");
 
     let ts = |t: &candle_core::Tensor| t.to_vec1::<f32>().unwrap();

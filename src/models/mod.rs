@@ -65,6 +65,13 @@ impl Autoencoder {
         }
     }
 
+    /// A standalone VAE folder (`config.json` and weights at its root, as VAE repos ship).
+    pub fn load_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Self::load(&component_files(parent, &name, "config.json", "diffusion_pytorch_model", dtype)?, dtype, device)
+    }
+
     /// Image pixels per latent pixel.
     pub fn scale_factor(&self) -> usize {
         match self {
