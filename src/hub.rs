@@ -211,10 +211,6 @@ impl Hub {
         }
     }
 
-    pub fn cache_dir(&self) -> &Path {
-        &self.cache
-    }
-
     fn repo_folder(&self, repo_id: &str) -> PathBuf {
         self.cache.join(format!("models--{}", repo_id.replace('/', "--")))
     }

@@ -79,6 +79,14 @@ impl Trace {
     }
 }
 
+/// Scaled latents (1, C, h, w) → the picture (H, W, 3) in [0, 1] on the CPU: unscale, decode,
+/// `(x / 2 + 0.5).clamp(0, 1)`, channels last (step 7, and `--preview`).
+pub fn latents_to_image(vae: &Autoencoder, latents: &Tensor, tiled: bool) -> Result<Tensor> {
+    let decoded = vae.decode(&(latents / vae.scaling_factor())?, tiled)?;
+    let out = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    Ok(out.squeeze(0)?.permute((1, 2, 0))?.contiguous()?.to_device(&Device::Cpu)?)
+}
+
 /// `license:` in the front matter of a model folder's README.md (hub model cards have it).
 pub fn model_card_license(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("README.md")).ok()?;
@@ -126,6 +134,15 @@ pub struct StableDiffusion {
     pub dtype: DType,
 }
 
+/// What `StableDiffusion::load_with` adds to a model folder.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Extras<'a> {
+    /// (name, file, scale) per LoRA.
+    pub loras: &'a [(String, PathBuf, f64)],
+    /// A VAE folder (`--vae`) to use instead of the model's `vae/`.
+    pub vae: Option<&'a Path>,
+}
+
 /// What the LoRAs of a load did.
 #[derive(Debug, Default)]
 pub struct LoraOutcome {
@@ -158,12 +175,14 @@ pub type OnStep<'a> = &'a mut dyn FnMut(usize, usize, &Tensor) -> Result<()>;
 impl StableDiffusion {
     /// Loads a diffusers-layout folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        Ok(Self::load_with_loras(dir, device, dtype, &[])?.0)
+        Ok(Self::load_with(dir, device, dtype, Extras::default())?.0)
     }
 
-    /// Loads the model with LoRAs (name, file, scale) merged into the UNet and text encoder
-    /// weights; returns what each LoRA applied.
-    pub fn load_with_loras(dir: &Path, device: &Device, dtype: DType, loras: &[(String, PathBuf, f64)]) -> Result<(Self, LoraOutcome)> {
+    /// Loads the model with `extras`: LoRAs merged into the UNet and text encoder weights, and
+    /// another VAE in place of the folder's (which is then not loaded at all); returns what each
+    /// LoRA applied.
+    pub fn load_with(dir: &Path, device: &Device, dtype: DType, extras: Extras) -> Result<(Self, LoraOutcome)> {
+        let loras = extras.loras;
         if !dir.is_dir() {
             return Err(Error::Model { dir: dir.to_path_buf(), what: "not a folder".into() });
         }
@@ -200,7 +219,27 @@ impl StableDiffusion {
         let text_encoder = ClipTextEncoder::load(&te_f, dtype, device)?;
         let tokenizer = ClipTokenizer::load(&tok_dir, text_encoder.config.max_position_embeddings)?;
         let unet = UNet::load(&unet_f, dtype, device)?;
-        let vae = Autoencoder::load(&vae_f, dtype, device)?;
+        let vae = match extras.vae {
+            None => Autoencoder::load(&vae_f, dtype, device)?,
+            Some(other) => {
+                // `--vae`: its latent space must be the one the UNet was trained in.
+                let vae = Autoencoder::load_folder(other, dtype, device)?;
+                let own: crate::models::vae::VaeConfig = crate::models::read_json(&vae_f.config)?;
+                if vae.latent_channels() != unet.config.in_channels || vae.scale_factor() != own.scale_factor() {
+                    return Err(Error::config(
+                        other.join("config.json"),
+                        format!(
+                            "this VAE ({} latent channels, factor {}) does not fit the model's latent space ({} channels, factor {})",
+                            vae.latent_channels(),
+                            vae.scale_factor(),
+                            unet.config.in_channels,
+                            own.scale_factor()
+                        ),
+                    ));
+                }
+                vae
+            }
+        };
         if unet.config.context_dim() != text_encoder.hidden_size() {
             return Err(Error::config(
                 &unet_f.config,
@@ -246,26 +285,6 @@ impl StableDiffusion {
     }
 
     /// Pixels per latent pixel.
-    /// Replaces the model's VAE (`--vae`): a folder with config.json and weights, AutoencoderKL
-    /// or AutoencoderTiny; its latent space must be the UNet's.
-    pub fn replace_vae(&mut self, dir: &Path) -> Result<()> {
-        let vae = Autoencoder::load_folder(dir, self.dtype, &self.device)?;
-        if vae.latent_channels() != self.unet.config.in_channels || vae.scale_factor() != self.vae.scale_factor() {
-            return Err(Error::config(
-                dir.join("config.json"),
-                format!(
-                    "this VAE ({} latent channels, factor {}) does not fit the model's latent space ({} channels, factor {})",
-                    vae.latent_channels(),
-                    vae.scale_factor(),
-                    self.unet.config.in_channels,
-                    self.vae.scale_factor()
-                ),
-            ));
-        }
-        self.vae = vae;
-        Ok(())
-    }
-
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.scale_factor()
     }
@@ -379,9 +398,7 @@ impl StableDiffusion {
 
         // 7. Decode and post-process: (x / 2 + 0.5).clamp(0, 1), channels last.
         let t0 = clock();
-        let decoded = self.vae.decode(&(latents / self.vae.scaling_factor())?, p.vae_tiling)?;
-        let out = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-        let out = out.squeeze(0)?.permute((1, 2, 0))?.contiguous()?.to_device(&Device::Cpu)?;
+        let out = latents_to_image(&self.vae, &latents, p.vae_tiling)?;
         trace.record("output_float", &out)?;
         timings.vae_decode = t0.elapsed().as_secs_f64();
         Ok(Img2ImgOutput { image: out, timings })

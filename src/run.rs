@@ -56,13 +56,14 @@ impl Engine<'_> {
                 None => None,
             };
             let t = Instant::now();
-            let (mut model, outcome) = StableDiffusion::load_with_loras(&dir, &device, dtype, &loras)?;
-            if let Some(p) = preview_dir {
-                self.preview = Some(crate::models::Autoencoder::load_folder(&p, dtype, &device)?);
-            }
-            if let Some(v) = vae_dir {
-                model.replace_vae(&v)?;
+            let extras = crate::pipeline::Extras { loras: &loras, vae: vae_dir.as_deref() };
+            let (model, outcome) = StableDiffusion::load_with(&dir, &device, dtype, extras)?;
+            if let Some(v) = &vae_dir {
                 self.printer.verbose(format!("vae: {} from {}", model.vae.name(), v.display()));
+            }
+            // The preview decodes with TAESD: the model's own when --vae made it TAESD.
+            if let Some(p) = preview_dir.filter(|_| !matches!(model.vae, crate::models::Autoencoder::Tiny(_))) {
+                self.preview = Some(crate::models::Autoencoder::load_folder(&p, dtype, &device)?);
             }
             self.printer.verbose(format!("loaded model '{name}' in {:.1} s", t.elapsed().as_secs_f64()));
             for r in &outcome.reports {
@@ -123,7 +124,11 @@ impl Engine<'_> {
         };
         bar.reset();
         bar.set_message(s.sampler.name());
-        let preview = self.preview.as_ref().zip(s.preview.as_ref());
+        let preview_vae = match &model.vae {
+            crate::models::Autoencoder::Tiny(_) => Some(&model.vae),
+            _ => self.preview.as_ref(),
+        };
+        let preview = preview_vae.zip(s.preview.as_ref());
         let out = model.img2img(&image, &params, &mut SeededNoise::new(seed), trace, &mut |done, total, latents| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
@@ -227,9 +232,7 @@ fn lora_files(s: &Settings, hub: &LazyHub) -> Result<Vec<(String, PathBuf, f64)>
 /// Decodes the current latents with TAESD and replaces `path` atomically (a viewer never sees a
 /// half-written file).
 fn write_preview(vae: &crate::models::Autoencoder, latents: &candle_core::Tensor, path: &Path) -> Result<()> {
-    let decoded = vae.decode(&(latents / vae.scaling_factor())?, false)?;
-    let img = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-    let img = img.squeeze(0)?.permute((1, 2, 0))?.contiguous()?.to_device(&candle_core::Device::Cpu)?;
+    let img = crate::pipeline::latents_to_image(vae, latents, false)?;
     image_io::save_as(&image_io::to_rgb8(&img)?, path, OutputFormat::Png, &[])
 }
 
@@ -253,7 +256,6 @@ fn file_sha256_10(path: &Path) -> String {
     crate::hub::file_sha256(path).map(|h| h[..10].to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
-/// The local model folder: `--model-dir`, or the hub snapshot (downloaded when needed).
 /// One hub session per run, made on first use, so an unreachable hub is found out once (not
 /// once for the model, once for each LoRA and once for the VAE).
 struct LazyHub {
@@ -274,6 +276,7 @@ impl LazyHub {
     }
 }
 
+/// The local model folder: `--model-dir`, or the hub snapshot (downloaded when needed).
 fn model_folder(s: &Settings, hub: &LazyHub, dtype: DType) -> Result<(PathBuf, String)> {
     match &s.model {
         ModelSource::Dir(d) => Ok((d.clone(), d.display().to_string())),

@@ -4,7 +4,7 @@
 use crate::common::{fixtures, load_safetensors, rel_err, Case};
 use candle_core::{DType, Device, Tensor};
 use ghiblify::lora::{plan, Layout, LoraSet, MergingBackend, Part};
-use ghiblify::pipeline::StableDiffusion;
+use ghiblify::pipeline::{Extras, StableDiffusion};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -66,7 +66,7 @@ fn check_weights(case: &str, loras: &[(&str, f64)]) -> Vec<String> {
 
 fn check_trace(case: &str, loras: &[(&str, f64)]) {
     let named: Vec<(String, PathBuf, f64)> = loras.iter().map(|(f, s)| (f.to_string(), lora(f), *s)).collect();
-    let (sd, outcome) = StableDiffusion::load_with_loras(&fixtures().join("tiny-sd1"), &Device::Cpu, DType::F32, &named).unwrap();
+    let (sd, outcome) = StableDiffusion::load_with(&fixtures().join("tiny-sd1"), &Device::Cpu, DType::F32, Extras { loras: &named, vae: None }).unwrap();
     assert!(outcome.unused.is_empty(), "{:?}", outcome.unused);
     crate::parity::check_loaded(&sd, &format!("lora_{case}.safetensors"));
 }

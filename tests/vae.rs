@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use ghiblify::models::taesd::TinyVae;
 use ghiblify::models::vae::Vae;
 use ghiblify::models::{component_files, Autoencoder};
-use ghiblify::pipeline::StableDiffusion;
+use ghiblify::pipeline::{Extras, StableDiffusion};
 
 const REL_TOL: f64 = 1e-4;
 
@@ -47,8 +47,10 @@ fn taesd_encode_and_decode_match_diffusers() {
 
 #[test]
 fn img2img_with_taesd_swapped_in_matches_diffusers() {
-    let mut sd = StableDiffusion::load(&fixtures().join("tiny-sd1"), &Device::Cpu, DType::F32).unwrap();
-    sd.replace_vae(&fixtures().join("tiny-taesd")).unwrap();
+    let taesd = fixtures().join("tiny-taesd");
+    let extras = Extras { loras: &[], vae: Some(&taesd) };
+    let (sd, _) = StableDiffusion::load_with(&fixtures().join("tiny-sd1"), &Device::Cpu, DType::F32, extras).unwrap();
+    assert_eq!(sd.vae.name(), "AutoencoderTiny");
     crate::parity::check_loaded(&sd, "taesd_s060.safetensors");
 }
 
