@@ -4,6 +4,11 @@
 //!
 //!     GHIBLIFY_BENCH_FULL=1 cargo bench --bench unet
 
+
+// The allocator the binary uses (src/main.rs says why).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use ghiblify::models::random::random_var_builder;

@@ -6,6 +6,11 @@
 //!
 //! Peak memory and the tiled / 2048 px cases: `benches/vae_matrix.sh` (one process each).
 
+
+// The allocator the binary uses (src/main.rs says why).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use ghiblify::models::random::random_var_builder;

@@ -237,7 +237,13 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
 
-    /// Compute precision (default: f32 on the CPU, f16 on CUDA/Metal)
+    /// CPU worker threads (default: all cores, or RAYON_NUM_THREADS); fewer leaves cores free,
+    /// e.g. one per job when several batch jobs share a machine
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+
+    /// Weight precision (default: f32 on the CPU, f16 on CUDA/Metal). On the CPU f16/bf16 halve
+    /// the memory (f16 files are fetched) while the arithmetic stays f32: same speed
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
 

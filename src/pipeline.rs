@@ -131,6 +131,7 @@ pub struct StableDiffusion {
     pub scheduler_config: SchedulerConfig,
     pub scheduler_path: PathBuf,
     pub device: Device,
+    /// The activations' dtype: f32 on the CPU whatever the weights are stored in.
     pub dtype: DType,
 }
 
@@ -216,7 +217,11 @@ impl StableDiffusion {
         let scheduler_config = SchedulerConfig::read(&scheduler_path)?;
         // Validate the schedule now, so a bad config fails before the slow loads.
         crate::samplers::Schedule::from_config(&scheduler_config, &scheduler_path)?;
-        let text_encoder = ClipTextEncoder::load(&te_f, dtype, device)?;
+        // On the CPU, f16/bf16 is a storage format: the UNet and VAE keep their weights in it
+        // (half the memory) and our kernels widen them to f32 as they compute, since the CPU has no
+        // fast half-precision arithmetic. The small text encoder is widened once at load.
+        let compute = if device.is_cpu() { DType::F32 } else { dtype };
+        let text_encoder = ClipTextEncoder::load(&te_f, compute, device)?;
         let tokenizer = ClipTokenizer::load(&tok_dir, text_encoder.config.max_position_embeddings)?;
         let unet = UNet::load(&unet_f, dtype, device)?;
         let vae = match extras.vae {
@@ -256,7 +261,7 @@ impl StableDiffusion {
             outcome.unused = set.unet.unused().into_iter().chain(set.text_encoder.unused()).collect();
             outcome.reports = set.reports;
         }
-        let model = Self { dir: dir.to_path_buf(), unet_weights: unet_f.weights.clone(), tokenizer, text_encoder, vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype };
+        let model = Self { dir: dir.to_path_buf(), unet_weights: unet_f.weights.clone(), tokenizer, text_encoder, vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype: compute };
         Ok((model, outcome))
     }
 

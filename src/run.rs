@@ -191,6 +191,9 @@ fn provenance(s: &Settings, model: &str, info: &ModelInfo, source: &Path, seed: 
 }
 
 pub fn run(s: &Settings) -> Result<Outcome> {
+    if let Some(n) = s.threads {
+        set_threads(n);
+    }
     match &s.mode {
         Mode::Single { input, output } => single(s, input, output),
         Mode::Batch(b) => run_batch(s, b),
@@ -277,6 +280,15 @@ impl LazyHub {
 }
 
 /// The local model folder: `--model-dir`, or the hub snapshot (downloaded when needed).
+/// Sizes the CPU thread pool: rayon's (our kernels, candle's elementwise ops) and gemm's (candle's
+/// matmul reads RAYON_NUM_THREADS on each call). Must run before the first parallel operation.
+pub fn set_threads(n: usize) {
+    // SAFETY (of set_var): called from `run` before any worker thread exists.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    // An already-built pool (a library caller's) keeps its size; the env var still applies to gemm.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+}
+
 fn model_folder(s: &Settings, hub: &LazyHub, dtype: DType) -> Result<(PathBuf, String)> {
     match &s.model {
         ModelSource::Dir(d) => Ok((d.clone(), d.display().to_string())),

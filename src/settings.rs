@@ -67,6 +67,8 @@ pub struct Settings {
     pub model: ModelSource,
     pub device: DeviceArg,
     pub dtype: Option<DType>,
+    /// `--threads`: CPU worker threads (None: rayon's default, all cores or RAYON_NUM_THREADS).
+    pub threads: Option<usize>,
     pub trace: Option<PathBuf>,
     pub verbosity: Verbosity,
     pub offline: bool,
@@ -375,6 +377,7 @@ impl Settings {
             model,
             device: a.device,
             dtype,
+            threads: a.threads.map(usize::from),
             trace: a.trace,
             verbosity,
             offline: a.offline,
@@ -427,11 +430,10 @@ impl Settings {
         }
     }
 
-    /// f32 on the CPU (f16 is converted inside candle's CPU kernels and is slower; bf16 matmul is
-    /// unsupported there), f16 on GPUs.
+    /// The weights' dtype: f32 by default on the CPU, f16 on GPUs. On the CPU f16/bf16 is a storage
+    /// format (half the memory); the arithmetic stays f32 (see `StableDiffusion::load_with`).
     pub fn resolve_dtype(&self, device: &Device) -> Result<DType> {
         match (self.dtype, device.is_cpu()) {
-            (Some(DType::BF16), true) => Err(arg("--dtype bf16 is not supported on the CPU (use f32 or f16)".into())),
             (Some(d), _) => Ok(d),
             (None, true) => Ok(DType::F32),
             (None, false) => Ok(DType::F16),

@@ -6,6 +6,7 @@
 //! speed issue replaces their kernels: the rest of the crate only sees these small wrapper types.
 
 pub mod clip;
+pub mod kernels;
 pub mod nn;
 pub mod random;
 pub mod taesd;

@@ -1,16 +1,136 @@
 //! Layers shared by the UNet and the VAE, following diffusers' `models/resnet.py`,
 //! `models/attention_processor.py`, `models/upsampling.py` and `models/downsampling.py`.
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use super::kernels;
+use candle_core::{Module, Result, Tensor, D};
+use candle_core::DType;
+use candle_nn::VarBuilder;
+
+/// `torch.nn.Conv2d` (square kernel, stride and zero padding), run by [`kernels::conv2d`].
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        kernels::conv2d(xs, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+    }
+}
 
 pub fn conv2d(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    conv2d_with(vb, cin, cout, k, stride, padding, true)
+}
+
+pub fn conv2d_with(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize, bias: bool) -> Result<Conv2d> {
+    let weight = vb.get((cout, cin, k, k), "weight")?;
+    let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
+    Ok(Conv2d { weight, bias, stride, padding })
+}
+
+/// `torch.nn.GroupNorm` with affine parameters, run by [`kernels::group_norm`]; `forward_silu`
+/// fuses the SiLU that follows it in every ResNet block.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        kernels::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        kernels::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, false)
+    }
 }
 
 pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    if groups == 0 || channels % groups != 0 {
+        candle_core::bail!("{}: {channels} channels do not split into {groups} groups", vb.prefix());
+    }
+    Ok(GroupNorm { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })
+}
+
+/// Weights kept in a narrower storage dtype than the activations (f16 storage, f32 compute on the
+/// CPU) are widened for each use: half the resident memory for a copy that is small next to the
+/// matrix product it feeds.
+fn widened(w: &Tensor, like: &Tensor) -> Result<Tensor> {
+    if w.dtype() == like.dtype() {
+        Ok(w.clone())
+    } else {
+        w.to_dtype(like.dtype())
+    }
+}
+
+/// `torch.nn.Linear`: y = x·Wᵀ + b over the last dimension, any leading dimensions.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let w = widened(&self.weight, xs)?;
+        let (n, k) = w.dims2()?;
+        let lead = &xs.dims()[..xs.rank() - 1];
+        // One (rows × k)·(k × n) product over all leading dimensions, on the transposed view.
+        let rows = lead.iter().product::<usize>();
+        let y = xs.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&widened(b, xs)?)?,
+            None => y,
+        };
+        let mut shape = lead.to_vec();
+        shape.push(n);
+        y.reshape(shape)
+    }
+}
+
+pub fn linear(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear> {
+    Ok(Linear::new(vb.get((cout, cin), "weight")?, Some(vb.get(cout, "bias")?)))
+}
+
+pub fn linear_no_bias(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear> {
+    Ok(Linear::new(vb.get((cout, cin), "weight")?, None))
+}
+
+/// `torch.nn.LayerNorm` over the last dimension (candle's fused kernel), weights widened.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = xs.contiguous()?;
+        if xs.dtype() == DType::F32 || !xs.device().is_cpu() {
+            candle_nn::ops::layer_norm(&xs, &widened(&self.weight, &xs)?, &widened(&self.bias, &xs)?, self.eps as f32)
+        } else {
+            candle_nn::LayerNorm::new(self.weight.clone(), self.bias.clone(), self.eps).forward(&xs)
+        }
+    }
+}
+
+pub fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
 }
 
 /// A linear layer whose weight may be stored as a 1×1 convolution (old VAE checkpoints).
@@ -34,33 +154,10 @@ pub fn linear_maybe_conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) ->
     Ok(Linear::new(w, b))
 }
 
-/// Scaled dot-product attention over (B, L, H·d) projections, softmax in f32.
-///
-/// Queries are processed in chunks so the score matrix stays below ~128 MB: at 512² the first UNet
-/// level has 4096 tokens, and a full (2·8, 4096, 4096) f32 score tensor would be 1 GB.
+/// Scaled dot-product attention over (B, L, H·d) projections, softmax in f32: see
+/// [`kernels::attention`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, lq, c) = q.dims3()?;
-    let lk = k.dim(1)?;
-    let d = c / heads;
-    let scale = 1.0 / (d as f64).sqrt();
-    let split = |t: &Tensor, l: usize| t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous();
-    let q = split(q, lq)?;
-    let k = split(k, lk)?;
-    let v = split(v, lk)?;
-    let kt = k.t()?.contiguous()?;
-    let budget = 32 * 1024 * 1024; // f32 elements per chunk of scores
-    let chunk = (budget / (b * heads * lk).max(1)).clamp(1, lq);
-    let mut outs = Vec::with_capacity(lq.div_ceil(chunk));
-    for start in (0..lq).step_by(chunk) {
-        let len = chunk.min(lq - start);
-        let qc = q.narrow(2, start, len)?;
-        let scores = (qc.matmul(&kt)? * scale)?;
-        let in_dtype = scores.dtype();
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?;
-        outs.push(probs.matmul(&v)?);
-    }
-    let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 2)? };
-    out.transpose(1, 2)?.reshape((b, lq, c))
+    kernels::attention(q, k, v, heads)
 }
 
 /// diffusers `ResnetBlock2D` (pre-norm, "default" time-scale-shift, optional 1×1 shortcut).
@@ -87,7 +184,7 @@ impl ResnetBlock2D {
         let norm1 = group_norm(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?;
         let conv1 = conv2d(vb.pp("conv1"), cin, cout, 3, 1, 1)?;
         let time_emb_proj = match cfg.temb_channels {
-            Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+            Some(t) => Some(linear(vb.pp("time_emb_proj"), t, cout)?),
             None => None,
         };
         let norm2 = group_norm(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?;
@@ -97,7 +194,7 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.forward(&candle_nn::ops::silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -105,7 +202,7 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),

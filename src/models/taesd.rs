@@ -6,11 +6,11 @@
 //! parameters per half against the KL VAE's 34/49 M. The encoder gives latents directly (no
 //! posterior, so img2img draws no posterior noise with it), already in the UNet's latent scale.
 
-use super::nn::conv2d;
+use super::nn::{conv2d, conv2d_with, Conv2d};
 use super::{read_json, weights_err, ComponentFiles};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 /// `config.json` of an `AutoencoderTiny`; defaults are diffusers' constructor defaults.
@@ -97,7 +97,7 @@ impl Block {
     fn new(vb: VarBuilder, cin: usize, cout: usize) -> candle_core::Result<Self> {
         let c = vb.pp("conv");
         let convs = [conv2d(c.pp("0"), cin, cout, 3, 1, 1)?, conv2d(c.pp("2"), cout, cout, 3, 1, 1)?, conv2d(c.pp("4"), cout, cout, 3, 1, 1)?];
-        let skip = if cin != cout { Some(candle_nn::conv2d_no_bias(cin, cout, 1, Conv2dConfig::default(), vb.pp("skip"))?) } else { None };
+        let skip = if cin != cout { Some(conv2d_with(vb.pp("skip"), cin, cout, 1, 1, 0, false)?) } else { None };
         Ok(Self { convs, skip })
     }
 
@@ -167,7 +167,7 @@ impl TinyVae {
             encoder.push(Layer::Conv(if i == 0 {
                 conv2d(e.pp(idx), config.in_channels, ch[0], 3, 1, 1)?
             } else {
-                candle_nn::conv2d_no_bias(ch[i], ch[i], 3, Conv2dConfig { padding: 1, stride: 2, ..Default::default() }, e.pp(idx))?
+                conv2d_with(e.pp(idx), ch[i], ch[i], 3, 2, 1, false)?
             }));
             for _ in 0..n {
                 let idx = encoder.len();
@@ -194,7 +194,7 @@ impl TinyVae {
             let conv = if i == last {
                 conv2d(d.pp(idx), ch[i], cout, 3, 1, 1)?
             } else {
-                candle_nn::conv2d_no_bias(ch[i], cout, 3, Conv2dConfig { padding: 1, ..Default::default() }, d.pp(idx))?
+                conv2d_with(d.pp(idx), ch[i], cout, 3, 1, 1, false)?
             };
             decoder.push(Layer::Conv(conv));
         }

@@ -7,11 +7,11 @@
 //! SD 1.x/2.x family never uses (class embeddings, SDXL's added conditions, …) are rejected by
 //! name instead of being silently ignored.
 
-use super::nn::{attention, conv2d, group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::nn::{attention, conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::{read_json, weights_err, ComponentFiles, OneOrMany};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -334,10 +334,10 @@ struct Attention {
 impl Attention {
     fn new(vb: VarBuilder, dim: usize, context: usize, heads: usize) -> candle_core::Result<Self> {
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context, dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            to_q: linear_no_bias(vb.pp("to_q"), dim, dim)?,
+            to_k: linear_no_bias(vb.pp("to_k"), context, dim)?,
+            to_v: linear_no_bias(vb.pp("to_v"), context, dim)?,
+            to_out: linear(vb.pp("to_out.0"), dim, dim)?,
             heads,
         })
     }
@@ -353,13 +353,13 @@ impl TransformerBlock {
     fn new(vb: VarBuilder, dim: usize, heads: usize, context: usize) -> candle_core::Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: layer_norm(vb.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
-            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: layer_norm(vb.pp("norm2"), dim, 1e-5)?,
             attn2: Attention::new(vb.pp("attn2"), dim, context, heads)?,
-            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
-            ff_proj: candle_nn::linear(dim, inner * 2, vb.pp("ff.net.0.proj"))?,
-            ff_out: candle_nn::linear(inner, dim, vb.pp("ff.net.2"))?,
+            norm3: layer_norm(vb.pp("norm3"), dim, 1e-5)?,
+            ff_proj: linear(vb.pp("ff.net.0.proj"), dim, inner * 2)?,
+            ff_out: linear(vb.pp("ff.net.2"), inner, dim)?,
         })
     }
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
@@ -368,9 +368,8 @@ impl TransformerBlock {
         let h = self.norm2.forward(&xs)?;
         let xs = (self.attn2.forward(&h, context)? + xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
-        let half = h.dim(2)? / 2;
         // GEGLU with the exact (erf) GELU, as torch's F.gelu: candle's `gelu` is the tanh form.
-        let g = (h.narrow(2, 0, half)? * h.narrow(2, half, half)?.gelu_erf()?)?;
+        let g = super::kernels::geglu(&h)?;
         self.ff_out.forward(&g)? + xs
     }
 }
@@ -396,8 +395,8 @@ impl Transformer2D {
         let norm = group_norm(vb.pp("norm"), groups, channels, 1e-6)?;
         let (proj_in, proj_out) = if linear {
             (
-                Proj::Linear(candle_nn::linear(channels, channels, vb.pp("proj_in"))?),
-                Proj::Linear(candle_nn::linear(channels, channels, vb.pp("proj_out"))?),
+                Proj::Linear(super::nn::linear(vb.pp("proj_in"), channels, channels)?),
+                Proj::Linear(super::nn::linear(vb.pp("proj_out"), channels, channels)?),
             )
         } else {
             (
@@ -491,8 +490,8 @@ impl UNet {
         let lin = config.use_linear_projection;
 
         let conv_in = conv2d(vb.pp("conv_in"), config.in_channels, ch[0], config.conv_in_kernel, 1, config.conv_in_kernel / 2)?;
-        let time_linear_1 = candle_nn::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
-        let time_linear_2 = candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+        let time_linear_1 = linear(vb.pp("time_embedding.linear_1"), ch[0], temb)?;
+        let time_linear_2 = linear(vb.pp("time_embedding.linear_2"), temb, temb)?;
 
         let mut down = Vec::with_capacity(n);
         let mut cin = ch[0];
@@ -624,7 +623,7 @@ impl UNet {
                 xs = us.forward(&xs, size)?;
             }
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

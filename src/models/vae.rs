@@ -6,11 +6,11 @@
 //! with *our* seeded noise (candle's `DiagonalGaussianDistribution` keeps them private and draws
 //! from its own unseedable RNG).
 
-use super::nn::{attention, conv2d, group_norm, linear_maybe_conv, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::nn::{attention, conv2d, group_norm, linear_maybe_conv, Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::{read_json, weights_err, ComponentFiles};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 /// `vae/config.json`; defaults are diffusers' `AutoencoderKL` constructor defaults.
@@ -329,7 +329,7 @@ impl Vae {
             }
         }
         h = e.mid.forward(&h)?;
-        h = e.conv_out.forward(&candle_nn::ops::silu(&e.norm_out.forward(&h)?)?)?;
+        h = e.conv_out.forward(&e.norm_out.forward_silu(&h)?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
@@ -353,7 +353,7 @@ impl Vae {
                 h = us.forward(&h, None)?;
             }
         }
-        d.conv_out.forward(&candle_nn::ops::silu(&d.norm_out.forward(&h)?)?)
+        d.conv_out.forward(&d.norm_out.forward_silu(&h)?)
     }
 }
 

@@ -1,0 +1,89 @@
+//! Time and peak memory of the hot operations on the full-size SD1.5 architecture with random
+//! weights (compute does not depend on weight values): median of N runs after one warm-up.
+//!
+//!     cargo run --release --example speed_probe -- unet|vae-decode|vae-encode|matmul|conv [N] [f32|f16]
+//!
+//! `benches/compare_torch.py` runs diffusers on the same shapes and prints the ratio. Linux only
+//! for the memory figure (reads /proc/self/status).
+
+use candle_core::{DType, Device, Module, Tensor};
+use ghiblify::models::random::random_var_builder;
+use ghiblify::models::unet::{UNet, UNetConfig};
+use ghiblify::models::vae::{Vae, VaeConfig};
+use std::path::Path;
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SD15_UNET: &str = r#"{"sample_size": 64, "cross_attention_dim": 768}"#;
+const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 512,
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#;
+
+fn status_kb(key: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.first().map(String::as_str).unwrap_or("unet");
+    let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let dtype = match args.get(2).map(String::as_str) {
+        Some("f16") => DType::F16,
+        _ => DType::F32,
+    };
+    let dev = Device::Cpu;
+    let vb = random_var_builder(dtype, &dev);
+    let mut run: Box<dyn FnMut() -> candle_core::Result<Tensor>> = match what {
+        "unet" => {
+            let cfg: UNetConfig = serde_json::from_str(SD15_UNET)?;
+            let unet = UNet::from_config(cfg, vb, Path::new("sd15-unet"))?;
+            let latents = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &dev)?;
+            let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?;
+            Box::new(move || unet.forward(&latents, 500.0, &context))
+        }
+        "vae-decode" | "vae-encode" => {
+            let cfg: VaeConfig = serde_json::from_str(SD15_VAE)?;
+            let vae = Vae::from_config(cfg, vb, Path::new("sd15-vae"))?;
+            let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev)?;
+            let latent = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)?;
+            if what == "vae-decode" {
+                Box::new(move || vae.decode(&latent))
+            } else {
+                Box::new(move || Ok(vae.encode(&image)?.mean))
+            }
+        }
+        "matmul" => {
+            let a = Tensor::randn(0f32, 1.0, (4096, 4096), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, (4096, 4096), &dev)?;
+            Box::new(move || a.matmul(&b))
+        }
+        "conv" => {
+            let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev)?;
+            let conv = ghiblify::models::nn::conv2d(vb.pp("c"), 320, 320, 3, 1, 1)?;
+            Box::new(move || conv.forward(&x))
+        }
+        other => anyhow::bail!("unknown probe {other}"),
+    };
+    let loaded_kb = status_kb("VmRSS:");
+    let t = Instant::now();
+    run()?;
+    eprintln!("{what}: warm-up {:.2} s", t.elapsed().as_secs_f64());
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        run()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{what} {dtype:?}: median {:.3} s of {n} ({:?}), peak RSS {:.2} GB (loaded {:.2} GB)",
+        times[n / 2],
+        times.iter().map(|t| format!("{t:.3}")).collect::<Vec<_>>(),
+        status_kb("VmHWM:") as f64 / 1e6,
+        loaded_kb as f64 / 1e6
+    );
+    Ok(())
+}

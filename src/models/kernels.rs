@@ -1,0 +1,669 @@
+//! CPU kernels for the hot operations of the UNet and the VAE, as candle custom ops (f32
+//! activations; weights in f32, f16 or bf16 storage, widened on the fly).
+//!
+//! Why they exist (profile of one full-size SD1.5 UNet step at 512², see README "CPU speed"):
+//! candle 0.11's CPU convolution repacks the weights and transposes the input to NHWC on every
+//! call, single-threaded, then scatters the output; GroupNorm is ten separate tensor passes; the
+//! attention softmax over 4096 × 4096 scores runs glibc's scalar `expf`. Here:
+//! - [`conv2d`]: im2col straight from NCHW (each row a shifted copy of one input plane), tiled so the
+//!   buffer stays ≤ 16 MB, and one GEMM per tile writing NCHW output in place, bias included.
+//!   PyTorch/oneDNN and stable-diffusion.cpp (ggml_conv_2d = im2col + mul_mat) do the same.
+//! - [`group_norm`]: one read for the statistics (f64 sums, two-pass like PyTorch's) and one write,
+//!   SiLU fused, in parallel over (batch, group).
+//! - [`attention`]: memory-efficient attention (Rabe & Staats 2021, "Self-attention Does Not Need
+//!   O(n²) Memory"; the chunking diffusers' `AttnProcessor2_0` gets from torch's SDPA): per (batch,
+//!   head, block of queries) one GEMM for the scores, a vectorised exact-row softmax, one GEMM
+//!   into the output, reading the (B, L, heads·d) projections in place (no head transposes).
+//! - [`geglu`]: diffusers' GEGLU `a · GELU(gate)` (erf form) in one pass.
+//!
+//! Non-CPU devices and other dtypes fall back to the plain candle ops these are tested against.
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Runs `$body` (an expression over `$args`) compiled for AVX-512 or AVX2+FMA when the CPU has them
+/// (detected once, at run time), else for the baseline target: the loops are written so LLVM
+/// vectorises them at whatever width the features allow.
+macro_rules! simd {
+    (fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        #[inline(always)]
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? $body
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? $body
+                if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: the CPU has the features v4 is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features v3 is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
+fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The data of a contiguous f32 storage.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: expected contiguous f32, got {:?}", s.dtype()),
+    }
+}
+
+/// A contiguous weight as f32: borrowed when stored as f32, widened once per call from f16/bf16
+/// storage (half the resident memory; the copy is small next to the GEMM it feeds).
+fn weight_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: weight not contiguous")))?;
+    Ok(match s {
+        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
+        CpuStorage::F16(v) => std::borrow::Cow::Owned(widen(&v[a..b], |x| x.to_f32())),
+        CpuStorage::BF16(v) => std::borrow::Cow::Owned(widen(&v[a..b], |x| x.to_f32())),
+        other => candle_core::bail!("{what}: unsupported weight dtype {:?}", other.dtype()),
+    })
+}
+
+fn widen<T: Copy + Sync>(v: &[T], f: impl Fn(T) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    out.par_chunks_mut(1 << 16).zip(v.par_chunks(1 << 16)).for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, &i)| *o = f(i)));
+    out
+}
+
+/// `dst[m×n] (row stride dst_rs) (+)= lhs[m×k] (row stride lhs_rs) · rhs[k×n] (row stride rhs_rs)`,
+/// all with unit column stride except where the `*_cs` say otherwise.
+///
+/// # Safety
+/// Pointers and strides must describe valid, non-overlapping (dst) memory.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    (lhs, lhs_cs, lhs_rs): (*const f32, isize, isize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+    scale: f32,
+    par: Parallelism,
+) {
+    gemm::gemm(m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, scale, false, false, false, par)
+}
+
+fn rayon_par() -> Parallelism {
+    match threads() {
+        1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolution
+
+#[derive(Debug, Clone, Copy)]
+struct Conv {
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, x: &[f32], (b, cin, ih, iw): (usize, usize, usize, usize), w: &[f32], (cout, kh, kw): (usize, usize, usize), bias: Option<&[f32]>) -> Vec<f32> {
+        let (s, p) = (self.stride, self.padding);
+        let oh = (ih + 2 * p - kh) / s + 1;
+        let ow = (iw + 2 * p - kw) / s + 1;
+        let (plane, oplane, k) = (ih * iw, oh * ow, cin * kh * kw);
+        let mut out = vec![0f32; b * cout * oplane];
+        if let Some(bias) = bias {
+            out.par_chunks_mut(oplane).enumerate().for_each(|(i, row)| row.fill(bias[i % cout]));
+        }
+        let acc = bias.is_some();
+        let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0;
+        // Output rows per tile: the im2col buffer (k × tile pixels) stays within 4 Mi floats.
+        let rows = ((1 << 22) / (k * ow).max(1)).clamp(1, oh);
+        let mut col = if pointwise { Vec::new() } else { vec![0f32; k * rows * ow] };
+        for bi in 0..b {
+            let xb = &x[bi * cin * plane..(bi + 1) * cin * plane];
+            let ob = &mut out[bi * cout * oplane..(bi + 1) * cout * oplane];
+            if pointwise {
+                // SAFETY: ob is cout × oplane, w is cout × cin, xb is cin × plane (= oplane).
+                unsafe { sgemm((cout, oplane, cin), ob.as_mut_ptr(), oplane as isize, acc, (w.as_ptr(), 1, cin as isize), (xb.as_ptr(), 1, plane as isize), 1.0, rayon_par()) };
+                continue;
+            }
+            for oy0 in (0..oh).step_by(rows) {
+                let tr = rows.min(oh - oy0);
+                let tp = tr * ow;
+                let col = &mut col[..k * tp];
+                // Row r = (ci, ky, kx) of the patch matrix: input plane ci shifted by (ky, kx).
+                col.par_chunks_mut(tp).enumerate().for_each(|(r, crow)| {
+                    let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
+                    let src = &xb[ci * plane..(ci + 1) * plane];
+                    for (ty, seg) in crow.chunks_mut(ow).enumerate() {
+                        let iy = ((oy0 + ty) * s + ky) as isize - p as isize;
+                        if iy < 0 || iy >= ih as isize {
+                            seg.fill(0.0);
+                            continue;
+                        }
+                        let line = &src[iy as usize * iw..(iy as usize + 1) * iw];
+                        // ix = ox + kx - p: one contiguous copy between the zero edges.
+                        let lo = p.saturating_sub(kx).min(ow);
+                        let hi = (iw + p).saturating_sub(kx).min(ow);
+                        if s == 1 && hi > lo {
+                            seg[..lo].fill(0.0);
+                            seg[lo..hi].copy_from_slice(&line[lo + kx - p..hi + kx - p]);
+                            seg[hi..].fill(0.0);
+                        } else {
+                            for (ox, v) in seg.iter_mut().enumerate() {
+                                let ix = (ox * s + kx) as isize - p as isize;
+                                *v = if ix >= 0 && (ix as usize) < iw { line[ix as usize] } else { 0.0 };
+                            }
+                        }
+                    }
+                });
+                // SAFETY: the destination is columns [oy0·ow, oy0·ow + tp) of ob's cout rows.
+                unsafe {
+                    sgemm(
+                        (cout, tp, k),
+                        ob.as_mut_ptr().add(oy0 * ow),
+                        oplane as isize,
+                        acc,
+                        (w.as_ptr(), 1, k as isize),
+                        (col.as_ptr(), 1, tp as isize),
+                        1.0,
+                        rayon_par(),
+                    )
+                };
+            }
+        }
+        out
+    }
+
+    fn fwd(&self, xs: (&CpuStorage, &Layout), ws: (&CpuStorage, &Layout), bias: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs.0, xs.1, "conv2d input")?;
+        let (b, cin, ih, iw) = xs.1.shape().dims4()?;
+        let (cout, wcin, kh, kw) = ws.1.shape().dims4()?;
+        if wcin != cin {
+            candle_core::bail!("conv2d: input has {cin} channels, weight expects {wcin}");
+        }
+        if ih + 2 * self.padding < kh || iw + 2 * self.padding < kw || self.stride == 0 {
+            candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {ih}×{iw} input padded by {}", self.padding);
+        }
+        let w = weight_f32(ws.0, ws.1, "conv2d weight")?;
+        let bias = bias.map(|(s, l)| weight_f32(s, l, "conv2d bias")).transpose()?;
+        let out = self.run(x, (b, cin, ih, iw), &w, (cout, kh, kw), bias.as_deref());
+        let oh = (ih + 2 * self.padding - kh) / self.stride + 1;
+        let ow = (iw + 2 * self.padding - kw) / self.stride + 1;
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
+    }
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "ghiblify-conv2d"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "ghiblify-conv2d-bias"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+/// 2-D convolution (NCHW, OIHW weight, square stride and zero padding, no dilation or groups),
+/// with the bias added: what `torch.nn.Conv2d` computes.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    if !is_cpu_f32(x) {
+        let w = weight.to_dtype(x.dtype())?;
+        let cfg_out = x.conv2d(&w, padding, stride, 1, 1)?;
+        return match bias {
+            Some(b) => cfg_out.broadcast_add(&b.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?),
+            None => Ok(cfg_out),
+        };
+    }
+    let op = Conv { stride, padding };
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3_no_bwd(&weight, &b.contiguous()?, &op),
+        None => x.apply_op2_no_bwd(&weight, &op),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GroupNorm (+ SiLU)
+
+#[derive(Debug, Clone, Copy)]
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+simd! {
+fn norm_chunk(x: &[f32], out: &mut [f32], per: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
+    // Two passes in f64 (mean, then squared deviations), as PyTorch's CPU group_norm: no
+    // cancellation for large activations.
+    let n = x.len() as f64;
+    let mean = lane_sum(x) / n;
+    let m = mean as f32;
+    let mut acc = [0f64; 8];
+    for c in x.chunks(8) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            let d = (v - m) as f64;
+            *a += d * d;
+        }
+    }
+    let var = acc.iter().sum::<f64>() / n;
+    let rstd = (1.0 / (var + eps).sqrt()) as f32;
+    for ((xc, oc), (&g, &b)) in x.chunks(per).zip(out.chunks_mut(per)).zip(gamma.iter().zip(beta)) {
+        // (v − mean)·a + b, not v·a + (b − mean·a): the latter cancels badly when |mean| ≫ std.
+        let a = g * rstd;
+        if silu {
+            for (o, &v) in oc.iter_mut().zip(xc) {
+                let y = (v - m) * a + b;
+                *o = y / (1.0 + exp(-y));
+            }
+        } else {
+            for (o, &v) in oc.iter_mut().zip(xc) {
+                *o = (v - m) * a + b;
+            }
+        }
+    }
+}
+}
+
+/// Sum in f64 over 8 interleaved lanes (vectorisable; the order is fixed, so results repeat).
+#[inline(always)]
+fn lane_sum(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    for c in x.chunks(8) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v as f64;
+        }
+    }
+    acc.iter().sum()
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "ghiblify-group-norm"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "group_norm input")?;
+        let gamma = weight_f32(s2, l2, "group_norm weight")?;
+        let beta = weight_f32(s3, l3, "group_norm bias")?;
+        let dims = l1.shape().dims();
+        let c = dims[1];
+        let per = dims[2..].iter().product::<usize>();
+        let cg = c / self.groups;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(cg * per).zip(x.par_chunks(cg * per)).enumerate().for_each(|(i, (o, xc))| {
+            let g0 = (i % self.groups) * cg;
+            norm_chunk(xc, o, per, &gamma[g0..g0 + cg], &beta[g0..g0 + cg], self.eps, self.silu);
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `torch.nn.GroupNorm` over (B, C, …), optionally followed by SiLU in the same pass.
+pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    if c % groups != 0 {
+        candle_core::bail!("group_norm: {c} channels do not split into {groups} groups");
+    }
+    if !is_cpu_f32(x) {
+        let y = candle_nn::GroupNorm::new(gamma.to_dtype(x.dtype())?, beta.to_dtype(x.dtype())?, c, groups, eps)?;
+        let y = candle_core::Module::forward(&y, x)?;
+        return if silu { candle_nn::ops::silu(&y) } else { Ok(y) };
+    }
+    x.contiguous()?.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &GroupNormOp { groups, eps, silu })
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp and erf, branch-free so the loops above vectorise.
+
+/// e^x for f32 (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial;
+/// ≤ 2 ulp on [-87, 88]; below, e^-87.3 ≈ 1e-38, which is 0 next to a softmax row's maximum).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * y
+}
+
+/// erf(x) = sign(x)·(1 − erfc|x|), erfc(z) = t·exp(−z² + P(t)) with t = 1/(1 + z/2): Numerical
+/// Recipes' `erfcc` Chebyshev fit (fractional error < 1.2e-7 everywhere; Abramowitz & Stegun
+/// 7.1.26's 1.5e-7 absolute is close but this one has no branch either).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06 + t * (0.278_868_07 + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * exp(-z * z + poly);
+    (1.0 - erfc).copysign(x)
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEGLU
+
+#[derive(Debug, Clone, Copy)]
+struct GegluOp;
+
+simd! {
+fn geglu_rows(h: &[f32], out: &mut [f32], half: usize) {
+    for (hr, or) in h.chunks(2 * half).zip(out.chunks_mut(half)) {
+        let (a, g) = hr.split_at(half);
+        for ((o, &a), &g) in or.iter_mut().zip(a).zip(g) {
+            *o = a * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2)));
+        }
+    }
+}
+}
+
+impl CustomOp1 for GegluOp {
+    fn name(&self) -> &'static str {
+        "ghiblify-geglu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = f32_slice(s, l, "geglu input")?;
+        let dims = l.shape().dims();
+        let half = dims[dims.len() - 1] / 2;
+        let rows = h.len() / (2 * half);
+        let mut out = vec![0f32; rows * half];
+        let per = (1 << 14) / half.max(1) + 1;
+        out.par_chunks_mut(per * half).zip(h.par_chunks(per * 2 * half)).for_each(|(o, h)| geglu_rows(h, o, half));
+        let mut od = dims.to_vec();
+        *od.last_mut().unwrap() = half;
+        Ok((CpuStorage::F32(out), Shape::from(od)))
+    }
+}
+
+/// diffusers' GEGLU on the output of its projection: `h[..., :n] · GELU(h[..., n:])`, exact GELU.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let half = h.dim(candle_core::D::Minus1)? / 2;
+    if !is_cpu_f32(h) {
+        let d = h.rank() - 1;
+        return h.narrow(d, 0, half)? * h.narrow(d, half, half)?.gelu_erf()?;
+    }
+    h.contiguous()?.apply_op1_no_bwd(&GegluOp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+simd! {
+fn softmax_rows(s: &mut [f32], lk: usize) -> () {
+    for row in s.chunks_mut(lk) {
+        let mut mx = [f32::NEG_INFINITY; 16];
+        for c in row.chunks(16) {
+            for (m, &v) in mx.iter_mut().zip(c) {
+                *m = m.max(v);
+            }
+        }
+        let m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut acc = [0f32; 16];
+        for c in row.chunks_mut(16) {
+            for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+                *v = exp(*v - m);
+                *a += *v;
+            }
+        }
+        let inv = 1.0 / acc.iter().sum::<f32>();
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AttentionOp {
+    heads: usize,
+}
+
+impl AttentionOp {
+    fn run(&self, q: &[f32], k: &[f32], v: &[f32], (b, lq, lk, c): (usize, usize, usize, usize)) -> Vec<f32> {
+        let h = self.heads;
+        let d = c / h;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; b * lq * c];
+        // Queries per block: the block's scores (block × lk f32) stay near 1 MB (one core's L2).
+        let block = ((1 << 18) / lk.max(1)).clamp(16, 256).min(lq);
+        let nblk = lq.div_ceil(block);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..b * h * nblk).into_par_iter().for_each_init(
+            || vec![0f32; block * lk],
+            |scores, job| {
+                let (bh, blk) = (job / nblk, job % nblk);
+                let (bi, hi) = (bh / h, bh % h);
+                let q0 = blk * block;
+                let rows = block.min(lq - q0);
+                let s = &mut scores[..rows * lk];
+                let qp = q[(bi * lq + q0) * c + hi * d..].as_ptr();
+                let kp = k[bi * lk * c + hi * d..].as_ptr();
+                let vp = v[bi * lk * c + hi * d..].as_ptr();
+                // SAFETY: all reads stay inside q/k/v (row stride c, d columns from hi·d); the
+                // destination rows × d block of `out` belongs to this job alone.
+                unsafe {
+                    // scores = scale · Q_blk · Kᵀ (K read transposed through its strides).
+                    sgemm((rows, lk, d), s.as_mut_ptr(), lk as isize, false, (qp, 1, c as isize), (kp, c as isize, 1), scale, Parallelism::None);
+                    softmax_rows(s, lk);
+                    let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
+                    sgemm((rows, d, lk), op, c as isize, false, (s.as_ptr(), 1, lk as isize), (vp, 1, c as isize), 1.0, Parallelism::None);
+                }
+            },
+        );
+        out
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: every job writes a disjoint block (see AttentionOp::run).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "ghiblify-attention"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let q = f32_slice(s1, l1, "attention q")?;
+        let k = f32_slice(s2, l2, "attention k")?;
+        let v = f32_slice(s3, l3, "attention v")?;
+        let (b, lq, c) = l1.shape().dims3()?;
+        let lk = l2.shape().dims3()?.1;
+        Ok((CpuStorage::F32(self.run(q, k, v, (b, lq, lk, c))), l1.shape().clone()))
+    }
+}
+
+/// Scaled dot-product attention over (B, L, heads·d) projections → (B, Lq, heads·d), softmax in
+/// f32 (diffusers' `upcast_softmax`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, _, c) = q.dims3()?;
+    if c % heads != 0 || k.dims3()? != v.dims3()? || k.dim(0)? != b || k.dim(2)? != c {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} with {heads} heads", q.dims(), k.dims(), v.dims());
+    }
+    if is_cpu_f32(q) {
+        return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &AttentionOp { heads });
+    }
+    reference_attention(q, k, v, heads)
+}
+
+/// The plain candle formulation, query-chunked so the score matrix stays below ~128 MB (GPU
+/// devices and the kernel tests).
+pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, lq, c) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let d = c / heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let split = |t: &Tensor, l: usize| t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous();
+    let q = split(q, lq)?;
+    let k = split(k, lk)?;
+    let v = split(v, lk)?;
+    let kt = k.t()?.contiguous()?;
+    let budget = 32 * 1024 * 1024; // f32 elements per chunk of scores
+    let chunk = (budget / (b * heads * lk).max(1)).clamp(1, lq);
+    let mut outs = Vec::with_capacity(lq.div_ceil(chunk));
+    for start in (0..lq).step_by(chunk) {
+        let len = chunk.min(lq - start);
+        let qc = q.narrow(2, start, len)?;
+        let scores = (qc.matmul(&kt)? * scale)?;
+        let in_dtype = scores.dtype();
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?;
+        outs.push(probs.matmul(&v)?);
+    }
+    let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 2)? };
+    out.transpose(1, 2)?.reshape((b, lq, c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        diff / scale
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.iter().product::<usize>();
+        let v: Vec<f32> = (0..n).map(|_| rng.sample(rand_distr::StandardNormal)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn conv2d_matches_candle() {
+        // 3×3 stride 1 pad 1, stride 2 pad 1, stride 2 pad 0 (VAE downsample after its own pad),
+        // 1×1, odd sizes, and a tall input that needs several im2col tiles.
+        for &(b, cin, cout, h, w, k, s, p) in &[
+            (2, 5, 7, 9, 11, 3, 1, 1),
+            (1, 4, 6, 10, 7, 3, 2, 1),
+            (1, 3, 4, 9, 9, 3, 2, 0),
+            (2, 6, 5, 8, 3, 1, 1, 0),
+            (1, 2, 3, 5, 6, 3, 1, 0),
+            (1, 96, 8, 300, 160, 3, 1, 1),
+        ] {
+            let x = randn(&[b, cin, h, w], 1);
+            let wt = randn(&[cout, cin, k, k], 2);
+            let bias = randn(&[cout], 3);
+            let want = x.conv2d(&wt, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let got = conv2d(&x, &wt, Some(&bias), s, p).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_rel(&got, &want) < 1e-5, "conv {:?}: {}", (b, cin, cout, h, w, k, s, p), max_rel(&got, &want));
+            let nob = conv2d(&x, &wt, None, s, p).unwrap();
+            assert!(max_rel(&nob, &x.conv2d(&wt, p, s, 1, 1).unwrap()) < 1e-5);
+            // f16 weight storage computes in f32 on the widened weights.
+            let w16 = wt.to_dtype(DType::F16).unwrap();
+            let want16 = x.conv2d(&w16.to_dtype(DType::F32).unwrap(), p, s, 1, 1).unwrap();
+            assert!(max_rel(&conv2d(&x, &w16, None, s, p).unwrap(), &want16) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_candle() {
+        for &(b, c, h, w, g, silu) in &[(2, 64, 9, 7, 32, false), (1, 12, 5, 5, 3, true), (2, 32, 1, 1, 32, true)] {
+            // An offset mean makes a one-pass variance visibly wrong.
+            let x = (randn(&[b, c, h, w], 4) * 3.0).unwrap().affine(1.0, 40.0).unwrap();
+            let gamma = randn(&[c], 5);
+            let beta = randn(&[c], 6);
+            let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, g, 1e-6).unwrap();
+            let mut want = gn.forward(&x).unwrap();
+            if silu {
+                want = candle_nn::ops::silu(&want).unwrap();
+            }
+            let got = group_norm(&x, &gamma, &beta, g, 1e-6, silu).unwrap();
+            assert!(max_rel(&got, &want) < 1e-5, "group_norm {:?}: {}", (b, c, h, w, g, silu), max_rel(&got, &want));
+        }
+    }
+
+    #[test]
+    fn exp_and_erf_are_accurate() {
+        for i in -8000..=8000 {
+            let x = i as f32 * 0.01;
+            let e = exp(x) as f64;
+            let want = (x as f64).exp();
+            assert!(((e - want) / want).abs() < 3e-7, "exp({x}) = {e}, want {want}");
+            let got = erf(x) as f64;
+            let want = libm_erf(x as f64);
+            assert!((got - want).abs() < 2e-7, "erf({x}) = {got}, want {want}");
+        }
+        assert!(exp(-200.0) < 2e-38);
+    }
+
+    /// erf in f64 by its Taylor series (|x| < 3) and continued fraction for erfc beyond.
+    fn libm_erf(x: f64) -> f64 {
+        let z = x.abs();
+        let r = if z < 3.0 {
+            let (mut term, mut sum, mut n) = (z, z, 0.0);
+            while term.abs() > 1e-17 {
+                n += 1.0;
+                term *= -z * z / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            let mut f = 0.0;
+            for k in (1..60).rev() {
+                f = (k as f64 / 2.0) / (z + f);
+            }
+            1.0 - (-z * z).exp() / std::f64::consts::PI.sqrt() / (z + f)
+        };
+        r.copysign(x)
+    }
+
+    #[test]
+    fn geglu_matches_candle() {
+        let h = (randn(&[2, 7, 2 * 45], 7) * 2.0).unwrap();
+        let want = (h.narrow(2, 0, 45).unwrap() * h.narrow(2, 45, 45).unwrap().gelu_erf().unwrap()).unwrap();
+        assert!(max_rel(&geglu(&h).unwrap(), &want) < 1e-6);
+    }
+
+    #[test]
+    fn attention_matches_candle() {
+        // Self-attention with several query blocks and an odd tail, cross-attention with 77 keys.
+        for &(b, lq, lk, c, heads) in &[(2, 300, 300, 40, 5), (2, 1100, 77, 64, 8), (1, 3, 5, 8, 1)] {
+            let q = randn(&[b, lq, c], 8);
+            let k = randn(&[b, lk, c], 9);
+            let v = randn(&[b, lk, c], 10);
+            let want = reference_attention(&q, &k, &v, heads).unwrap();
+            let got = attention(&q, &k, &v, heads).unwrap();
+            assert!(max_rel(&got, &want) < 1e-5, "attention {:?}: {}", (b, lq, lk, c, heads), max_rel(&got, &want));
+        }
+    }
+}
