@@ -5,9 +5,9 @@
 //!     GHIBLIFY_BENCH_FULL=1 cargo bench --bench unet
 
 
-// The allocator the binary uses (src/main.rs says why).
+// Why this allocator: src/alloc.rs.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ghiblify::alloc::Allocator = ghiblify::alloc::Allocator {};
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -19,6 +19,7 @@ use std::path::Path;
 const SD15_UNET: &str = r#"{"sample_size": 64, "cross_attention_dim": 768}"#;
 
 fn unet_step(c: &mut Criterion) {
+    ghiblify::alloc::keep_freed_memory();
     if std::env::var_os("GHIBLIFY_BENCH_FULL").is_none() {
         eprintln!("unet: skipped (set GHIBLIFY_BENCH_FULL=1 to run the full-size UNet step, ~30 s per iteration here)");
         return;

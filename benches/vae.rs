@@ -7,9 +7,9 @@
 //! Peak memory and the tiled / 2048 px cases: `benches/vae_matrix.sh` (one process each).
 
 
-// The allocator the binary uses (src/main.rs says why).
+// Why this allocator: src/alloc.rs.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ghiblify::alloc::Allocator = ghiblify::alloc::Allocator {};
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -24,6 +24,7 @@ const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_p
   "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#;
 
 fn vae(c: &mut Criterion) {
+    ghiblify::alloc::keep_freed_memory();
     if std::env::var_os("GHIBLIFY_BENCH_FULL").is_none() {
         eprintln!("vae: skipped (set GHIBLIFY_BENCH_FULL=1 to time the full-size VAE and TAESD, ~35 s per KL decode here)");
         return;

@@ -13,8 +13,9 @@ use ghiblify::models::vae::{Vae, VaeConfig};
 use std::path::Path;
 use std::time::Instant;
 
+// Why this allocator: src/alloc.rs.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ghiblify::alloc::Allocator = ghiblify::alloc::Allocator {};
 
 const SD15_UNET: &str = r#"{"sample_size": 64, "cross_attention_dim": 768}"#;
 const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 512,
@@ -27,6 +28,7 @@ fn status_kb(key: &str) -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    ghiblify::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("unet");
     let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3);

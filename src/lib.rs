@@ -4,6 +4,7 @@
 //! The flow is [`pipeline::StableDiffusion::img2img`]; the binary is a thin shell over
 //! [`settings::Settings`] and [`run::run`].
 
+pub mod alloc;
 pub mod batch;
 pub mod cli;
 pub mod error;

@@ -3,12 +3,12 @@
 use clap::Parser;
 use std::process::ExitCode;
 
-// mimalloc keeps freed pages for reuse: with glibc's malloc every large activation is a fresh
-// mmap whose pages the kernel zeroes and faults in, which cost a third of a UNet step on the CPU.
+// Why this allocator: src/alloc.rs.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ghiblify::alloc::Allocator = ghiblify::alloc::Allocator {};
 
 fn main() -> ExitCode {
+    ghiblify::alloc::keep_freed_memory();
     let args = match ghiblify::cli::Args::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => {

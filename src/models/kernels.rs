@@ -350,7 +350,10 @@ fn exp(x: f32) -> f32 {
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let y = p * r * r + r + 1.0;
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * y
+    // 2^n without a float→int conversion (Rust's saturating `as` does not vectorise): adding
+    // 1.5·2^23 leaves n, as an integer, in the low mantissa bits.
+    let n_bits = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    f32::from_bits(n_bits.wrapping_add(127) << 23) * y
 }
 
 /// erf(x) = sign(x)·(1 − erfc|x|), erfc(z) = t·exp(−z² + P(t)) with t = 1/(1 + z/2): Numerical
@@ -364,7 +367,7 @@ fn erf(x: f32) -> f32 {
         + t * (1.000_023_7
             + t * (0.374_091_96
                 + t * (0.096_784_18
-                    + t * (-0.186_288_06 + t * (0.278_868_07 + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                    + t * (-0.186_288_06 + t * (0.278_868_07 + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     let erfc = t * exp(-z * z + poly);
     (1.0 - erfc).copysign(x)
 }
