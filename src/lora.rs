@@ -137,7 +137,7 @@ impl Merge {
 
 /// A safetensors backend that adds the LoRA updates to the weights it hands out.
 pub struct MergingBackend {
-    pub inner: candle_core::safetensors::MmapedSafetensors,
+    pub inner: crate::models::weights::Weights,
     pub merge: Arc<Merge>,
 }
 
@@ -154,7 +154,7 @@ impl SimpleBackend for MergingBackend {
         self.merge.apply(name, t)?.to_dtype(dtype)
     }
     fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.get(name).is_ok()
+        self.inner.contains(name)
     }
 }
 

@@ -125,7 +125,9 @@ pub struct StableDiffusion {
     /// The UNet weight files (for the provenance's model hash).
     pub unet_weights: Vec<PathBuf>,
     pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextEncoder,
+    /// The text encoder until [`Self::release_text_encoder`]; prompts it encoded stay cached.
+    text_encoder: std::sync::Mutex<Option<ClipTextEncoder>>,
+    prompt_cache: std::sync::Mutex<std::collections::HashMap<String, Tensor>>,
     pub vae: Autoencoder,
     pub unet: UNet,
     pub scheduler_config: SchedulerConfig,
@@ -217,11 +219,11 @@ impl StableDiffusion {
         let scheduler_config = SchedulerConfig::read(&scheduler_path)?;
         // Validate the schedule now, so a bad config fails before the slow loads.
         crate::samplers::Schedule::from_config(&scheduler_config, &scheduler_path)?;
-        // On the CPU, f16/bf16 is a storage format: the UNet and VAE keep their weights in it
-        // (half the memory) and our kernels widen them to f32 as they compute, since the CPU has no
-        // fast half-precision arithmetic. The small text encoder is widened once at load.
+        // On the CPU, f16/bf16 is a storage format: the models keep their weights in it (half the
+        // memory) and widen them to f32 as they compute, since the CPU has no fast half-precision
+        // arithmetic.
         let compute = if device.is_cpu() { DType::F32 } else { dtype };
-        let text_encoder = ClipTextEncoder::load(&te_f, compute, device)?;
+        let text_encoder = ClipTextEncoder::load(&te_f, dtype, device)?;
         let tokenizer = ClipTokenizer::load(&tok_dir, text_encoder.config.max_position_embeddings)?;
         let unet = UNet::load(&unet_f, dtype, device)?;
         let vae = match extras.vae {
@@ -261,7 +263,7 @@ impl StableDiffusion {
             outcome.unused = set.unet.unused().into_iter().chain(set.text_encoder.unused()).collect();
             outcome.reports = set.reports;
         }
-        let model = Self { dir: dir.to_path_buf(), unet_weights: unet_f.weights.clone(), tokenizer, text_encoder, vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype: compute };
+        let model = Self { dir: dir.to_path_buf(), unet_weights: unet_f.weights.clone(), tokenizer, text_encoder: std::sync::Mutex::new(Some(text_encoder)), prompt_cache: Default::default(), vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype: compute };
         Ok((model, outcome))
     }
 
@@ -300,10 +302,31 @@ impl StableDiffusion {
     }
 
     fn encode_text(&self, text: &str) -> Result<Tensor> {
+        let mut cache = self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(text) {
+            return Ok(t.clone());
+        }
+        let encoder = self.text_encoder.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(encoder) = encoder.as_ref() else {
+            return Err(Error::Model { dir: self.dir.clone(), what: format!("the text encoder was released before the prompt {text:?} was encoded") });
+        };
         let ids = self.tokenizer.encode(text)?;
         let n = ids.len();
         let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
-        Ok(self.text_encoder.forward(&ids)?)
+        let t = encoder.forward(&ids)?;
+        cache.insert(text.to_string(), t.clone());
+        Ok(t)
+    }
+
+    /// Encodes `prompts` now (they are cached for every later image).
+    pub fn prepare_prompts(&self, prompts: &[&str]) -> Result<()> {
+        prompts.iter().try_for_each(|p| self.encode_text(p).map(drop))
+    }
+
+    /// Frees the text encoder's weights (about 250 MB in f16, 500 MB in f32) once every prompt the
+    /// run needs is cached: from then on only the UNet and the VAE hold memory.
+    pub fn release_text_encoder(&self) {
+        self.text_encoder.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Runs img2img on `image`, (1, 3, H, W) f32 in [-1, 1] with H, W multiples of the VAE scale.

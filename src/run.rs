@@ -46,6 +46,10 @@ impl Engine<'_> {
         if self.model.is_none() {
             let device = self.s.resolve_device()?;
             let dtype: DType = self.s.resolve_dtype(&device)?;
+            if device.is_cpu() && dtype != DType::F32 {
+                // Half-precision weights on the CPU are asked for to save memory: keep it low.
+                crate::alloc::set_purge_delay(crate::alloc::LOW_MEMORY_PURGE_DELAY_MS);
+            }
             self.printer.verbose(format!("device {device:?}, dtype {dtype:?}"));
             let hub = LazyHub::new(self.s, self.printer);
             let (dir, name) = model_folder(self.s, &hub, dtype)?;
@@ -88,6 +92,10 @@ impl Engine<'_> {
             if overflow > 0 {
                 self.printer.warn(format!("--prompt is {overflow} tokens longer than the text encoder reads; the end was cut"));
             }
+            // Every image of the run uses these two prompts: encode them once, then free the
+            // text encoder (part of keeping a 512² run with f16 weights under 3 GB).
+            model.prepare_prompts(&[&self.s.prompt, &self.s.negative_prompt])?;
+            model.release_text_encoder();
             let hash = if self.s.metadata { model.model_hash() } else { None };
             let license = model.license().or_else(|| match &self.s.model {
                 ModelSource::Hub { license, .. } => license.clone(),

@@ -296,3 +296,36 @@ fn stochastic_sampler_traces_its_step_noise_and_repeats_with_the_seed() {
     let px = |n: &str| image::open(case.path(n)).unwrap().to_rgb8().into_raw();
     assert_eq!(px("a.png"), px("b.png"));
 }
+
+#[test]
+fn threads_change_the_speed_not_the_picture() {
+    let case = Case::new();
+    assert!(case.run(&["photo.png", "-o", "all.png"]).status.success());
+    let o = case.run(&["photo.png", "-o", "one.png", "--threads", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let px = |n: &str| image::open(case.path(n)).unwrap().to_rgb8().into_raw();
+    assert_eq!(px("all.png"), px("one.png"));
+}
+
+#[test]
+fn zero_threads() {
+    fails(&["photo.png", "-o", "out.png", "--threads", "0"], &["--threads", "0"]);
+}
+
+/// f16/bf16 on the CPU store the UNet and VAE weights in half precision and compute in f32: the
+/// result moves only by the weights' rounding.
+#[test]
+fn half_precision_weight_storage_on_the_cpu() {
+    let case = Case::new();
+    let o = case.run(&["photo.png", "-o", "f32.png", "--trace", "f32.safetensors"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (want, _) = load_safetensors(&case.path("f32.safetensors"));
+    for (dtype, bound) in [("f16", 2e-3), ("bf16", 2e-2)] {
+        let trace = format!("{dtype}.safetensors");
+        let o = case.run(&["photo.png", "-o", &format!("{dtype}.png"), "--dtype", dtype, "--trace", &trace]);
+        assert!(o.status.success(), "{dtype}: {}", stderr(&o));
+        let (got, _) = load_safetensors(&case.path(&trace));
+        let err = crate::common::rel_err(&got["final_latents"], &want["final_latents"]);
+        assert!(err < bound && err > 0.0, "{dtype}: final latents differ by {err:e} from f32");
+    }
+}

@@ -32,8 +32,8 @@ fn merged(loras: &[(&str, f64)]) -> (HashMap<String, Tensor>, Vec<String>) {
     let set = LoraSet::new(planned);
     let mut out = HashMap::new();
     for (part, files, prefix) in [(Part::Unet, unet_files(), "unet."), (Part::TextEncoder, te_files(), "text_encoder.")] {
-        let inner = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.unwrap();
-        let names: Vec<String> = inner.tensors().into_iter().map(|(n, _)| n).collect();
+        let inner = unsafe { ghiblify::models::weights::Weights::open(&files) }.unwrap();
+        let names: Vec<String> = inner.names().map(String::from).collect();
         let backend = MergingBackend { inner, merge: set.merge_for(part).unwrap_or_default() };
         use candle_nn::var_builder::SimpleBackend;
         for n in names {
@@ -191,7 +191,7 @@ fn bad_loras_fail_in_one_line_and_write_nothing() {
 fn half_precision_weights_get_the_f32_merge_rounded_once() {
     let (unet, te) = (Layout::read(&unet_files()).unwrap(), Layout::read(&te_files()).unwrap());
     let set = LoraSet::new(vec![plan("p", &lora("peft.safetensors"), 1.0, &unet, &te).unwrap()]);
-    let inner = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&unet_files()) }.unwrap();
+    let inner = unsafe { ghiblify::models::weights::Weights::open(&unet_files()) }.unwrap();
     let backend = MergingBackend { inner, merge: set.merge_for(Part::Unet).unwrap() };
     use candle_nn::var_builder::SimpleBackend;
     let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";

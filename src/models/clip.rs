@@ -9,7 +9,8 @@
 use super::{read_json, weights_err, ComponentFiles};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use super::nn::{LayerNorm, Linear};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 /// `text_encoder/config.json` (a `CLIPTextConfig`, or a `CLIPConfig` with `text_config`).
@@ -120,18 +121,18 @@ impl ClipTextEncoder {
                 let l = vb.pp("encoder.layers").pp(i);
                 let a = l.pp("self_attn");
                 Ok(Layer {
-                    ln1: candle_nn::layer_norm(h, eps, l.pp("layer_norm1"))?,
-                    q: candle_nn::linear(h, h, a.pp("q_proj"))?,
-                    k: candle_nn::linear(h, h, a.pp("k_proj"))?,
-                    v: candle_nn::linear(h, h, a.pp("v_proj"))?,
-                    out: candle_nn::linear(h, h, a.pp("out_proj"))?,
-                    ln2: candle_nn::layer_norm(h, eps, l.pp("layer_norm2"))?,
-                    fc1: candle_nn::linear(h, config.intermediate_size, l.pp("mlp.fc1"))?,
-                    fc2: candle_nn::linear(config.intermediate_size, h, l.pp("mlp.fc2"))?,
+                    ln1: super::nn::layer_norm(l.pp("layer_norm1"), h, eps)?,
+                    q: super::nn::linear(a.pp("q_proj"), h, h)?,
+                    k: super::nn::linear(a.pp("k_proj"), h, h)?,
+                    v: super::nn::linear(a.pp("v_proj"), h, h)?,
+                    out: super::nn::linear(a.pp("out_proj"), h, h)?,
+                    ln2: super::nn::layer_norm(l.pp("layer_norm2"), h, eps)?,
+                    fc1: super::nn::linear(l.pp("mlp.fc1"), h, config.intermediate_size)?,
+                    fc2: super::nn::linear(l.pp("mlp.fc2"), config.intermediate_size, h)?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let final_ln = candle_nn::layer_norm(h, eps, vb.pp("final_layer_norm"))?;
+        let final_ln = super::nn::layer_norm(vb.pp("final_layer_norm"), h, eps)?;
         Ok(Self { config, act, token_embedding, position_embedding, layers, final_ln })
     }
 
@@ -143,7 +144,10 @@ impl ClipTextEncoder {
         }
         let heads = self.config.num_attention_heads;
         let hd = self.config.hidden_size / heads;
-        let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.narrow(0, 0, l)?)?;
+        // Weights stored in f16/bf16 on the CPU are computed with in f32 (see pipeline::load_with).
+        let compute = if ids.device().is_cpu() { DType::F32 } else { self.position_embedding.dtype() };
+        let tokens = self.token_embedding.forward(ids)?.to_dtype(compute)?;
+        let mut xs = tokens.broadcast_add(&self.position_embedding.narrow(0, 0, l)?.to_dtype(compute)?)?;
         let dtype = xs.dtype();
         // Causal mask, added to the scores (transformers fills with the dtype's min; -inf after
         // softmax is the same zero).

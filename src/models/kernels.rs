@@ -116,21 +116,29 @@ fn rayon_par() -> Parallelism {
 struct Conv {
     stride: usize,
     padding: usize,
+    /// Nearest-neighbour ×2 upsampling of the input first, read through the indices (diffusers'
+    /// Upsample2D) instead of materialised: at the VAE decoder's last stage that copy is 256
+    /// channels × the full image, the largest tensor of a run.
+    upsample: bool,
 }
 
 impl Conv {
     #[allow(clippy::too_many_arguments)]
     fn run(&self, x: &[f32], (b, cin, ih, iw): (usize, usize, usize, usize), w: &[f32], (cout, kh, kw): (usize, usize, usize), bias: Option<&[f32]>) -> Vec<f32> {
         let (s, p) = (self.stride, self.padding);
+        let (plane, src_w) = (ih * iw, iw);
+        // Sizes of the (virtual, if upsampled) input the convolution sees.
+        let f = if self.upsample { 2 } else { 1 };
+        let (ih, iw) = (ih * f, iw * f);
         let oh = (ih + 2 * p - kh) / s + 1;
         let ow = (iw + 2 * p - kw) / s + 1;
-        let (plane, oplane, k) = (ih * iw, oh * ow, cin * kh * kw);
+        let (oplane, k) = (oh * ow, cin * kh * kw);
         let mut out = vec![0f32; b * cout * oplane];
         if let Some(bias) = bias {
             out.par_chunks_mut(oplane).enumerate().for_each(|(i, row)| row.fill(bias[i % cout]));
         }
         let acc = bias.is_some();
-        let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0;
+        let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0 && f == 1;
         // Output rows per tile: the im2col buffer (k × tile pixels) stays within 4 Mi floats.
         let rows = ((1 << 22) / (k * ow).max(1)).clamp(1, oh);
         let mut col = if pointwise { Vec::new() } else { vec![0f32; k * rows * ow] };
@@ -156,18 +164,19 @@ impl Conv {
                             seg.fill(0.0);
                             continue;
                         }
-                        let line = &src[iy as usize * iw..(iy as usize + 1) * iw];
+                        let sy = iy as usize / f;
+                        let line = &src[sy * src_w..(sy + 1) * src_w];
                         // ix = ox + kx - p: one contiguous copy between the zero edges.
                         let lo = p.saturating_sub(kx).min(ow);
                         let hi = (iw + p).saturating_sub(kx).min(ow);
-                        if s == 1 && hi > lo {
+                        if s == 1 && f == 1 && hi > lo {
                             seg[..lo].fill(0.0);
                             seg[lo..hi].copy_from_slice(&line[lo + kx - p..hi + kx - p]);
                             seg[hi..].fill(0.0);
                         } else {
                             for (ox, v) in seg.iter_mut().enumerate() {
                                 let ix = (ox * s + kx) as isize - p as isize;
-                                *v = if ix >= 0 && (ix as usize) < iw { line[ix as usize] } else { 0.0 };
+                                *v = if ix >= 0 && (ix as usize) < iw { line[ix as usize / f] } else { 0.0 };
                             }
                         }
                     }
@@ -203,8 +212,9 @@ impl Conv {
         let w = weight_f32(ws.0, ws.1, "conv2d weight")?;
         let bias = bias.map(|(s, l)| weight_f32(s, l, "conv2d bias")).transpose()?;
         let out = self.run(x, (b, cin, ih, iw), &w, (cout, kh, kw), bias.as_deref());
-        let oh = (ih + 2 * self.padding - kh) / self.stride + 1;
-        let ow = (iw + 2 * self.padding - kw) / self.stride + 1;
+        let f = if self.upsample { 2 } else { 1 };
+        let oh = (f * ih + 2 * self.padding - kh) / self.stride + 1;
+        let ow = (f * iw + 2 * self.padding - kw) / self.stride + 1;
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
     }
 }
@@ -238,7 +248,20 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
             None => Ok(cfg_out),
         };
     }
-    let op = Conv { stride, padding };
+    let op = Conv { stride, padding, upsample: false };
+    apply_conv(x, weight, bias, op)
+}
+
+/// `conv2d(upsample_nearest2d(x, 2h, 2w), …)` without the upsampled copy.
+pub fn upsample2x_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    if !is_cpu_f32(x) {
+        let (_, _, h, w) = x.dims4()?;
+        return conv2d(&x.upsample_nearest2d(2 * h, 2 * w)?, weight, bias, stride, padding);
+    }
+    apply_conv(x, weight, bias, Conv { stride, padding, upsample: true })
+}
+
+fn apply_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, op: Conv) -> Result<Tensor> {
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     match bias {
@@ -589,6 +612,9 @@ mod tests {
             let got = conv2d(&x, &wt, Some(&bias), s, p).unwrap();
             assert_eq!(got.dims(), want.dims());
             assert!(max_rel(&got, &want) < 1e-5, "conv {:?}: {}", (b, cin, cout, h, w, k, s, p), max_rel(&got, &want));
+            let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wt, p, s, 1, 1).unwrap();
+            let got_up = upsample2x_conv2d(&x, &wt, None, s, p).unwrap();
+            assert!(max_rel(&got_up, &up) < 1e-5, "upsampled conv {:?}", (b, cin, cout, h, w, k, s, p));
             let nob = conv2d(&x, &wt, None, s, p).unwrap();
             assert!(max_rel(&nob, &x.conv2d(&wt, p, s, 1, 1).unwrap()) < 1e-5);
             // f16 weight storage computes in f32 on the widened weights.

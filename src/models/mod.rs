@@ -13,6 +13,7 @@ pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod weights;
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device};
@@ -198,7 +199,8 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Memory-maps safetensors weights; tensors are converted to `dtype` as they are fetched.
+/// Memory-maps safetensors weights ([`weights::Weights`]); tensors are converted to `dtype` as they
+/// are fetched.
 pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     for f in &files.weights {
         // Check the header here so a truncated or foreign file is named in the error.
@@ -212,11 +214,11 @@ pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Res
     let weights_error = |e: candle_core::Error| Error::Weights { path: files.weights[0].clone(), msg: crate::error::candle_message(&e) };
     // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody truncating
     // the weights while we run.
+    let weights = unsafe { weights::Weights::open(&files.weights) }.map_err(weights_error)?;
     let vb = match &files.merge {
-        None => unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }.map_err(weights_error)?,
+        None => VarBuilder::from_backend(Box::new(weights), dtype, device.clone()),
         Some(merge) => {
-            let inner = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files.weights) }.map_err(weights_error)?;
-            let backend = crate::lora::MergingBackend { inner, merge: merge.clone() };
+            let backend = crate::lora::MergingBackend { inner: weights, merge: merge.clone() };
             VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
         }
     };

@@ -15,6 +15,13 @@ pub struct Conv2d {
     padding: usize,
 }
 
+impl Conv2d {
+    /// The convolution of the input upsampled ×2 (nearest), without materialising it.
+    pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
+        kernels::upsample2x_conv2d(xs, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         kernels::conv2d(xs, &self.weight, self.bias.as_ref(), self.stride, self.padding)
@@ -194,7 +201,20 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        self.forward_owned(xs.clone(), temb)
+    }
+
+    /// As `forward`, taking the input so that, with a 1×1 shortcut, it is freed as soon as the
+    /// shortcut has read it: at the VAE decoder's last stage (256 → 128 channels at full
+    /// resolution) that lowers the peak by one full-resolution tensor.
+    pub fn forward_owned(&self, xs: Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let n1 = self.norm1.forward_silu(&xs)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(&xs)?,
+            None => xs,
+        };
+        let h = self.conv1.forward(&n1)?;
+        drop(n1);
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.forward(&candle_nn::ops::silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -203,10 +223,6 @@ impl ResnetBlock2D {
             _ => h,
         };
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
-        let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(xs)?,
-            None => xs.clone(),
-        };
         let out = (skip + h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
@@ -251,6 +267,9 @@ impl Upsample2D {
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
+        if (oh, ow) == (2 * h, 2 * w) {
+            return self.conv.forward_upsampled(xs);
+        }
         let xs = xs.upsample_nearest2d(oh, ow)?;
         self.conv.forward(&xs)
     }

@@ -322,7 +322,7 @@ impl Vae {
         let mut h = e.conv_in.forward(xs)?;
         for (resnets, ds) in &e.blocks {
             for r in resnets {
-                h = r.forward(&h, None)?;
+                h = r.forward_owned(h, None)?;
             }
             if let Some(ds) = ds {
                 h = ds.forward(&h)?;
@@ -347,7 +347,7 @@ impl Vae {
         h = d.mid.forward(&h)?;
         for (resnets, us) in &d.blocks {
             for r in resnets {
-                h = r.forward(&h, None)?;
+                h = r.forward_owned(h, None)?;
             }
             if let Some(us) = us {
                 h = us.forward(&h, None)?;
