@@ -219,10 +219,7 @@ impl StableDiffusion {
         let scheduler_config = SchedulerConfig::read(&scheduler_path)?;
         // Validate the schedule now, so a bad config fails before the slow loads.
         crate::samplers::Schedule::from_config(&scheduler_config, &scheduler_path)?;
-        // On the CPU, f16/bf16 is a storage format: the models keep their weights in it (half the
-        // memory) and widen them to f32 as they compute, since the CPU has no fast half-precision
-        // arithmetic.
-        let compute = if device.is_cpu() { DType::F32 } else { dtype };
+        let compute = crate::models::compute_dtype(device, dtype);
         let text_encoder = ClipTextEncoder::load(&te_f, dtype, device)?;
         let tokenizer = ClipTokenizer::load(&tok_dir, text_encoder.config.max_position_embeddings)?;
         let unet = UNet::load(&unet_f, dtype, device)?;

@@ -144,8 +144,7 @@ impl ClipTextEncoder {
         }
         let heads = self.config.num_attention_heads;
         let hd = self.config.hidden_size / heads;
-        // Weights stored in f16/bf16 on the CPU are computed with in f32 (see pipeline::load_with).
-        let compute = if ids.device().is_cpu() { DType::F32 } else { self.position_embedding.dtype() };
+        let compute = super::compute_dtype(ids.device(), self.position_embedding.dtype());
         let tokens = self.token_embedding.forward(ids)?.to_dtype(compute)?;
         let mut xs = tokens.broadcast_add(&self.position_embedding.narrow(0, 0, l)?.to_dtype(compute)?)?;
         let dtype = xs.dtype();

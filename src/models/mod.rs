@@ -199,6 +199,17 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The dtype the models compute in for weights stored as `storage`: on the CPU always f32 (it has
+/// no fast half-precision arithmetic; f16/bf16 there only halve the memory, and the layers widen
+/// weights as they use them), on GPUs the storage dtype.
+pub fn compute_dtype(device: &Device, storage: DType) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        storage
+    }
+}
+
 /// Memory-maps safetensors weights ([`weights::Weights`]); tensors are converted to `dtype` as they
 /// are fetched.
 pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
