@@ -120,6 +120,18 @@ struct Conv {
     /// Upsample2D) instead of materialised: at the VAE decoder's last stage that copy is 256
     /// channels × the full image, the largest tensor of a run.
     upsample: bool,
+    /// Extra zero rows/columns after the input (bottom, right): diffusers' VAE `Downsample2D` pads
+    /// (0, 1, 0, 1) before its stride-2 convolution; read as zeros instead of copying the input.
+    pad_end: usize,
+}
+
+impl Conv {
+    /// Output (height, width) for an input of (ih, iw) before upsampling.
+    fn out_size(&self, (ih, iw): (usize, usize), (kh, kw): (usize, usize)) -> (usize, usize) {
+        let f = if self.upsample { 2 } else { 1 };
+        let span = |i: usize, k: usize| (f * i + 2 * self.padding + self.pad_end - k) / self.stride + 1;
+        (span(ih, kh), span(iw, kw))
+    }
 }
 
 impl Conv {
@@ -129,16 +141,15 @@ impl Conv {
         let (plane, src_w) = (ih * iw, iw);
         // Sizes of the (virtual, if upsampled) input the convolution sees.
         let f = if self.upsample { 2 } else { 1 };
+        let (oh, ow) = self.out_size((ih, iw), (kh, kw));
         let (ih, iw) = (ih * f, iw * f);
-        let oh = (ih + 2 * p - kh) / s + 1;
-        let ow = (iw + 2 * p - kw) / s + 1;
         let (oplane, k) = (oh * ow, cin * kh * kw);
         let mut out = vec![0f32; b * cout * oplane];
         if let Some(bias) = bias {
             out.par_chunks_mut(oplane).enumerate().for_each(|(i, row)| row.fill(bias[i % cout]));
         }
         let acc = bias.is_some();
-        let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0 && f == 1;
+        let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0 && f == 1 && self.pad_end == 0;
         // Output rows per tile: the im2col buffer (k × tile pixels) stays within 4 Mi floats.
         let rows = ((1 << 22) / (k * ow).max(1)).clamp(1, oh);
         let mut col = if pointwise { Vec::new() } else { vec![0f32; k * rows * ow] };
@@ -206,15 +217,13 @@ impl Conv {
         if wcin != cin {
             candle_core::bail!("conv2d: input has {cin} channels, weight expects {wcin}");
         }
-        if ih + 2 * self.padding < kh || iw + 2 * self.padding < kw || self.stride == 0 {
+        if ih + 2 * self.padding + self.pad_end < kh || iw + 2 * self.padding + self.pad_end < kw || self.stride == 0 {
             candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {ih}×{iw} input padded by {}", self.padding);
         }
         let w = weight_f32(ws.0, ws.1, "conv2d weight")?;
         let bias = bias.map(|(s, l)| weight_f32(s, l, "conv2d bias")).transpose()?;
         let out = self.run(x, (b, cin, ih, iw), &w, (cout, kh, kw), bias.as_deref());
-        let f = if self.upsample { 2 } else { 1 };
-        let oh = (f * ih + 2 * self.padding - kh) / self.stride + 1;
-        let ow = (f * iw + 2 * self.padding - kw) / self.stride + 1;
+        let (oh, ow) = self.out_size((ih, iw), (kh, kw));
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
     }
 }
@@ -248,7 +257,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
             None => Ok(cfg_out),
         };
     }
-    let op = Conv { stride, padding, upsample: false };
+    let op = Conv { stride, padding, upsample: false, pad_end: 0 };
     apply_conv(x, weight, bias, op)
 }
 
@@ -258,7 +267,16 @@ pub fn upsample2x_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, str
         let (_, _, h, w) = x.dims4()?;
         return conv2d(&x.upsample_nearest2d(2 * h, 2 * w)?, weight, bias, stride, padding);
     }
-    apply_conv(x, weight, bias, Conv { stride, padding, upsample: true })
+    apply_conv(x, weight, bias, Conv { stride, padding, upsample: true, pad_end: 0 })
+}
+
+/// `conv2d(x zero-padded by one row below and one column right, …)` without the padded copy.
+pub fn pad_end_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize) -> Result<Tensor> {
+    if !is_cpu_f32(x) {
+        let x = x.pad_with_zeros(candle_core::D::Minus1, 0, 1)?.pad_with_zeros(candle_core::D::Minus2, 0, 1)?;
+        return conv2d(&x, weight, bias, stride, 0);
+    }
+    apply_conv(x, weight, bias, Conv { stride, padding: 0, upsample: false, pad_end: 1 })
 }
 
 fn apply_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, op: Conv) -> Result<Tensor> {
@@ -615,6 +633,9 @@ mod tests {
             let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wt, p, s, 1, 1).unwrap();
             let got_up = upsample2x_conv2d(&x, &wt, None, s, p).unwrap();
             assert!(max_rel(&got_up, &up) < 1e-5, "upsampled conv {:?}", (b, cin, cout, h, w, k, s, p));
+            let padded = x.pad_with_zeros(3, 0, 1).unwrap().pad_with_zeros(2, 0, 1).unwrap();
+            let want_end = padded.conv2d(&wt, 0, s, 1, 1).unwrap();
+            assert!(max_rel(&pad_end_conv2d(&x, &wt, None, s).unwrap(), &want_end) < 1e-5, "pad-end conv {:?}", (b, cin, cout, h, w, k, s));
             let nob = conv2d(&x, &wt, None, s, p).unwrap();
             assert!(max_rel(&nob, &x.conv2d(&wt, p, s, 1, 1).unwrap()) < 1e-5);
             // f16 weight storage computes in f32 on the widened weights.

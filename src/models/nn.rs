@@ -2,7 +2,7 @@
 //! `models/attention_processor.py`, `models/upsampling.py` and `models/downsampling.py`.
 
 use super::kernels;
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_core::DType;
 use candle_nn::VarBuilder;
 
@@ -19,6 +19,14 @@ impl Conv2d {
     /// The convolution of the input upsampled ×2 (nearest), without materialising it.
     pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
         kernels::upsample2x_conv2d(xs, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+    }
+}
+
+impl Conv2d {
+    /// The convolution of the input zero-padded by one row below and one column right (the VAE
+    /// encoder's downsampling), without the padded copy. Padding is the asymmetric pad's alone.
+    pub fn forward_pad_end(&self, xs: &Tensor) -> Result<Tensor> {
+        kernels::pad_end_conv2d(xs, &self.weight, self.bias.as_ref(), self.stride)
     }
 }
 
@@ -246,8 +254,7 @@ impl Downsample2D {
     }
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.padding == 0 {
-            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
-            self.conv.forward(&xs)
+            self.conv.forward_pad_end(xs)
         } else {
             self.conv.forward(xs)
         }
