@@ -4,19 +4,15 @@
 //!
 //!     GHIBLIFY_BENCH_FULL=1 cargo bench --bench unet
 
-
 // Why this allocator: src/alloc.rs.
 #[global_allocator]
 static GLOBAL: ghiblify::alloc::Allocator = ghiblify::alloc::Allocator {};
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use ghiblify::models::random::random_var_builder;
+use ghiblify::models::random::{random_var_builder, SD15_UNET_CONFIG};
 use ghiblify::models::unet::{UNet, UNetConfig};
 use std::path::Path;
-
-/// runwayml/stable-diffusion-v1-5 `unet/config.json`: diffusers' defaults plus these two keys.
-const SD15_UNET: &str = r#"{"sample_size": 64, "cross_attention_dim": 768}"#;
 
 fn unet_step(c: &mut Criterion) {
     ghiblify::alloc::keep_freed_memory();
@@ -25,7 +21,7 @@ fn unet_step(c: &mut Criterion) {
         return;
     }
     let dev = Device::Cpu;
-    let cfg: UNetConfig = serde_json::from_str(SD15_UNET).unwrap();
+    let cfg: UNetConfig = serde_json::from_str(SD15_UNET_CONFIG).unwrap();
     let unet = UNet::from_config(cfg, random_var_builder(DType::F32, &dev), Path::new("sd15-unet")).unwrap();
     let latents = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &dev).unwrap();
     let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev).unwrap();

@@ -6,22 +6,16 @@
 //!
 //! Peak memory and the tiled / 2048 px cases: `benches/vae_matrix.sh` (one process each).
 
-
 // Why this allocator: src/alloc.rs.
 #[global_allocator]
 static GLOBAL: ghiblify::alloc::Allocator = ghiblify::alloc::Allocator {};
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use ghiblify::models::random::random_var_builder;
+use ghiblify::models::random::{random_var_builder, SD15_VAE_CONFIG};
 use ghiblify::models::taesd::{TinyConfig, TinyVae};
 use ghiblify::models::vae::{Vae, VaeConfig};
 use std::path::Path;
-
-/// runwayml/stable-diffusion-v1-5 `vae/config.json` (the keys that differ from the defaults).
-const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 512,
-  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#;
 
 fn vae(c: &mut Criterion) {
     ghiblify::alloc::keep_freed_memory();
@@ -32,7 +26,7 @@ fn vae(c: &mut Criterion) {
     let dev = Device::Cpu;
     let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev).unwrap();
     let latent = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev).unwrap();
-    let kl = Vae::from_config(serde_json::from_str::<VaeConfig>(SD15_VAE).unwrap(), random_var_builder(DType::F32, &dev), Path::new("sd15-vae")).unwrap();
+    let kl = Vae::from_config(serde_json::from_str::<VaeConfig>(SD15_VAE_CONFIG).unwrap(), random_var_builder(DType::F32, &dev), Path::new("sd15-vae")).unwrap();
     let tiny = TinyVae::from_config(serde_json::from_str::<TinyConfig>("{}").unwrap(), random_var_builder(DType::F32, &dev), Path::new("taesd")).unwrap();
     let mut g = c.benchmark_group("vae");
     g.sample_size(10);

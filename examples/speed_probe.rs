@@ -7,7 +7,7 @@
 //! for the memory figure (reads /proc/self/status).
 
 use candle_core::{DType, Device, Module, Tensor};
-use ghiblify::models::random::random_var_builder;
+use ghiblify::models::random::{random_var_builder, SD15_UNET_CONFIG, SD15_VAE_CONFIG};
 use ghiblify::models::unet::{UNet, UNetConfig};
 use ghiblify::models::vae::{Vae, VaeConfig};
 use std::path::Path;
@@ -16,11 +16,6 @@ use std::time::Instant;
 // Why this allocator: src/alloc.rs.
 #[global_allocator]
 static GLOBAL: ghiblify::alloc::Allocator = ghiblify::alloc::Allocator {};
-
-const SD15_UNET: &str = r#"{"sample_size": 64, "cross_attention_dim": 768}"#;
-const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 512,
-  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#;
 
 fn status_kb(key: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -40,14 +35,14 @@ fn main() -> anyhow::Result<()> {
     let vb = random_var_builder(dtype, &dev);
     let mut run: Box<dyn FnMut() -> candle_core::Result<Tensor>> = match what {
         "unet" => {
-            let cfg: UNetConfig = serde_json::from_str(SD15_UNET)?;
+            let cfg: UNetConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
             let unet = UNet::from_config(cfg, vb, Path::new("sd15-unet"))?;
             let latents = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &dev)?;
             let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?;
             Box::new(move || unet.forward(&latents, 500.0, &context))
         }
         "vae-decode" | "vae-encode" => {
-            let cfg: VaeConfig = serde_json::from_str(SD15_VAE)?;
+            let cfg: VaeConfig = serde_json::from_str(SD15_VAE_CONFIG)?;
             let vae = Vae::from_config(cfg, vb, Path::new("sd15-vae"))?;
             let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev)?;
             let latent = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)?;

@@ -7,16 +7,11 @@
 //! `benches/vae_matrix.sh` runs the table the README shows. Linux only (reads /proc/self/status).
 
 use candle_core::{DType, Device, Tensor};
-use ghiblify::models::random::random_var_builder;
+use ghiblify::models::random::{random_var_builder, SD15_VAE_CONFIG};
 use ghiblify::models::taesd::{TinyConfig, TinyVae};
 use ghiblify::models::vae::{Vae, VaeConfig};
 use std::path::Path;
 use std::time::Instant;
-
-/// runwayml/stable-diffusion-v1-5 `vae/config.json` (the keys that differ from the defaults).
-const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 512,
-  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#;
 
 fn status_kb(key: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -42,7 +37,7 @@ fn main() {
     }
     let model = match kind {
         "kl" | "kl-tiled" => {
-            let cfg: VaeConfig = serde_json::from_str(SD15_VAE).unwrap();
+            let cfg: VaeConfig = serde_json::from_str(SD15_VAE_CONFIG).unwrap();
             Model::Kl(Box::new(Vae::from_config(cfg, vb, Path::new("sd15-vae")).unwrap()))
         }
         "taesd" => {

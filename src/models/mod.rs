@@ -213,19 +213,9 @@ pub fn compute_dtype(device: &Device, storage: DType) -> DType {
 /// Memory-maps safetensors weights ([`weights::Weights`]); tensors are converted to `dtype` as they
 /// are fetched.
 pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    for f in &files.weights {
-        // Check the header here so a truncated or foreign file is named in the error.
-        let file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(f, e))?;
-        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Weights {
-            path: f.clone(),
-            msg: format!("not a valid safetensors file: {e}"),
-        })?;
-    }
-    let weights_error = |e: candle_core::Error| Error::Weights { path: files.weights[0].clone(), msg: crate::error::candle_message(&e) };
     // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody truncating
     // the weights while we run.
-    let weights = unsafe { weights::Weights::open(&files.weights) }.map_err(weights_error)?;
+    let weights = unsafe { weights::Weights::open(&files.weights) }?;
     let vb = match &files.merge {
         None => VarBuilder::from_backend(Box::new(weights), dtype, device.clone()),
         Some(merge) => {

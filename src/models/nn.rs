@@ -3,7 +3,6 @@
 
 use super::kernels;
 use candle_core::{Module, Result, Tensor};
-use candle_core::DType;
 use candle_nn::VarBuilder;
 
 /// `torch.nn.Conv2d` (square kernel, stride and zero padding), run by [`kernels::conv2d`].
@@ -136,11 +135,7 @@ pub struct LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = xs.contiguous()?;
-        if xs.dtype() == DType::F32 || !xs.device().is_cpu() {
-            candle_nn::ops::layer_norm(&xs, &widened(&self.weight, &xs)?, &widened(&self.bias, &xs)?, self.eps as f32)
-        } else {
-            candle_nn::LayerNorm::new(self.weight.clone(), self.bias.clone(), self.eps).forward(&xs)
-        }
+        candle_nn::ops::layer_norm(&xs, &widened(&self.weight, &xs)?, &widened(&self.bias, &xs)?, self.eps as f32)
     }
 }
 
@@ -167,12 +162,6 @@ pub fn linear_maybe_conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) ->
     }
     let b = if bias { Some(vb.get(cout, "bias")?) } else { None };
     Ok(Linear::new(w, b))
-}
-
-/// Scaled dot-product attention over (B, L, H·d) projections, softmax in f32: see
-/// [`kernels::attention`].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    kernels::attention(q, k, v, heads)
 }
 
 /// diffusers `ResnetBlock2D` (pre-norm, "default" time-scale-shift, optional 1×1 shortcut).

@@ -26,3 +26,12 @@ impl SimpleBackend for RandomWeights {
 pub fn random_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
 }
+
+/// runwayml/stable-diffusion-v1-5 `unet/config.json`: diffusers' defaults plus these two keys
+/// (for the full-size benches and probes).
+pub const SD15_UNET_CONFIG: &str = r#"{"sample_size": 64, "cross_attention_dim": 768}"#;
+
+/// runwayml/stable-diffusion-v1-5 `vae/config.json` (the keys that differ from the defaults).
+pub const SD15_VAE_CONFIG: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 512,
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#;

@@ -7,7 +7,8 @@
 //! SD 1.x/2.x family never uses (class embeddings, SDXL's added conditions, …) are rejected by
 //! name instead of being silently ignored.
 
-use super::nn::{attention, conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::kernels::attention;
+use super::nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::{read_json, weights_err, ComponentFiles, OneOrMany};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};

@@ -6,7 +6,8 @@
 //! with *our* seeded noise (candle's `DiagonalGaussianDistribution` keeps them private and draws
 //! from its own unseedable RNG).
 
-use super::nn::{attention, conv2d, group_norm, linear_maybe_conv, Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::kernels::attention;
+use super::nn::{conv2d, group_norm, linear_maybe_conv, Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::{read_json, weights_err, ComponentFiles};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};

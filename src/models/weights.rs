@@ -6,6 +6,7 @@
 //! in f16 from f32 files). Releasing each tensor's range after the copy keeps the peak at the
 //! loaded weights plus one tensor; the page cache still holds the file for the next run.
 
+use crate::error::Error;
 use candle_core::{DType, Device, Result, Tensor};
 use memmap2::{Mmap, UncheckedAdvice};
 use std::collections::HashMap;
@@ -25,18 +26,21 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Maps `paths` (one file or the shards of one) and reads their headers.
+    /// Maps `paths` (one file or the shards of one) and reads their headers; a truncated or
+    /// foreign file is named in the error.
     ///
     /// # Safety
     /// As for any mmap: the files must not be truncated or rewritten while the maps live.
-    pub unsafe fn open(paths: &[impl AsRef<Path>]) -> Result<Self> {
+    pub unsafe fn open(paths: &[impl AsRef<Path>]) -> crate::error::Result<Self> {
         let mut maps = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
-            let file = std::fs::File::open(p.as_ref()).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", p.as_ref().display())))?;
+            let p = p.as_ref();
+            let file = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
             // SAFETY: forwarded to the caller.
-            let map = unsafe { Mmap::map(&file) }?;
-            let (header, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", p.as_ref().display())))?;
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(p, e))?;
+            let (header, meta) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| Error::Weights { path: p.to_path_buf(), msg: format!("not a valid safetensors file: {e}") })?;
             let base = 8 + header;
             for (name, info) in meta.tensors() {
                 let range = (base + info.data_offsets.0, base + info.data_offsets.1);
