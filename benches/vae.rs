@@ -20,14 +20,26 @@ use std::path::Path;
 fn vae(c: &mut Criterion) {
     ghiblify::alloc::keep_freed_memory();
     if std::env::var_os("GHIBLIFY_BENCH_FULL").is_none() {
-        eprintln!("vae: skipped (set GHIBLIFY_BENCH_FULL=1 to time the full-size VAE and TAESD, ~35 s per KL decode here)");
+        eprintln!(
+            "vae: skipped (set GHIBLIFY_BENCH_FULL=1 to time the full-size VAE and TAESD, ~35 s per KL decode here)"
+        );
         return;
     }
     let dev = Device::Cpu;
     let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev).unwrap();
     let latent = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev).unwrap();
-    let kl = Vae::from_config(serde_json::from_str::<VaeConfig>(SD15_VAE_CONFIG).unwrap(), random_var_builder(DType::F32, &dev), Path::new("sd15-vae")).unwrap();
-    let tiny = TinyVae::from_config(serde_json::from_str::<TinyConfig>("{}").unwrap(), random_var_builder(DType::F32, &dev), Path::new("taesd")).unwrap();
+    let kl = Vae::from_config(
+        serde_json::from_str::<VaeConfig>(SD15_VAE_CONFIG).unwrap(),
+        random_var_builder(DType::F32, &dev),
+        Path::new("sd15-vae"),
+    )
+    .unwrap();
+    let tiny = TinyVae::from_config(
+        serde_json::from_str::<TinyConfig>("{}").unwrap(),
+        random_var_builder(DType::F32, &dev),
+        Path::new("taesd"),
+    )
+    .unwrap();
     let mut g = c.benchmark_group("vae");
     g.sample_size(10);
     g.measurement_time(std::time::Duration::from_secs(30));

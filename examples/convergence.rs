@@ -35,7 +35,11 @@ fn run(sd: &StableDiffusion, image: &Tensor, kind: SamplerKind, karras: bool, st
 
 fn psnr(a: &Tensor, b: &Tensor) -> f64 {
     let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    if mse == 0.0 { f64::INFINITY } else { 10.0 * (1.0 / mse).log10() }
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (1.0 / mse).log10()
+    }
 }
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
@@ -54,9 +58,16 @@ fn main() {
     let sd = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let img = image_io::load_rgb(&photo).unwrap();
     let size = sd.native_size() as u32;
-    let (w, h) = if img.width().max(img.height()) <= size { (img.width() / 8 * 8, img.height() / 8 * 8) } else { image_io::working_size(img.width(), img.height(), size, 8) };
+    let (w, h) = if img.width().max(img.height()) <= size {
+        (img.width() / 8 * 8, img.height() / 8 * 8)
+    } else {
+        image_io::working_size(img.width(), img.height(), size, 8)
+    };
     let image = image_io::to_tensor(&image_io::resize_to(img, w, h)).unwrap();
-    println!("Convergence on {} ({w}x{h}), strength 1, seed 42: PSNR dB / latent rel. L2 vs the same sampler at 200 steps\n", dir.display());
+    println!(
+        "Convergence on {} ({w}x{h}), strength 1, seed 42: PSNR dB / latent rel. L2 vs the same sampler at 200 steps\n",
+        dir.display()
+    );
     println!("| sampler | 4 steps | 8 steps | 15 steps | 30 steps | UNet calls at 15 |");
     println!("|---|---|---|---|---|---|");
     let mut rows: Vec<(SamplerKind, bool)> = SamplerKind::ALL.iter().map(|&k| (k, false)).collect();

@@ -54,7 +54,8 @@ pub fn collect(inputs: &[PathBuf], recursive: bool) -> Result<Vec<Job>> {
                 jobs.push(Job { rel: mirrored(&p), input: p });
             }
         } else if input.is_dir() {
-            let walker = walkdir::WalkDir::new(input).max_depth(if recursive { usize::MAX } else { 1 }).sort_by_file_name();
+            let walker =
+                walkdir::WalkDir::new(input).max_depth(if recursive { usize::MAX } else { 1 }).sort_by_file_name();
             for entry in walker {
                 let entry = entry.map_err(|e| Error::Argument(format!("input '{}': {e}", input.display())))?;
                 if entry.file_type().is_file() && !is_temp_name(entry.path()) && looks_like_image(entry.path()) {
@@ -136,7 +137,9 @@ pub struct Report {
 impl Report {
     pub fn create(path: Option<&Path>) -> Result<Self> {
         let out = match path {
-            Some(p) => Some((p.to_path_buf(), std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?))),
+            Some(p) => {
+                Some((p.to_path_buf(), std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)))
+            }
             None => None,
         };
         Ok(Self { out })

@@ -69,7 +69,10 @@ pub const DEFAULT_PRESET: &str = "ghibli-diffusion";
 pub fn presets() -> Vec<Preset> {
     PRESETS
         .iter()
-        .map(|(file, text)| serde_json::from_str(text).unwrap_or_else(|e| panic!("models/{file} is invalid: {e} (checked by a unit test)")))
+        .map(|(file, text)| {
+            serde_json::from_str(text)
+                .unwrap_or_else(|e| panic!("models/{file} is invalid: {e} (checked by a unit test)"))
+        })
         .collect()
 }
 
@@ -100,7 +103,8 @@ pub fn list_models() -> String {
 
 /// `HF_HUB_OFFLINE` as huggingface_hub reads it.
 pub fn offline_from_env() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 fn is_commit(rev: &str) -> bool {
@@ -184,7 +188,8 @@ impl Hub {
                 // Per read of the body in the blocking client: a stalled transfer fails and resumes.
                 .timeout(Duration::from_secs(30))
         };
-        let built = |r: reqwest::Result<Client>| r.map_err(|e| Error::Hub(format!("cannot set up the HTTP client: {e}")));
+        let built =
+            |r: reqwest::Result<Client>| r.map_err(|e| Error::Hub(format!("cannot set up the HTTP client: {e}")));
         let http = built(builder().build())?;
         let no_redirect = built(builder().redirect(reqwest::redirect::Policy::none()).build())?;
         Ok(Self {
@@ -206,7 +211,10 @@ impl Hub {
     fn warn_cached(&self, repo_id: &str) {
         if let Some(why) = self.unreachable.borrow().as_ref() {
             if !self.warned.replace(true) {
-                self.printer.warn(format!("the hub at {} is unreachable ({why}); using the cached '{repo_id}' (and any other cached files)", self.endpoint));
+                self.printer.warn(format!(
+                    "the hub at {} is unreachable ({why}); using the cached '{repo_id}' (and any other cached files)",
+                    self.endpoint
+                ));
             }
         }
     }
@@ -218,7 +226,15 @@ impl Hub {
     /// The cached copy of a file at a revision, as hf-hub resolves it (refs → snapshot).
     fn cached(&self, repo_id: &str, revision: &str, file: &str) -> Option<PathBuf> {
         let (owner, name) = repo_id.split_once('/')?;
-        let p = self.client.model(owner, name).download_file().filename(file).revision(revision.to_string()).local_files_only(true).send().ok()?;
+        let p = self
+            .client
+            .model(owner, name)
+            .download_file()
+            .filename(file)
+            .revision(revision.to_string())
+            .local_files_only(true)
+            .send()
+            .ok()?;
         p.is_file().then_some(p)
     }
 
@@ -258,7 +274,8 @@ impl Hub {
             }));
         }
         self.warn_cached(repo_id);
-        let (first, file) = paths.first().ok_or_else(|| Error::Hub(format!("hub repo '{repo_id}': no files were requested")))?;
+        let (first, file) =
+            paths.first().ok_or_else(|| Error::Hub(format!("hub repo '{repo_id}': no files were requested")))?;
         snapshot_root(first, file).ok_or_else(|| Error::Hub(format!("unexpected cache path {}", first.display())))
     }
 
@@ -278,7 +295,12 @@ impl Hub {
     /// HEAD `resolve/<rev>/<file>`, following only relative redirects (a renamed repo), as
     /// huggingface_hub does: the CDN redirect's own headers carry the metadata.
     fn head(&self, repo_id: &str, rev: &str, file: &str) -> std::result::Result<Meta, Failure> {
-        let mut url = format!("{}/{repo_id}/resolve/{}/{}", self.endpoint, encode(rev), file.split('/').map(encode).collect::<Vec<_>>().join("/"));
+        let mut url = format!(
+            "{}/{repo_id}/resolve/{}/{}",
+            self.endpoint,
+            encode(rev),
+            file.split('/').map(encode).collect::<Vec<_>>().join("/")
+        );
         for _ in 0..5 {
             let resp = self
                 .auth(self.no_redirect.head(&url))
@@ -298,11 +320,16 @@ impl Hub {
             if !(st.is_success() || st.is_redirection()) {
                 return Err(self.http_error(st, header("x-error-code"), repo_id, rev, file));
             }
-            let etag = header("x-linked-etag").or_else(|| header(ETAG.as_str())).map(|e| e.trim_start_matches("W/").trim_matches('"').to_string());
+            let etag = header("x-linked-etag")
+                .or_else(|| header(ETAG.as_str()))
+                .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string());
             let commit = header("x-repo-commit");
             let size = header("x-linked-size").or_else(|| header(CONTENT_LENGTH.as_str())).and_then(|s| s.parse().ok());
             let (Some(etag), Some(commit)) = (etag, commit) else {
-                return Err(Failure::Fatal(Error::Hub(format!("{url}: the server sent no ETag or X-Repo-Commit; is HF_ENDPOINT ({}) a Hugging Face hub?", self.endpoint))));
+                return Err(Failure::Fatal(Error::Hub(format!(
+                    "{url}: the server sent no ETag or X-Repo-Commit; is HF_ENDPOINT ({}) a Hugging Face hub?",
+                    self.endpoint
+                ))));
             };
             let target = match location {
                 Some(l) if st.is_redirection() && l.starts_with('/') => format!("{}{l}", self.endpoint),
@@ -315,7 +342,11 @@ impl Hub {
     }
 
     fn http_error(&self, st: StatusCode, code: Option<String>, repo_id: &str, rev: &str, file: &str) -> Failure {
-        let token_hint = if self.token.is_some() { "the token in HF_TOKEN has no access to it" } else { "set HF_TOKEN to a token with access (https://huggingface.co/settings/tokens)" };
+        let token_hint = if self.token.is_some() {
+            "the token in HF_TOKEN has no access to it"
+        } else {
+            "set HF_TOKEN to a token with access (https://huggingface.co/settings/tokens)"
+        };
         let msg = match (st.as_u16(), code.as_deref()) {
             (401, _) | (403, Some("GatedRepo")) => format!("hub repo '{repo_id}' needs authentication ({st}): it is private or gated; {token_hint}, after accepting its terms on the model page"),
             (403, _) => format!("hub repo '{repo_id}': access denied ({st}); {token_hint}"),
@@ -339,7 +370,12 @@ impl Hub {
             let locks = self.cache.join(".locks").join(folder.file_name().expect("a repo folder has a name"));
             std::fs::create_dir_all(&locks).map_err(|e| Error::io(&locks, e))?;
             let lock_path = locks.join(format!("{}.lock", meta.etag));
-            let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| Error::io(&lock_path, e))?;
             lock.lock().map_err(|e| Error::io(&lock_path, e))?;
             // Another process may have finished it while we waited.
             if !blob.is_file() {
@@ -368,14 +404,24 @@ impl Hub {
         let bar = self.printer.bytes_bar(meta.size.unwrap_or(0), file);
         let resumed = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
         if !self.announced.replace(true) {
-            self.printer.info(format!("fetching '{repo_id}' into the Hugging Face cache {} (once; later runs use the cache)", self.cache.display()));
+            self.printer.info(format!(
+                "fetching '{repo_id}' into the Hugging Face cache {} (once; later runs use the cache)",
+                self.cache.display()
+            ));
         }
         // Weights (LFS files) get a line each; small files only with -v.
         let say = |m: String| if meta.etag.len() == 64 { self.printer.info(m) } else { self.printer.verbose(m) };
         if resumed > 0 {
-            say(format!("resuming {repo_id}/{file} at {:.1} of {:.1} MB", resumed as f64 / 1e6, meta.size.unwrap_or(0) as f64 / 1e6));
+            say(format!(
+                "resuming {repo_id}/{file} at {:.1} of {:.1} MB",
+                resumed as f64 / 1e6,
+                meta.size.unwrap_or(0) as f64 / 1e6
+            ));
         } else {
-            say(format!("downloading {repo_id}/{file}{}", meta.size.map(|s| format!(" ({:.1} MB)", s as f64 / 1e6)).unwrap_or_default()));
+            say(format!(
+                "downloading {repo_id}/{file}{}",
+                meta.size.map(|s| format!(" ({:.1} MB)", s as f64 / 1e6)).unwrap_or_default()
+            ));
         }
         // Only the hub itself gets the token, never the (signed) URL it redirects to.
         let same_host = !meta.redirected;
@@ -424,7 +470,13 @@ impl Hub {
     }
 
     /// One GET of the rest of the content into `part`.
-    fn transfer(&self, meta: &Meta, part: &Path, same_host: bool, bar: &indicatif::ProgressBar) -> std::result::Result<(), Failure> {
+    fn transfer(
+        &self,
+        meta: &Meta,
+        part: &Path,
+        same_host: bool,
+        bar: &indicatif::ProgressBar,
+    ) -> std::result::Result<(), Failure> {
         let mut have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
         if meta.size.is_some_and(|s| have > s) {
             have = 0;
@@ -443,7 +495,11 @@ impl Hub {
         let st = resp.status();
         let append = match st {
             StatusCode::PARTIAL_CONTENT => {
-                let start = resp.headers().get("content-range").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("bytes ")?.split('-').next()?.parse::<u64>().ok());
+                let start = resp
+                    .headers()
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes ")?.split('-').next()?.parse::<u64>().ok());
                 if start != Some(have) {
                     return Err(Failure::Unreachable(format!("the server resumed at {start:?}, not {have}")));
                 }
@@ -575,13 +631,17 @@ fn link_pointer(blob: &Path, pointer: &Path) -> Result<()> {
 
 fn check_repo_id(repo_id: &str) -> Result<()> {
     let ok = repo_id.split_once('/').is_some_and(|(o, n)| {
-        let valid = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) && !s.starts_with('.');
+        let valid = |s: &str| {
+            !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) && !s.starts_with('.')
+        };
         valid(o) && valid(n)
     });
     if ok {
         Ok(())
     } else {
-        Err(Error::Argument(format!("--model '{repo_id}': expected a preset name or a hub repo id like 'owner/name[@revision]'")))
+        Err(Error::Argument(format!(
+            "--model '{repo_id}': expected a preset name or a hub repo id like 'owner/name[@revision]'"
+        )))
     }
 }
 
@@ -601,12 +661,18 @@ fn snapshot_root(path: &Path, file: &str) -> Option<PathBuf> {
 /// model_index.json and the model card. `.bin`/`.ckpt` are never taken.
 pub fn select_files(listing: &[String], half: bool) -> std::result::Result<Vec<String>, String> {
     let has = |f: &str| listing.iter().any(|l| l == f);
-    let mut out: Vec<String> = ["model_index.json", "README.md", "scheduler/scheduler_config.json"].iter().filter(|f| has(f)).map(|f| f.to_string()).collect();
+    let mut out: Vec<String> = ["model_index.json", "README.md", "scheduler/scheduler_config.json"]
+        .iter()
+        .filter(|f| has(f))
+        .map(|f| f.to_string())
+        .collect();
     if !has("scheduler/scheduler_config.json") {
         return Err("it has no scheduler/scheduler_config.json (not a diffusers-layout pipeline)".into());
     }
     out.extend(listing.iter().filter(|f| f.starts_with("tokenizer/") && !f.ends_with(".bin")).cloned());
-    for (comp, stem) in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")] {
+    for (comp, stem) in
+        [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]
+    {
         let config = format!("{comp}/config.json");
         if !has(&config) {
             return Err(format!("it has no {config}"));
@@ -623,13 +689,22 @@ pub fn select_files(listing: &[String], half: bool) -> std::result::Result<Vec<S
             let shard_prefix = name.trim_end_matches(".safetensors");
             has(&index).then(|| {
                 let mut v = vec![index.clone()];
-                v.extend(listing.iter().filter(|l| l.starts_with(&format!("{shard_prefix}-")) && l.ends_with(".safetensors")).cloned());
+                v.extend(
+                    listing
+                        .iter()
+                        .filter(|l| l.starts_with(&format!("{shard_prefix}-")) && l.ends_with(".safetensors"))
+                        .cloned(),
+                );
                 v
             })
         });
         match pick {
             Some(v) => out.extend(v),
-            None => return Err(format!("it has no safetensors weights for {comp}/ (only .bin/.ckpt files cannot be loaded; convert them)")),
+            None => {
+                return Err(format!(
+                    "it has no safetensors weights for {comp}/ (only .bin/.ckpt files cannot be loaded; convert them)"
+                ))
+            }
         }
     }
     Ok(out)
@@ -644,8 +719,13 @@ impl Hub {
             kind: String,
             path: String,
         }
-        let url = format!("{}/api/models/{repo_id}/tree/{}?recursive=true", self.endpoint, encode(revision.unwrap_or("main")));
-        let resp = self.auth(self.http.get(&url)).timeout(Duration::from_secs(15)).send().map_err(|e| short_error(&e))?;
+        let url = format!(
+            "{}/api/models/{repo_id}/tree/{}?recursive=true",
+            self.endpoint,
+            encode(revision.unwrap_or("main"))
+        );
+        let resp =
+            self.auth(self.http.get(&url)).timeout(Duration::from_secs(15)).send().map_err(|e| short_error(&e))?;
         if !resp.status().is_success() {
             let code = resp.headers().get("x-error-code").and_then(|v| v.to_str().ok()).map(str::to_string);
             return Err(match self.http_error(resp.status(), code, repo_id, revision.unwrap_or("main"), "") {
@@ -665,7 +745,9 @@ impl Hub {
             return Ok(None);
         }
         match self.list(repo_id, revision) {
-            Ok(listing) => select_files(&listing, half).map(Some).map_err(|why| Error::Hub(format!("hub repo '{repo_id}': {why}"))),
+            Ok(listing) => {
+                select_files(&listing, half).map(Some).map_err(|why| Error::Hub(format!("hub repo '{repo_id}': {why}")))
+            }
             Err(why) if why.contains("hub repo") => Err(Error::Hub(why)),
             Err(why) => {
                 *self.unreachable.borrow_mut() = Some(why);
@@ -678,8 +760,14 @@ impl Hub {
     pub fn cached_snapshot(&self, repo_id: &str, revision: Option<&str>, cli: &str) -> Result<PathBuf> {
         let rev = revision.unwrap_or("main");
         let folder = self.repo_folder(repo_id);
-        let commit = if is_commit(rev) { Some(rev.to_string()) } else { std::fs::read_to_string(folder.join("refs").join(rev)).ok().map(|s| s.trim().to_string()) };
-        let snap = commit.map(|c| folder.join("snapshots").join(c)).filter(|d| d.join("model_index.json").is_file() || d.join("unet").is_dir());
+        let commit = if is_commit(rev) {
+            Some(rev.to_string())
+        } else {
+            std::fs::read_to_string(folder.join("refs").join(rev)).ok().map(|s| s.trim().to_string())
+        };
+        let snap = commit
+            .map(|c| folder.join("snapshots").join(c))
+            .filter(|d| d.join("model_index.json").is_file() || d.join("unet").is_dir());
         match snap {
             Some(s) => {
                 self.warn_cached(repo_id);
@@ -713,9 +801,18 @@ mod tests {
             assert!(on_disk.contains(&format!("{}.json", p.name)), "preset {} is in models/{}.json", p.name, p.name);
             assert!(p.files.iter().all(|f| !f.ends_with(".bin") && !f.ends_with(".ckpt")));
             for c in ["unet", "vae", "text_encoder"] {
-                assert!(p.files.iter().any(|f| f.starts_with(&format!("{c}/")) && f.ends_with(".safetensors")), "{} lacks {c} weights", p.name);
+                assert!(
+                    p.files.iter().any(|f| f.starts_with(&format!("{c}/")) && f.ends_with(".safetensors")),
+                    "{} lacks {c} weights",
+                    p.name
+                );
             }
-            assert!(p.defaults.sampler.parse::<crate::samplers::SamplerKind>().is_ok(), "{}: sampler {}", p.name, p.defaults.sampler);
+            assert!(
+                p.defaults.sampler.parse::<crate::samplers::SamplerKind>().is_ok(),
+                "{}: sampler {}",
+                p.name,
+                p.defaults.sampler
+            );
         }
     }
 
@@ -728,11 +825,22 @@ mod tests {
     #[test]
     fn file_selection_prefers_safetensors_and_the_precision_asked_for() {
         let listing: Vec<String> = [
-            "model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-            "unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-            "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
-            "text_encoder/config.json", "text_encoder/model.safetensors.index.json", "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
-            "v1-5-pruned.ckpt", "safety_checker/model.safetensors",
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.bin",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors.index.json",
+            "text_encoder/model-00001-of-00002.safetensors",
+            "text_encoder/model-00002-of-00002.safetensors",
+            "v1-5-pruned.ckpt",
+            "safety_checker/model.safetensors",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -744,7 +852,11 @@ mod tests {
         assert!(!f32.iter().any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.starts_with("safety_checker")));
         let f16 = select_files(&listing, true).unwrap();
         assert!(f16.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".into()));
-        let bin_only: Vec<String> = listing.iter().filter(|f| !f.starts_with("unet/diffusion_pytorch_model.") || f.ends_with(".bin")).cloned().collect();
+        let bin_only: Vec<String> = listing
+            .iter()
+            .filter(|f| !f.starts_with("unet/diffusion_pytorch_model.") || f.ends_with(".bin"))
+            .cloned()
+            .collect();
         assert!(select_files(&bin_only, false).unwrap_err().contains("unet/"));
     }
 

@@ -54,7 +54,10 @@ fn decode_error(path: &Path, e: image::ImageError) -> Error {
     match e {
         image::ImageError::Limits(_) => Error::image(
             path,
-            format!("image is larger than {MAX_SIDE} px on a side or {} MiB decoded; downscale it first", MAX_DECODE_BYTES >> 20),
+            format!(
+                "image is larger than {MAX_SIDE} px on a side or {} MiB decoded; downscale it first",
+                MAX_DECODE_BYTES >> 20
+            ),
         ),
         e => Error::image(path, e),
     }
@@ -112,7 +115,11 @@ pub fn working_size(w: u32, h: u32, size: u32, multiple: u32) -> (u32, u32) {
     let (long, short) = if w >= h { (w, h) } else { (h, w) };
     let long_out = (size / multiple * multiple).max(multiple);
     let short_out = ((short as f64 * long_out as f64 / long as f64).round() as u32 / multiple * multiple).max(multiple);
-    if w >= h { (long_out, short_out) } else { (short_out, long_out) }
+    if w >= h {
+        (long_out, short_out)
+    } else {
+        (short_out, long_out)
+    }
 }
 
 /// Resizes to `w`×`h` exactly as Pillow's `Image.resize(size, Image.LANCZOS)` does, which is what
@@ -146,7 +153,11 @@ mod pil_resample {
     }
 
     fn lanczos_filter(x: f64) -> f64 {
-        if (-3.0..3.0).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 }
+        if (-3.0..3.0).contains(&x) {
+            sinc(x) * sinc(x / 3.0)
+        } else {
+            0.0
+        }
     }
 
     /// Per output pixel: first input index and the fixed-point weights.
@@ -162,7 +173,8 @@ mod pil_resample {
                 let xmin = ((center - support + 0.5) as i64).max(0) as usize;
                 let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
                 let n = xmax.saturating_sub(xmin);
-                let w: Vec<f64> = (0..n).map(|x| lanczos_filter((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
+                let w: Vec<f64> =
+                    (0..n).map(|x| lanczos_filter((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
                 let total: f64 = w.iter().sum();
                 let fixed = w
                     .iter()
@@ -269,7 +281,8 @@ fn exif_block(provenance: &[(String, String)]) -> std::io::Result<Vec<u8>> {
     use exif::{Field, In, Tag, Value};
     let get = |k: &str| provenance.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str()).unwrap_or("");
     // ASCII fields: keep them ASCII (non-ASCII prompt text lives in UserComment).
-    let ascii = |s: &str| s.chars().map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' }).collect::<String>();
+    let ascii =
+        |s: &str| s.chars().map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' }).collect::<String>();
     let params = get("parameters");
     let mut comment = Vec::new();
     if params.is_ascii() {
@@ -280,8 +293,16 @@ fn exif_block(provenance: &[(String, String)]) -> std::io::Result<Vec<u8>> {
         comment.extend(params.encode_utf16().flat_map(|u| u.to_le_bytes()));
     }
     let fields = [
-        Field { tag: Tag::ImageDescription, ifd_num: In::PRIMARY, value: Value::Ascii(vec![ascii(get("Source")).into_bytes()]) },
-        Field { tag: Tag::Software, ifd_num: In::PRIMARY, value: Value::Ascii(vec![ascii(get("Software")).into_bytes()]) },
+        Field {
+            tag: Tag::ImageDescription,
+            ifd_num: In::PRIMARY,
+            value: Value::Ascii(vec![ascii(get("Source")).into_bytes()]),
+        },
+        Field {
+            tag: Tag::Software,
+            ifd_num: In::PRIMARY,
+            value: Value::Ascii(vec![ascii(get("Software")).into_bytes()]),
+        },
         Field { tag: Tag::UserComment, ifd_num: In::PRIMARY, value: Value::Undefined(comment, 0) },
     ];
     let mut w = exif::experimental::Writer::new();
@@ -326,7 +347,8 @@ fn xmp_packet(provenance: &[(String, String)]) -> String {
 }
 
 /// IPTC's term for "a photo transformed or composited with a generative model's output".
-pub const DIGITAL_SOURCE_TYPE: &str = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia";
+pub const DIGITAL_SOURCE_TYPE: &str =
+    "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia";
 
 /// Inserts an XMP APP1 segment after the JPEG's leading APPn segments (JFIF, Exif).
 fn jpeg_with_xmp(jpeg: Vec<u8>, xmp: &str) -> std::io::Result<Vec<u8>> {
@@ -384,8 +406,12 @@ pub fn save_as(img: &RgbImage, path: &Path, format: OutputFormat, provenance: &[
                 if meta {
                     for (k, v) in provenance {
                         let latin1 = v.chars().all(|c| (c as u32) < 256);
-                        if latin1 { enc.add_text_chunk(k.clone(), v.clone()) } else { enc.add_itxt_chunk(k.clone(), v.clone()) }
-                            .map_err(std::io::Error::other)?;
+                        if latin1 {
+                            enc.add_text_chunk(k.clone(), v.clone())
+                        } else {
+                            enc.add_itxt_chunk(k.clone(), v.clone())
+                        }
+                        .map_err(std::io::Error::other)?;
                     }
                     enc.add_itxt_chunk("XML:com.adobe.xmp".into(), xmp.clone()).map_err(std::io::Error::other)?;
                 }

@@ -52,7 +52,8 @@ impl LoraSpec {
             return Ok(Self { source: LoraSource::File(path.to_path_buf()), scale });
         }
         let parts: Vec<&str> = target.splitn(3, '/').collect();
-        if parts.len() == 3 && target.ends_with(".safetensors") && !target.starts_with('.') && !target.starts_with('/') {
+        if parts.len() == 3 && target.ends_with(".safetensors") && !target.starts_with('.') && !target.starts_with('/')
+        {
             return Ok(Self {
                 source: LoraSource::Hub { repo: format!("{}/{}", parts[0], parts[1]), file: parts[2].to_string() },
                 scale,
@@ -64,7 +65,9 @@ impl LoraSpec {
     /// The name shown in reports: the file name without extension (for diffusers' generic
     /// `pytorch_lora_weights` on the hub, the repo's name).
     pub fn name(&self) -> String {
-        let stem = |f: &str| Path::new(f).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| f.to_string());
+        let stem = |f: &str| {
+            Path::new(f).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| f.to_string())
+        };
         match &self.source {
             LoraSource::File(p) => stem(&p.to_string_lossy()),
             LoraSource::Hub { repo, file } => match stem(file).as_str() {
@@ -142,7 +145,14 @@ pub struct MergingBackend {
 }
 
 impl SimpleBackend for MergingBackend {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
             candle_core::bail!("shape mismatch for {name}: expected {s:?}, got {:?}", t.shape())
@@ -303,7 +313,11 @@ fn unsupported(keys: &[String]) -> Option<String> {
     let found = KINDS
         .iter()
         .find_map(|(needle, what)| keys.iter().find(|k| k.contains(needle)).map(|k| (*what, k)))
-        .or_else(|| keys.iter().find(|k| k.ends_with(".diff") || k.ends_with(".diff_b")).map(|k| ("full weight differences (.diff keys)", k)));
+        .or_else(|| {
+            keys.iter()
+                .find(|k| k.ends_with(".diff") || k.ends_with(".diff_b"))
+                .map(|k| ("full weight differences (.diff keys)", k))
+        });
     found.map(|(what, k)| format!("{what}, e.g. '{k}', is not supported; ghiblify merges LoRA and LoCon adapters"))
 }
 
@@ -317,7 +331,9 @@ struct UnetLayout {
 
 impl UnetLayout {
     fn from(shapes: &HashMap<String, Vec<usize>>) -> Self {
-        let count = |prefix: &str| (0..).take_while(|j| shapes.contains_key(&format!("{prefix}.resnets.{j}.conv1.weight"))).count();
+        let count = |prefix: &str| {
+            (0..).take_while(|j| shapes.contains_key(&format!("{prefix}.resnets.{j}.conv1.weight"))).count()
+        };
         let blocks = |kind: &str, sampler: &str| {
             (0..)
                 .map(|i| format!("{kind}.{i}"))
@@ -351,7 +367,12 @@ impl UnetLayout {
             let b = it.next()?.parse().ok()?;
             Some((a, b, it.next().unwrap_or("").to_string()))
         };
-        let simple: &[(&str, &str)] = &[("time_embed_0", "time_embedding_linear_1"), ("time_embed_2", "time_embedding_linear_2"), ("out_0", "conv_norm_out"), ("out_2", "conv_out")];
+        let simple: &[(&str, &str)] = &[
+            ("time_embed_0", "time_embedding_linear_1"),
+            ("time_embed_2", "time_embedding_linear_2"),
+            ("out_0", "conv_norm_out"),
+            ("out_2", "conv_out"),
+        ];
         if let Some((_, d)) = simple.iter().find(|(l, _)| *l == id) {
             return Some(d.to_string());
         }
@@ -418,19 +439,27 @@ pub struct Planned {
 pub fn plan(name: &str, path: &Path, scale: f64, unet: &Layout, text: &Layout) -> Result<Planned> {
     let err = |msg: String| Error::Weights { path: path.to_path_buf(), msg: format!("lora '{name}': {msg}") };
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(format!("not a valid safetensors file ({e})")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| err(format!("not a valid safetensors file ({e})")))?;
     let keys: Vec<String> = st.names().into_iter().map(String::from).collect();
     if let Some(why) = unsupported(&keys) {
         return Err(err(why));
     }
-    let meta = safetensors::SafeTensors::read_metadata(&bytes).ok().and_then(|(_, m)| m.metadata().clone()).unwrap_or_default();
+    let meta = safetensors::SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, m)| m.metadata().clone())
+        .unwrap_or_default();
     let peft: Option<serde_json::Value> = meta.get("lora_adapter_metadata").and_then(|s| serde_json::from_str(s).ok());
     if let Some(p) = &peft {
-        if ["unet.use_dora", "text_encoder.use_dora"].iter().any(|k| p.get(*k).and_then(|v| v.as_bool()) == Some(true)) {
-            return Err(err("DoRA (use_dora in its metadata) is not supported; ghiblify merges LoRA and LoCon adapters".into()));
+        if ["unet.use_dora", "text_encoder.use_dora"].iter().any(|k| p.get(*k).and_then(|v| v.as_bool()) == Some(true))
+        {
+            return Err(err(
+                "DoRA (use_dora in its metadata) is not supported; ghiblify merges LoRA and LoCon adapters".into(),
+            ));
         }
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| err(crate::error::candle_message(&e)))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| err(crate::error::candle_message(&e)))?;
     let mut modules: BTreeMap<ModuleId, Module> = BTreeMap::new();
     let mut unknown = Vec::new();
     for key in &keys {
@@ -443,7 +472,15 @@ pub fn plan(name: &str, path: &Path, scale: f64, unet: &Layout, text: &Layout) -
         match piece {
             Piece::Down => m.down = Some((key.clone(), t)),
             Piece::Up => m.up = Some((key.clone(), t)),
-            Piece::Alpha => m.alpha = Some(t.flatten_all().and_then(|t| t.get(0)).and_then(|t| t.to_scalar::<f32>()).map_err(|e| err(format!("'{key}': {}", crate::error::candle_message(&e))))? as f64),
+            Piece::Alpha => {
+                m.alpha = Some(
+                    t.flatten_all()
+                        .and_then(|t| t.get(0))
+                        .and_then(|t| t.to_scalar::<f32>())
+                        .map_err(|e| err(format!("'{key}': {}", crate::error::candle_message(&e))))?
+                        as f64,
+                )
+            }
         }
     }
     let unet_layout = UnetLayout::from(&unet.shapes);
@@ -466,7 +503,9 @@ pub fn plan(name: &str, path: &Path, scale: f64, unet: &Layout, text: &Layout) -
     for (id, m) in &modules {
         let (Some((down_key, down)), Some((up_key, up))) = (&m.down, &m.up) else {
             if m.down.is_some() || m.up.is_some() {
-                return Err(err(format!("module '{id}' has a lora down or up weight but not both (truncated or damaged file?)")));
+                return Err(err(format!(
+                    "module '{id}' has a lora down or up weight but not both (truncated or damaged file?)"
+                )));
             }
             continue; // an alpha alone
         };
@@ -474,7 +513,13 @@ pub fn plan(name: &str, path: &Path, scale: f64, unet: &Layout, text: &Layout) -
         let target: Option<(Part, String)> = match id {
             ModuleId::Kohya { prefix, id } => match prefix.as_str() {
                 "lora_unet_" => {
-                    let id = if id.starts_with("input_blocks_") || id.starts_with("middle_block_") || id.starts_with("output_blocks_") || id.starts_with("time_embed_") || id == "out_0" || id == "out_2" {
+                    let id = if id.starts_with("input_blocks_")
+                        || id.starts_with("middle_block_")
+                        || id.starts_with("output_blocks_")
+                        || id.starts_with("time_embed_")
+                        || id == "out_0"
+                        || id == "out_2"
+                    {
                         unet_layout.ldm_to_diffusers(id).unwrap_or_else(|| id.clone())
                     } else {
                         id.clone()
@@ -501,10 +546,15 @@ pub fn plan(name: &str, path: &Path, scale: f64, unet: &Layout, text: &Layout) -
                 } else {
                     (None, path.as_str())
                 };
-                let in_unet = |m: &str| unet.shapes.contains_key(&format!("{m}.weight")).then(|| (Part::Unet, format!("{m}.weight")));
+                let in_unet = |m: &str| {
+                    unet.shapes.contains_key(&format!("{m}.weight")).then(|| (Part::Unet, format!("{m}.weight")))
+                };
                 let in_text = |m: &str| {
                     let m = m.strip_prefix("text_model.").unwrap_or(m);
-                    [format!("text_model.{m}.weight"), format!("{m}.weight")].into_iter().find(|w| text.shapes.contains_key(w)).map(|w| (Part::TextEncoder, w))
+                    [format!("text_model.{m}.weight"), format!("{m}.weight")]
+                        .into_iter()
+                        .find(|w| text.shapes.contains_key(w))
+                        .map(|w| (Part::TextEncoder, w))
                 };
                 match part {
                     Some(Part::Unet) => in_unet(module),
@@ -561,7 +611,11 @@ pub fn plan(name: &str, path: &Path, scale: f64, unet: &Layout, text: &Layout) -
 fn looks_sdxl(modules: &BTreeMap<ModuleId, Module>) -> bool {
     modules.iter().any(|(id, m)| {
         let s = id.to_string();
-        s.contains("transformer_blocks_9") || s.contains("transformer_blocks.9") || (s.contains("attn2") && s.contains("to_k") && m.down.as_ref().is_some_and(|(_, t)| t.dims().get(1) == Some(&2048)))
+        s.contains("transformer_blocks_9")
+            || s.contains("transformer_blocks.9")
+            || (s.contains("attn2")
+                && s.contains("to_k")
+                && m.down.as_ref().is_some_and(|(_, t)| t.dims().get(1) == Some(&2048)))
     })
 }
 
@@ -576,7 +630,11 @@ fn peft_alpha(meta: Option<&serde_json::Value>, part: Part, id: &ModuleId) -> Op
     let module = module.strip_prefix(&format!("{prefix}.")).unwrap_or(&module).to_string();
     if let Some(pattern) = meta.get(format!("{prefix}.alpha_pattern")).and_then(|v| v.as_object()) {
         // peft matches a pattern key against the end of the module path.
-        if let Some(v) = pattern.iter().find(|(k, _)| module == **k || module.ends_with(&format!(".{k}"))).and_then(|(_, v)| v.as_f64()) {
+        if let Some(v) = pattern
+            .iter()
+            .find(|(k, _)| module == **k || module.ends_with(&format!(".{k}")))
+            .and_then(|(_, v)| v.as_f64())
+        {
             return Some(v);
         }
     }
@@ -628,7 +686,13 @@ mod tests {
         assert_eq!(LoraSpec::parse(f.to_str().unwrap()).unwrap().scale, 1.0);
         assert_eq!(s.name(), "style");
         let h = LoraSpec::parse("latent-consistency/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors:0.5").unwrap();
-        assert_eq!(h.source, LoraSource::Hub { repo: "latent-consistency/lcm-lora-sdv1-5".into(), file: "pytorch_lora_weights.safetensors".into() });
+        assert_eq!(
+            h.source,
+            LoraSource::Hub {
+                repo: "latent-consistency/lcm-lora-sdv1-5".into(),
+                file: "pytorch_lora_weights.safetensors".into()
+            }
+        );
         assert_eq!(h.scale, 0.5);
         assert!(LoraSpec::parse("missing.safetensors").unwrap_err().to_string().contains("'missing.safetensors'"));
         assert!(LoraSpec::parse(&format!("{}:99", f.display())).unwrap_err().to_string().contains("scale"));
@@ -640,11 +704,26 @@ mod tests {
             Some((ModuleId::Dotted(m), _)) => m,
             other => panic!("{k}: {:?}", other.map(|o| o.0)),
         };
-        assert_eq!(dotted("unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"), "unet.down_blocks.0.attentions.0.proj_in");
-        assert_eq!(dotted("unet.mid_block.attentions.0.proj_in.lora_B.default.weight"), "unet.mid_block.attentions.0.proj_in");
-        assert_eq!(dotted("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight"), "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0");
-        assert_eq!(dotted("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.up.weight"), "text_encoder.text_model.encoder.layers.0.self_attn.q_proj");
-        assert!(matches!(split_key("lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"), Some((ModuleId::Kohya { .. }, Piece::Alpha))));
+        assert_eq!(
+            dotted("unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"),
+            "unet.down_blocks.0.attentions.0.proj_in"
+        );
+        assert_eq!(
+            dotted("unet.mid_block.attentions.0.proj_in.lora_B.default.weight"),
+            "unet.mid_block.attentions.0.proj_in"
+        );
+        assert_eq!(
+            dotted("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight"),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+        );
+        assert_eq!(
+            dotted("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.up.weight"),
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+        );
+        assert!(matches!(
+            split_key("lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"),
+            Some((ModuleId::Kohya { .. }, Piece::Alpha))
+        ));
         assert!(split_key("lora_unet_x.hada_w1_a").is_none());
     }
 
@@ -674,7 +753,10 @@ mod tests {
         let l = UnetLayout::from(&shapes);
         let m = |s: &str| l.ldm_to_diffusers(s).unwrap();
         // The SD1.5 table (diffusers' convert_original_stable_diffusion_to_diffusers).
-        assert_eq!(m("input_blocks_1_1_transformer_blocks_0_attn2_to_k"), "down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k");
+        assert_eq!(
+            m("input_blocks_1_1_transformer_blocks_0_attn2_to_k"),
+            "down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+        );
         assert_eq!(m("input_blocks_3_0_op"), "down_blocks_0_downsamplers_0_conv");
         assert_eq!(m("input_blocks_8_1_proj_in"), "down_blocks_2_attentions_1_proj_in");
         assert_eq!(m("input_blocks_11_0_in_layers_2"), "down_blocks_3_resnets_1_conv1");

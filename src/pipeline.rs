@@ -74,7 +74,8 @@ impl Trace {
             })
             .collect::<Result<Vec<_>>>()?;
         let meta: std::collections::HashMap<String, String> = metadata.clone().into_iter().collect();
-        let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Argument(format!("--trace: {e}")))?;
+        let out =
+            safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Argument(format!("--trace: {e}")))?;
         crate::image_io::write_atomically(path, |f| std::io::Write::write_all(f, &out))
     }
 }
@@ -91,7 +92,10 @@ pub fn latents_to_image(vae: &Autoencoder, latents: &Tensor, tiled: bool) -> Res
 pub fn model_card_license(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("README.md")).ok()?;
     let front = text.strip_prefix("---")?.split("\n---").next()?;
-    front.lines().find_map(|l| l.strip_prefix("license:").map(|v| v.trim().trim_matches('"').to_string())).filter(|v| !v.is_empty())
+    front
+        .lines()
+        .find_map(|l| l.strip_prefix("license:").map(|v| v.trim().trim_matches('"').to_string()))
+        .filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]
@@ -100,7 +104,11 @@ mod tests {
     fn licence_from_the_model_card() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(super::model_card_license(d.path()), None);
-        std::fs::write(d.path().join("README.md"), "---\nlanguage: en\nlicense: creativeml-openrail-m\ntags:\n- x\n---\n# Card\nlicense: not this\n").unwrap();
+        std::fs::write(
+            d.path().join("README.md"),
+            "---\nlanguage: en\nlicense: creativeml-openrail-m\ntags:\n- x\n---\n# Card\nlicense: not this\n",
+        )
+        .unwrap();
         assert_eq!(super::model_card_license(d.path()).as_deref(), Some("creativeml-openrail-m"));
     }
 }
@@ -210,7 +218,10 @@ impl StableDiffusion {
         };
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         if !scheduler_path.is_file() {
-            return Err(Error::Model { dir: dir.to_path_buf(), what: "missing 'scheduler/scheduler_config.json'".into() });
+            return Err(Error::Model {
+                dir: dir.to_path_buf(),
+                what: "missing 'scheduler/scheduler_config.json'".into(),
+            });
         }
         let tok_dir = dir.join("tokenizer");
         if !tok_dir.is_dir() {
@@ -247,20 +258,40 @@ impl StableDiffusion {
         if unet.config.context_dim() != text_encoder.hidden_size() {
             return Err(Error::config(
                 &unet_f.config,
-                format!("'cross_attention_dim' {} does not match the text encoder's hidden_size {}", unet.config.context_dim(), text_encoder.hidden_size()),
+                format!(
+                    "'cross_attention_dim' {} does not match the text encoder's hidden_size {}",
+                    unet.config.context_dim(),
+                    text_encoder.hidden_size()
+                ),
             ));
         }
         if unet.config.in_channels != vae.latent_channels() {
             return Err(Error::config(
                 &unet_f.config,
-                format!("'in_channels' {} does not match the VAE's latent_channels {}", unet.config.in_channels, vae.latent_channels()),
+                format!(
+                    "'in_channels' {} does not match the VAE's latent_channels {}",
+                    unet.config.in_channels,
+                    vae.latent_channels()
+                ),
             ));
         }
         if let Some(set) = set {
             outcome.unused = set.unet.unused().into_iter().chain(set.text_encoder.unused()).collect();
             outcome.reports = set.reports;
         }
-        let model = Self { dir: dir.to_path_buf(), unet_weights: unet_f.weights.clone(), tokenizer, text_encoder: std::sync::Mutex::new(Some(text_encoder)), prompt_cache: Default::default(), vae, unet, scheduler_config, scheduler_path, device: device.clone(), dtype: compute };
+        let model = Self {
+            dir: dir.to_path_buf(),
+            unet_weights: unet_f.weights.clone(),
+            tokenizer,
+            text_encoder: std::sync::Mutex::new(Some(text_encoder)),
+            prompt_cache: Default::default(),
+            vae,
+            unet,
+            scheduler_config,
+            scheduler_path,
+            device: device.clone(),
+            dtype: compute,
+        };
         Ok((model, outcome))
     }
 
@@ -305,7 +336,10 @@ impl StableDiffusion {
         }
         let encoder = self.text_encoder.lock().unwrap_or_else(|e| e.into_inner());
         let Some(encoder) = encoder.as_ref() else {
-            return Err(Error::Model { dir: self.dir.clone(), what: format!("the text encoder was released before the prompt {text:?} was encoded") });
+            return Err(Error::Model {
+                dir: self.dir.clone(),
+                what: format!("the text encoder was released before the prompt {text:?} was encoded"),
+            });
         };
         let ids = self.tokenizer.encode(text)?;
         let n = ids.len();
@@ -327,7 +361,14 @@ impl StableDiffusion {
     }
 
     /// Runs img2img on `image`, (1, 3, H, W) f32 in [-1, 1] with H, W multiples of the VAE scale.
-    pub fn img2img(&self, image: &Tensor, p: &Img2ImgParams, noise: &mut dyn NoiseSource, trace: &mut Trace, on_step: OnStep) -> Result<Img2ImgOutput> {
+    pub fn img2img(
+        &self,
+        image: &Tensor,
+        p: &Img2ImgParams,
+        noise: &mut dyn NoiseSource,
+        trace: &mut Trace,
+        on_step: OnStep,
+    ) -> Result<Img2ImgOutput> {
         let mut timings = Timings::default();
         let clock = std::time::Instant::now;
         // 1. Check inputs.

@@ -60,8 +60,13 @@ impl Printer {
 
     /// The batch view: an overall bar (files, ETA) with the per-image step bar below it.
     pub fn batch_bars(&self, files: usize) -> (ProgressBar, ProgressBar) {
-        let multi = indicatif::MultiProgress::with_draw_target(if self.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
-        let overall = multi.add(self.bar(files as u64, "{msg:>10} [{bar:30}] {pos}/{len} files, {elapsed} elapsed, ETA {eta}"));
+        let multi = indicatif::MultiProgress::with_draw_target(if self.progress {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        let overall =
+            multi.add(self.bar(files as u64, "{msg:>10} [{bar:30}] {pos}/{len} files, {elapsed} elapsed, ETA {eta}"));
         overall.set_message("images");
         let steps = multi.add(self.steps_bar(0));
         (overall, steps)

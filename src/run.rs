@@ -77,11 +77,18 @@ impl Engine<'_> {
                 }
             }
             if !outcome.unused.is_empty() {
-                self.printer.warn(format!("LoRAs changed {} weights this model never reads: {}", outcome.unused.len(), outcome.unused.join(", ")));
+                self.printer.warn(format!(
+                    "LoRAs changed {} weights this model never reads: {}",
+                    outcome.unused.len(),
+                    outcome.unused.join(", ")
+                ));
             }
             let kept = (self.s.steps as f64 * self.s.strength) as usize;
             if self.s.fast {
-                self.printer.info(format!("fast mode: LCM-LoRA, {} {kept} steps, guidance {}; drop --fast for the full-quality sampler", self.s.sampler, self.s.guidance));
+                self.printer.info(format!(
+                    "fast mode: LCM-LoRA, {} {kept} steps, guidance {}; drop --fast for the full-quality sampler",
+                    self.s.sampler, self.s.guidance
+                ));
             } else if device.is_cpu() && kept > 8 {
                 // Measured on 2 cores, 512x512: 434 s for 16 steps with guidance, 64 s with
                 // --fast (README, Fast mode).
@@ -90,7 +97,8 @@ impl Engine<'_> {
             let lora_info = loras.iter().map(|(n, p, s)| (n.clone(), file_sha256_10(p), *s)).collect();
             let overflow = model.tokenizer.overflow(&self.s.prompt);
             if overflow > 0 {
-                self.printer.warn(format!("--prompt is {overflow} tokens longer than the text encoder reads; the end was cut"));
+                self.printer
+                    .warn(format!("--prompt is {overflow} tokens longer than the text encoder reads; the end was cut"));
             }
             // Every image of the run uses these two prompts: encode them once, then free the
             // text encoder (part of keeping a 512² run with f16 weights under 3 GB).
@@ -107,7 +115,15 @@ impl Engine<'_> {
     }
 
     /// Converts one decoded photo and writes `output`; returns the working size.
-    fn convert(&mut self, photo: image::RgbImage, source: &Path, output: &Path, format: OutputFormat, seed: u64, trace: &mut Trace) -> Result<(u32, u32)> {
+    fn convert(
+        &mut self,
+        photo: image::RgbImage,
+        source: &Path,
+        output: &Path,
+        format: OutputFormat,
+        seed: u64,
+        trace: &mut Trace,
+    ) -> Result<(u32, u32)> {
         let s = self.s;
         let printer = self.printer;
         let bar = self.bar.clone();
@@ -159,7 +175,15 @@ impl Engine<'_> {
 
 /// The provenance written into every output (see README): A1111 `parameters`, software, source,
 /// and the IPTC digital source type of a photo transformed by a generative model.
-fn provenance(s: &Settings, model: &str, info: &ModelInfo, source: &Path, seed: u64, w: u32, h: u32) -> Vec<(String, String)> {
+fn provenance(
+    s: &Settings,
+    model: &str,
+    info: &ModelInfo,
+    source: &Path,
+    seed: u64,
+    w: u32,
+    h: u32,
+) -> Vec<(String, String)> {
     let version = format!("ghiblify {}", env!("CARGO_PKG_VERSION"));
     let parameters = format!(
         "{}{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, {}Model: {}, Denoising strength: {}, {}Version: {}",
@@ -194,7 +218,10 @@ fn provenance(s: &Settings, model: &str, info: &ModelInfo, source: &Path, seed: 
         ("Software".to_string(), version),
         ("Source".to_string(), format!("AI-generated: latent-diffusion img2img of '{name}'")),
         ("Model".to_string(), model.to_string()),
-        ("License".to_string(), format!("model licence: {}", info.license.as_deref().unwrap_or("unknown (see the model card)"))),
+        (
+            "License".to_string(),
+            format!("model licence: {}", info.license.as_deref().unwrap_or("unknown (see the model card)")),
+        ),
     ]
 }
 
@@ -233,7 +260,9 @@ fn lora_files(s: &Settings, hub: &LazyHub) -> Result<Vec<(String, PathBuf, f64)>
     for spec in &s.loras {
         let path = match &spec.source {
             crate::lora::LoraSource::File(p) => p.clone(),
-            crate::lora::LoraSource::Hub { repo, file } => hub.get()?.fetch_file(repo, None, file, &format!("{repo}/{file}"))?,
+            crate::lora::LoraSource::Hub { repo, file } => {
+                hub.get()?.fetch_file(repo, None, file, &format!("{repo}/{file}"))?
+            }
         };
         out.push((spec.name(), path, spec.scale));
     }
@@ -252,7 +281,9 @@ fn vae_folder(s: &Settings, hub: &LazyHub) -> Result<Option<PathBuf>> {
     match &s.vae {
         None => Ok(None),
         Some(crate::settings::VaeSource::Dir(d)) => Ok(Some(d.clone())),
-        Some(crate::settings::VaeSource::Hub { repo_id, revision }) => Ok(Some(fetch_vae_repo(hub, repo_id, revision.as_deref())?)),
+        Some(crate::settings::VaeSource::Hub { repo_id, revision }) => {
+            Ok(Some(fetch_vae_repo(hub, repo_id, revision.as_deref())?))
+        }
     }
 }
 
@@ -321,7 +352,8 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     let t0 = Instant::now();
     // The photo first: a bad input fails in milliseconds, not after a model load.
     let photo = image_io::load_rgb(input)?;
-    let format = OutputFormat::from_path(output).ok_or_else(|| Error::Argument(format!("-o '{}': unknown output extension", output.display())))?;
+    let format = OutputFormat::from_path(output)
+        .ok_or_else(|| Error::Argument(format!("-o '{}': unknown output extension", output.display())))?;
     if !s.seed_was_given {
         printer.info(format!("seed {} (pass --seed {} to repeat this picture)", s.seed, s.seed));
     }
@@ -391,11 +423,18 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
         printer.verbose(format!("{}: seed {seed}", job.input.display()));
         let result: Result<Option<(u32, u32)>> = (|| {
             if let Some(first) = claimed.get(&output) {
-                return Err(Error::Argument(format!("output '{}' is also the output of '{}'", output.display(), first.display())));
+                return Err(Error::Argument(format!(
+                    "output '{}' is also the output of '{}'",
+                    output.display(),
+                    first.display()
+                )));
             }
             claimed.insert(output.clone(), job.input.clone());
             if canonical(&output).is_some_and(|c| inputs.contains(&c)) {
-                return Err(Error::Argument(format!("output '{}' is an input; refusing to overwrite it", output.display())));
+                return Err(Error::Argument(format!(
+                    "output '{}' is an input; refusing to overwrite it",
+                    output.display()
+                )));
             }
             if output.exists() && !b.overwrite {
                 return Ok(None);
@@ -417,7 +456,16 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
             }
             Err(e) => {
                 // A model that cannot be loaded stops the whole run: nothing else could succeed.
-                if engine.model.is_none() && matches!(e, Error::Model { .. } | Error::Config { .. } | Error::Weights { .. } | Error::Tokenizer { .. } | Error::Hub(_)) {
+                if engine.model.is_none()
+                    && matches!(
+                        e,
+                        Error::Model { .. }
+                            | Error::Config { .. }
+                            | Error::Weights { .. }
+                            | Error::Tokenizer { .. }
+                            | Error::Hub(_)
+                    )
+                {
                     return Err(e);
                 }
                 outcome.failed += 1;
@@ -441,7 +489,11 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
     steps.finish_and_clear();
     overall.finish_and_clear();
     let total = t0.elapsed().as_secs_f64();
-    let per = if outcome.done > 0 { format!(", {:.2} s per image", total / outcome.done as f64) } else { String::new() };
-    printer.info(format!("done {}, skipped {}, failed {} in {total:.1} s{per}", outcome.done, outcome.skipped, outcome.failed));
+    let per =
+        if outcome.done > 0 { format!(", {:.2} s per image", total / outcome.done as f64) } else { String::new() };
+    printer.info(format!(
+        "done {}, skipped {}, failed {} in {total:.1} s{per}",
+        outcome.done, outcome.skipped, outcome.failed
+    ));
     Ok(outcome)
 }

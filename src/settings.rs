@@ -31,7 +31,10 @@ pub enum ModelSource {
 /// One photo to one file, or a batch into a folder.
 #[derive(Debug, Clone)]
 pub enum Mode {
-    Single { input: PathBuf, output: PathBuf },
+    Single {
+        input: PathBuf,
+        output: PathBuf,
+    },
     Batch(Batch),
     /// `--download-only`: fetch the model into the cache.
     DownloadOnly,
@@ -175,12 +178,17 @@ fn model_source(model_dir: Option<PathBuf>, model: Option<String>) -> Result<(Mo
             if !name.contains('/') {
                 let p = crate::hub::preset(&name).ok_or_else(|| {
                     let names: Vec<String> = crate::hub::presets().into_iter().map(|p| p.name).collect();
-                    arg(format!("--model '{m}': no such preset (presets: {}; or give a hub repo id 'owner/name')", names.join(", ")))
+                    arg(format!(
+                        "--model '{m}': no such preset (presets: {}; or give a hub repo id 'owner/name')",
+                        names.join(", ")
+                    ))
                 })?;
                 return Ok(from_preset(p, rev));
             }
             if name.split('/').count() != 2 || name.split('/').any(str::is_empty) {
-                return Err(arg(format!("--model '{m}': expected a preset name or a hub repo id like 'owner/name[@revision]'")));
+                return Err(arg(format!(
+                    "--model '{m}': expected a preset name or a hub repo id like 'owner/name[@revision]'"
+                )));
             }
             // A preset's repo named by id still gets the preset's exact files and licence.
             if let Some(p) = crate::hub::presets().into_iter().find(|p| p.repo == name) {
@@ -190,7 +198,17 @@ fn model_source(model_dir: Option<PathBuf>, model: Option<String>) -> Result<(Mo
                 }
                 return Ok((source, d));
             }
-            Ok((ModelSource::Hub { repo_id: name, revision: rev, files: None, cli: m, license: None, preset_loras: Vec::new() }, fallback))
+            Ok((
+                ModelSource::Hub {
+                    repo_id: name,
+                    revision: rev,
+                    files: None,
+                    cli: m,
+                    license: None,
+                    preset_loras: Vec::new(),
+                },
+                fallback,
+            ))
         }
         (None, None) => Ok(from_preset(crate::hub::default_preset(), None)),
     }
@@ -262,7 +280,10 @@ impl Settings {
                 )));
             }
             if output.exists() && !output.is_dir() {
-                return Err(arg(format!("-o '{}': several inputs need an output folder, and this is a file", output.display())));
+                return Err(arg(format!(
+                    "-o '{}': several inputs need an output folder, and this is a file",
+                    output.display()
+                )));
             }
             if a.trace.is_some() {
                 return Err(arg("--trace works with one input file and one output file".into()));
@@ -337,7 +358,10 @@ impl Settings {
         };
         let karras = a.karras || (a.sampler.is_none() && d.karras);
         if karras && !kind.supports_karras() {
-            return Err(arg(format!("--karras: the {} sampler has no Karras sigmas (use euler, heun, dpmpp-2m, dpmpp-2m-sde or unipc)", kind.name())));
+            return Err(arg(format!(
+                "--karras: the {} sampler has no Karras sigmas (use euler, heun, dpmpp-2m, dpmpp-2m-sde or unipc)",
+                kind.name()
+            )));
         }
         if let Some(s) = a.size {
             if !(64..=8192).contains(&s) {

@@ -92,7 +92,10 @@ fn hostile(dir: &Path) -> Vec<(&'static str, bool)> {
     for o in 1..=8u16 {
         write(&dir.join(format!("orient/o{o}.jpg")), &jpeg_bytes(&p, Some(exif_with(o))));
     }
-    write(&dir.join("tiny.png"), &png_bytes(&image::DynamicImage::ImageRgb8(RgbImage::from_pixel(10, 7, Rgb([200, 120, 40])))));
+    write(
+        &dir.join("tiny.png"),
+        &png_bytes(&image::DynamicImage::ImageRgb8(RgbImage::from_pixel(10, 7, Rgb([200, 120, 40])))),
+    );
     // Animated GIF, two frames: the first is converted.
     let mut gif = Vec::new();
     {
@@ -127,7 +130,16 @@ fn hostile(dir: &Path) -> Vec<(&'static str, bool)> {
         ("anim.gif", true),
         ("huge.png", false),
     ];
-    for o in ["orient/o1.jpg", "orient/o2.jpg", "orient/o3.jpg", "orient/o4.jpg", "orient/o5.jpg", "orient/o6.jpg", "orient/o7.jpg", "orient/o8.jpg"] {
+    for o in [
+        "orient/o1.jpg",
+        "orient/o2.jpg",
+        "orient/o3.jpg",
+        "orient/o4.jpg",
+        "orient/o5.jpg",
+        "orient/o6.jpg",
+        "orient/o7.jpg",
+        "orient/o8.jpg",
+    ] {
         v.push((o, true));
     }
     v
@@ -142,7 +154,12 @@ fn stderr(o: &Output) -> String {
 }
 
 fn temp_files(dir: &Path) -> Vec<PathBuf> {
-    walkdir::WalkDir::new(dir).into_iter().filter_map(|e| e.ok()).map(|e| e.into_path()).filter(|p| ghiblify::batch::is_temp_name(p)).collect()
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .map(|e| e.into_path())
+        .filter(|p| ghiblify::batch::is_temp_name(p))
+        .collect()
 }
 
 #[test]
@@ -160,7 +177,8 @@ fn a_folder_of_hostile_inputs_resumes_and_reports() {
         if *ok {
             image::open(&out).unwrap_or_else(|e| panic!("{rel}: output does not decode: {e}"));
         } else {
-            let line = err.lines().find(|l| l.contains(rel)).unwrap_or_else(|| panic!("no error line for {rel}: {err}"));
+            let line =
+                err.lines().find(|l| l.contains(rel)).unwrap_or_else(|| panic!("no error line for {rel}: {err}"));
             assert!(line.starts_with(&format!("in/{rel}: ")), "{line}");
         }
     }
@@ -178,7 +196,10 @@ fn a_folder_of_hostile_inputs_resumes_and_reports() {
     let lines: Vec<serde_json::Value> = report.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), expected.len());
     for (rel, ok) in &expected {
-        let l = lines.iter().find(|l| l["input"].as_str().unwrap().ends_with(rel)).unwrap_or_else(|| panic!("{rel} not in report"));
+        let l = lines
+            .iter()
+            .find(|l| l["input"].as_str().unwrap().ends_with(rel))
+            .unwrap_or_else(|| panic!("{rel} not in report"));
         assert_eq!(l["status"], if *ok { "ok" } else { "failed" }, "{rel}");
         assert!(l["seed"].as_u64().is_some() && l["seconds"].as_f64().is_some());
         if *ok {
@@ -207,7 +228,10 @@ fn explicit_non_images_fail_on_their_own_line() {
     let o = ghiblify(tmp.path()).args(["zero.png", "notes.jpg", "good.png", "-o", "out"]).output().unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.lines().any(|l| l.starts_with("zero.png: ")) && err.lines().any(|l| l.starts_with("notes.jpg: ")), "{err}");
+    assert!(
+        err.lines().any(|l| l.starts_with("zero.png: ")) && err.lines().any(|l| l.starts_with("notes.jpg: ")),
+        "{err}"
+    );
     assert!(tmp.path().join("out/good.png").exists());
 }
 
@@ -220,12 +244,18 @@ fn shards_cover_every_input_exactly_once_and_seeds_do_not_depend_on_them() {
     }
     let mut seen = std::collections::BTreeMap::new();
     for k in 1..=3 {
-        let o = ghiblify(tmp.path()).args(["in", "-o", "out", "--shard", &format!("{k}/3"), "--report", &format!("r{k}.jsonl")]).output().unwrap();
+        let o = ghiblify(tmp.path())
+            .args(["in", "-o", "out", "--shard", &format!("{k}/3"), "--report", &format!("r{k}.jsonl")])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         for l in std::fs::read_to_string(tmp.path().join(format!("r{k}.jsonl"))).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             assert_eq!(v["status"], "ok");
-            assert!(seen.insert(v["input"].as_str().unwrap().to_string(), v["seed"].as_u64().unwrap()).is_none(), "twice: {l}");
+            assert!(
+                seen.insert(v["input"].as_str().unwrap().to_string(), v["seed"].as_u64().unwrap()).is_none(),
+                "twice: {l}"
+            );
         }
     }
     assert_eq!(seen.len(), 9);
@@ -249,7 +279,8 @@ fn paths_from_stdin_and_outputs_with_provenance() {
     let p = photo();
     write(&tmp.path().join("a/gps.jpg"), &jpeg_bytes(&p, Some(exif_with(1))));
     std::fs::copy(fixtures().join("photo-64x48.png"), tmp.path().join("b.png")).unwrap();
-    let mut child = ghiblify(tmp.path()).args(["-", "-o", "out", "--format", "jpg"]).stdin(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        ghiblify(tmp.path()).args(["-", "-o", "out", "--format", "jpg"]).stdin(Stdio::piped()).spawn().unwrap();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"./a/gps.jpg\nb.png\n").unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -260,13 +291,19 @@ fn paths_from_stdin_and_outputs_with_provenance() {
     assert!(exif.get_field(exif::Tag::Orientation, exif::In::PRIMARY).is_none());
     let bytes = std::fs::read(&jpg).unwrap();
     let text = String::from_utf8_lossy(&bytes);
-    assert!(text.contains("http://ns.adobe.com/xap/1.0/") && text.contains(ghiblify::image_io::DIGITAL_SOURCE_TYPE), "XMP in JPEG");
+    assert!(
+        text.contains("http://ns.adobe.com/xap/1.0/") && text.contains(ghiblify::image_io::DIGITAL_SOURCE_TYPE),
+        "XMP in JPEG"
+    );
     assert!(tmp.path().join("out/b.jpg").exists());
     // PNG: A1111 parameters in tEXt with the version, and the XMP packet.
     std::fs::create_dir_all(tmp.path().join("pngs")).unwrap();
     let o = ghiblify(tmp.path()).args(["b.png", "a/gps.jpg", "-o", "pngs"]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(tmp.path().join("pngs/b.png")).unwrap())).read_info().unwrap();
+    let reader =
+        png::Decoder::new(std::io::BufReader::new(std::fs::File::open(tmp.path().join("pngs/b.png")).unwrap()))
+            .read_info()
+            .unwrap();
     let info = reader.info();
     let params = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").expect("tEXt parameters");
     assert!(params.text.contains("Negative prompt: ") && params.text.contains("Version: ghiblify "), "{}", params.text);
@@ -277,7 +314,9 @@ fn paths_from_stdin_and_outputs_with_provenance() {
     // --no-metadata: none of it.
     let o = ghiblify(tmp.path()).args(["b.png", "-o", "plain.png", "--no-metadata"]).output().unwrap();
     assert!(o.status.success());
-    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(tmp.path().join("plain.png")).unwrap())).read_info().unwrap();
+    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(tmp.path().join("plain.png")).unwrap()))
+        .read_info()
+        .unwrap();
     assert!(reader.info().uncompressed_latin1_text.is_empty() && reader.info().utf8_text.is_empty());
 }
 
@@ -301,12 +340,19 @@ fn a_killed_run_leaves_no_partial_file_and_resumes() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let done: Vec<PathBuf> = std::fs::read_dir(tmp.path().join("out")).unwrap().map(|e| e.unwrap().path()).filter(|p| !ghiblify::batch::is_temp_name(p)).collect();
+    let done: Vec<PathBuf> = std::fs::read_dir(tmp.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !ghiblify::batch::is_temp_name(p))
+        .collect();
     assert!(!done.is_empty() && done.len() < 12, "killed mid-way: {} done", done.len());
     for p in &done {
         image::open(p).unwrap_or_else(|e| panic!("{}: partial output: {e}", p.display()));
     }
-    let o = ghiblify(tmp.path()).args(["in", "-o", "out", "--steps", "30", "--strength", "1", "--report", "r.jsonl"]).output().unwrap();
+    let o = ghiblify(tmp.path())
+        .args(["in", "-o", "out", "--steps", "30", "--strength", "1", "--report", "r.jsonl"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let report = std::fs::read_to_string(tmp.path().join("r.jsonl")).unwrap();
     assert_eq!(report.lines().filter(|l| l.contains("\"skipped\"")).count(), done.len());

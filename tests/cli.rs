@@ -50,7 +50,10 @@ pub fn png_text(path: &Path, key: &str) -> Option<String> {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
     let reader = decoder.read_info().unwrap();
     let info = reader.info();
-    info.utf8_text.iter().find(|t| t.keyword == key).map(|t| t.get_text().unwrap())
+    info.utf8_text
+        .iter()
+        .find(|t| t.keyword == key)
+        .map(|t| t.get_text().unwrap())
         .or_else(|| info.uncompressed_latin1_text.iter().find(|t| t.keyword == key).map(|t| t.text.clone()))
 }
 
@@ -66,7 +69,10 @@ fn converts_a_photo_with_provenance_and_a_clean_stdout() {
     assert!(params.contains("Seed: 1") && params.contains("Sampler: ddim"), "{params}");
     assert!(png_text(&case.path("out.png"), "Software").unwrap().starts_with("ghiblify "));
     assert_eq!(case.written(), ["out.png"], "no temp files left behind");
-    assert_eq!(std::fs::read(case.path("photo.png")).unwrap(), std::fs::read(fixtures().join("photo-64x48.png")).unwrap());
+    assert_eq!(
+        std::fs::read(case.path("photo.png")).unwrap(),
+        std::fs::read(fixtures().join("photo-64x48.png")).unwrap()
+    );
 }
 
 #[test]
@@ -116,7 +122,18 @@ fn trace_records_every_intermediate() {
     let o = case.run(&["photo.png", "-o", "out.png", "--trace", "t.safetensors"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (t, meta) = load_safetensors(&case.path("t.safetensors"));
-    for key in ["posterior_eps", "noise", "timesteps", "prompt_embeds", "negative_prompt_embeds", "init_latents", "step00_latents", "step01_latents", "final_latents", "output_float"] {
+    for key in [
+        "posterior_eps",
+        "noise",
+        "timesteps",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "init_latents",
+        "step00_latents",
+        "step01_latents",
+        "final_latents",
+        "output_float",
+    ] {
         assert!(t.contains_key(key), "missing {key}");
     }
     assert_eq!(t["noise"].dims(), &[1, 4, 6, 8]);
@@ -213,7 +230,11 @@ fn walk(p: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(p).unwrap() {
         let path = e.unwrap().path();
-        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+        if path.is_dir() {
+            out.extend(walk(&path))
+        } else {
+            out.push(path)
+        }
     }
     out
 }
@@ -223,15 +244,26 @@ fn model_dir_missing_a_component() {
     let m = broken_model(|d| std::fs::remove_dir_all(d.join("vae")).unwrap());
     fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["vae/"]);
     let m = broken_model(|d| std::fs::remove_file(d.join("unet/diffusion_pytorch_model.safetensors")).unwrap());
-    fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["unet/diffusion_pytorch_model.safetensors"]);
+    fails(
+        &["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()],
+        &["unet/diffusion_pytorch_model.safetensors"],
+    );
 }
 
 #[test]
 fn model_dir_with_malformed_json() {
     let m = broken_model(|d| std::fs::write(d.join("unet/config.json"), "{\"block_out_channels\": [8, 16,").unwrap());
-    fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["unet/config.json", "malformed"]);
-    let m = broken_model(|d| std::fs::write(d.join("scheduler/scheduler_config.json"), "{\"beta_schedule\": \"cubic\"}").unwrap());
-    fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["scheduler_config.json", "beta_schedule", "cubic"]);
+    fails(
+        &["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()],
+        &["unet/config.json", "malformed"],
+    );
+    let m = broken_model(|d| {
+        std::fs::write(d.join("scheduler/scheduler_config.json"), "{\"beta_schedule\": \"cubic\"}").unwrap()
+    });
+    fails(
+        &["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()],
+        &["scheduler_config.json", "beta_schedule", "cubic"],
+    );
 }
 
 #[test]
@@ -241,7 +273,10 @@ fn model_dir_with_weights_that_do_not_match_the_config() {
         let text = std::fs::read_to_string(&p).unwrap().replace("\"layers_per_block\": 2", "\"layers_per_block\": 3");
         std::fs::write(p, text).unwrap();
     });
-    fails(&["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()], &["diffusion_pytorch_model.safetensors"]);
+    fails(
+        &["photo.png", "-o", "out.png", "--model-dir", m.path().to_str().unwrap()],
+        &["diffusion_pytorch_model.safetensors"],
+    );
 }
 
 #[test]
@@ -286,7 +321,16 @@ fn lcm_steps_beyond_its_schedule() {
 fn stochastic_sampler_traces_its_step_noise_and_repeats_with_the_seed() {
     let case = Case::new();
     for out in ["a.png", "b.png"] {
-        let o = case.run(&["photo.png", "-o", out, "--sampler", "dpmpp-2m-sde", "--karras", "--trace", &format!("{out}.safetensors")]);
+        let o = case.run(&[
+            "photo.png",
+            "-o",
+            out,
+            "--sampler",
+            "dpmpp-2m-sde",
+            "--karras",
+            "--trace",
+            &format!("{out}.safetensors"),
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let (t, meta) = load_safetensors(&case.path("a.png.safetensors"));

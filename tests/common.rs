@@ -8,7 +8,8 @@ pub fn fixtures() -> PathBuf {
 
 /// A safetensors file's tensors and its string metadata.
 pub fn load_safetensors(path: &Path) -> (HashMap<String, Tensor>, HashMap<String, String>) {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tensors =
+        candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let bytes = std::fs::read(path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap_or_default().into_iter().collect();

@@ -104,7 +104,13 @@ impl TestHub {
     }
 }
 
-fn respond(out: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8], head_only: bool) -> std::io::Result<()> {
+fn respond(
+    out: &mut TcpStream,
+    status: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    head_only: bool,
+) -> std::io::Result<()> {
     let mut text = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
     for (k, v) in headers {
         text.push_str(&format!("{k}: {v}\r\n"));
@@ -158,7 +164,8 @@ fn serve(conn: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Result<()
         let cut = st.cut_once.remove(file);
         drop(st);
         let total = body.len();
-        let start = range.strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse::<usize>().ok()).unwrap_or(0);
+        let start =
+            range.strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse::<usize>().ok()).unwrap_or(0);
         if start >= total && start > 0 {
             return respond(&mut out, "416 Range Not Satisfiable", &[], b"", head);
         }
@@ -190,7 +197,13 @@ fn serve(conn: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Result<()
         let segs: Vec<&str> = rest.splitn(5, '/').collect();
         let repo = format!("{}/{}", segs[0], segs.get(1).unwrap_or(&""));
         let Some(files) = st.repos.get(&repo) else {
-            return respond(&mut out, "404 Not Found", &err("RepoNotFound"), b"{\"error\":\"Repository not found\"}", head);
+            return respond(
+                &mut out,
+                "404 Not Found",
+                &err("RepoNotFound"),
+                b"{\"error\":\"Repository not found\"}",
+                head,
+            );
         };
         let list: Vec<serde_json::Value> = files
             .iter()
@@ -209,7 +222,13 @@ fn serve(conn: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Result<()
     let (rev, file) = (segs[3], segs[4]);
     if let Some(token) = st.private.get(&repo) {
         if headers.get("authorization") != Some(&format!("Bearer {token}")) {
-            return respond(&mut out, "401 Unauthorized", &err("RepoNotFound"), b"{\"error\":\"Invalid username or password.\"}", head);
+            return respond(
+                &mut out,
+                "401 Unauthorized",
+                &err("RepoNotFound"),
+                b"{\"error\":\"Invalid username or password.\"}",
+                head,
+            );
         }
     }
     let Some(files) = st.repos.get(&repo) else {
@@ -289,7 +308,10 @@ fn first_run_downloads_the_default_preset_then_runs_offline_from_the_cache() {
     let vocab = std::fs::read(tiny().join("tokenizer/vocab.json")).unwrap();
     assert!(cache.join("blobs").join(git_sha1(&vocab)).is_file());
     // Only the preset's files; no leftovers.
-    let blobs: Vec<String> = std::fs::read_dir(cache.join("blobs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let blobs: Vec<String> = std::fs::read_dir(cache.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(blobs.len(), 13, "{blobs:?}");
     assert!(!blobs.iter().any(|b| b.ends_with(".incomplete")));
     // The model card's licence reaches the provenance.
@@ -344,7 +366,11 @@ fn offline_with_an_empty_cache_lists_the_missing_files_and_the_fetch_command() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    for f in ["unet/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json", "ghiblify --download-only --model ghibli-diffusion"] {
+    for f in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "tokenizer/vocab.json",
+        "ghiblify --download-only --model ghibli-diffusion",
+    ] {
         assert!(err.contains(f), "{f} in {err}");
     }
     assert!(!case.path("out.png").exists());
@@ -358,7 +384,10 @@ fn unreachable_hub_with_an_empty_cache_fails_within_ten_seconds() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
-    assert!(err.contains("unreachable") && err.contains("nitrosocke/Ghibli-Diffusion") && err.contains("--download-only"), "{err}");
+    assert!(
+        err.contains("unreachable") && err.contains("nitrosocke/Ghibli-Diffusion") && err.contains("--download-only"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -372,7 +401,11 @@ fn a_cut_download_resumes_with_a_range_request() {
     assert!(o.status.success(), "{}", stderr(&o));
     let len = std::fs::metadata(tiny().join(file)).unwrap().len();
     let resumed = format!("bytes={}-", len / 2);
-    assert!(hub.log().iter().any(|l| l.contains("/cdn/someone/tiny/--/unet/") && l.ends_with(&resumed)), "{:?}", hub.log());
+    assert!(
+        hub.log().iter().any(|l| l.contains("/cdn/someone/tiny/--/unet/") && l.ends_with(&resumed)),
+        "{:?}",
+        hub.log()
+    );
     let blob = case.repo_cache("someone/tiny").join("snapshots").join(COMMIT).join(file);
     assert_eq!(std::fs::read(blob).unwrap(), std::fs::read(tiny().join(file)).unwrap());
     // The listing picked only what a run needs.
@@ -394,7 +427,8 @@ fn a_partial_file_left_by_a_killed_run_is_resumed_not_restarted() {
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("resuming someone/tiny/vae/diffusion_pytorch_model.safetensors"), "{err}");
-    let vae_gets: Vec<String> = hub.log().into_iter().filter(|l| l.starts_with("GET /cdn/someone/tiny/--/vae/")).collect();
+    let vae_gets: Vec<String> =
+        hub.log().into_iter().filter(|l| l.starts_with("GET /cdn/someone/tiny/--/vae/")).collect();
     assert_eq!(vae_gets, vec![format!("GET /cdn/someone/tiny/--/{file} bytes={have}-")]);
     assert_eq!(std::fs::read(blobs.join(sha256(&bytes))).unwrap(), bytes);
 }
@@ -455,7 +489,10 @@ fn not_found_and_unauthorised_say_what_is_wrong() {
     hub.state.lock().unwrap().repos.insert("nitrosocke/Ghibli-Diffusion".into(), files);
     let (code, err) = run("ghibli-diffusion", None);
     assert_eq!(code, Some(1));
-    assert!(err.contains("nitrosocke/Ghibli-Diffusion") && err.contains("tokenizer/merges.txt") && err.contains("404"), "{err}");
+    assert!(
+        err.contains("nitrosocke/Ghibli-Diffusion") && err.contains("tokenizer/merges.txt") && err.contains("404"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -463,7 +500,9 @@ fn list_models_prints_presets_with_size_and_licence() {
     let o = Command::new(env!("CARGO_BIN_EXE_ghiblify")).arg("--list-models").output().unwrap();
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
-    for needle in ["ghibli-diffusion", "nitrosocke/Ghibli-Diffusion", "sd15", "GB", "creativeml-openrail-m", "(default)"] {
+    for needle in
+        ["ghibli-diffusion", "nitrosocke/Ghibli-Diffusion", "sd15", "GB", "creativeml-openrail-m", "(default)"]
+    {
         assert!(out.contains(needle), "{needle} in {out}");
     }
 }
@@ -488,23 +527,46 @@ fn fast_mode_fetches_lcm_lora_and_runs_the_lcm_sampler_without_guidance() {
     hub.state.lock().unwrap().repos.insert("latent-consistency/lcm-lora-sdv1-5".into(), files);
     serve_taesd(&hub);
     let case = Case::new();
-    let o = case.cmd(&hub.endpoint()).args(["photo.png", "-o", "out.png", "--seed", "1", "--fast", "--model-dir"]).arg(tiny()).output().unwrap();
+    let o = case
+        .cmd(&hub.endpoint())
+        .args(["photo.png", "-o", "out.png", "--seed", "1", "--fast", "--model-dir"])
+        .arg(tiny())
+        .output()
+        .unwrap();
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("lora 'lcm-lora-sdv1-5': applied 150 of 150 tensors (unet 132, text encoder 18)"), "{err}");
     let params = crate::cli::png_text(&case.path("out.png"), "parameters").unwrap();
-    assert!(params.contains("Steps: 8, Sampler: lcm, CFG scale: 1,") && params.contains("<lora:lcm-lora-sdv1-5:1>"), "{params}");
+    assert!(
+        params.contains("Steps: 8, Sampler: lcm, CFG scale: 1,") && params.contains("<lora:lcm-lora-sdv1-5:1>"),
+        "{params}"
+    );
     assert!(params.contains("VAE: madebyollin/taesd, "), "--fast takes TAESD: {params}");
     // --vae model keeps the model's own VAE.
-    let o = case.cmd(&hub.endpoint()).args(["photo.png", "-o", "own.png", "--fast", "--vae", "model", "--model-dir"]).arg(tiny()).output().unwrap();
+    let o = case
+        .cmd(&hub.endpoint())
+        .args(["photo.png", "-o", "own.png", "--fast", "--vae", "model", "--model-dir"])
+        .arg(tiny())
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!crate::cli::png_text(&case.path("own.png"), "parameters").unwrap().contains("VAE:"));
     // Hub gone: model folder local, LoRA and TAESD from the cache, one warning for the run.
-    let o = case.cmd(&hub_gone()).args(["photo.png", "-o", "gone.png", "--fast", "--model-dir"]).arg(tiny()).output().unwrap();
+    let o = case
+        .cmd(&hub_gone())
+        .args(["photo.png", "-o", "gone.png", "--fast", "--model-dir"])
+        .arg(tiny())
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o).matches("unreachable").count(), 1, "{}", stderr(&o));
     // Offline afterwards: the LoRA comes from the cache.
-    let o = case.cmd(&hub_gone()).args(["photo.png", "-o", "out2.png", "--fast", "--offline", "--model-dir"]).arg(tiny()).output().unwrap();
+    let o = case
+        .cmd(&hub_gone())
+        .args(["photo.png", "-o", "out2.png", "--fast", "--offline", "--model-dir"])
+        .arg(tiny())
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -513,7 +575,8 @@ fn vae_taesd_is_fetched_from_its_repo_and_used() {
     let hub = TestHub::start();
     serve_taesd(&hub);
     let case = Case::new();
-    let o = case.cmd(&hub.endpoint()).args(RUN).args(["--vae", "taesd", "-v", "--model-dir"]).arg(tiny()).output().unwrap();
+    let o =
+        case.cmd(&hub.endpoint()).args(RUN).args(["--vae", "taesd", "-v", "--model-dir"]).arg(tiny()).output().unwrap();
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("vae: AutoencoderTiny from"), "{err}");
@@ -521,7 +584,15 @@ fn vae_taesd_is_fetched_from_its_repo_and_used() {
     let params = crate::cli::png_text(&case.path("out.png"), "parameters").unwrap();
     assert!(params.contains("VAE: madebyollin/taesd, "), "{params}");
     // A VAE whose latent space does not fit is refused by name.
-    let o = case.cmd(&hub_gone()).args(RUN).args(["--vae"]).arg(tiny().parent().unwrap().join("tiny-odd/vae")).args(["--overwrite", "--model-dir"]).arg(tiny()).output().unwrap();
+    let o = case
+        .cmd(&hub_gone())
+        .args(RUN)
+        .args(["--vae"])
+        .arg(tiny().parent().unwrap().join("tiny-odd/vae"))
+        .args(["--overwrite", "--model-dir"])
+        .arg(tiny())
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("does not fit the model's latent space"), "{}", stderr(&o));
 }
@@ -542,12 +613,22 @@ fn processes_sharing_a_cache_fetch_each_file_once() {
     hub.add_folder("someone/tiny", &tiny());
     let case = Case::new();
     let children: Vec<_> = (0..3)
-        .map(|_| case.cmd(&hub.endpoint()).args(["--download-only", "-q", "--model", "someone/tiny"]).stdout(std::process::Stdio::null()).spawn().unwrap())
+        .map(|_| {
+            case.cmd(&hub.endpoint())
+                .args(["--download-only", "-q", "--model", "someone/tiny"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
         .collect();
     for mut c in children {
         assert!(c.wait().unwrap().success());
     }
-    for file in ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"] {
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
         let gets = hub.log().iter().filter(|l| l.starts_with(&format!("GET /cdn/someone/tiny/--/{file}"))).count();
         assert_eq!(gets, 1, "{file} fetched {gets} times");
         let p = case.repo_cache("someone/tiny").join("snapshots").join(COMMIT).join(file);
@@ -560,12 +641,19 @@ fn preview_writes_the_picture_so_far_with_taesd() {
     let hub = TestHub::start();
     serve_taesd(&hub);
     let case = Case::new();
-    let o = case.cmd(&hub.endpoint()).args(RUN).args(["--preview", "prev.png", "--model-dir"]).arg(tiny()).output().unwrap();
+    let o = case
+        .cmd(&hub.endpoint())
+        .args(RUN)
+        .args(["--preview", "prev.png", "--model-dir"])
+        .arg(tiny())
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let prev = image::open(case.path("prev.png")).unwrap();
     assert_eq!((prev.width(), prev.height()), (64, 48));
     assert!(!case.path("prev.png.tmp").exists());
-    let o = case.cmd(&hub_gone()).args(RUN).args(["--preview", "prev.jpg", "--model-dir"]).arg(tiny()).output().unwrap();
+    let o =
+        case.cmd(&hub_gone()).args(RUN).args(["--preview", "prev.jpg", "--model-dir"]).arg(tiny()).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--preview 'prev.jpg'"), "{}", stderr(&o));
 }

@@ -20,7 +20,11 @@ fn rewrite(src: &Path, dst: &Path, edit: impl Fn(&str, Tensor) -> (String, Tenso
 
 fn copy_component(component: &str, into: &Path) {
     std::fs::create_dir_all(into.join(component)).unwrap();
-    std::fs::copy(fixtures().join("tiny-sd1").join(component).join("config.json"), into.join(component).join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-sd1").join(component).join("config.json"),
+        into.join(component).join("config.json"),
+    )
+    .unwrap();
 }
 
 fn files(dir: &Path, component: &str, stem: &str, dtype: DType) -> ComponentFiles {
@@ -36,13 +40,23 @@ fn vae_with_old_attention_names_and_conv_shaped_weights() {
         if !k.contains("mid_block.attentions") {
             return (k.to_string(), v);
         }
-        let k = k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.").replace(".to_out.0.", ".proj_attn.");
+        let k = k
+            .replace(".to_q.", ".query.")
+            .replace(".to_k.", ".key.")
+            .replace(".to_v.", ".value.")
+            .replace(".to_out.0.", ".proj_attn.");
         // Old conversions kept some projections as 1×1 convolutions.
         let v = if k.contains(".query.weight") { v.unsqueeze(2).unwrap().unsqueeze(3).unwrap() } else { v };
         (k, v)
     });
-    let new = Vae::load(&files(&fixtures().join("tiny-sd1"), "vae", "diffusion_pytorch_model", DType::F32), DType::F32, &Device::Cpu).unwrap();
-    let old = Vae::load(&files(tmp.path(), "vae", "diffusion_pytorch_model", DType::F32), DType::F32, &Device::Cpu).unwrap();
+    let new = Vae::load(
+        &files(&fixtures().join("tiny-sd1"), "vae", "diffusion_pytorch_model", DType::F32),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let old =
+        Vae::load(&files(tmp.path(), "vae", "diffusion_pytorch_model", DType::F32), DType::F32, &Device::Cpu).unwrap();
     let x = Tensor::rand(-1f32, 1f32, (1, 3, 32, 40), &Device::Cpu).unwrap();
     let (a, b) = (new.encode(&x).unwrap(), old.encode(&x).unwrap());
     assert_eq!(max_abs(&a.mean, &b.mean), 0.0);
@@ -54,10 +68,19 @@ fn text_encoder_saved_without_the_text_model_prefix() {
     let tmp = tempfile::tempdir().unwrap();
     copy_component("text_encoder", tmp.path());
     let src = fixtures().join("tiny-sd1/text_encoder/model.safetensors");
-    rewrite(&src, &tmp.path().join("text_encoder/model.safetensors"), |k, v| (k.trim_start_matches("text_model.").to_string(), v));
-    let a = ClipTextEncoder::load(&files(&fixtures().join("tiny-sd1"), "text_encoder", "model", DType::F32), DType::F32, &Device::Cpu).unwrap();
-    let b = ClipTextEncoder::load(&files(tmp.path(), "text_encoder", "model", DType::F32), DType::F32, &Device::Cpu).unwrap();
-    let ids = Tensor::new(&[[49406u32, 320, 1125, 49407, 49407], [49406, 1929, 49407, 49407, 49407]], &Device::Cpu).unwrap();
+    rewrite(&src, &tmp.path().join("text_encoder/model.safetensors"), |k, v| {
+        (k.trim_start_matches("text_model.").to_string(), v)
+    });
+    let a = ClipTextEncoder::load(
+        &files(&fixtures().join("tiny-sd1"), "text_encoder", "model", DType::F32),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let b = ClipTextEncoder::load(&files(tmp.path(), "text_encoder", "model", DType::F32), DType::F32, &Device::Cpu)
+        .unwrap();
+    let ids =
+        Tensor::new(&[[49406u32, 320, 1125, 49407, 49407], [49406, 1929, 49407, 49407, 49407]], &Device::Cpu).unwrap();
     let (ea, eb) = (a.forward(&ids).unwrap(), b.forward(&ids).unwrap());
     assert_eq!(ea.dims(), &[2, 5, 16]);
     assert_eq!(max_abs(&ea, &eb), 0.0);
@@ -73,7 +96,13 @@ fn fp16_variant_is_preferred_for_half_precision_only() {
     let unet = tmp.path().join("unet");
     std::fs::write(unet.join("diffusion_pytorch_model.safetensors"), b"").unwrap();
     std::fs::write(unet.join("diffusion_pytorch_model.fp16.safetensors"), b"").unwrap();
-    let name = |d: DType| files(tmp.path(), "unet", "diffusion_pytorch_model", d).weights[0].file_name().unwrap().to_string_lossy().into_owned();
+    let name = |d: DType| {
+        files(tmp.path(), "unet", "diffusion_pytorch_model", d).weights[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
     assert_eq!(name(DType::F16), "diffusion_pytorch_model.fp16.safetensors");
     assert_eq!(name(DType::F32), "diffusion_pytorch_model.safetensors");
     std::fs::remove_file(unet.join("diffusion_pytorch_model.safetensors")).unwrap();
@@ -89,9 +118,17 @@ fn sharded_weights_are_followed() {
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     let mut map = serde_json::Map::new();
     for (k, v) in all {
-        let shard = if k.starts_with("down_blocks") { "diffusion_pytorch_model-00001-of-00002.safetensors" } else { "diffusion_pytorch_model-00002-of-00002.safetensors" };
+        let shard = if k.starts_with("down_blocks") {
+            "diffusion_pytorch_model-00001-of-00002.safetensors"
+        } else {
+            "diffusion_pytorch_model-00002-of-00002.safetensors"
+        };
         map.insert(k.clone(), serde_json::Value::String(shard.into()));
-        if shard.contains("00001") { a.insert(k, v) } else { b.insert(k, v) };
+        if shard.contains("00001") {
+            a.insert(k, v)
+        } else {
+            b.insert(k, v)
+        };
     }
     let unet = tmp.path().join("unet");
     candle_core::safetensors::save(&a, unet.join("diffusion_pytorch_model-00001-of-00002.safetensors")).unwrap();

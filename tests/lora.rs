@@ -31,7 +31,8 @@ fn merged(loras: &[(&str, f64)]) -> (HashMap<String, Tensor>, Vec<String>) {
     let planned = loras.iter().map(|(f, s)| plan(f, &lora(f), *s, &unet, &te).unwrap()).collect();
     let set = LoraSet::new(planned);
     let mut out = HashMap::new();
-    for (part, files, prefix) in [(Part::Unet, unet_files(), "unet."), (Part::TextEncoder, te_files(), "text_encoder.")] {
+    for (part, files, prefix) in [(Part::Unet, unet_files(), "unet."), (Part::TextEncoder, te_files(), "text_encoder.")]
+    {
         let inner = unsafe { ghiblify::models::weights::Weights::open(&files) }.unwrap();
         let names: Vec<String> = inner.names().map(String::from).collect();
         let backend = MergingBackend { inner, merge: set.merge_for(part).unwrap_or_default() };
@@ -58,7 +59,12 @@ fn check_weights(case: &str, loras: &[(&str, f64)]) -> Vec<String> {
     }
     for (k, t) in &ours {
         let changed = rel_err(t, &base[k]) > 0.0;
-        assert_eq!(changed, fused.contains_key(k), "{case}: {k} changed={changed}, diffusers changed={}", fused.contains_key(k));
+        assert_eq!(
+            changed,
+            fused.contains_key(k),
+            "{case}: {k} changed={changed}, diffusers changed={}",
+            fused.contains_key(k)
+        );
     }
     eprintln!("{case}: {} fused tensors, worst {worst:.2e}; {}", fused.len(), reports.join("; "));
     reports
@@ -66,7 +72,13 @@ fn check_weights(case: &str, loras: &[(&str, f64)]) -> Vec<String> {
 
 fn check_trace(case: &str, loras: &[(&str, f64)]) {
     let named: Vec<(String, PathBuf, f64)> = loras.iter().map(|(f, s)| (f.to_string(), lora(f), *s)).collect();
-    let (sd, outcome) = StableDiffusion::load_with(&fixtures().join("tiny-sd1"), &Device::Cpu, DType::F32, Extras { loras: &named, vae: None }).unwrap();
+    let (sd, outcome) = StableDiffusion::load_with(
+        &fixtures().join("tiny-sd1"),
+        &Device::Cpu,
+        DType::F32,
+        Extras { loras: &named, vae: None },
+    )
+    .unwrap();
     assert!(outcome.unused.is_empty(), "{:?}", outcome.unused);
     crate::parity::check_loaded(&sd, &format!("lora_{case}.safetensors"));
 }
@@ -114,7 +126,17 @@ fn run(case: &Case, extra: &[&str]) -> std::process::Output {
         .current_dir(case.dir.path())
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .env("HF_HOME", case.path("hf-home"))
-        .args(["photo.png", "-o", "out.png", "--model-dir", fixtures().join("tiny-sd1").to_str().unwrap(), "--steps", "2", "--seed", "1"])
+        .args([
+            "photo.png",
+            "-o",
+            "out.png",
+            "--model-dir",
+            fixtures().join("tiny-sd1").to_str().unwrap(),
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+        ])
         .args(extra)
         .output()
         .unwrap()
@@ -135,12 +157,18 @@ fn cli_reports_what_each_lora_applied_and_records_it() {
     assert!(err.contains("lora 'peft': applied 150 of 150 tensors (unet 132, text encoder 18)"), "{err}");
     assert!(err.contains("lora 'locon': applied 84 of 84 tensors (unet 84, text encoder 0)"), "{err}");
     let params = crate::cli::png_text(&case.path("out.png"), "parameters").unwrap();
-    assert!(params.contains(" <lora:peft:0.5> <lora:locon:1>\n") && params.contains("Lora hashes: \"peft: "), "{params}");
+    assert!(
+        params.contains(" <lora:peft:0.5> <lora:locon:1>\n") && params.contains("Lora hashes: \"peft: "),
+        "{params}"
+    );
 }
 
 /// Writes a LoRA with `tensors` (name → shape, zeros) into the case folder.
 fn write_lora(case: &Case, name: &str, tensors: &[(&str, Vec<usize>)]) -> String {
-    let map: HashMap<String, Tensor> = tensors.iter().map(|(k, s)| (k.to_string(), Tensor::zeros(s.as_slice(), DType::F32, &Device::Cpu).unwrap())).collect();
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, s)| (k.to_string(), Tensor::zeros(s.as_slice(), DType::F32, &Device::Cpu).unwrap()))
+        .collect();
     let p = case.path(name);
     candle_core::safetensors::save(&map, &p).unwrap();
     p.to_string_lossy().into_owned()
@@ -161,21 +189,42 @@ fn fails(case: &Case, lora: &str, needles: &[&str]) {
 fn bad_loras_fail_in_one_line_and_write_nothing() {
     let case = Case::new();
     // An SDXL LoRA (second text encoder, 2048-wide cross-attention) on an SD1 model.
-    let sdxl = write_lora(&case, "sdxl.safetensors", &[
-        ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", vec![4, 1280]),
-        ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", vec![1280, 4]),
-        ("lora_unet_input_blocks_4_1_transformer_blocks_9_attn2_to_k.lora_down.weight", vec![4, 2048]),
-        ("lora_unet_input_blocks_4_1_transformer_blocks_9_attn2_to_k.lora_up.weight", vec![640, 4]),
-    ]);
+    let sdxl = write_lora(
+        &case,
+        "sdxl.safetensors",
+        &[
+            ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", vec![4, 1280]),
+            ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", vec![1280, 4]),
+            ("lora_unet_input_blocks_4_1_transformer_blocks_9_attn2_to_k.lora_down.weight", vec![4, 2048]),
+            ("lora_unet_input_blocks_4_1_transformer_blocks_9_attn2_to_k.lora_up.weight", vec![640, 4]),
+        ],
+    );
     fails(&case, &sdxl, &["sdxl", "applied 0 of 2", "SDXL"]);
     // Right names, wrong shapes (a LoRA for a wider model).
-    let wide = write_lora(&case, "wide.safetensors", &[
-        ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", vec![4, 320, 1, 1]),
-        ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", vec![320, 4, 1, 1]),
-    ]);
-    fails(&case, &wide, &["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "[4, 320, 1, 1]", "down_blocks.0.attentions.0.proj_in.weight", "[8, 8, 1, 1]"]);
+    let wide = write_lora(
+        &case,
+        "wide.safetensors",
+        &[
+            ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", vec![4, 320, 1, 1]),
+            ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", vec![320, 4, 1, 1]),
+        ],
+    );
+    fails(
+        &case,
+        &wide,
+        &[
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+            "[4, 320, 1, 1]",
+            "down_blocks.0.attentions.0.proj_in.weight",
+            "[8, 8, 1, 1]",
+        ],
+    );
     // LoHa.
-    let loha = write_lora(&case, "loha.safetensors", &[("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", vec![8, 4])]);
+    let loha = write_lora(
+        &case,
+        "loha.safetensors",
+        &[("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", vec![8, 4])],
+    );
     fails(&case, &loha, &["LoHa", "hada_w1_a"]);
     // Truncated file.
     let bytes = std::fs::read(lora("kohya.safetensors")).unwrap();

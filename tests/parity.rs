@@ -34,10 +34,16 @@ pub fn check_loaded(sd: &StableDiffusion, trace: &str) {
     let photo = image_io::load_rgb(&fixtures().join(&meta["photo"])).unwrap();
     let image = image_io::to_tensor(&photo).unwrap();
     // The draws in diffusers' order: posterior, forward noise, then each step's (stepNN_noise[_j]).
-    let mut step_draws: Vec<&String> = reference.keys().filter(|k| k.starts_with("step") && k.contains("_noise")).collect();
+    let mut step_draws: Vec<&String> =
+        reference.keys().filter(|k| k.starts_with("step") && k.contains("_noise")).collect();
     step_draws.sort();
     // A tiny autoencoder (TAESD) draws no posterior noise.
-    let draws = reference.get("posterior_eps").into_iter().chain([&reference["noise"]]).chain(step_draws.iter().map(|k| &reference[*k])).cloned();
+    let draws = reference
+        .get("posterior_eps")
+        .into_iter()
+        .chain([&reference["noise"]])
+        .chain(step_draws.iter().map(|k| &reference[*k]))
+        .cloned();
     let mut noise = ReplayNoise::new(draws);
     let mut ours = Trace::enabled();
     let out = sd.img2img(&image, &params, &mut noise, &mut ours, &mut |_, _, _| Ok(())).unwrap().image;
@@ -56,7 +62,12 @@ pub fn check_loaded(sd: &StableDiffusion, trace: &str) {
         assert!(ours.tensors.contains_key(*k), "{trace}: we did not trace {k}");
     }
 
-    let mut keys: Vec<&String> = reference.keys().filter(|k| !matches!(k.as_str(), "timesteps" | "posterior_eps" | "noise" | "output_float") && !k.contains("_noise")).collect();
+    let mut keys: Vec<&String> = reference
+        .keys()
+        .filter(|k| {
+            !matches!(k.as_str(), "timesteps" | "posterior_eps" | "noise" | "output_float") && !k.contains("_noise")
+        })
+        .collect();
     keys.sort();
     let mut report = Vec::new();
     for key in keys {
@@ -65,8 +76,11 @@ pub fn check_loaded(sd: &StableDiffusion, trace: &str) {
         report.push(format!("{key} {err:.2e}"));
         assert!(err <= REL_TOL, "{trace}: {key} differs from diffusers by {err:.3e} (relative) > {REL_TOL:e}");
     }
-    assert_eq!(ours.tensors.keys().filter(|k| k.ends_with("_latents") && k.starts_with("step")).count(),
-        reference.keys().filter(|k| k.ends_with("_latents") && k.starts_with("step")).count(), "{trace}: step count");
+    assert_eq!(
+        ours.tensors.keys().filter(|k| k.ends_with("_latents") && k.starts_with("step")).count(),
+        reference.keys().filter(|k| k.ends_with("_latents") && k.starts_with("step")).count(),
+        "{trace}: step count"
+    );
     let float_err = max_abs(&out, &reference["output_float"]);
     let a = image_io::to_rgb8(&out).unwrap();
     let b = image_io::to_rgb8(&reference["output_float"]).unwrap();

@@ -14,7 +14,8 @@ use std::path::Path;
 #[test]
 fn every_sampler_matches_diffusers_on_the_dummy_model() {
     let (reference, _) = load_safetensors(&fixtures().join("sampler_steps.safetensors"));
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("sampler_steps.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("sampler_steps.json")).unwrap()).unwrap();
     let mut covered = std::collections::BTreeSet::new();
     for case in index.as_array().unwrap() {
         let key = case["key"].as_str().unwrap();
@@ -23,7 +24,8 @@ fn every_sampler_matches_diffusers_on_the_dummy_model() {
         let steps = case["steps"].as_u64().unwrap() as usize;
         let cfg: SchedulerConfig = serde_json::from_value(case["config"].clone()).unwrap();
         let mut sampler = kind.build(&cfg, Path::new(key), steps, karras).unwrap();
-        let want_t: Vec<f64> = reference[&format!("{key}_timesteps")].to_dtype(candle_core::DType::F64).unwrap().to_vec1().unwrap();
+        let want_t: Vec<f64> =
+            reference[&format!("{key}_timesteps")].to_dtype(candle_core::DType::F64).unwrap().to_vec1().unwrap();
         assert_eq!(sampler.timesteps().len(), want_t.len(), "{key}: timesteps {:?} vs {want_t:?}", sampler.timesteps());
         for (a, b) in sampler.timesteps().iter().zip(&want_t) {
             assert!((a - b).abs() < 1e-3, "{key}: timesteps {:?} vs {want_t:?}", sampler.timesteps());
@@ -43,7 +45,11 @@ fn every_sampler_matches_diffusers_on_the_dummy_model() {
             // schedule's first σ is ~5000) the step cancels large f32 terms, and float32 rounding of
             // those terms, in torch and here alike, is what remains.
             let err = max_abs(&sample, want) / max_abs_value(&prev).max(max_abs_value(want));
-            assert!(err < 1e-5, "{key}: step {i} differs from diffusers by {err:.3e} (rel {:.3e})", rel_err(&sample, want));
+            assert!(
+                err < 1e-5,
+                "{key}: step {i} differs from diffusers by {err:.3e} (rel {:.3e})",
+                rel_err(&sample, want)
+            );
         }
         assert_eq!(noise.remaining(), 0, "{key}: every recorded draw is used");
         covered.insert((kind.name(), karras));

@@ -16,7 +16,8 @@ fn refs() -> std::collections::HashMap<String, Tensor> {
 }
 
 fn taesd() -> TinyVae {
-    let files = component_files(&fixtures(), "tiny-taesd", "config.json", "diffusion_pytorch_model", DType::F32).unwrap();
+    let files =
+        component_files(&fixtures(), "tiny-taesd", "config.json", "diffusion_pytorch_model", DType::F32).unwrap();
     match Autoencoder::load(&files, DType::F32, &Device::Cpu).unwrap() {
         Autoencoder::Tiny(t) => *t,
         other => panic!("config.json says AutoencoderTiny, loaded {}", other.name()),
@@ -24,7 +25,9 @@ fn taesd() -> TinyVae {
 }
 
 fn kl() -> Vae {
-    let files = component_files(&fixtures().join("tiny-sd1"), "vae", "config.json", "diffusion_pytorch_model", DType::F32).unwrap();
+    let files =
+        component_files(&fixtures().join("tiny-sd1"), "vae", "config.json", "diffusion_pytorch_model", DType::F32)
+            .unwrap();
     Vae::load(&files, DType::F32, &Device::Cpu).unwrap()
 }
 
@@ -39,7 +42,9 @@ fn check(name: &str, ours: &Tensor, reference: &Tensor) -> f64 {
 fn taesd_encode_and_decode_match_diffusers() {
     let r = refs();
     let t = taesd();
-    let photo = ghiblify::image_io::to_tensor(&ghiblify::image_io::load_rgb(&fixtures().join("photo-64x48.png")).unwrap()).unwrap();
+    let photo =
+        ghiblify::image_io::to_tensor(&ghiblify::image_io::load_rgb(&fixtures().join("photo-64x48.png")).unwrap())
+            .unwrap();
     check("taesd encode", &t.encode(&photo).unwrap(), &r["taesd_encode"]);
     check("taesd decode", &t.decode(&r["taesd_latent"]).unwrap(), &r["taesd_decode"]);
     assert_eq!(t.config.scale_factor(), 8);
@@ -98,7 +103,21 @@ fn vae_tiling_flag_on_off_and_auto() {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_ghiblify"))
             .current_dir(case.dir.path())
             .env("HF_ENDPOINT", "http://127.0.0.1:9")
-            .args(["photo.png", "-o", out, "--size", "160", "--steps", "2", "--seed", "1", "-q", "--vae-tiling", tiling, "--model-dir"])
+            .args([
+                "photo.png",
+                "-o",
+                out,
+                "--size",
+                "160",
+                "--steps",
+                "2",
+                "--seed",
+                "1",
+                "-q",
+                "--vae-tiling",
+                tiling,
+                "--model-dir",
+            ])
             .arg(fixtures().join("tiny-sd1"))
             .output()
             .unwrap();

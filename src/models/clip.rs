@@ -6,10 +6,10 @@
 //! Owned because candle-transformers' version keeps its config private and its causal mask does
 //! not broadcast at batch 2.
 
+use super::nn::{LayerNorm, Linear};
 use super::{read_json, weights_err, ComponentFiles};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use super::nn::{LayerNorm, Linear};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
@@ -42,14 +42,30 @@ pub struct ClipConfig {
     pub layer_norm_eps: f64,
 }
 
-fn vocab() -> usize { 49408 }
-fn d512() -> usize { 512 }
-fn d2048() -> usize { 2048 }
-fn d12() -> usize { 12 }
-fn d8() -> usize { 8 }
-fn d77() -> usize { 77 }
-fn eps() -> f64 { 1e-5 }
-fn quick_gelu() -> String { "quick_gelu".into() }
+fn vocab() -> usize {
+    49408
+}
+fn d512() -> usize {
+    512
+}
+fn d2048() -> usize {
+    2048
+}
+fn d12() -> usize {
+    12
+}
+fn d8() -> usize {
+    8
+}
+fn d77() -> usize {
+    77
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn quick_gelu() -> String {
+    "quick_gelu".into()
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Activation {
@@ -102,12 +118,18 @@ impl ClipTextEncoder {
         let config = ClipConfig::read(&files.config)?;
         let act = config.activation(&files.config)?;
         if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
-            return Err(Error::config(&files.config, format!(
-                "'hidden_size' {} does not split into 'num_attention_heads' {}", config.hidden_size, config.num_attention_heads)));
+            return Err(Error::config(
+                &files.config,
+                format!(
+                    "'hidden_size' {} does not split into 'num_attention_heads' {}",
+                    config.hidden_size, config.num_attention_heads
+                ),
+            ));
         }
         let vb = super::var_builder(files, dtype, device)?;
         // Real SD repos prefix keys with `text_model.`; transformers 5 saves them without it.
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
+        let vb =
+            if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         Self::build(config, act, vb).map_err(weights_err(files))
     }
 
@@ -150,7 +172,8 @@ impl ClipTextEncoder {
         let dtype = xs.dtype();
         // Causal mask, added to the scores (transformers fills with the dtype's min; -inf after
         // softmax is the same zero).
-        let mask: Vec<f32> = (0..l).flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask: Vec<f32> =
+            (0..l).flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
         let mask = Tensor::from_vec(mask, (1, 1, l, l), ids.device())?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {

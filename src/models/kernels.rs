@@ -18,7 +18,9 @@
 //!
 //! Non-CPU devices and other dtypes fall back to the plain candle ops these are tested against.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -68,7 +70,8 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
 /// A contiguous weight as f32: borrowed when stored as f32, widened once per call from f16/bf16
 /// storage (half the resident memory; the copy is small next to the GEMM it feeds).
 fn weight_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: weight not contiguous")))?;
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: weight not contiguous")))?;
     Ok(match s {
         CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
         CpuStorage::F16(v) => std::borrow::Cow::Owned(widen(&v[a..b], |x| x.to_f32())),
@@ -79,7 +82,9 @@ fn weight_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borr
 
 fn widen<T: Copy + Sync>(v: &[T], f: impl Fn(T) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(1 << 16).zip(v.par_chunks(1 << 16)).for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, &i)| *o = f(i)));
+    out.par_chunks_mut(1 << 16)
+        .zip(v.par_chunks(1 << 16))
+        .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, &i)| *o = f(i)));
     out
 }
 
@@ -99,7 +104,10 @@ unsafe fn sgemm(
     scale: f32,
     par: Parallelism,
 ) {
-    gemm::gemm(m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, scale, false, false, false, par)
+    gemm::gemm(
+        m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, scale, false, false, false,
+        par,
+    )
 }
 
 fn rayon_par() -> Parallelism {
@@ -136,7 +144,14 @@ impl Conv {
 
 impl Conv {
     #[allow(clippy::too_many_arguments)]
-    fn run(&self, x: &[f32], (b, cin, ih, iw): (usize, usize, usize, usize), w: &[f32], (cout, kh, kw): (usize, usize, usize), bias: Option<&[f32]>) -> Vec<f32> {
+    fn run(
+        &self,
+        x: &[f32],
+        (b, cin, ih, iw): (usize, usize, usize, usize),
+        w: &[f32],
+        (cout, kh, kw): (usize, usize, usize),
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
         let (s, p) = (self.stride, self.padding);
         let (plane, src_w) = (ih * iw, iw);
         // Sizes of the (virtual, if upsampled) input the convolution sees.
@@ -158,7 +173,18 @@ impl Conv {
             let ob = &mut out[bi * cout * oplane..(bi + 1) * cout * oplane];
             if pointwise {
                 // SAFETY: ob is cout × oplane, w is cout × cin, xb is cin × plane (= oplane).
-                unsafe { sgemm((cout, oplane, cin), ob.as_mut_ptr(), oplane as isize, acc, (w.as_ptr(), 1, cin as isize), (xb.as_ptr(), 1, plane as isize), 1.0, rayon_par()) };
+                unsafe {
+                    sgemm(
+                        (cout, oplane, cin),
+                        ob.as_mut_ptr(),
+                        oplane as isize,
+                        acc,
+                        (w.as_ptr(), 1, cin as isize),
+                        (xb.as_ptr(), 1, plane as isize),
+                        1.0,
+                        rayon_par(),
+                    )
+                };
                 continue;
             }
             for oy0 in (0..oh).step_by(rows) {
@@ -210,7 +236,12 @@ impl Conv {
         out
     }
 
-    fn fwd(&self, xs: (&CpuStorage, &Layout), ws: (&CpuStorage, &Layout), bias: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+    fn fwd(
+        &self,
+        xs: (&CpuStorage, &Layout),
+        ws: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(xs.0, xs.1, "conv2d input")?;
         let (b, cin, ih, iw) = xs.1.shape().dims4()?;
         let (cout, wcin, kh, kw) = ws.1.shape().dims4()?;
@@ -241,7 +272,15 @@ impl CustomOp3 for Conv {
     fn name(&self) -> &'static str {
         "ghiblify-conv2d-bias"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
     }
 }
@@ -262,7 +301,13 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
 }
 
 /// `conv2d(upsample_nearest2d(x, 2h, 2w), …)` without the upsampled copy.
-pub fn upsample2x_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+pub fn upsample2x_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     if !is_cpu_f32(x) {
         let (_, _, h, w) = x.dims4()?;
         return conv2d(&x.upsample_nearest2d(2 * h, 2 * w)?, weight, bias, stride, padding);
@@ -347,7 +392,15 @@ impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "ghiblify-group-norm"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "group_norm input")?;
         let gamma = weight_f32(s2, l2, "group_norm weight")?;
         let beta = weight_f32(s3, l3, "group_norm bias")?;
@@ -389,7 +442,9 @@ fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
+        + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n without a float→int conversion (Rust's saturating `as` does not vectorise): adding
     // 1.5·2^23 leaves n, as an integer, in the low mantissa bits.
@@ -408,7 +463,9 @@ fn erf(x: f32) -> f32 {
         + t * (1.000_023_7
             + t * (0.374_091_96
                 + t * (0.096_784_18
-                    + t * (-0.186_288_06 + t * (0.278_868_07 + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     let erfc = t * exp(-z * z + poly);
     (1.0 - erfc).copysign(x)
 }
@@ -516,10 +573,28 @@ impl AttentionOp {
                 // destination rows × d block of `out` belongs to this job alone.
                 unsafe {
                     // scores = scale · Q_blk · Kᵀ (K read transposed through its strides).
-                    sgemm((rows, lk, d), s.as_mut_ptr(), lk as isize, false, (qp, 1, c as isize), (kp, c as isize, 1), scale, Parallelism::None);
+                    sgemm(
+                        (rows, lk, d),
+                        s.as_mut_ptr(),
+                        lk as isize,
+                        false,
+                        (qp, 1, c as isize),
+                        (kp, c as isize, 1),
+                        scale,
+                        Parallelism::None,
+                    );
                     softmax_rows(s, lk);
                     let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
-                    sgemm((rows, d, lk), op, c as isize, false, (s.as_ptr(), 1, lk as isize), (vp, 1, c as isize), 1.0, Parallelism::None);
+                    sgemm(
+                        (rows, d, lk),
+                        op,
+                        c as isize,
+                        false,
+                        (s.as_ptr(), 1, lk as isize),
+                        (vp, 1, c as isize),
+                        1.0,
+                        Parallelism::None,
+                    );
                 }
             },
         );
@@ -542,7 +617,15 @@ impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "ghiblify-attention"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let q = f32_slice(s1, l1, "attention q")?;
         let k = f32_slice(s2, l2, "attention k")?;
         let v = f32_slice(s3, l3, "attention v")?;
@@ -626,7 +709,8 @@ mod tests {
             let x = randn(&[b, cin, h, w], 1);
             let wt = randn(&[cout, cin, k, k], 2);
             let bias = randn(&[cout], 3);
-            let want = x.conv2d(&wt, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let want =
+                x.conv2d(&wt, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
             let got = conv2d(&x, &wt, Some(&bias), s, p).unwrap();
             assert_eq!(got.dims(), want.dims());
             assert!(max_rel(&got, &want) < 1e-5, "conv {:?}: {}", (b, cin, cout, h, w, k, s, p), max_rel(&got, &want));
@@ -635,7 +719,11 @@ mod tests {
             assert!(max_rel(&got_up, &up) < 1e-5, "upsampled conv {:?}", (b, cin, cout, h, w, k, s, p));
             let padded = x.pad_with_zeros(3, 0, 1).unwrap().pad_with_zeros(2, 0, 1).unwrap();
             let want_end = padded.conv2d(&wt, 0, s, 1, 1).unwrap();
-            assert!(max_rel(&pad_end_conv2d(&x, &wt, None, s).unwrap(), &want_end) < 1e-5, "pad-end conv {:?}", (b, cin, cout, h, w, k, s));
+            assert!(
+                max_rel(&pad_end_conv2d(&x, &wt, None, s).unwrap(), &want_end) < 1e-5,
+                "pad-end conv {:?}",
+                (b, cin, cout, h, w, k, s)
+            );
             let nob = conv2d(&x, &wt, None, s, p).unwrap();
             assert!(max_rel(&nob, &x.conv2d(&wt, p, s, 1, 1).unwrap()) < 1e-5);
             // f16 weight storage computes in f32 on the widened weights.

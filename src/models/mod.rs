@@ -36,10 +36,9 @@ impl<T: Clone> OneOrMany<T> {
         match self {
             OneOrMany::One(v) => Ok(vec![v.clone(); n]),
             OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),
-            OneOrMany::Many(v) => Err(Error::config(
-                path,
-                format!("'{key}' has {} entries but there are {n} blocks", v.len()),
-            )),
+            OneOrMany::Many(v) => {
+                Err(Error::config(path, format!("'{key}' has {} entries but there are {n} blocks", v.len())))
+            }
         }
     }
 }
@@ -63,7 +62,10 @@ impl Autoencoder {
         match c.class.as_deref() {
             Some("AutoencoderTiny") => Ok(Self::Tiny(Box::new(taesd::TinyVae::load(files, dtype, device)?))),
             Some("AutoencoderKL") | None => Ok(Self::Kl(Box::new(vae::Vae::load(files, dtype, device)?))),
-            Some(other) => Err(Error::config(&files.config, format!("'_class_name' = {other:?} is not supported (AutoencoderKL or AutoencoderTiny)"))),
+            Some(other) => Err(Error::config(
+                &files.config,
+                format!("'_class_name' = {other:?} is not supported (AutoencoderKL or AutoencoderTiny)"),
+            )),
         }
     }
 
@@ -141,17 +143,11 @@ pub fn component_files(
 ) -> Result<ComponentFiles> {
     let cdir = dir.join(component);
     if !cdir.is_dir() {
-        return Err(Error::Model {
-            dir: dir.to_path_buf(),
-            what: format!("missing component folder '{component}/'"),
-        });
+        return Err(Error::Model { dir: dir.to_path_buf(), what: format!("missing component folder '{component}/'") });
     }
     let config = cdir.join(config_name);
     if !config.is_file() {
-        return Err(Error::Model {
-            dir: dir.to_path_buf(),
-            what: format!("missing '{component}/{config_name}'"),
-        });
+        return Err(Error::Model { dir: dir.to_path_buf(), what: format!("missing '{component}/{config_name}'") });
     }
     let half = matches!(dtype, DType::F16 | DType::BF16);
     let full = format!("{weight_stem}.safetensors");
@@ -167,18 +163,11 @@ pub fn component_files(
             return Ok(ComponentFiles { config, weights: shards(&index)?, merge: None });
         }
     }
-    let has_bin = ["bin", "fp16.bin"]
-        .iter()
-        .any(|ext| cdir.join(format!("{weight_stem}.{ext}")).is_file() || cdir.join(format!("pytorch_model.{ext}")).is_file());
-    let hint = if has_bin {
-        " (only PyTorch .bin weights are present: convert them to safetensors)"
-    } else {
-        ""
-    };
-    Err(Error::Model {
-        dir: dir.to_path_buf(),
-        what: format!("missing '{component}/{full}'{hint}"),
-    })
+    let has_bin = ["bin", "fp16.bin"].iter().any(|ext| {
+        cdir.join(format!("{weight_stem}.{ext}")).is_file() || cdir.join(format!("pytorch_model.{ext}")).is_file()
+    });
+    let hint = if has_bin { " (only PyTorch .bin weights are present: convert them to safetensors)" } else { "" };
+    Err(Error::Model { dir: dir.to_path_buf(), what: format!("missing '{component}/{full}'{hint}") })
 }
 
 fn shards(index: &Path) -> Result<Vec<PathBuf>> {

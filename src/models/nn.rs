@@ -39,7 +39,15 @@ pub fn conv2d(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, 
     conv2d_with(vb, cin, cout, k, stride, padding, true)
 }
 
-pub fn conv2d_with(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize, bias: bool) -> Result<Conv2d> {
+pub fn conv2d_with(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    bias: bool,
+) -> Result<Conv2d> {
     let weight = vb.get((cout, cin, k, k), "weight")?;
     let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
     Ok(Conv2d { weight, bias, stride, padding })
@@ -194,7 +202,15 @@ impl ResnetBlock2D {
         let norm2 = group_norm(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?;
         let conv2 = conv2d(vb.pp("conv2"), cout, cout, 3, 1, 1)?;
         let conv_shortcut = if cin != cout { Some(conv2d(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None };
-        Ok(Self { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut, output_scale_factor: cfg.output_scale_factor })
+        Ok(Self {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {

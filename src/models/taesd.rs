@@ -46,15 +46,33 @@ pub struct TinyConfig {
     pub block_out_channels: Option<Vec<usize>>,
 }
 
-fn d2() -> usize { 2 }
-fn d3() -> usize { 3 }
-fn d4() -> usize { 4 }
-fn d64x4() -> Vec<usize> { vec![64; 4] }
-fn relu() -> String { "relu".into() }
-fn nearest() -> String { "nearest".into() }
-fn enc_blocks() -> Vec<usize> { vec![1, 3, 3, 3] }
-fn dec_blocks() -> Vec<usize> { vec![3, 3, 3, 1] }
-fn one() -> f64 { 1.0 }
+fn d2() -> usize {
+    2
+}
+fn d3() -> usize {
+    3
+}
+fn d4() -> usize {
+    4
+}
+fn d64x4() -> Vec<usize> {
+    vec![64; 4]
+}
+fn relu() -> String {
+    "relu".into()
+}
+fn nearest() -> String {
+    "nearest".into()
+}
+fn enc_blocks() -> Vec<usize> {
+    vec![1, 3, 3, 3]
+}
+fn dec_blocks() -> Vec<usize> {
+    vec![3, 3, 3, 1]
+}
+fn one() -> f64 {
+    1.0
+}
 
 impl TinyConfig {
     pub fn scale_factor(&self) -> usize {
@@ -64,11 +82,19 @@ impl TinyConfig {
 
     fn validate(&self, path: &std::path::Path) -> Result<()> {
         let bad = |m: String| Err(Error::config(path, m));
-        if self.encoder_block_out_channels.len() != self.num_encoder_blocks.len() || self.encoder_block_out_channels.is_empty() {
-            return bad("'encoder_block_out_channels' and 'num_encoder_blocks' must have the same, non-zero length".into());
+        if self.encoder_block_out_channels.len() != self.num_encoder_blocks.len()
+            || self.encoder_block_out_channels.is_empty()
+        {
+            return bad(
+                "'encoder_block_out_channels' and 'num_encoder_blocks' must have the same, non-zero length".into()
+            );
         }
-        if self.decoder_block_out_channels.len() != self.num_decoder_blocks.len() || self.decoder_block_out_channels.is_empty() {
-            return bad("'decoder_block_out_channels' and 'num_decoder_blocks' must have the same, non-zero length".into());
+        if self.decoder_block_out_channels.len() != self.num_decoder_blocks.len()
+            || self.decoder_block_out_channels.is_empty()
+        {
+            return bad(
+                "'decoder_block_out_channels' and 'num_decoder_blocks' must have the same, non-zero length".into()
+            );
         }
         if self.act_fn != "relu" {
             return bad(format!("'act_fn' = {:?} is not supported (TAESD uses \"relu\")", self.act_fn));
@@ -80,7 +106,10 @@ impl TinyConfig {
             return bad("'shift_factor' is not supported (an SD3/Flux tiny VAE?)".into());
         }
         if self.upsampling_scaling_factor != 2 {
-            return bad(format!("'upsampling_scaling_factor' {} is not supported (2 expected)", self.upsampling_scaling_factor));
+            return bad(format!(
+                "'upsampling_scaling_factor' {} is not supported (2 expected)",
+                self.upsampling_scaling_factor
+            ));
         }
         Ok(())
     }
@@ -96,7 +125,11 @@ struct Block {
 impl Block {
     fn new(vb: VarBuilder, cin: usize, cout: usize) -> candle_core::Result<Self> {
         let c = vb.pp("conv");
-        let convs = [conv2d(c.pp("0"), cin, cout, 3, 1, 1)?, conv2d(c.pp("2"), cout, cout, 3, 1, 1)?, conv2d(c.pp("4"), cout, cout, 3, 1, 1)?];
+        let convs = [
+            conv2d(c.pp("0"), cin, cout, 3, 1, 1)?,
+            conv2d(c.pp("2"), cout, cout, 3, 1, 1)?,
+            conv2d(c.pp("4"), cout, cout, 3, 1, 1)?,
+        ];
         let skip = if cin != cout { Some(conv2d_with(vb.pp("skip"), cin, cout, 1, 1, 0, false)?) } else { None };
         Ok(Self { convs, skip })
     }

@@ -78,7 +78,9 @@ impl ClipTokenizer {
                     }
                 })
                 .collect::<Result<_>>()?;
-            let id = |t: &str| vocab_map.get(t).and_then(|v| v.as_u64()).ok_or_else(|| err(format!("vocab.json lacks {t:?}")));
+            let id = |t: &str| {
+                vocab_map.get(t).and_then(|v| v.as_u64()).ok_or_else(|| err(format!("vocab.json lacks {t:?}")))
+            };
             // transformers registers bos/eos/unk/pad as special added tokens, matched on the raw text.
             let mut added: Vec<(u64, String)> = Vec::new();
             for t in [&pad_t, &bos_t, &eos_t, &unk_t] {
@@ -111,7 +113,8 @@ impl ClipTokenizer {
                           "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false,
                           "ignore_merges": false, "vocab": vocab, "merges": merges}
             });
-            tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(|e| err(format!("vocab.json/merges.txt: {e}")))?
+            tokenizers::Tokenizer::from_str(&spec.to_string())
+                .map_err(|e| err(format!("vocab.json/merges.txt: {e}")))?
         };
         // Padding and truncation are ours (below), whatever tokenizer.json says.
         inner.with_truncation(None).map_err(|e| err(e.to_string()))?;
@@ -130,7 +133,10 @@ impl ClipTokenizer {
 
     /// Ids as diffusers' `encode_prompt` gets them: `padding="max_length"`, `truncation=True`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer { path: self.dir.clone(), msg: e.to_string() })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer { path: self.dir.clone(), msg: e.to_string() })?;
         let body = enc.get_ids();
         let keep = body.len().min(self.max_length - 2);
         let mut ids = Vec::with_capacity(self.max_length);

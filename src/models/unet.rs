@@ -8,7 +8,10 @@
 //! name instead of being silently ignored.
 
 use super::kernels::attention;
-use super::nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::nn::{
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear,
+    ResnetBlock2D, ResnetConfig, Upsample2D,
+};
 use super::{read_json, weights_err, ComponentFiles, OneOrMany};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
@@ -147,23 +150,57 @@ pub struct UNetConfig {
     pub mid_block_only_cross_attention: Option<bool>,
 }
 
-fn d1() -> usize { 1 }
-fn d3() -> usize { 3 }
-fn d4() -> usize { 4 }
-fn d32() -> usize { 32 }
-fn d1f() -> f64 { 1.0 }
-fn d1e5() -> f64 { 1e-5 }
-fn dtrue() -> bool { true }
-fn silu() -> String { "silu".into() }
-fn positional() -> String { "positional".into() }
-fn default_str() -> String { "default".into() }
-fn default_mid() -> Option<String> { Some("UNetMidBlock2DCrossAttn".into()) }
-fn default_false_oom() -> OneOrMany<bool> { OneOrMany::One(false) }
-fn default_one_oom() -> OneOrMany<usize> { OneOrMany::One(1) }
-fn default_layers() -> OneOrMany<usize> { OneOrMany::One(2) }
-fn default_heads() -> OneOrMany<usize> { OneOrMany::One(8) }
-fn default_xdim() -> OneOrMany<usize> { OneOrMany::One(1280) }
-fn default_channels() -> Vec<usize> { vec![320, 640, 1280, 1280] }
+fn d1() -> usize {
+    1
+}
+fn d3() -> usize {
+    3
+}
+fn d4() -> usize {
+    4
+}
+fn d32() -> usize {
+    32
+}
+fn d1f() -> f64 {
+    1.0
+}
+fn d1e5() -> f64 {
+    1e-5
+}
+fn dtrue() -> bool {
+    true
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn positional() -> String {
+    "positional".into()
+}
+fn default_str() -> String {
+    "default".into()
+}
+fn default_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn default_false_oom() -> OneOrMany<bool> {
+    OneOrMany::One(false)
+}
+fn default_one_oom() -> OneOrMany<usize> {
+    OneOrMany::One(1)
+}
+fn default_layers() -> OneOrMany<usize> {
+    OneOrMany::One(2)
+}
+fn default_heads() -> OneOrMany<usize> {
+    OneOrMany::One(8)
+}
+fn default_xdim() -> OneOrMany<usize> {
+    OneOrMany::One(1280)
+}
+fn default_channels() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
 fn default_down() -> Vec<String> {
     ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
@@ -224,12 +261,20 @@ impl UNetConfig {
         }
         let checks: [(&str, bool, String); 10] = [
             ("act_fn", self.act_fn == "silu", self.act_fn.clone()),
-            ("resnet_time_scale_shift", self.resnet_time_scale_shift == "default", self.resnet_time_scale_shift.clone()),
+            (
+                "resnet_time_scale_shift",
+                self.resnet_time_scale_shift == "default",
+                self.resnet_time_scale_shift.clone(),
+            ),
             ("time_embedding_type", self.time_embedding_type == "positional", self.time_embedding_type.clone()),
             ("attention_type", self.attention_type == "default", self.attention_type.clone()),
             ("dual_cross_attention", !self.dual_cross_attention, "true".into()),
             ("resnet_skip_time_act", !self.resnet_skip_time_act, "true".into()),
-            ("time_embedding_act_fn", self.time_embedding_act_fn.is_none(), format!("{:?}", self.time_embedding_act_fn)),
+            (
+                "time_embedding_act_fn",
+                self.time_embedding_act_fn.is_none(),
+                format!("{:?}", self.time_embedding_act_fn),
+            ),
             ("timestep_post_act", self.timestep_post_act.is_none(), format!("{:?}", self.timestep_post_act)),
             ("cross_attention_norm", self.cross_attention_norm.is_none(), format!("{:?}", self.cross_attention_norm)),
             ("mid_block_only_cross_attention", self.mid_block_only_cross_attention != Some(true), "true".into()),
@@ -250,7 +295,9 @@ impl UNetConfig {
             let ca = match t.as_str() {
                 "CrossAttnDownBlock2D" => true,
                 "DownBlock2D" => false,
-                other => return Err(Error::config(path, format!("'down_block_types'[{i}] = {other:?} is not supported"))),
+                other => {
+                    return Err(Error::config(path, format!("'down_block_types'[{i}] = {other:?} is not supported")))
+                }
             };
             // We build the up path as the mirror of the down path, as every SD checkpoint has it.
             let up = &self.up_block_types[n - 1 - i];
@@ -269,18 +316,29 @@ impl UNetConfig {
         };
         for (i, (&h, &c)) in heads.iter().zip(&self.block_out_channels).enumerate() {
             if h == 0 || c % h != 0 {
-                return Err(Error::config(path, format!("block {i}: {c} channels do not split into {h} attention heads")));
+                return Err(Error::config(
+                    path,
+                    format!("block {i}: {c} channels do not split into {h} attention heads"),
+                ));
             }
         }
         let tlayers = self.transformer_layers_per_block.per_block(n, path, "transformer_layers_per_block")?;
         let rev_tlayers = match &self.reverse_transformer_layers_per_block {
             Some(v) if v.len() == n => v.clone(),
-            Some(v) => return Err(Error::config(path, format!("'reverse_transformer_layers_per_block' has {} entries, expected {n}", v.len()))),
+            Some(v) => {
+                return Err(Error::config(
+                    path,
+                    format!("'reverse_transformer_layers_per_block' has {} entries, expected {n}", v.len()),
+                ))
+            }
             None => tlayers.iter().rev().cloned().collect(),
         };
         for &c in &self.block_out_channels {
             if c % self.norm_num_groups != 0 {
-                return Err(Error::config(path, format!("'norm_num_groups' {} does not divide {c} channels", self.norm_num_groups)));
+                return Err(Error::config(
+                    path,
+                    format!("'norm_num_groups' {} does not divide {c} channels", self.norm_num_groups),
+                ));
             }
         }
         Ok(Plan {
@@ -392,7 +450,15 @@ struct Transformer2D {
 
 impl Transformer2D {
     #[allow(clippy::too_many_arguments)]
-    fn new(vb: VarBuilder, channels: usize, heads: usize, layers: usize, context: usize, groups: usize, linear: bool) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        context: usize,
+        groups: usize,
+        linear: bool,
+    ) -> candle_core::Result<Self> {
         let norm = group_norm(vb.pp("norm"), groups, channels, 1e-6)?;
         let (proj_in, proj_out) = if linear {
             (
@@ -486,11 +552,17 @@ impl UNet {
         let n = ch.len();
         let groups = config.norm_num_groups;
         let temb = config.time_embedding_dim.unwrap_or(ch[0] * 4);
-        let rcfg = |scale: f64| ResnetConfig { groups, eps: config.norm_eps, temb_channels: Some(temb), output_scale_factor: scale };
+        let rcfg = |scale: f64| ResnetConfig {
+            groups,
+            eps: config.norm_eps,
+            temb_channels: Some(temb),
+            output_scale_factor: scale,
+        };
         let block_cfg = rcfg(config.resnet_out_scale_factor);
         let lin = config.use_linear_projection;
 
-        let conv_in = conv2d(vb.pp("conv_in"), config.in_channels, ch[0], config.conv_in_kernel, 1, config.conv_in_kernel / 2)?;
+        let conv_in =
+            conv2d(vb.pp("conv_in"), config.in_channels, ch[0], config.conv_in_kernel, 1, config.conv_in_kernel / 2)?;
         let time_linear_1 = linear(vb.pp("time_embedding.linear_1"), ch[0], temb)?;
         let time_linear_2 = linear(vb.pp("time_embedding.linear_2"), temb, temb)?;
 
@@ -504,10 +576,22 @@ impl UNet {
                 let c = if j == 0 { cin } else { cout };
                 resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), c, cout, &block_cfg)?);
                 if plan.cross_attn[i] {
-                    attentions.push(Transformer2D::new(vb.pp("attentions").pp(j), cout, plan.heads[i], plan.tlayers[i], plan.xdim[i], groups, lin)?);
+                    attentions.push(Transformer2D::new(
+                        vb.pp("attentions").pp(j),
+                        cout,
+                        plan.heads[i],
+                        plan.tlayers[i],
+                        plan.xdim[i],
+                        groups,
+                        lin,
+                    )?);
                 }
             }
-            let downsampler = if i + 1 < n { Some(Downsample2D::new(vb.pp("downsamplers.0"), cout, config.downsample_padding)?) } else { None };
+            let downsampler = if i + 1 < n {
+                Some(Downsample2D::new(vb.pp("downsamplers.0"), cout, config.downsample_padding)?)
+            } else {
+                None
+            };
             down.push(DownBlock { resnets, attentions, downsampler });
             cin = cout;
         }
@@ -520,7 +604,15 @@ impl UNet {
                 ResnetBlock2D::new(vbm.pp("resnets.0"), last, last, &mid_cfg)?,
                 ResnetBlock2D::new(vbm.pp("resnets.1"), last, last, &mid_cfg)?,
             ],
-            attentions: vec![Transformer2D::new(vbm.pp("attentions.0"), last, plan.heads[n - 1], plan.tlayers[n - 1], plan.xdim[n - 1], groups, lin)?],
+            attentions: vec![Transformer2D::new(
+                vbm.pp("attentions.0"),
+                last,
+                plan.heads[n - 1],
+                plan.tlayers[n - 1],
+                plan.xdim[n - 1],
+                groups,
+                lin,
+            )?],
         };
 
         let mut up = Vec::with_capacity(n);
@@ -539,7 +631,15 @@ impl UNet {
                 let rin = if j == 0 { prev } else { cout };
                 resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), rin + skip, cout, &block_cfg)?);
                 if plan.cross_attn[d] {
-                    attentions.push(Transformer2D::new(vb.pp("attentions").pp(j), cout, plan.heads[d], plan.rev_tlayers[i], plan.xdim[d], groups, lin)?);
+                    attentions.push(Transformer2D::new(
+                        vb.pp("attentions").pp(j),
+                        cout,
+                        plan.heads[d],
+                        plan.rev_tlayers[i],
+                        plan.xdim[d],
+                        groups,
+                        lin,
+                    )?);
                 }
             }
             let upsampler = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
@@ -547,7 +647,14 @@ impl UNet {
             prev = cout;
         }
         let conv_norm_out = group_norm(vb.pp("conv_norm_out"), groups, ch[0], config.norm_eps)?;
-        let conv_out = conv2d(vb.pp("conv_out"), ch[0], config.out_channels, config.conv_out_kernel, 1, config.conv_out_kernel / 2)?;
+        let conv_out = conv2d(
+            vb.pp("conv_out"),
+            ch[0],
+            config.out_channels,
+            config.conv_out_kernel,
+            1,
+            config.conv_out_kernel / 2,
+        )?;
         Ok(Self { config, conv_in, time_linear_1, time_linear_2, down, mid, up, conv_norm_out, conv_out })
     }
 

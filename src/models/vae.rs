@@ -7,7 +7,10 @@
 //! from its own unseedable RNG).
 
 use super::kernels::attention;
-use super::nn::{conv2d, group_norm, linear_maybe_conv, Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::nn::{
+    conv2d, group_norm, linear_maybe_conv, Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, ResnetConfig,
+    Upsample2D,
+};
 use super::{read_json, weights_err, ComponentFiles};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
@@ -67,15 +70,33 @@ pub struct VaeConfig {
     pub sample_size: usize,
 }
 
-fn kl() -> String { "AutoencoderKL".into() }
-fn d1() -> usize { 1 }
-fn d3() -> usize { 3 }
-fn d4() -> usize { 4 }
-fn d32() -> usize { 32 }
-fn d64() -> Vec<usize> { vec![64] }
-fn dscale() -> f64 { 0.18215 }
-fn dtrue() -> bool { true }
-fn silu() -> String { "silu".into() }
+fn kl() -> String {
+    "AutoencoderKL".into()
+}
+fn d1() -> usize {
+    1
+}
+fn d3() -> usize {
+    3
+}
+fn d4() -> usize {
+    4
+}
+fn d32() -> usize {
+    32
+}
+fn d64() -> Vec<usize> {
+    vec![64]
+}
+fn dscale() -> f64 {
+    0.18215
+}
+fn dtrue() -> bool {
+    true
+}
+fn silu() -> String {
+    "silu".into()
+}
 
 impl VaeConfig {
     /// Image pixels per latent pixel (8 for every SD VAE).
@@ -85,7 +106,10 @@ impl VaeConfig {
 
     fn validate(&self, path: &std::path::Path) -> Result<()> {
         if self.class_name != "AutoencoderKL" {
-            return Err(Error::config(path, format!("'_class_name' = {:?} is not supported (expected \"AutoencoderKL\")", self.class_name)));
+            return Err(Error::config(
+                path,
+                format!("'_class_name' = {:?} is not supported (expected \"AutoencoderKL\")", self.class_name),
+            ));
         }
         let n = self.block_out_channels.len();
         if n == 0 {
@@ -96,8 +120,13 @@ impl VaeConfig {
         if let Some(t) = bad_down.or(bad_up) {
             return Err(Error::config(path, format!("block type {t:?} is not supported")));
         }
-        if (!self.down_block_types.is_empty() && self.down_block_types.len() != n) || (!self.up_block_types.is_empty() && self.up_block_types.len() != n) {
-            return Err(Error::config(path, format!("'down_block_types'/'up_block_types' must have {n} entries like 'block_out_channels'")));
+        if (!self.down_block_types.is_empty() && self.down_block_types.len() != n)
+            || (!self.up_block_types.is_empty() && self.up_block_types.len() != n)
+        {
+            return Err(Error::config(
+                path,
+                format!("'down_block_types'/'up_block_types' must have {n} entries like 'block_out_channels'"),
+            ));
         }
         if self.act_fn != "silu" {
             return Err(Error::config(path, format!("'act_fn' = {:?} is not supported", self.act_fn)));
@@ -106,7 +135,10 @@ impl VaeConfig {
             return Err(Error::config(path, "'shift_factor' is not supported (an SD3/Flux VAE?)"));
         }
         if let Some(c) = self.block_out_channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
-            return Err(Error::config(path, format!("'norm_num_groups' {} does not divide {c} channels", self.norm_num_groups)));
+            return Err(Error::config(
+                path,
+                format!("'norm_num_groups' {} does not divide {c} channels", self.norm_num_groups),
+            ));
         }
         Ok(())
     }
@@ -272,8 +304,10 @@ impl Vae {
             norm_out: group_norm(d.pp("conv_norm_out"), g, ch[0], 1e-6)?,
             conv_out: conv2d(d.pp("conv_out"), ch[0], config.out_channels, 3, 1, 1)?,
         };
-        let quant_conv = if config.use_quant_conv { Some(conv2d(vb.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0)?) } else { None };
-        let post_quant_conv = if config.use_post_quant_conv { Some(conv2d(vb.pp("post_quant_conv"), lc, lc, 1, 1, 0)?) } else { None };
+        let quant_conv =
+            if config.use_quant_conv { Some(conv2d(vb.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0)?) } else { None };
+        let post_quant_conv =
+            if config.use_post_quant_conv { Some(conv2d(vb.pp("post_quant_conv"), lc, lc, 1, 1, 0)?) } else { None };
         Ok(Self { config, encoder, decoder, quant_conv, post_quant_conv })
     }
 
@@ -366,7 +400,14 @@ const OVERLAP: f64 = 0.25;
 /// (already blended, as diffusers' in-place blends leave them) over `blend` pixels with linear
 /// ramps, cropped to `keep`, and the crops are concatenated. Only one tile's activations are alive
 /// at a time, so peak memory follows the tile size, not the image size.
-fn tiled(x: &Tensor, tile: usize, stride: usize, blend: usize, keep: usize, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+fn tiled(
+    x: &Tensor,
+    tile: usize,
+    stride: usize,
+    blend: usize,
+    keep: usize,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let mut rows: Vec<Vec<Tensor>> = Vec::new();
     for i in (0..h).step_by(stride) {

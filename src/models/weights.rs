@@ -39,8 +39,10 @@ impl Weights {
             let file = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
             // SAFETY: forwarded to the caller.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(p, e))?;
-            let (header, meta) = safetensors::SafeTensors::read_metadata(&map)
-                .map_err(|e| Error::Weights { path: p.to_path_buf(), msg: format!("not a valid safetensors file: {e}") })?;
+            let (header, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::Weights {
+                path: p.to_path_buf(),
+                msg: format!("not a valid safetensors file: {e}"),
+            })?;
             let base = 8 + header;
             for (name, info) in meta.tensors() {
                 let range = (base + info.data_offsets.0, base + info.data_offsets.1);
@@ -61,7 +63,8 @@ impl Weights {
 
     /// The tensor as stored (its file dtype), copied out of the map.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let e = self.index.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let e =
+            self.index.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
         let map = &self.maps[e.file];
         let bytes = &map[e.range.0..e.range.1];
         use safetensors::Dtype as S;
@@ -90,7 +93,14 @@ impl Weights {
 
 /// A VarBuilder backend over [`Weights`] that converts to the requested dtype.
 impl candle_nn::var_builder::SimpleBackend for Weights {
-    fn get(&self, s: candle_core::Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
             candle_core::bail!("shape mismatch for {name}: expected {s:?}, got {:?}", t.shape())

@@ -36,7 +36,11 @@ impl Ddim {
     }
 
     fn alpha(&self, t: i64) -> f32 {
-        if t >= 0 { self.schedule.alphas_cumprod[t as usize] } else { self.final_alpha_cumprod }
+        if t >= 0 {
+            self.schedule.alphas_cumprod[t as usize]
+        } else {
+            self.final_alpha_cumprod
+        }
     }
 
     /// diffusers `_threshold_sample` (Saharia et al. 2022, Imagen): per sample, clamp to the
@@ -72,7 +76,13 @@ impl Sampler for Ddim {
         Ok(((original * a.sqrt())? + (noise * (1.0 - a).sqrt())?)?)
     }
 
-    fn step(&mut self, eps_or_v: &Tensor, index: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        eps_or_v: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
         let t = self.timesteps[index] as i64;
         let prev_t = t - (self.schedule.num_train_timesteps / self.steps) as i64;
         let a_t = self.alpha(t) as f64;

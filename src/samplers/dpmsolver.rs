@@ -5,7 +5,9 @@
 //! lower-order warm-up and final steps, Karras sigmas as an option. The SDE variant draws one noise
 //! tensor every step (the last is multiplied by σ = 0, as in diffusers).
 
-use super::sigmas::{log_sigmas, f32s, final_sigma, interp, karras, multistep_timesteps, reject_unsupported, sigma_to_t, train_sigmas};
+use super::sigmas::{
+    f32s, final_sigma, interp, karras, log_sigmas, multistep_timesteps, reject_unsupported, sigma_to_t, train_sigmas,
+};
 use super::{ClassDefaults, PredictionType, Sampler, Schedule, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
@@ -36,7 +38,14 @@ impl MultistepSigmas {
     /// `unipc`: UniPC honours `sigma_min`/`sigma_max` for the Karras range and rounds Karras
     /// timesteps for every beta schedule; DPM-Solver ignores the range and keeps the cosine
     /// schedule's fractional timesteps (truncated to integers).
-    pub fn new(cfg: &SchedulerConfig, path: &Path, steps: usize, karras_on: bool, lambda_min_clipped: f64, unipc: bool) -> Result<Self> {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        path: &Path,
+        steps: usize,
+        karras_on: bool,
+        lambda_min_clipped: f64,
+        unipc: bool,
+    ) -> Result<Self> {
         reject_unsupported(cfg, path)?;
         let schedule = Schedule::with_defaults(cfg, path, ClassDefaults::K)?;
         let t = schedule.num_train_timesteps;
@@ -45,7 +54,11 @@ impl MultistepSigmas {
         }
         let train = train_sigmas(&schedule);
         // searchsorted(flip(λ_t), lambda_min_clipped): how many of the smallest λ are clipped.
-        let lambdas: Vec<f64> = schedule.alphas_cumprod.iter().map(|&a| ((a as f64).sqrt()).ln() - ((1.0 - a as f64).sqrt()).ln()).collect();
+        let lambdas: Vec<f64> = schedule
+            .alphas_cumprod
+            .iter()
+            .map(|&a| ((a as f64).sqrt()).ln() - ((1.0 - a as f64).sqrt()).ln())
+            .collect();
         let clipped = lambdas.iter().rev().take_while(|&&l| l < lambda_min_clipped).count();
         let last_timestep = t - clipped;
         let mut timesteps = multistep_timesteps(&schedule, steps, last_timestep);
@@ -58,7 +71,8 @@ impl MultistepSigmas {
             }
             let s = karras(min, max, steps);
             let cosine = !unipc && cfg.beta_schedule.as_deref() == Some("squaredcos_cap_v2");
-            timesteps = s.iter().map(|&x| sigma_to_t(x, &log)).map(|x| if cosine { x } else { x.round_ties_even() }).collect();
+            timesteps =
+                s.iter().map(|&x| sigma_to_t(x, &log)).map(|x| if cosine { x } else { x.round_ties_even() }).collect();
             // diffusers stores these timesteps as int64.
             timesteps = timesteps.into_iter().map(|x| x.trunc()).collect();
             s
@@ -105,7 +119,14 @@ impl DpmSolver {
         if let Some(v) = cfg.variance_type.as_deref() {
             return Err(Error::config(path, format!("'variance_type' = {v:?} is not supported")));
         }
-        let m = MultistepSigmas::new(cfg, path, steps, karras_on, cfg.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY), false)?;
+        let m = MultistepSigmas::new(
+            cfg,
+            path,
+            steps,
+            karras_on,
+            cfg.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY),
+            false,
+        )?;
         let heun = match cfg.solver_type.as_deref().unwrap_or("midpoint") {
             "midpoint" | "logrho" | "bh1" | "bh2" => false,
             "heun" => true,
@@ -141,7 +162,11 @@ impl Sampler for DpmSolver {
             x0 = super::ddim::Ddim::threshold(&x0, ratio, max)?;
         }
         self.outputs = [self.outputs[1].take(), Some(x0)];
-        let z = if self.sde { Some(noise.randn(sample.dims())?.to_device(sample.device())?.to_dtype(sample.dtype())?) } else { None };
+        let z = if self.sde {
+            Some(noise.randn(sample.dims())?.to_device(sample.device())?.to_dtype(sample.dtype())?)
+        } else {
+            None
+        };
         let s = &self.m.sigmas;
         let (alpha_t, sigma_t) = alpha_sigma(s[i + 1]);
         let (_, sigma_s0) = alpha_sigma(s[i]);
@@ -151,7 +176,9 @@ impl Sampler for DpmSolver {
         let prev = if first {
             if self.sde {
                 let noise_coef = sigma_t * (1.0 - (-2.0 * h).exp()).sqrt();
-                ((sample * (sigma_t / sigma_s0 * (-h).exp()))? + (m0 * (alpha_t * (1.0 - (-2.0 * h).exp())))? + (z.as_ref().unwrap() * noise_coef)?)?
+                ((sample * (sigma_t / sigma_s0 * (-h).exp()))?
+                    + (m0 * (alpha_t * (1.0 - (-2.0 * h).exp())))?
+                    + (z.as_ref().unwrap() * noise_coef)?)?
             } else {
                 ((sample * (sigma_t / sigma_s0))? - (m0 * (alpha_t * ((-h).exp() - 1.0)))?)?
             }
@@ -164,7 +191,8 @@ impl Sampler for DpmSolver {
                 let e = 1.0 - (-2.0 * h).exp();
                 let d1_coef = if self.heun { alpha_t * (e / (-2.0 * h) + 1.0) } else { 0.5 * alpha_t * e };
                 let noise_coef = sigma_t * e.sqrt();
-                ((((sample * (sigma_t / sigma_s0 * (-h).exp()))? + (m0 * (alpha_t * e))?)? + (d1 * d1_coef)?)? + (z.as_ref().unwrap() * noise_coef)?)?
+                ((((sample * (sigma_t / sigma_s0 * (-h).exp()))? + (m0 * (alpha_t * e))?)? + (d1 * d1_coef)?)?
+                    + (z.as_ref().unwrap() * noise_coef)?)?
             } else {
                 let e = (-h).exp() - 1.0;
                 let base = ((sample * (sigma_t / sigma_s0))? - (m0 * (alpha_t * e))?)?;

@@ -2,7 +2,9 @@
 //! `schedulers/scheduling_euler_discrete.py` (`set_timesteps`, `scale_model_input`, `step`,
 //! `add_noise`), with Karras sigmas as an option.
 
-use super::sigmas::{log_sigmas, f32s, final_sigma, float_timesteps, interp, karras, reject_unsupported, sigma_to_t, train_sigmas};
+use super::sigmas::{
+    f32s, final_sigma, float_timesteps, interp, karras, log_sigmas, reject_unsupported, sigma_to_t, train_sigmas,
+};
 use super::{div, ClassDefaults, PredictionType, Sampler, Schedule, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
@@ -20,11 +22,21 @@ pub struct KSigmas {
 }
 
 impl KSigmas {
-    pub fn new(cfg: &SchedulerConfig, path: &Path, steps: usize, defaults: ClassDefaults, karras_on: bool, final_zero_only: bool) -> Result<Self> {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        path: &Path,
+        steps: usize,
+        defaults: ClassDefaults,
+        karras_on: bool,
+        final_zero_only: bool,
+    ) -> Result<Self> {
         reject_unsupported(cfg, path)?;
         let schedule = Schedule::with_defaults(cfg, path, defaults)?;
         if steps == 0 || steps > schedule.num_train_timesteps {
-            return Err(Error::Argument(format!("--steps must be within [1, {}], got {steps}", schedule.num_train_timesteps)));
+            return Err(Error::Argument(format!(
+                "--steps must be within [1, {}], got {steps}",
+                schedule.num_train_timesteps
+            )));
         }
         if cfg.timestep_type.as_deref().is_some_and(|t| t != "discrete") {
             return Err(Error::config(path, "'timestep_type' = \"continuous\" is not supported"));
@@ -100,4 +112,3 @@ impl Sampler for Euler {
         Ok((sample + (derivative * dt)?)?)
     }
 }
-

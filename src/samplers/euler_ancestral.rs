@@ -24,7 +24,10 @@ impl EulerAncestral {
         cfg.timestep_type = None;
         let k = KSigmas::new(&cfg, path, steps, ClassDefaults::K, false, true)?;
         if k.schedule.prediction == PredictionType::Sample {
-            return Err(Error::config(path, "'prediction_type' = \"sample\" is not supported by euler-a (as in diffusers)"));
+            return Err(Error::config(
+                path,
+                "'prediction_type' = \"sample\" is not supported by euler-a (as in diffusers)",
+            ));
         }
         Ok(Self { k })
     }

@@ -61,7 +61,11 @@ impl Sampler for Heun {
     }
     fn step(&mut self, out: &Tensor, index: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let first = self.state.is_none();
-        let (sigma, next) = if first { (self.sigmas[index], self.sigmas[index + 1]) } else { (self.sigmas[index - 1], self.sigmas[index]) };
+        let (sigma, next) = if first {
+            (self.sigmas[index], self.sigmas[index + 1])
+        } else {
+            (self.sigmas[index - 1], self.sigmas[index])
+        };
         let sigma_input = if first { sigma } else { next };
         let mut x0 = self.k.x0(out, sample, sigma_input)?;
         if let Some(r) = self.clip {

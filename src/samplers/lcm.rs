@@ -25,7 +25,10 @@ impl Lcm {
         let t = schedule.num_train_timesteps;
         let original = cfg.original_inference_steps.unwrap_or(50);
         if original == 0 || original > t {
-            return Err(Error::config(path, format!("'original_inference_steps' = {original} must be within [1, {t}]")));
+            return Err(Error::config(
+                path,
+                format!("'original_inference_steps' = {original} must be within [1, {t}]"),
+            ));
         }
         if steps == 0 || steps > original {
             return Err(Error::Argument(format!(
@@ -51,7 +54,11 @@ impl Lcm {
     }
 
     fn alpha(&self, t: i64) -> f64 {
-        if t >= 0 { self.schedule.alphas_cumprod[t as usize] as f64 } else { self.final_alpha_cumprod as f64 }
+        if t >= 0 {
+            self.schedule.alphas_cumprod[t as usize] as f64
+        } else {
+            self.final_alpha_cumprod as f64
+        }
     }
 }
 

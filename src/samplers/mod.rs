@@ -111,13 +111,41 @@ pub struct ClassDefaults {
 
 impl ClassDefaults {
     /// DDIMScheduler.
-    pub const DDIM: Self = Self { beta_start: 0.0001, beta_end: 0.02, beta_schedule: "linear", spacing: Spacing::Leading, zero_snr: true, pin_terminal: false };
+    pub const DDIM: Self = Self {
+        beta_start: 0.0001,
+        beta_end: 0.02,
+        beta_schedule: "linear",
+        spacing: Spacing::Leading,
+        zero_snr: true,
+        pin_terminal: false,
+    };
     /// EulerDiscrete, EulerAncestralDiscrete, DPMSolverMultistep, UniPCMultistep.
-    pub const K: Self = Self { beta_start: 0.0001, beta_end: 0.02, beta_schedule: "linear", spacing: Spacing::Linspace, zero_snr: true, pin_terminal: true };
+    pub const K: Self = Self {
+        beta_start: 0.0001,
+        beta_end: 0.02,
+        beta_schedule: "linear",
+        spacing: Spacing::Linspace,
+        zero_snr: true,
+        pin_terminal: true,
+    };
     /// HeunDiscreteScheduler.
-    pub const HEUN: Self = Self { beta_start: 0.00085, beta_end: 0.012, beta_schedule: "linear", spacing: Spacing::Linspace, zero_snr: false, pin_terminal: false };
+    pub const HEUN: Self = Self {
+        beta_start: 0.00085,
+        beta_end: 0.012,
+        beta_schedule: "linear",
+        spacing: Spacing::Linspace,
+        zero_snr: false,
+        pin_terminal: false,
+    };
     /// LCMScheduler.
-    pub const LCM: Self = Self { beta_start: 0.00085, beta_end: 0.012, beta_schedule: "scaled_linear", spacing: Spacing::Leading, zero_snr: true, pin_terminal: false };
+    pub const LCM: Self = Self {
+        beta_start: 0.00085,
+        beta_end: 0.012,
+        beta_schedule: "scaled_linear",
+        spacing: Spacing::Leading,
+        zero_snr: true,
+        pin_terminal: false,
+    };
 }
 
 impl SchedulerConfig {
@@ -191,7 +219,10 @@ impl Schedule {
         let betas = match &cfg.trained_betas {
             Some(b) if !b.is_empty() => {
                 if b.len() != n {
-                    return Err(Error::config(path, format!("'trained_betas' has {} values, 'num_train_timesteps' is {n}", b.len())));
+                    return Err(Error::config(
+                        path,
+                        format!("'trained_betas' has {} values, 'num_train_timesteps' is {n}", b.len()),
+                    ));
                 }
                 b.iter().map(|&x| x as f32).collect()
             }
@@ -200,7 +231,9 @@ impl Schedule {
                 let end = cfg.beta_end.unwrap_or(d.beta_end);
                 match cfg.beta_schedule.as_deref().unwrap_or(d.beta_schedule) {
                     "linear" => linspace_f32(start as f32, end as f32, n),
-                    "scaled_linear" => linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n).into_iter().map(|b| b * b).collect(),
+                    "scaled_linear" => {
+                        linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n).into_iter().map(|b| b * b).collect()
+                    }
                     "squaredcos_cap_v2" => cosine_betas(n),
                     other => return Err(Error::config(path, format!("'beta_schedule' = {other:?} is not supported"))),
                 }
@@ -213,7 +246,13 @@ impl Schedule {
             // diffusers: "close to 0 without being 0 so first sigma is not inf".
             *alphas_cumprod.last_mut().unwrap() = 2f32.powi(-24);
         }
-        Ok(Self { num_train_timesteps: n, prediction, spacing, steps_offset: cfg.steps_offset.unwrap_or(0), alphas_cumprod })
+        Ok(Self {
+            num_train_timesteps: n,
+            prediction,
+            spacing,
+            steps_offset: cfg.steps_offset.unwrap_or(0),
+            alphas_cumprod,
+        })
     }
 }
 
@@ -238,9 +277,7 @@ pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     }
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
-    (0..n)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 })
-        .collect()
+    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 }).collect()
 }
 
 /// diffusers `betas_for_alpha_bar(..., "cosine")` (Nichol & Dhariwal 2021), computed in f64 then
@@ -299,7 +336,9 @@ pub fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
 pub fn spaced_timesteps(s: &Schedule, steps: usize) -> Vec<i64> {
     let t = s.num_train_timesteps;
     match s.spacing {
-        Spacing::Linspace => np_linspace(0.0, (t - 1) as f64, steps).iter().rev().map(|x| x.round_ties_even() as i64).collect(),
+        Spacing::Linspace => {
+            np_linspace(0.0, (t - 1) as f64, steps).iter().rev().map(|x| x.round_ties_even() as i64).collect()
+        }
         Spacing::Leading => {
             let ratio = (t / steps) as i64;
             (0..steps as i64).rev().map(|i| i * ratio + s.steps_offset as i64).collect()
@@ -342,7 +381,13 @@ pub trait Sampler: Send {
     /// `add_noise(original, noise, timesteps[index])`.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
     /// One step from the model output at `index`; any noise is drawn from `noise`.
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor>;
 }
 
 /// The samplers users can pick by name (A1111/ComfyUI habits), each a diffusers scheduler class.

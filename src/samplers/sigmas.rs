@@ -41,9 +41,10 @@ pub fn float_timesteps(s: &Schedule, steps: usize) -> Vec<f64> {
             let ratio = (t / steps) as f64;
             (0..steps).rev().map(|i| (i as f64 * ratio).round_ties_even() + s.steps_offset as f64).collect()
         }
-        Spacing::Trailing => {
-            np_arange(t as f64, 0.0, -(t as f64 / steps as f64)).into_iter().map(|x| x.round_ties_even() - 1.0).collect()
-        }
+        Spacing::Trailing => np_arange(t as f64, 0.0, -(t as f64 / steps as f64))
+            .into_iter()
+            .map(|x| x.round_ties_even() - 1.0)
+            .collect(),
     };
     v.into_iter().map(|x| x as f32 as f64).collect()
 }

@@ -125,7 +125,11 @@ impl UniPc {
 
     fn scale_t(&self, sigma_t: f64) -> f64 {
         let (a, s) = alpha_sigma(sigma_t);
-        if self.predict_x0 { a } else { s }
+        if self.predict_x0 {
+            a
+        } else {
+            s
+        }
     }
 
     /// Predictor (`multistep_uni_p_bh_update`) from step `i` to `i + 1`.
