@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use ghiblify::noise::SeededNoise;
-use ghiblify::pipeline::{Img2ImgParams, StableDiffusion, Trace};
+use ghiblify::pipeline::{Img2ImgParams, StableDiffusion, Trace, VaeTiling};
 use ghiblify::samplers::{SamplerKind, SchedulerConfig};
 use std::path::Path;
 
@@ -20,7 +20,7 @@ fn step_arithmetic(c: &mut Criterion) {
     let cfg = SchedulerConfig::read(&path).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &Device::Cpu).unwrap();
     let mut g = c.benchmark_group("step_loop_cpu_f32_1x4x64x64");
-    for &kind in SamplerKind::ALL {
+    for kind in SamplerKind::all() {
         let steps = kind.typical_steps();
         g.bench_function(format!("{}_{}steps", kind.name(), steps), |b| {
             b.iter(|| {
@@ -45,17 +45,17 @@ fn img2img_tiny(c: &mut Criterion) {
     let image = ghiblify::image_io::to_tensor(&photo).unwrap();
     let mut g = c.benchmark_group("img2img_tiny_sd1_64x48");
     g.sample_size(10);
-    for &kind in SamplerKind::ALL {
+    for kind in SamplerKind::all() {
         let steps = kind.typical_steps();
         let params = Img2ImgParams {
             prompt: "ghibli style, a cat".into(),
             negative_prompt: String::new(),
             strength: 1.0,
             steps,
-            guidance: if kind == SamplerKind::Lcm { 1.0 } else { 5.0 },
+            guidance: if kind.name() == "lcm" { 1.0 } else { 5.0 },
             sampler: kind,
             karras: false,
-            vae_tiling: false,
+            vae_tiling: VaeTiling::Off,
         };
         g.bench_function(format!("{}_{}steps", kind.name(), steps), |b| {
             b.iter(|| {

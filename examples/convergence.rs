@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Tensor};
 use ghiblify::image_io;
 use ghiblify::noise::SeededNoise;
-use ghiblify::pipeline::{Img2ImgParams, StableDiffusion, Trace};
+use ghiblify::pipeline::{Img2ImgParams, StableDiffusion, Trace, VaeTiling};
 use ghiblify::samplers::SamplerKind;
 use std::path::PathBuf;
 
@@ -23,10 +23,10 @@ fn run(sd: &StableDiffusion, image: &Tensor, kind: SamplerKind, karras: bool, st
         negative_prompt: "blurry, photo".into(),
         strength: 1.0,
         steps,
-        guidance: if kind == SamplerKind::Lcm { 1.0 } else { 5.0 },
+        guidance: if kind.name() == "lcm" { 1.0 } else { 5.0 },
         sampler: kind,
         karras,
-        vae_tiling: false,
+        vae_tiling: VaeTiling::Off,
     };
     let mut trace = Trace::enabled();
     let out = sd.img2img(image, &params, &mut SeededNoise::new(42), &mut trace, &mut |_, _, _| Ok(())).unwrap();
@@ -70,17 +70,17 @@ fn main() {
     );
     println!("| sampler | 4 steps | 8 steps | 15 steps | 30 steps | UNet calls at 15 |");
     println!("|---|---|---|---|---|---|");
-    let mut rows: Vec<(SamplerKind, bool)> = SamplerKind::ALL.iter().map(|&k| (k, false)).collect();
-    rows.insert(5, (SamplerKind::DpmPp2m, true));
+    let mut rows: Vec<(SamplerKind, bool)> = SamplerKind::all().map(|k| (k, false)).collect();
+    rows.insert(5, (SamplerKind::by_name("dpmpp-2m").expect("a sampler"), true));
     for (kind, karras) in rows {
-        let reference_steps = if kind == SamplerKind::Lcm { 50 } else { 200 };
+        let reference_steps = if kind.name() == "lcm" { 50 } else { 200 };
         let (ref_img, ref_lat) = run(&sd, &image, kind, karras, reference_steps);
         let mut cells = Vec::new();
         for steps in [4, 8, 15, 30] {
             let (img, lat) = run(&sd, &image, kind, karras, steps);
             cells.push(format!("{:.1} / {:.3}", psnr(&img, &ref_img), rel_l2(&lat, &ref_lat)));
         }
-        let calls = if kind == SamplerKind::Heun { 29 } else { 15 };
+        let calls = if kind.name() == "heun" { 29 } else { 15 };
         let name = format!("{}{}", kind.name(), if karras { " --karras" } else { "" });
         println!("| {name} | {} | {calls} |", cells.join(" | "));
     }

@@ -57,7 +57,7 @@ pub fn collect(inputs: &[PathBuf], recursive: bool) -> Result<Vec<Job>> {
             let walker =
                 walkdir::WalkDir::new(input).max_depth(if recursive { usize::MAX } else { 1 }).sort_by_file_name();
             for entry in walker {
-                let entry = entry.map_err(|e| Error::Argument(format!("input '{}': {e}", input.display())))?;
+                let entry = entry.map_err(|e| Error::usage(format!("input '{}': {e}", input.display())))?;
                 if entry.file_type().is_file() && !is_temp_name(entry.path()) && looks_like_image(entry.path()) {
                     let rel = entry.path().strip_prefix(input).unwrap_or(entry.path()).to_path_buf();
                     jobs.push(Job { input: entry.path().to_path_buf(), rel });
@@ -66,7 +66,7 @@ pub fn collect(inputs: &[PathBuf], recursive: bool) -> Result<Vec<Job>> {
         } else if input.exists() {
             jobs.push(Job { rel: mirrored(input), input: input.clone() });
         } else {
-            return Err(Error::Argument(format!("input '{}': no such file or folder", input.display())));
+            return Err(Error::usage(format!("input '{}': no such file or folder", input.display())));
         }
     }
     Ok(jobs)
@@ -107,7 +107,7 @@ pub fn in_shard(rel: &Path, k: usize, n: usize) -> bool {
 
 /// Parses `K/N` (1 ≤ K ≤ N).
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let bad = || Error::Argument(format!("--shard must be K/N with 1 <= K <= N (e.g. 2/8), got '{s}'"));
+    let bad = || Error::setting("shard", format!("must be K/N with 1 <= K <= N (e.g. 2/8), got '{s}'"));
     let (k, n) = s.split_once('/').ok_or_else(bad)?;
     let (k, n): (usize, usize) = (k.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
     if k == 0 || n == 0 || k > n {
@@ -146,7 +146,7 @@ impl Report {
     }
     pub fn write(&mut self, line: &ReportLine) -> Result<()> {
         if let Some((path, w)) = &mut self.out {
-            let text = serde_json::to_string(line).map_err(|e| Error::Argument(format!("--report: {e}")))?;
+            let text = serde_json::to_string(line).map_err(|e| Error::output(path.clone(), e))?;
             writeln!(w, "{text}").and_then(|_| w.flush()).map_err(|e| Error::io(path.clone(), e))?;
         }
         Ok(())

@@ -1,7 +1,18 @@
-//! Command-line types (clap derive) and nothing else: `settings` turns them into validated
-//! library settings, so no clap type travels further.
+//! The command line (clap derive), part of the binary only: [`Args::into_settings`] builds the
+//! library's validated [`Settings`] from its parts, so no clap type reaches the library, and
+//! [`message`] turns a library error into the one line the user sees, naming flags where the
+//! library names values.
 
-use clap::{Parser, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{CommandFactory, Parser, ValueEnum};
+use ghiblify::device::DevicePreference;
+use ghiblify::error::{Error, Result};
+use ghiblify::image_io::OutputFormat;
+use ghiblify::lora::LoraSpec;
+use ghiblify::pipeline::VaeTiling;
+use ghiblify::printer::Verbosity;
+use ghiblify::samplers::{SamplerKind, SAMPLERS};
+use ghiblify::settings::{self, BatchOptions, GenerationArgs, Mode, ModelChoice, Outputs, Settings, VaeSource};
 use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
@@ -61,45 +72,6 @@ pub enum DTypeArg {
     F32,
     F16,
     Bf16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SamplerArg {
-    /// DDIM, deterministic (eta 0); 20-50 steps
-    Ddim,
-    /// Euler; 20-30 steps (--karras supported)
-    Euler,
-    /// Euler ancestral, adds fresh noise each step; 20-40 steps
-    #[value(name = "euler-a")]
-    EulerA,
-    /// Heun, 2 UNet calls per step; 10-20 steps (--karras supported)
-    Heun,
-    /// DPM++ 2M; 15-25 steps, the usual best choice (--karras supported)
-    #[value(name = "dpmpp-2m")]
-    DpmPp2m,
-    /// DPM++ 2M SDE, stochastic; 15-25 steps (--karras supported)
-    #[value(name = "dpmpp-2m-sde")]
-    DpmPp2mSde,
-    /// UniPC predictor-corrector; 8-15 steps (--karras supported)
-    Unipc,
-    /// LCM, for LCM-LoRA/LCM models; 4-8 steps with --guidance 1-1.5
-    Lcm,
-}
-
-impl From<SamplerArg> for crate::samplers::SamplerKind {
-    fn from(a: SamplerArg) -> Self {
-        use crate::samplers::SamplerKind as K;
-        match a {
-            SamplerArg::Ddim => K::Ddim,
-            SamplerArg::Euler => K::Euler,
-            SamplerArg::EulerA => K::EulerA,
-            SamplerArg::Heun => K::Heun,
-            SamplerArg::DpmPp2m => K::DpmPp2m,
-            SamplerArg::DpmPp2mSde => K::DpmPp2mSde,
-            SamplerArg::Unipc => K::UniPc,
-            SamplerArg::Lcm => K::Lcm,
-        }
-    }
 }
 
 /// Turn photos into Studio-Ghibli-style pictures with latent-diffusion img2img.
@@ -172,8 +144,8 @@ pub struct Args {
 
     /// Sampler (each reproduces its diffusers scheduler class on the model's scheduler_config.json)
     /// [default: the preset's, ddim]
-    #[arg(long, value_enum)]
-    pub sampler: Option<SamplerArg>,
+    #[arg(long, value_parser = sampler_parser())]
+    pub sampler: Option<SamplerKind>,
 
     /// Karras sigma spacing (euler, heun, dpmpp-2m, dpmpp-2m-sde, unipc)
     #[arg(long)]
@@ -259,4 +231,141 @@ pub struct Args {
     /// Print details (timings, seed, sizes)
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+/// `--sampler`: the values and their help come from the library's sampler table.
+fn sampler_parser() -> impl TypedValueParser<Value = SamplerKind> {
+    PossibleValuesParser::new(SAMPLERS.iter().map(|s| PossibleValue::new(s.name).help(s.help)))
+        .map(|name| SamplerKind::by_name(&name).expect("a listed sampler"))
+}
+
+impl From<DeviceArg> for DevicePreference {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Auto => DevicePreference::Auto,
+            DeviceArg::Cpu => DevicePreference::Cpu,
+            DeviceArg::Cuda => DevicePreference::Cuda,
+            DeviceArg::Metal => DevicePreference::Metal,
+        }
+    }
+}
+
+impl From<TilingArg> for VaeTiling {
+    fn from(t: TilingArg) -> Self {
+        match t {
+            TilingArg::Auto => VaeTiling::Auto,
+            TilingArg::On => VaeTiling::On,
+            TilingArg::Off => VaeTiling::Off,
+        }
+    }
+}
+
+impl From<FormatArg> for OutputFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Png => OutputFormat::Png,
+            FormatArg::Jpg => OutputFormat::Jpeg,
+            FormatArg::Webp => OutputFormat::WebP,
+        }
+    }
+}
+
+impl From<DTypeArg> for candle_core::DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => candle_core::DType::F32,
+            DTypeArg::F16 => candle_core::DType::F16,
+            DTypeArg::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl Args {
+    /// The validated settings, part by part.
+    pub fn into_settings(self) -> Result<Settings> {
+        let a = self;
+        let (mut model, defaults) =
+            ModelChoice::new(a.model_dir, a.model.as_deref(), a.device.into(), a.dtype.map(Into::into), a.offline)?;
+        let mode = if a.list_models {
+            Mode::ListModels
+        } else if a.download_only {
+            if matches!(model.source, settings::ModelSource::Dir(_)) {
+                return Err(Error::usage("--download-only fetches hub models; --model-dir is already local"));
+            }
+            Mode::DownloadOnly
+        } else {
+            let batch = BatchOptions {
+                format: a.format.into(),
+                recursive: !a.no_recursive,
+                overwrite: a.overwrite,
+                shard: a.shard,
+            };
+            Mode::convert(&a.inputs, a.output.as_deref(), batch)?
+        };
+        let outputs = Outputs::new(&mode, !a.no_metadata, a.report, a.trace, a.preview)?;
+        let defaults = if a.fast {
+            model.loras.push(LoraSpec::parse(settings::FAST_LORA)?);
+            settings::fast_defaults(defaults)
+        } else {
+            defaults
+        };
+        for l in &a.lora {
+            model.loras.push(LoraSpec::parse(l)?);
+        }
+        // --fast takes TAESD unless --vae says otherwise (`--vae model` keeps the model's own).
+        model.vae = match a.vae.as_deref() {
+            Some("model") => None,
+            Some(v) => Some(VaeSource::parse(v)?),
+            None if a.fast => Some(VaeSource::taesd()),
+            None => None,
+        };
+        let generation = GenerationArgs {
+            prompt: a.prompt,
+            negative_prompt: a.negative_prompt,
+            strength: a.strength,
+            steps: a.steps,
+            guidance: a.guidance,
+            sampler: a.sampler,
+            karras: a.karras,
+            vae_tiling: a.vae_tiling.into(),
+        }
+        .resolve(&defaults)?;
+        let (seed, seed_was_given) = match a.seed {
+            Some(s) => (s, true),
+            None => (rand::random::<u32>() as u64, false),
+        };
+        let verbosity = if a.quiet {
+            Verbosity::Quiet
+        } else if a.verbose {
+            Verbosity::Verbose
+        } else {
+            Verbosity::Normal
+        };
+        Ok(Settings {
+            mode,
+            generation,
+            seed,
+            seed_was_given,
+            size: settings::check_size(a.size)?,
+            model,
+            outputs,
+            threads: a.threads.map(usize::from),
+            verbosity,
+            fast: a.fast,
+        })
+    }
+}
+
+/// The flag a library setting name stands for (`steps` → `--steps`), from clap's own list.
+fn flag(setting: &str) -> Option<String> {
+    Args::command().get_arguments().find(|a| a.get_id() == setting).and_then(|a| a.get_long()).map(|l| format!("--{l}"))
+}
+
+/// The one line an error is shown as: a library setting under its flag's name, anything else as
+/// its whole cause chain.
+pub fn message(e: Error) -> String {
+    match e {
+        Error::Setting { setting, msg } => format!("{} {msg}", flag(setting).unwrap_or_else(|| setting.to_string())),
+        e => format!("{:#}", anyhow::Error::from(e)),
+    }
 }

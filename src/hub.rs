@@ -1,5 +1,4 @@
-//! Model files from the Hugging Face hub into the standard cache shared with Python tools, and
-//! the presets (`models/*.json`).
+//! Model files from the Hugging Face hub into the standard cache shared with Python tools.
 //!
 //! hf-hub resolves the configuration (`HF_ENDPOINT`, `HF_HOME`, `HF_HUB_CACHE`) and answers
 //! cache-only lookups; the transfer itself is ours because hf-hub 1.0 neither verifies content
@@ -21,95 +20,13 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A model preset (`models/*.json`, compiled in so the binary needs no files beside it).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Preset {
-    pub name: String,
-    pub description: String,
-    pub repo: String,
-    /// A commit to pin; `null` follows `main`.
-    pub revision: Option<String>,
-    pub family: String,
-    pub license: String,
-    pub license_url: String,
-    pub trigger_words: Vec<String>,
-    /// Approximate download size, for `--list-models`.
-    pub download_size_mb: u64,
-    /// Exactly the files an img2img run reads (never a whole repo, never `.bin`/`.ckpt`).
-    pub files: Vec<String>,
-    /// LoRAs merged into the model (`--lora` specs).
-    #[serde(default)]
-    pub loras: Vec<String>,
-    pub defaults: PresetDefaults,
-}
-
-/// Generation settings that suit a preset; each is overridden by its flag.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PresetDefaults {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub strength: f64,
-    pub steps: usize,
-    pub guidance: f64,
-    pub sampler: String,
-    #[serde(default)]
-    pub karras: bool,
-}
-
-/// Every preset file; a unit test checks this list against the `models/` folder.
-const PRESETS: &[(&str, &str)] = &[
-    ("ghibli-diffusion.json", include_str!("../models/ghibli-diffusion.json")),
-    ("sd15.json", include_str!("../models/sd15.json")),
-];
-
-pub const DEFAULT_PRESET: &str = "ghibli-diffusion";
-
-pub fn presets() -> Vec<Preset> {
-    PRESETS
-        .iter()
-        .map(|(file, text)| {
-            serde_json::from_str(text)
-                .unwrap_or_else(|e| panic!("models/{file} is invalid: {e} (checked by a unit test)"))
-        })
-        .collect()
-}
-
-pub fn preset(name: &str) -> Option<Preset> {
-    presets().into_iter().find(|p| p.name == name)
-}
-
-pub fn default_preset() -> Preset {
-    preset(DEFAULT_PRESET).expect("the default preset exists (checked by a unit test)")
-}
-
-/// `--list-models`: one line per preset.
-pub fn list_models() -> String {
-    let mut out = String::new();
-    for p in presets() {
-        let default = if p.name == DEFAULT_PRESET { " (default)" } else { "" };
-        out.push_str(&format!(
-            "{:<18} {:<44} {:>6.1} GB  {}  {}{default}\n",
-            p.name,
-            p.repo,
-            p.download_size_mb as f64 / 1000.0,
-            p.license,
-            p.description
-        ));
-    }
-    out
-}
-
 /// `HF_HUB_OFFLINE` as huggingface_hub reads it.
 pub fn offline_from_env() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
-fn is_commit(rev: &str) -> bool {
-    rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())
-}
+use crate::repo::is_commit;
 
 /// Why a hub request did not give a file.
 enum Failure {
@@ -263,7 +180,7 @@ impl Hub {
                 None => missing.push(file.as_str()),
             }
         }
-        let fetch_cmd = format!("ghiblify --download-only --model {cli}");
+        let fetch_cmd = format!("ghiblify --download-only {cli}");
         if !missing.is_empty() {
             let list = missing.join(", ");
             let cache = self.cache.display();
@@ -629,20 +546,9 @@ fn link_pointer(blob: &Path, pointer: &Path) -> Result<()> {
     }
 }
 
+/// The gate every repo id passes before it names a cache folder.
 fn check_repo_id(repo_id: &str) -> Result<()> {
-    let ok = repo_id.split_once('/').is_some_and(|(o, n)| {
-        let valid = |s: &str| {
-            !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) && !s.starts_with('.')
-        };
-        valid(o) && valid(n)
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Argument(format!(
-            "--model '{repo_id}': expected a preset name or a hub repo id like 'owner/name[@revision]'"
-        )))
-    }
+    crate::repo::check_repo_id(repo_id).map_err(|why| Error::Hub(format!("hub repo: {why}")))
 }
 
 /// `…/snapshots/<commit>/unet/config.json` minus `unet/config.json`.
@@ -678,9 +584,7 @@ pub fn select_files(listing: &[String], half: bool) -> std::result::Result<Vec<S
             return Err(format!("it has no {config}"));
         }
         out.push(config);
-        let full = format!("{comp}/{stem}.safetensors");
-        let fp16 = format!("{comp}/{stem}.fp16.safetensors");
-        let order = if half { [&fp16, &full] } else { [&full, &fp16] };
+        let order = crate::models::weight_variants(stem, half).map(|n| format!("{comp}/{n}"));
         let pick = order.iter().find_map(|name| {
             if has(name) {
                 return Some(vec![name.to_string()]);
@@ -712,28 +616,27 @@ pub fn select_files(listing: &[String], half: bool) -> std::result::Result<Vec<S
 
 impl Hub {
     /// The file listing of a repo at a revision (`/api/models/<repo>/tree/<rev>?recursive=true`).
-    pub fn list(&self, repo_id: &str, revision: Option<&str>) -> std::result::Result<Vec<String>, String> {
+    fn list(&self, repo_id: &str, revision: Option<&str>) -> std::result::Result<Vec<String>, Failure> {
         #[derive(Deserialize)]
         struct Entry {
             #[serde(rename = "type")]
             kind: String,
             path: String,
         }
-        let url = format!(
-            "{}/api/models/{repo_id}/tree/{}?recursive=true",
-            self.endpoint,
-            encode(revision.unwrap_or("main"))
-        );
-        let resp =
-            self.auth(self.http.get(&url)).timeout(Duration::from_secs(15)).send().map_err(|e| short_error(&e))?;
+        let rev = revision.unwrap_or("main");
+        let url = format!("{}/api/models/{repo_id}/tree/{}?recursive=true", self.endpoint, encode(rev));
+        let resp = self
+            .auth(self.http.get(&url))
+            .timeout(Duration::from_secs(15))
+            .send()
+            .map_err(|e| Failure::Unreachable(short_error(&e)))?;
         if !resp.status().is_success() {
             let code = resp.headers().get("x-error-code").and_then(|v| v.to_str().ok()).map(str::to_string);
-            return Err(match self.http_error(resp.status(), code, repo_id, revision.unwrap_or("main"), "") {
-                Failure::Fatal(e) => e.to_string(),
-                Failure::Unreachable(w) => w,
-            });
+            return Err(self.http_error(resp.status(), code, repo_id, rev, ""));
         }
-        let entries: Vec<Entry> = resp.json().map_err(|e| format!("unreadable file listing: {e}"))?;
+        let entries: Vec<Entry> = resp
+            .json()
+            .map_err(|e| Failure::Fatal(Error::Hub(format!("hub repo '{repo_id}': unreadable file listing: {e}"))))?;
         Ok(entries.into_iter().filter(|e| e.kind == "file").map(|e| e.path).collect())
     }
 
@@ -748,8 +651,8 @@ impl Hub {
             Ok(listing) => {
                 select_files(&listing, half).map(Some).map_err(|why| Error::Hub(format!("hub repo '{repo_id}': {why}")))
             }
-            Err(why) if why.contains("hub repo") => Err(Error::Hub(why)),
-            Err(why) => {
+            Err(Failure::Fatal(e)) => Err(e),
+            Err(Failure::Unreachable(why)) => {
                 *self.unreachable.borrow_mut() = Some(why);
                 Ok(None)
             }
@@ -774,7 +677,7 @@ impl Hub {
                 Ok(s)
             }
             None => Err(Error::Hub(format!(
-                "'{repo_id}' (revision {rev}) is not in the cache {}{}; fetch it on a connected machine with: ghiblify --download-only --model {cli}",
+                "'{repo_id}' (revision {rev}) is not in the cache {}{}; fetch it on a connected machine with: ghiblify --download-only {cli}",
                 self.cache.display(),
                 self.unreachable.borrow().as_ref().map(|w| format!(" and the hub at {} is unreachable ({w})", self.endpoint)).unwrap_or_default()
             ))),
@@ -785,36 +688,6 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn presets_parse_and_every_file_is_listed() {
-        let ps = presets();
-        assert_eq!(default_preset().repo, "nitrosocke/Ghibli-Diffusion");
-        assert!(preset("sd15").is_some());
-        let on_disk: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".json"))
-            .collect();
-        assert_eq!(on_disk.len(), PRESETS.len(), "every models/*.json must be listed in PRESETS");
-        for p in &ps {
-            assert!(on_disk.contains(&format!("{}.json", p.name)), "preset {} is in models/{}.json", p.name, p.name);
-            assert!(p.files.iter().all(|f| !f.ends_with(".bin") && !f.ends_with(".ckpt")));
-            for c in ["unet", "vae", "text_encoder"] {
-                assert!(
-                    p.files.iter().any(|f| f.starts_with(&format!("{c}/")) && f.ends_with(".safetensors")),
-                    "{} lacks {c} weights",
-                    p.name
-                );
-            }
-            assert!(
-                p.defaults.sampler.parse::<crate::samplers::SamplerKind>().is_ok(),
-                "{}: sampler {}",
-                p.name,
-                p.defaults.sampler
-            );
-        }
-    }
 
     #[test]
     fn snapshot_root_strips_the_repo_path() {

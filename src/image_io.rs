@@ -3,6 +3,7 @@
 //! with provenance metadata.
 
 use crate::error::{Error, Result};
+use crate::provenance::Provenance;
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageReader, RgbImage};
 use std::io::Write;
@@ -252,7 +253,7 @@ pub fn to_rgb8(t: &Tensor) -> Result<RgbImage> {
     let (h, w, _) = t.dims3()?;
     let v = t.flatten_all()?.to_vec1::<f32>()?;
     let bytes = v.iter().map(|&x| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8).collect();
-    RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| Error::Argument("output buffer size mismatch".into()))
+    Ok(RgbImage::from_raw(w as u32, h as u32, bytes).expect("w·h·3 bytes from an (h, w, 3) tensor"))
 }
 
 /// Writes `path` through a temporary file in the same folder and renames it into place, so a
@@ -273,82 +274,6 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> s
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
-
-/// The provenance as an EXIF block (TIFF layout, little endian) for JPEG and WebP: ImageDescription
-/// (`Source`), Software, and the `parameters` text in the Exif UserComment, where A1111-compatible
-/// tools look for it in JPEGs (ASCII when it is, else the UNICODE/UTF-16 form the standard defines).
-fn exif_block(provenance: &[(String, String)]) -> std::io::Result<Vec<u8>> {
-    use exif::{Field, In, Tag, Value};
-    let get = |k: &str| provenance.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str()).unwrap_or("");
-    // ASCII fields: keep them ASCII (non-ASCII prompt text lives in UserComment).
-    let ascii =
-        |s: &str| s.chars().map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' }).collect::<String>();
-    let params = get("parameters");
-    let mut comment = Vec::new();
-    if params.is_ascii() {
-        comment.extend_from_slice(b"ASCII\0\0\0");
-        comment.extend_from_slice(params.as_bytes());
-    } else {
-        comment.extend_from_slice(b"UNICODE\0");
-        comment.extend(params.encode_utf16().flat_map(|u| u.to_le_bytes()));
-    }
-    let fields = [
-        Field {
-            tag: Tag::ImageDescription,
-            ifd_num: In::PRIMARY,
-            value: Value::Ascii(vec![ascii(get("Source")).into_bytes()]),
-        },
-        Field {
-            tag: Tag::Software,
-            ifd_num: In::PRIMARY,
-            value: Value::Ascii(vec![ascii(get("Software")).into_bytes()]),
-        },
-        Field { tag: Tag::UserComment, ifd_num: In::PRIMARY, value: Value::Undefined(comment, 0) },
-    ];
-    let mut w = exif::experimental::Writer::new();
-    for f in &fields {
-        w.push_field(f);
-    }
-    let mut buf = std::io::Cursor::new(Vec::new());
-    w.write(&mut buf, true).map_err(std::io::Error::other)?;
-    Ok(buf.into_inner())
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
-/// The XMP packet: IPTC digital source type (a photo composited with a trained model's output),
-/// the creator tool, the description and the model.
-fn xmp_packet(provenance: &[(String, String)]) -> String {
-    let get = |k: &str| provenance.iter().find(|(key, _)| key == k).map(|(_, v)| xml_escape(v)).unwrap_or_default();
-    format!(
-        "<?xpacket begin=\"\u{feff}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>\n\
-<x:xmpmeta xmlns:x=\"adobe:ns:meta/\">\n\
- <rdf:RDF xmlns:rdf=\"http://www.w3.org/1999/02/22-rdf-syntax-ns#\">\n\
-  <rdf:Description rdf:about=\"\"\n\
-    xmlns:Iptc4xmpExt=\"http://iptc.org/std/Iptc4xmpExt/2008-02-29/\"\n\
-    xmlns:xmp=\"http://ns.adobe.com/xap/1.0/\"\n\
-    xmlns:dc=\"http://purl.org/dc/elements/1.1/\"\n\
-    Iptc4xmpExt:DigitalSourceType=\"{DIGITAL_SOURCE_TYPE}\"\n\
-    xmp:CreatorTool=\"{}\">\n\
-   <dc:description><rdf:Alt><rdf:li xml:lang=\"x-default\">{}</rdf:li></rdf:Alt></dc:description>\n\
-   <dc:source>{}</dc:source>\n\
-   <dc:rights><rdf:Alt><rdf:li xml:lang=\"x-default\">{}</rdf:li></rdf:Alt></dc:rights>\n\
-  </rdf:Description>\n\
- </rdf:RDF>\n\
-</x:xmpmeta>\n\
-<?xpacket end=\"r\"?>",
-        get("Software"),
-        get("Source"),
-        get("Model"),
-        get("License")
-    )
-}
-
-/// IPTC's term for "a photo transformed or composited with a generative model's output".
-pub const DIGITAL_SOURCE_TYPE: &str =
-    "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia";
 
 /// Inserts an XMP APP1 segment after the JPEG's leading APPn segments (JFIF, Exif).
 fn jpeg_with_xmp(jpeg: Vec<u8>, xmp: &str) -> std::io::Result<Vec<u8>> {
@@ -388,13 +313,11 @@ fn webp_with_xmp(mut webp: Vec<u8>, xmp: &str) -> Vec<u8> {
     webp
 }
 
-/// Saves `img` atomically with the provenance (none when `provenance` is empty): PNG as text chunks
-/// (`parameters` in the A1111 form — tEXt when Latin-1, else iTXt —, `Software`, `Source`, `Model`)
-/// plus the XMP packet; JPEG as EXIF (see [`exif_block`]) plus an XMP APP1 segment; WebP as EXIF plus
-/// an XMP chunk. Nothing of the input's own metadata (GPS, camera serial) is ever copied.
-pub fn save_as(img: &RgbImage, path: &Path, format: OutputFormat, provenance: &[(String, String)]) -> Result<()> {
-    let meta = !provenance.is_empty();
-    let xmp = xmp_packet(provenance);
+/// Saves `img` atomically with its provenance, if any: PNG as text chunks (`parameters` in the A1111
+/// form — tEXt when Latin-1, else iTXt —, `Software`, `Source`, `Model`, `License`) plus the XMP
+/// packet; JPEG as EXIF (see [`Provenance::exif`]) plus an XMP APP1 segment; WebP as EXIF plus an XMP
+/// chunk. Nothing of the input's own metadata (GPS, camera serial) is ever copied.
+pub fn save_as(img: &RgbImage, path: &Path, format: OutputFormat, provenance: Option<&Provenance>) -> Result<()> {
     let to_io = |e: image::ImageError| std::io::Error::other(e.to_string());
     let bytes: Vec<u8> = (|| -> std::io::Result<Vec<u8>> {
         let mut buf = Vec::new();
@@ -403,17 +326,17 @@ pub fn save_as(img: &RgbImage, path: &Path, format: OutputFormat, provenance: &[
                 let mut enc = png::Encoder::new(&mut buf, img.width(), img.height());
                 enc.set_color(png::ColorType::Rgb);
                 enc.set_depth(png::BitDepth::Eight);
-                if meta {
-                    for (k, v) in provenance {
+                if let Some(p) = provenance {
+                    for (k, v) in p.png_text() {
                         let latin1 = v.chars().all(|c| (c as u32) < 256);
                         if latin1 {
-                            enc.add_text_chunk(k.clone(), v.clone())
+                            enc.add_text_chunk(k.to_string(), v)
                         } else {
-                            enc.add_itxt_chunk(k.clone(), v.clone())
+                            enc.add_itxt_chunk(k.to_string(), v)
                         }
                         .map_err(std::io::Error::other)?;
                     }
-                    enc.add_itxt_chunk("XML:com.adobe.xmp".into(), xmp.clone()).map_err(std::io::Error::other)?;
+                    enc.add_itxt_chunk("XML:com.adobe.xmp".into(), p.xmp()).map_err(std::io::Error::other)?;
                 }
                 let mut writer = enc.write_header().map_err(std::io::Error::other)?;
                 writer.write_image_data(img.as_raw()).map_err(std::io::Error::other)?;
@@ -421,28 +344,28 @@ pub fn save_as(img: &RgbImage, path: &Path, format: OutputFormat, provenance: &[
             }
             OutputFormat::Jpeg => {
                 let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95);
-                if meta {
-                    enc.set_exif_metadata(exif_block(provenance)?).map_err(std::io::Error::other)?;
+                if let Some(p) = provenance {
+                    enc.set_exif_metadata(p.exif()?).map_err(std::io::Error::other)?;
                 }
                 img.write_with_encoder(enc).map_err(to_io)?;
-                if meta {
-                    buf = jpeg_with_xmp(buf, &xmp)?;
+                if let Some(p) = provenance {
+                    buf = jpeg_with_xmp(buf, &p.xmp())?;
                 }
             }
             OutputFormat::WebP => {
                 let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut buf);
-                if meta {
-                    enc.set_exif_metadata(exif_block(provenance)?).map_err(std::io::Error::other)?;
+                if let Some(p) = provenance {
+                    enc.set_exif_metadata(p.exif()?).map_err(std::io::Error::other)?;
                 }
                 img.write_with_encoder(enc).map_err(to_io)?;
-                if meta {
-                    buf = webp_with_xmp(buf, &xmp);
+                if let Some(p) = provenance {
+                    buf = webp_with_xmp(buf, &p.xmp());
                 }
             }
         }
         Ok(buf)
     })()
-    .map_err(|e| Error::image(path, format!("cannot encode: {e}")))?;
+    .map_err(|e| Error::output(path, format!("cannot encode: {e}")))?;
     write_atomically(path, |f| f.write_all(&bytes))
 }
 

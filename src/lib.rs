@@ -1,12 +1,12 @@
 //! ghiblify: photos → Studio-Ghibli-style pictures with latent-diffusion img2img, computing what
 //! diffusers' `StableDiffusionImg2ImgPipeline` computes, on candle.
 //!
-//! The flow is [`pipeline::StableDiffusion::img2img`]; the binary is a thin shell over
-//! [`settings::Settings`] and [`run::run`].
+//! The flow is [`pipeline::StableDiffusion::img2img`]; the binary (its command line included) is a
+//! thin shell over [`settings::Settings`] and [`run::run`]. docs/ARCHITECTURE.md maps the code.
 
 pub mod alloc;
 pub mod batch;
-pub mod cli;
+pub mod device;
 pub mod error;
 pub mod hub;
 pub mod image_io;
@@ -14,7 +14,10 @@ pub mod lora;
 pub mod models;
 pub mod noise;
 pub mod pipeline;
+pub mod presets;
 pub mod printer;
+pub mod provenance;
+pub mod repo;
 pub mod run;
 pub mod samplers;
 pub mod settings;

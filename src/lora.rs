@@ -36,7 +36,7 @@ impl LoraSpec {
     /// A local path wins; otherwise `owner/name/path/to/file.safetensors` is a hub file. A
     /// `:SCALE` suffix is taken when it parses as a number (so paths with colons still work).
     pub fn parse(spec: &str) -> Result<Self> {
-        let bad = |why: String| Error::Argument(format!("--lora '{spec}': {why}"));
+        let bad = |why: String| Error::setting("lora", format!("'{spec}': {why}"));
         let (target, scale) = match spec.rsplit_once(':') {
             Some((t, s)) if !t.is_empty() && s.parse::<f64>().is_ok() => (t, s.parse::<f64>().expect("checked")),
             _ => (spec, 1.0),
@@ -54,10 +54,10 @@ impl LoraSpec {
         let parts: Vec<&str> = target.splitn(3, '/').collect();
         if parts.len() == 3 && target.ends_with(".safetensors") && !target.starts_with('.') && !target.starts_with('/')
         {
-            return Ok(Self {
-                source: LoraSource::Hub { repo: format!("{}/{}", parts[0], parts[1]), file: parts[2].to_string() },
-                scale,
-            });
+            let repo = format!("{}/{}", parts[0], parts[1]);
+            crate::repo::check_repo_id(&repo).map_err(&bad)?;
+            crate::repo::check_file_path(parts[2]).map_err(&bad)?;
+            return Ok(Self { source: LoraSource::Hub { repo, file: parts[2].to_string() }, scale });
         }
         Err(bad("no such file (a hub LoRA is REPO_OWNER/REPO_NAME/FILE.safetensors)".into()))
     }
@@ -76,6 +76,34 @@ impl LoraSpec {
             },
         }
     }
+}
+
+/// A LoRA file to merge, with the name reports give it.
+#[derive(Debug, Clone)]
+pub struct LoraFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub scale: f64,
+}
+
+/// Reads and plans every LoRA against the UNet's and the text encoder's weight layouts and hands
+/// each component its share of the merge; `None` without LoRAs.
+pub fn prepare(
+    loras: &[LoraFile],
+    unet: &mut crate::models::ComponentFiles,
+    text_encoder: &mut crate::models::ComponentFiles,
+) -> Result<Option<LoraSet>> {
+    if loras.is_empty() {
+        return Ok(None);
+    }
+    let unet_layout = Layout::read(&unet.weights)?;
+    let te_layout = Layout::read(&text_encoder.weights)?;
+    let planned =
+        loras.iter().map(|l| plan(&l.name, &l.path, l.scale, &unet_layout, &te_layout)).collect::<Result<Vec<_>>>()?;
+    let set = LoraSet::new(planned);
+    unet.merge = set.merge_for(Part::Unet);
+    text_encoder.merge = set.merge_for(Part::TextEncoder);
+    Ok(Some(set))
 }
 
 /// Which model part a LoRA module targets.
@@ -153,11 +181,7 @@ impl SimpleBackend for MergingBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!("shape mismatch for {name}: expected {s:?}, got {:?}", t.shape())
-        }
-        Ok(t)
+        crate::models::weights::expect_shape(name, self.get_unchecked(name, dtype, dev)?, &s)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.inner.load(name, dev)?;

@@ -53,12 +53,9 @@ impl NoiseSource for ReplayNoise {
         let t = self
             .draws
             .pop_front()
-            .ok_or_else(|| Error::Argument(format!("replayed noise ran out (asked for {shape:?})")))?;
+            .ok_or_else(|| Error::Replay(format!("replayed noise ran out (asked for {shape:?})")))?;
         if t.dims() != shape {
-            return Err(Error::Argument(format!(
-                "replayed noise has shape {:?}, the run asked for {shape:?}",
-                t.dims()
-            )));
+            return Err(Error::Replay(format!("replayed noise has shape {:?}, the run asked for {shape:?}", t.dims())));
         }
         Ok(t.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?)
     }

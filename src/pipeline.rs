@@ -26,8 +26,33 @@ pub struct Img2ImgParams {
     pub sampler: SamplerKind,
     /// Karras sigmas (`--karras`).
     pub karras: bool,
-    /// Encode and decode a KL VAE in overlapping tiles (diffusers' `enable_tiling()`).
-    pub vae_tiling: bool,
+    /// Whether to encode and decode a KL VAE in overlapping tiles (diffusers' `enable_tiling()`).
+    pub vae_tiling: VaeTiling,
+}
+
+/// When the KL VAE works in tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VaeTiling {
+    /// Above [`VaeTiling::AUTO_ABOVE`] pixels on the long side.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl VaeTiling {
+    /// Working sizes (long side, pixels) above which `Auto` tiles: untiled decoding passes ~6 GB
+    /// at 1024 px and beyond (README, VAE).
+    pub const AUTO_ABOVE: usize = 1024;
+
+    /// Whether an image of `w`×`h` pixels is encoded and decoded in tiles.
+    pub fn tiles(self, w: usize, h: usize) -> bool {
+        match self {
+            VaeTiling::On => true,
+            VaeTiling::Off => false,
+            VaeTiling::Auto => w.max(h) > Self::AUTO_ABOVE,
+        }
+    }
 }
 
 /// Named intermediates of a run, for `--trace` (a safetensors file) and the parity tests.
@@ -70,12 +95,11 @@ impl Trace {
             .map(|(k, b, s)| {
                 safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
                     .map(|v| (k.clone(), v))
-                    .map_err(|e| Error::Argument(format!("trace tensor {k}: {e}")))
+                    .map_err(|e| Error::output(path, format!("trace tensor {k}: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
         let meta: std::collections::HashMap<String, String> = metadata.clone().into_iter().collect();
-        let out =
-            safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Argument(format!("--trace: {e}")))?;
+        let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::output(path, e))?;
         crate::image_io::write_atomically(path, |f| std::io::Write::write_all(f, &out))
     }
 }
@@ -148,8 +172,8 @@ pub struct StableDiffusion {
 /// What `StableDiffusion::load_with` adds to a model folder.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Extras<'a> {
-    /// (name, file, scale) per LoRA.
-    pub loras: &'a [(String, PathBuf, f64)],
+    /// The LoRAs to merge.
+    pub loras: &'a [crate::lora::LoraFile],
     /// A VAE folder (`--vae`) to use instead of the model's `vae/`.
     pub vae: Option<&'a Path>,
 }
@@ -202,20 +226,7 @@ impl StableDiffusion {
         let vae_f = files("vae", "config.json", "diffusion_pytorch_model")?;
         let mut te_f = files("text_encoder", "config.json", "model")?;
         let mut outcome = LoraOutcome::default();
-        let set = if loras.is_empty() {
-            None
-        } else {
-            let unet_layout = crate::lora::Layout::read(&unet_f.weights)?;
-            let te_layout = crate::lora::Layout::read(&te_f.weights)?;
-            let planned = loras
-                .iter()
-                .map(|(name, path, scale)| crate::lora::plan(name, path, *scale, &unet_layout, &te_layout))
-                .collect::<Result<Vec<_>>>()?;
-            let set = crate::lora::LoraSet::new(planned);
-            unet_f.merge = set.merge_for(crate::lora::Part::Unet);
-            te_f.merge = set.merge_for(crate::lora::Part::TextEncoder);
-            Some(set)
-        };
+        let set = crate::lora::prepare(loras, &mut unet_f, &mut te_f)?;
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         if !scheduler_path.is_file() {
             return Err(Error::Model {
@@ -373,23 +384,27 @@ impl StableDiffusion {
         let clock = std::time::Instant::now;
         // 1. Check inputs.
         if !(0.0..=1.0).contains(&p.strength) {
-            return Err(Error::Argument(format!("--strength must be within [0.0, 1.0], got {}", p.strength)));
+            return Err(Error::setting("strength", format!("must be within [0.0, 1.0], got {}", p.strength)));
         }
         let (_, _, h, w) = image.dims4()?;
         let f = self.vae_scale_factor();
         if h % f != 0 || w % f != 0 {
-            return Err(Error::Argument(format!("image size {w}x{h} is not a multiple of {f}")));
+            return Err(Error::usage(format!("image size {w}x{h} is not a multiple of the VAE's scale factor {f}")));
         }
         let mut sampler = p.sampler.build(&self.scheduler_config, &self.scheduler_path, p.steps, p.karras)?;
         let begin = strength_start(p.steps, p.strength, sampler.order());
         let total = sampler.timesteps().len();
         if begin >= total {
-            return Err(Error::Argument(format!(
-                "--strength {} with --steps {} leaves no denoising step (int(steps x strength) = 0); raise --strength or --steps",
-                p.strength, p.steps
-            )));
+            return Err(Error::setting(
+                "strength",
+                format!(
+                    "{} with {} steps leaves no denoising step (int(steps x strength) = 0); raise either",
+                    p.strength, p.steps
+                ),
+            ));
         }
         let cfg = p.guidance > 1.0;
+        let tiled = p.vae_tiling.tiles(w, h);
 
         // 2. Encode the prompt (and the negative prompt for classifier-free guidance).
         let t0 = clock();
@@ -417,7 +432,7 @@ impl StableDiffusion {
         let t0 = clock();
         let latents = match &self.vae {
             Autoencoder::Kl(vae) => {
-                let posterior = if p.vae_tiling { vae.encode_tiled(&image)? } else { vae.encode(&image)? };
+                let posterior = if tiled { vae.encode_tiled(&image)? } else { vae.encode(&image)? };
                 let eps = noise.randn(posterior.mean.dims())?;
                 trace.record("posterior_eps", &eps)?;
                 posterior.sample(&eps)?
@@ -464,7 +479,7 @@ impl StableDiffusion {
 
         // 7. Decode and post-process: (x / 2 + 0.5).clamp(0, 1), channels last.
         let t0 = clock();
-        let out = latents_to_image(&self.vae, &latents, p.vae_tiling)?;
+        let out = latents_to_image(&self.vae, &latents, tiled)?;
         trace.record("output_float", &out)?;
         timings.vae_decode = t0.elapsed().as_secs_f64();
         Ok(Img2ImgOutput { image: out, timings })

@@ -4,10 +4,12 @@
 use crate::batch::{self, Job, Report, ReportLine};
 use crate::error::{Error, Result};
 use crate::image_io::{self, OutputFormat};
+use crate::lora::{LoraFile, LoraSource};
 use crate::noise::SeededNoise;
-use crate::pipeline::{Img2ImgParams, StableDiffusion, Trace};
+use crate::pipeline::{StableDiffusion, Trace};
 use crate::printer::Printer;
-use crate::settings::{Batch, Mode, ModelSource, Settings};
+use crate::provenance::{LoraRecord, ModelRecord, Provenance};
+use crate::settings::{Batch, Mode, ModelSource, Settings, VaeSource};
 use candle_core::DType;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -21,20 +23,18 @@ pub struct Outcome {
     pub failed: usize,
 }
 
-/// What the provenance says about the model.
-struct ModelInfo {
-    hash: Option<String>,
-    license: Option<String>,
-    /// (name, first 10 hex digits of the file's sha256, scale) per LoRA.
-    loras: Vec<(String, String, f64)>,
+/// The model of a run, loaded once, with what the provenance says about it.
+struct Loaded {
+    model: StableDiffusion,
+    record: ModelRecord,
+    loras: Vec<LoraRecord>,
 }
 
 /// The model, loaded on first use.
 struct Engine<'a> {
     s: &'a Settings,
     printer: Printer,
-    /// The model, its name, and (model hash, licence) for the provenance, all computed once.
-    model: Option<(StableDiffusion, String, ModelInfo)>,
+    loaded: Option<Loaded>,
     /// The per-image step bar.
     bar: indicatif::ProgressBar,
     /// TAESD for `--preview`, loaded with the model.
@@ -42,76 +42,104 @@ struct Engine<'a> {
 }
 
 impl Engine<'_> {
-    fn model(&mut self) -> Result<&(StableDiffusion, String, ModelInfo)> {
-        if self.model.is_none() {
-            let device = self.s.resolve_device()?;
-            let dtype: DType = self.s.resolve_dtype(&device)?;
-            if device.is_cpu() && dtype != DType::F32 {
-                // Half-precision weights on the CPU are asked for to save memory: keep it low.
-                crate::alloc::set_purge_delay(crate::alloc::LOW_MEMORY_PURGE_DELAY_MS);
-            }
-            self.printer.verbose(format!("device {device:?}, dtype {dtype:?}"));
-            let hub = LazyHub::new(self.s, self.printer);
-            let (dir, name) = model_folder(self.s, &hub, dtype)?;
-            let loras = lora_files(self.s, &hub)?;
-            let vae_dir = vae_folder(self.s, &hub)?;
-            let preview_dir = match &self.s.preview {
-                Some(_) => Some(fetch_vae_repo(&hub, crate::settings::TAESD_REPO, None)?),
-                None => None,
-            };
-            let t = Instant::now();
-            let extras = crate::pipeline::Extras { loras: &loras, vae: vae_dir.as_deref() };
-            let (model, outcome) = StableDiffusion::load_with(&dir, &device, dtype, extras)?;
-            if let Some(v) = &vae_dir {
-                self.printer.verbose(format!("vae: {} from {}", model.vae.name(), v.display()));
-            }
-            // The preview decodes with TAESD: the model's own when --vae made it TAESD.
-            if let Some(p) = preview_dir.filter(|_| !matches!(model.vae, crate::models::Autoencoder::Tiny(_))) {
-                self.preview = Some(crate::models::Autoencoder::load_folder(&p, dtype, &device)?);
-            }
-            self.printer.verbose(format!("loaded model '{name}' in {:.1} s", t.elapsed().as_secs_f64()));
-            for r in &outcome.reports {
-                self.printer.info(r.line());
-                for k in &r.unmatched {
-                    self.printer.verbose(format!("lora '{}': '{k}' matches nothing in this model", r.name));
-                }
-            }
-            if !outcome.unused.is_empty() {
-                self.printer.warn(format!(
-                    "LoRAs changed {} weights this model never reads: {}",
-                    outcome.unused.len(),
-                    outcome.unused.join(", ")
-                ));
-            }
-            let kept = (self.s.steps as f64 * self.s.strength) as usize;
-            if self.s.fast {
-                self.printer.info(format!(
-                    "fast mode: LCM-LoRA, {} {kept} steps, guidance {}; drop --fast for the full-quality sampler",
-                    self.s.sampler, self.s.guidance
-                ));
-            } else if device.is_cpu() && kept > 8 {
-                // Measured on 2 cores, 512x512: 434 s for 16 steps with guidance, 64 s with
-                // --fast (README, Fast mode).
-                self.printer.info(format!("{} {kept} steps with guidance {} on the CPU; --fast (LCM-LoRA, 4 steps, TAESD) is several times faster", self.s.sampler, self.s.guidance));
-            }
-            let lora_info = loras.iter().map(|(n, p, s)| (n.clone(), file_sha256_10(p), *s)).collect();
-            let overflow = model.tokenizer.overflow(&self.s.prompt);
-            if overflow > 0 {
-                self.printer
-                    .warn(format!("--prompt is {overflow} tokens longer than the text encoder reads; the end was cut"));
-            }
-            // Every image of the run uses these two prompts: encode them once, then free the
-            // text encoder (part of keeping a 512² run with f16 weights under 3 GB).
-            model.prepare_prompts(&[&self.s.prompt, &self.s.negative_prompt])?;
-            model.release_text_encoder();
-            let hash = if self.s.metadata { model.model_hash() } else { None };
-            let license = model.license().or_else(|| match &self.s.model {
-                ModelSource::Hub { license, .. } => license.clone(),
-                ModelSource::Dir(_) => None,
-            });
-            self.model = Some((model, name, ModelInfo { hash, license, loras: lora_info }));
+    fn new(s: &Settings, printer: Printer, bar: indicatif::ProgressBar) -> Engine<'_> {
+        Engine { s, printer, loaded: None, bar, preview: None }
+    }
+
+    fn load(&mut self) -> Result<&Loaded> {
+        if self.loaded.is_none() {
+            let loaded = self.load_now()?;
+            self.loaded = Some(loaded);
         }
-        Ok(self.model.as_ref().expect("loaded above"))
+        Ok(self.loaded.as_ref().expect("loaded above"))
+    }
+
+    fn load_now(&mut self) -> Result<Loaded> {
+        let s = self.s;
+        let g = &s.generation;
+        let chosen = s.model.device.resolve()?;
+        let device = chosen.device;
+        if let Some(why) = &chosen.fallback {
+            let line = format!("running on the CPU ({why})");
+            // A build that has a GPU backend and does not use it says so; a CPU build only with -v.
+            if cfg!(any(feature = "cuda", feature = "metal")) {
+                self.printer.info(line);
+            } else {
+                self.printer.verbose(line);
+            }
+        }
+        let dtype = crate::device::default_dtype(&device, s.model.dtype);
+        if device.is_cpu() && dtype != DType::F32 {
+            // Half-precision weights on the CPU are asked for to save memory: keep it low.
+            crate::alloc::set_purge_delay(crate::alloc::LOW_MEMORY_PURGE_DELAY_MS);
+        }
+        self.printer.verbose(crate::device::describe(&device, dtype));
+        let hub = LazyHub::new(s, self.printer);
+        let dir = model_folder(s, &hub, dtype)?;
+        let loras = lora_files(s, &hub)?;
+        let vae_dir = vae_folder(s, &hub)?;
+        let preview_dir = match &s.outputs.preview {
+            Some(_) => Some(fetch_vae_repo(&hub, &VaeSource::taesd())?),
+            None => None,
+        };
+        let t = Instant::now();
+        let extras = crate::pipeline::Extras { loras: &loras, vae: vae_dir.as_deref() };
+        let (model, outcome) = StableDiffusion::load_with(&dir, &device, dtype, extras)?;
+        if let Some(v) = &vae_dir {
+            self.printer.verbose(format!("vae: {} from {}", model.vae.name(), v.display()));
+        }
+        // The preview decodes with TAESD: the model's own when --vae made it TAESD.
+        if let Some(p) = preview_dir.filter(|_| !matches!(model.vae, crate::models::Autoencoder::Tiny(_))) {
+            self.preview = Some(crate::models::Autoencoder::load_folder(&p, dtype, &device)?);
+        }
+        let name = s.model.name();
+        self.printer.verbose(format!("loaded model '{name}' in {:.1} s", t.elapsed().as_secs_f64()));
+        for r in &outcome.reports {
+            self.printer.info(r.line());
+            for k in &r.unmatched {
+                self.printer.verbose(format!("lora '{}': '{k}' matches nothing in this model", r.name));
+            }
+        }
+        if !outcome.unused.is_empty() {
+            self.printer.warn(format!(
+                "LoRAs changed {} weights this model never reads: {}",
+                outcome.unused.len(),
+                outcome.unused.join(", ")
+            ));
+        }
+        let kept = (g.steps as f64 * g.strength) as usize;
+        if s.fast {
+            self.printer.info(format!(
+                "fast mode: LCM-LoRA, {} {kept} steps, guidance {}; drop --fast for the full-quality sampler",
+                g.sampler, g.guidance
+            ));
+        } else if device.is_cpu() && kept > 8 {
+            // Measured on 2 cores, 512x512: 434 s for 16 steps with guidance, 64 s with
+            // --fast (README, Fast mode).
+            self.printer.info(format!(
+                "{} {kept} steps with guidance {} on the CPU; --fast (LCM-LoRA, 4 steps, TAESD) is several times faster",
+                g.sampler, g.guidance
+            ));
+        }
+        let overflow = model.tokenizer.overflow(&g.prompt);
+        if overflow > 0 {
+            self.printer
+                .warn(format!("--prompt is {overflow} tokens longer than the text encoder reads; the end was cut"));
+        }
+        // Every image of the run uses these two prompts: encode them once, then free the
+        // text encoder (part of keeping a 512² run with f16 weights under 3 GB).
+        model.prepare_prompts(&[&g.prompt, &g.negative_prompt])?;
+        model.release_text_encoder();
+        let hash = if s.outputs.metadata { model.model_hash() } else { None };
+        let license = model.license().or_else(|| match &s.model.source {
+            ModelSource::Hub { license, .. } => license.clone(),
+            ModelSource::Dir(_) => None,
+        });
+        let loras = loras
+            .iter()
+            .map(|l| LoraRecord { name: l.name.clone(), hash: file_sha256_10(&l.path), scale: l.scale })
+            .collect();
+        Ok(Loaded { model, record: ModelRecord { name, hash, license }, loras })
     }
 
     /// Converts one decoded photo and writes `output`; returns the working size.
@@ -127,8 +155,9 @@ impl Engine<'_> {
         let s = self.s;
         let printer = self.printer;
         let bar = self.bar.clone();
-        self.model()?;
-        let (model, name, info) = self.model.as_ref().expect("loaded above");
+        self.load()?;
+        let loaded = self.loaded.as_ref().expect("loaded above");
+        let model = &loaded.model;
         let f = model.vae_scale_factor() as u32;
         let size = s.size.unwrap_or(model.native_size() as u32);
         let (w, h) = image_io::working_size(photo.width(), photo.height(), size, f);
@@ -136,118 +165,96 @@ impl Engine<'_> {
             printer.verbose(format!("{}: resizing {}x{} to {w}x{h}", source.display(), photo.width(), photo.height()));
         }
         let image = image_io::to_tensor(&image_io::resize_to(photo, w, h))?;
-        let params = Img2ImgParams {
-            prompt: s.prompt.clone(),
-            negative_prompt: s.negative_prompt.clone(),
-            strength: s.strength,
-            steps: s.steps,
-            guidance: s.guidance,
-            sampler: s.sampler,
-            karras: s.karras,
-            vae_tiling: s.vae_tiling_for(w, h),
-        };
         bar.reset();
-        bar.set_message(s.sampler.name());
+        bar.set_message(s.generation.sampler.name());
         let preview_vae = match &model.vae {
             crate::models::Autoencoder::Tiny(_) => Some(&model.vae),
             _ => self.preview.as_ref(),
         };
-        let preview = preview_vae.zip(s.preview.as_ref());
-        let out = model.img2img(&image, &params, &mut SeededNoise::new(seed), trace, &mut |done, total, latents| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-            if let Some((vae, path)) = preview {
-                write_preview(vae, latents, path)?;
-            }
-            Ok(())
-        })?;
+        let preview = preview_vae.zip(s.outputs.preview.as_ref());
+        let out = model
+            .img2img(&image, &s.generation, &mut SeededNoise::new(seed), trace, &mut |done, total, latents| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                if let Some((vae, path)) = preview {
+                    write_preview(vae, latents, path)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| out_of_memory_hint(e, &model.device))?;
         let tm = out.timings;
         printer.verbose(format!(
             "timings: text {:.2} s, vae encode {:.2} s, denoise {:.2} s ({} unet calls, {:.2} s each), vae decode {:.2} s",
-            tm.text, tm.vae_encode, tm.denoise, tm.unet_calls, tm.denoise / tm.unet_calls.max(1) as f64, tm.vae_decode
+            tm.text,
+            tm.vae_encode,
+            tm.denoise,
+            tm.unet_calls,
+            tm.denoise / tm.unet_calls.max(1) as f64,
+            tm.vae_decode
         ));
         let img = image_io::to_rgb8(&out.image)?;
-        let provenance = if s.metadata { provenance(s, name, info, source, seed, w, h) } else { Vec::new() };
-        image_io::save_as(&img, output, format, &provenance)?;
+        let provenance = s.outputs.metadata.then(|| self.provenance(source, seed, w, h));
+        image_io::save_as(&img, output, format, provenance.as_ref())?;
         Ok((w, h))
+    }
+
+    /// The record of one picture (see `provenance`).
+    fn provenance(&self, source: &Path, seed: u64, width: u32, height: u32) -> Provenance {
+        let g = &self.s.generation;
+        let loaded = self.loaded.as_ref().expect("a picture was made");
+        Provenance {
+            prompt: g.prompt.clone(),
+            negative_prompt: g.negative_prompt.clone(),
+            steps: g.steps,
+            sampler: g.sampler.name().to_string(),
+            karras: g.karras,
+            guidance: g.guidance,
+            strength: g.strength,
+            seed,
+            width,
+            height,
+            model: loaded.record.clone(),
+            vae: self.s.model.vae.as_ref().map(VaeSource::name),
+            loras: loaded.loras.clone(),
+            source: source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        }
     }
 }
 
-/// The provenance written into every output (see README): A1111 `parameters`, software, source,
-/// and the IPTC digital source type of a photo transformed by a generative model.
-fn provenance(
-    s: &Settings,
-    model: &str,
-    info: &ModelInfo,
-    source: &Path,
-    seed: u64,
-    w: u32,
-    h: u32,
-) -> Vec<(String, String)> {
-    let version = format!("ghiblify {}", env!("CARGO_PKG_VERSION"));
-    let parameters = format!(
-        "{}{}\nNegative prompt: {}\nSteps: {}, Sampler: {}{}, CFG scale: {}, Seed: {}, Size: {}x{}, {}Model: {}, Denoising strength: {}, {}Version: {}",
-        s.prompt,
-        // A1111 names LoRAs in the prompt as <lora:NAME:SCALE> and hashes them in "Lora hashes".
-        info.loras.iter().map(|(n, _, sc)| format!(" <lora:{n}:{sc}>")).collect::<String>(),
-        s.negative_prompt,
-        s.steps,
-        s.sampler,
-        if s.karras { " Karras" } else { "" },
-        s.guidance,
-        seed,
-        w,
-        h,
-        info.hash.as_ref().map(|h| format!("Model hash: {h}, ")).unwrap_or_default(),
-        model,
-        s.strength,
-        match &s.vae {
-            None => String::new(),
-            Some(crate::settings::VaeSource::Dir(d)) => format!("VAE: {}, ", d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
-            Some(crate::settings::VaeSource::Hub { repo_id, .. }) => format!("VAE: {repo_id}, "),
-        } + &if info.loras.is_empty() {
-            String::new()
-        } else {
-            format!("Lora hashes: \"{}\", ", info.loras.iter().map(|(n, h, _)| format!("{n}: {h}")).collect::<Vec<_>>().join(", "))
-        },
-        version
-    );
-    let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    vec![
-        ("parameters".to_string(), parameters),
-        ("Software".to_string(), version),
-        ("Source".to_string(), format!("AI-generated: latent-diffusion img2img of '{name}'")),
-        ("Model".to_string(), model.to_string()),
-        (
-            "License".to_string(),
-            format!("model licence: {}", info.license.as_deref().unwrap_or("unknown (see the model card)")),
-        ),
-    ]
+/// A GPU out-of-memory gets the ways out in its message.
+fn out_of_memory_hint(e: Error, device: &candle_core::Device) -> Error {
+    match e {
+        Error::Candle(msg) if !device.is_cpu() && crate::device::is_out_of_memory(&msg) => Error::Candle(format!(
+            "the GPU ran out of memory ({msg}); try --vae-tiling on, a smaller --size, or --device cpu"
+        )),
+        e => e,
+    }
 }
 
 pub fn run(s: &Settings) -> Result<Outcome> {
     if let Some(n) = s.threads {
-        set_threads(n);
+        set_threads(n)?;
     }
     match &s.mode {
         Mode::Single { input, output } => single(s, input, output),
         Mode::Batch(b) => run_batch(s, b),
         Mode::ListModels => {
-            print!("{}", crate::hub::list_models());
+            print!("{}", crate::presets::list_models());
             Ok(Outcome::default())
         }
         Mode::DownloadOnly => {
             let printer = Printer::new(s.verbosity);
-            let device = s.resolve_device()?;
             let hub = LazyHub::new(s, printer);
-            let (dir, name) = model_folder(s, &hub, s.resolve_dtype(&device)?)?;
+            // Half-precision files for a GPU default or an explicit f16/bf16, as a run would read.
+            let dtype = s.model.dtype.unwrap_or(DType::F32);
+            let dir = model_folder(s, &hub, dtype)?;
             if let Some(v) = vae_folder(s, &hub)? {
                 printer.info(format!("vae is in the cache: {}", v.display()));
             }
-            for (n, p, _) in lora_files(s, &hub)? {
-                printer.info(format!("lora '{n}' is in the cache: {}", p.display()));
+            for l in lora_files(s, &hub)? {
+                printer.info(format!("lora '{}' is in the cache: {}", l.name, l.path.display()));
             }
-            printer.info(format!("'{name}' is in the cache: {}", dir.display()));
+            printer.info(format!("'{}' is in the cache: {}", s.model.name(), dir.display()));
             println!("{}", dir.display());
             Ok(Outcome { done: 1, ..Default::default() })
         }
@@ -255,16 +262,16 @@ pub fn run(s: &Settings) -> Result<Outcome> {
 }
 
 /// The LoRA files of the run (hub files fetched into the cache), named for the report.
-fn lora_files(s: &Settings, hub: &LazyHub) -> Result<Vec<(String, PathBuf, f64)>> {
+fn lora_files(s: &Settings, hub: &LazyHub) -> Result<Vec<LoraFile>> {
     let mut out = Vec::new();
-    for spec in &s.loras {
+    for spec in &s.model.loras {
         let path = match &spec.source {
-            crate::lora::LoraSource::File(p) => p.clone(),
-            crate::lora::LoraSource::Hub { repo, file } => {
-                hub.get()?.fetch_file(repo, None, file, &format!("{repo}/{file}"))?
+            LoraSource::File(p) => p.clone(),
+            LoraSource::Hub { repo, file } => {
+                hub.get()?.fetch_file(repo, None, file, &format!("--lora {repo}/{file}"))?
             }
         };
-        out.push((spec.name(), path, spec.scale));
+        out.push(LoraFile { name: spec.name(), path, scale: spec.scale });
     }
     Ok(out)
 }
@@ -273,24 +280,27 @@ fn lora_files(s: &Settings, hub: &LazyHub) -> Result<Vec<(String, PathBuf, f64)>
 /// half-written file).
 fn write_preview(vae: &crate::models::Autoencoder, latents: &candle_core::Tensor, path: &Path) -> Result<()> {
     let img = crate::pipeline::latents_to_image(vae, latents, false)?;
-    image_io::save_as(&image_io::to_rgb8(&img)?, path, OutputFormat::Png, &[])
+    image_io::save_as(&image_io::to_rgb8(&img)?, path, OutputFormat::Png, None)
 }
 
 /// The `--vae` folder (a hub repo is fetched: config.json and the safetensors weights).
 fn vae_folder(s: &Settings, hub: &LazyHub) -> Result<Option<PathBuf>> {
-    match &s.vae {
+    match &s.model.vae {
         None => Ok(None),
-        Some(crate::settings::VaeSource::Dir(d)) => Ok(Some(d.clone())),
-        Some(crate::settings::VaeSource::Hub { repo_id, revision }) => {
-            Ok(Some(fetch_vae_repo(hub, repo_id, revision.as_deref())?))
-        }
+        Some(VaeSource::Dir(d)) => Ok(Some(d.clone())),
+        Some(v) => Ok(Some(fetch_vae_repo(hub, v)?)),
     }
 }
 
 /// A VAE repo's config.json and safetensors weights (at its root).
-fn fetch_vae_repo(hub: &LazyHub, repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
+fn fetch_vae_repo(hub: &LazyHub, vae: &VaeSource) -> Result<PathBuf> {
+    let VaeSource::Hub(repo) = vae else {
+        unreachable!("only hub VAEs are fetched");
+    };
     let files = ["config.json".to_string(), "diffusion_pytorch_model.safetensors".to_string()];
-    hub.get()?.fetch(repo_id, revision, &files, repo_id)
+    // The hint names what fetches it: `--vae taesd` for TAESD, else the repo.
+    let cli = if repo.id == crate::settings::TAESD_REPO { "taesd".to_string() } else { repo.to_string() };
+    hub.get()?.fetch(&repo.id, repo.revision.as_deref(), &files, &format!("--vae {cli}"))
 }
 
 /// First 10 hex digits of a file's sha256 (A1111's short hash), "unknown" if unreadable.
@@ -308,7 +318,7 @@ struct LazyHub {
 
 impl LazyHub {
     fn new(s: &Settings, printer: Printer) -> Self {
-        Self { offline: s.offline, printer, hub: std::cell::OnceCell::new() }
+        Self { offline: s.model.offline, printer, hub: std::cell::OnceCell::new() }
     }
     fn get(&self) -> Result<&crate::hub::Hub> {
         if self.hub.get().is_none() {
@@ -318,31 +328,36 @@ impl LazyHub {
     }
 }
 
-/// The local model folder: `--model-dir`, or the hub snapshot (downloaded when needed).
 /// Sizes the CPU thread pool: rayon's (our kernels, candle's elementwise ops) and gemm's (candle's
 /// matmul reads RAYON_NUM_THREADS on each call). Must run before the first parallel operation.
-pub fn set_threads(n: usize) {
+pub fn set_threads(n: usize) -> Result<()> {
     // SAFETY (of set_var): called from `run` before any worker thread exists.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    // An already-built pool (a library caller's) keeps its size; the env var still applies to gemm.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+        // A pool a library caller built first keeps its size (the env var still applies to gemm);
+        // any other failure is the OS refusing that many threads.
+        if !e.to_string().contains("already been initialized") {
+            return Err(Error::setting("threads", format!("{n}: the worker threads could not be started ({e})")));
+        }
+    }
+    Ok(())
 }
 
-fn model_folder(s: &Settings, hub: &LazyHub, dtype: DType) -> Result<(PathBuf, String)> {
-    match &s.model {
-        ModelSource::Dir(d) => Ok((d.clone(), d.display().to_string())),
-        ModelSource::Hub { repo_id, revision, files, cli, .. } => {
+/// The local model folder: `--model-dir`, or the hub snapshot (downloaded when needed).
+fn model_folder(s: &Settings, hub: &LazyHub, dtype: DType) -> Result<PathBuf> {
+    match &s.model.source {
+        ModelSource::Dir(d) => Ok(d.clone()),
+        ModelSource::Hub { repo, files, cli, .. } => {
             let hub = hub.get()?;
-            let rev = revision.as_deref();
+            let rev = repo.revision.as_deref();
             let listed = match files {
                 Some(f) => Some(f.clone()),
-                None => hub.repo_files(repo_id, rev, matches!(dtype, DType::F16 | DType::BF16))?,
+                None => hub.repo_files(&repo.id, rev, matches!(dtype, DType::F16 | DType::BF16))?,
             };
-            let dir = match listed {
-                Some(f) => hub.fetch(repo_id, rev, &f, cli)?,
-                None => hub.cached_snapshot(repo_id, rev, cli)?,
-            };
-            Ok((dir, revision.as_ref().map(|r| format!("{repo_id}@{r}")).unwrap_or_else(|| repo_id.clone())))
+            match listed {
+                Some(f) => hub.fetch(&repo.id, rev, &f, &format!("--model {cli}")),
+                None => hub.cached_snapshot(&repo.id, rev, &format!("--model {cli}")),
+            }
         }
     }
 }
@@ -353,33 +368,18 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     // The photo first: a bad input fails in milliseconds, not after a model load.
     let photo = image_io::load_rgb(input)?;
     let format = OutputFormat::from_path(output)
-        .ok_or_else(|| Error::Argument(format!("-o '{}': unknown output extension", output.display())))?;
+        .ok_or_else(|| Error::usage(format!("-o '{}': unknown output extension", output.display())))?;
     if !s.seed_was_given {
         printer.info(format!("seed {} (pass --seed {} to repeat this picture)", s.seed, s.seed));
     }
-    let mut engine = Engine { s, printer, model: None, bar: printer.steps_bar(0), preview: None };
-    let mut trace = if s.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
+    let mut engine = Engine::new(s, printer, printer.steps_bar(0));
+    let mut trace = if s.outputs.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
     let (w, h) = engine.convert(photo, input, output, format, s.seed, &mut trace)?;
     engine.bar.finish_and_clear();
-    if let Some(path) = &s.trace {
-        let model = engine.model.as_ref().map(|m| m.1.clone()).unwrap_or_default();
-        let meta: BTreeMap<String, String> = [
-            ("prompt", s.prompt.clone()),
-            ("negative_prompt", s.negative_prompt.clone()),
-            ("strength", s.strength.to_string()),
-            ("steps", s.steps.to_string()),
-            ("guidance", s.guidance.to_string()),
-            ("seed", s.seed.to_string()),
-            ("sampler", s.sampler.to_string()),
-            ("karras", s.karras.to_string()),
-            ("model", model),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        trace.save(path, &meta)?;
+    if let Some(path) = &s.outputs.trace {
+        trace.save(path, &trace_metadata(s))?;
     }
-    let mut report = Report::create(s.report.as_deref())?;
+    let mut report = Report::create(s.outputs.report.as_deref())?;
     report.write(&ReportLine {
         input: &input.to_string_lossy(),
         output: &output.to_string_lossy(),
@@ -392,6 +392,25 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     })?;
     printer.info(format!("wrote {} ({w}x{h}) in {:.1} s", output.display(), t0.elapsed().as_secs_f64()));
     Ok(Outcome { done: 1, ..Default::default() })
+}
+
+/// The run's settings, stored in a trace file's metadata.
+fn trace_metadata(s: &Settings) -> BTreeMap<String, String> {
+    let g = &s.generation;
+    [
+        ("prompt", g.prompt.clone()),
+        ("negative_prompt", g.negative_prompt.clone()),
+        ("strength", g.strength.to_string()),
+        ("steps", g.steps.to_string()),
+        ("guidance", g.guidance.to_string()),
+        ("seed", s.seed.to_string()),
+        ("sampler", g.sampler.to_string()),
+        ("karras", g.karras.to_string()),
+        ("model", s.model.name()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 fn canonical(p: &Path) -> Option<PathBuf> {
@@ -411,9 +430,9 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
     }
     std::fs::create_dir_all(&b.out_dir).map_err(|e| Error::io(&b.out_dir, e))?;
     let inputs: HashSet<PathBuf> = jobs.iter().filter_map(|j| canonical(&j.input)).collect();
-    let mut report = Report::create(s.report.as_deref())?;
+    let mut report = Report::create(s.outputs.report.as_deref())?;
     let (overall, steps) = printer.batch_bars(jobs.len());
-    let mut engine = Engine { s, printer, model: None, bar: steps.clone(), preview: None };
+    let mut engine = Engine::new(s, printer, steps.clone());
     let mut outcome = Outcome::default();
     let mut claimed: HashMap<PathBuf, PathBuf> = HashMap::new();
     for job in &jobs {
@@ -423,18 +442,11 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
         printer.verbose(format!("{}: seed {seed}", job.input.display()));
         let result: Result<Option<(u32, u32)>> = (|| {
             if let Some(first) = claimed.get(&output) {
-                return Err(Error::Argument(format!(
-                    "output '{}' is also the output of '{}'",
-                    output.display(),
-                    first.display()
-                )));
+                return Err(Error::output(&output, format!("is also the output of '{}'", first.display())));
             }
             claimed.insert(output.clone(), job.input.clone());
             if canonical(&output).is_some_and(|c| inputs.contains(&c)) {
-                return Err(Error::Argument(format!(
-                    "output '{}' is an input; refusing to overwrite it",
-                    output.display()
-                )));
+                return Err(Error::output(&output, "is an input; refusing to overwrite it"));
             }
             if output.exists() && !b.overwrite {
                 return Ok(None);
@@ -455,17 +467,8 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
                 ("skipped", None, None)
             }
             Err(e) => {
-                // A model that cannot be loaded stops the whole run: nothing else could succeed.
-                if engine.model.is_none()
-                    && matches!(
-                        e,
-                        Error::Model { .. }
-                            | Error::Config { .. }
-                            | Error::Weights { .. }
-                            | Error::Tokenizer { .. }
-                            | Error::Hub(_)
-                    )
-                {
+                // A failure every other file would repeat (the model, the settings) ends the run.
+                if e.aborts_batch() {
                     return Err(e);
                 }
                 outcome.failed += 1;

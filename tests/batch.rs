@@ -292,7 +292,7 @@ fn paths_from_stdin_and_outputs_with_provenance() {
     let bytes = std::fs::read(&jpg).unwrap();
     let text = String::from_utf8_lossy(&bytes);
     assert!(
-        text.contains("http://ns.adobe.com/xap/1.0/") && text.contains(ghiblify::image_io::DIGITAL_SOURCE_TYPE),
+        text.contains("http://ns.adobe.com/xap/1.0/") && text.contains(ghiblify::provenance::DIGITAL_SOURCE_TYPE),
         "XMP in JPEG"
     );
     assert!(tmp.path().join("out/b.jpg").exists());

@@ -3,7 +3,7 @@
 
 use crate::common::{fixtures, load_safetensors, rel_err, Case};
 use candle_core::{DType, Device, Tensor};
-use ghiblify::lora::{plan, Layout, LoraSet, MergingBackend, Part};
+use ghiblify::lora::{plan, Layout, LoraFile, LoraSet, MergingBackend, Part};
 use ghiblify::pipeline::{Extras, StableDiffusion};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -71,7 +71,8 @@ fn check_weights(case: &str, loras: &[(&str, f64)]) -> Vec<String> {
 }
 
 fn check_trace(case: &str, loras: &[(&str, f64)]) {
-    let named: Vec<(String, PathBuf, f64)> = loras.iter().map(|(f, s)| (f.to_string(), lora(f), *s)).collect();
+    let named: Vec<LoraFile> =
+        loras.iter().map(|(f, s)| LoraFile { name: f.to_string(), path: lora(f), scale: *s }).collect();
     let (sd, outcome) = StableDiffusion::load_with(
         &fixtures().join("tiny-sd1"),
         &Device::Cpu,

@@ -5,7 +5,7 @@ use crate::common::{fixtures, load_safetensors, max_abs, rel_err};
 use candle_core::{DType, Device};
 use ghiblify::image_io;
 use ghiblify::noise::ReplayNoise;
-use ghiblify::pipeline::{Img2ImgParams, StableDiffusion, Trace};
+use ghiblify::pipeline::{Img2ImgParams, StableDiffusion, Trace, VaeTiling};
 use ghiblify::samplers::SamplerKind;
 
 /// Text embeddings, init latents and every step's latents: max abs diff / max abs value.
@@ -18,9 +18,18 @@ fn check(model: &str, trace: &str) {
     check_loaded(&sd, trace);
 }
 
-/// Runs the trace's settings with its recorded noise on a loaded model and compares every stage.
+/// Runs the trace's settings with its recorded noise on a loaded model and compares every stage,
+/// once through the CPU kernels and once through candle's generic operations (the code CUDA and
+/// Metal run; `GHIBLIFY_GENERIC_OPS=1`).
 pub fn check_loaded(sd: &StableDiffusion, trace: &str) {
-    let (reference, meta) = load_safetensors(&fixtures().join("traces").join(trace));
+    check_path(sd, trace, "cpu kernels");
+    ghiblify::device::with_generic_ops(true, || check_path(sd, trace, "generic ops"));
+}
+
+fn check_path(sd: &StableDiffusion, file: &str, path: &str) {
+    let (reference, meta) = load_safetensors(&fixtures().join("traces").join(file));
+    // Messages name the trace and the path it ran through.
+    let trace = &format!("{file} ({path})");
     let params = Img2ImgParams {
         prompt: meta["prompt"].clone(),
         negative_prompt: meta["negative_prompt"].clone(),
@@ -29,7 +38,7 @@ pub fn check_loaded(sd: &StableDiffusion, trace: &str) {
         guidance: meta["guidance"].parse().unwrap(),
         sampler: meta["sampler"].parse::<SamplerKind>().unwrap(),
         karras: meta.get("karras").is_some_and(|k| k == "true"),
-        vae_tiling: false,
+        vae_tiling: VaeTiling::Off,
     };
     let photo = image_io::load_rgb(&fixtures().join(&meta["photo"])).unwrap();
     let image = image_io::to_tensor(&photo).unwrap();

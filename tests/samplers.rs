@@ -54,7 +54,7 @@ fn every_sampler_matches_diffusers_on_the_dummy_model() {
         assert_eq!(noise.remaining(), 0, "{key}: every recorded draw is used");
         covered.insert((kind.name(), karras));
     }
-    for kind in SamplerKind::ALL {
+    for kind in SamplerKind::all() {
         assert!(covered.contains(&(kind.name(), false)), "{} has no reference", kind.name());
         if kind.supports_karras() {
             assert!(covered.contains(&(kind.name(), true)), "{} --karras has no reference", kind.name());

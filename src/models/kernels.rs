@@ -56,7 +56,7 @@ fn threads() -> usize {
 }
 
 fn is_cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    t.device().is_cpu() && t.dtype() == DType::F32 && !crate::device::generic_ops()
 }
 
 /// The data of a contiguous f32 storage.
@@ -692,6 +692,20 @@ mod tests {
         let n = shape.iter().product::<usize>();
         let v: Vec<f32> = (0..n).map(|_| rng.sample(rand_distr::StandardNormal)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn generic_ops_switch_takes_candles_own_path() {
+        // With the switch on, each fused op is exactly candle's generic composition (what CUDA and
+        // Metal run), bit for bit; with it off, our kernels run and differ in the last bits.
+        let x = randn(&[1, 8, 12, 10], 1);
+        let wt = randn(&[6, 8, 3, 3], 2);
+        let generic = x.upsample_nearest2d(24, 20).unwrap().conv2d(&wt, 1, 1, 1, 1).unwrap();
+        let switched = crate::device::with_generic_ops(true, || upsample2x_conv2d(&x, &wt, None, 1, 1).unwrap());
+        assert_eq!(max_rel(&switched, &generic), 0.0);
+        let ours = crate::device::with_generic_ops(false, || upsample2x_conv2d(&x, &wt, None, 1, 1).unwrap());
+        assert!(max_rel(&ours, &generic) > 0.0, "the CPU kernel ran");
+        assert!(crate::device::with_generic_ops(true, crate::device::generic_ops));
     }
 
     #[test]

@@ -131,6 +131,20 @@ pub struct ComponentFiles {
     pub merge: Option<std::sync::Arc<crate::lora::Merge>>,
 }
 
+/// The safetensors file names a component's weights may have, preferred first: with half
+/// precision the `*.fp16.safetensors` variant (half the download and memory), else the
+/// full-precision file; either may be sharded (`NAME.index.json` listing its shards). The hub's
+/// file picker and the folder loader both follow this order.
+pub fn weight_variants(stem: &str, half: bool) -> [String; 2] {
+    let full = format!("{stem}.safetensors");
+    let fp16 = format!("{stem}.fp16.safetensors");
+    if half {
+        [fp16, full]
+    } else {
+        [full, fp16]
+    }
+}
+
 /// Resolves `DIR/<component>/{config_name, weights}`. With f16/bf16 the `*.fp16.safetensors`
 /// variant is preferred (half the download and memory); otherwise the full-precision file, falling
 /// back to the other if only one exists. Sharded weights (`*.safetensors.index.json`) are followed.
@@ -149,11 +163,8 @@ pub fn component_files(
     if !config.is_file() {
         return Err(Error::Model { dir: dir.to_path_buf(), what: format!("missing '{component}/{config_name}'") });
     }
-    let half = matches!(dtype, DType::F16 | DType::BF16);
-    let full = format!("{weight_stem}.safetensors");
-    let fp16 = format!("{weight_stem}.fp16.safetensors");
-    let order = if half { [&fp16, &full] } else { [&full, &fp16] };
-    for name in order {
+    let order = weight_variants(weight_stem, matches!(dtype, DType::F16 | DType::BF16));
+    for name in &order {
         let p = cdir.join(name);
         if p.is_file() {
             return Ok(ComponentFiles { config, weights: vec![p], merge: None });
@@ -167,7 +178,7 @@ pub fn component_files(
         cdir.join(format!("{weight_stem}.{ext}")).is_file() || cdir.join(format!("pytorch_model.{ext}")).is_file()
     });
     let hint = if has_bin { " (only PyTorch .bin weights are present: convert them to safetensors)" } else { "" };
-    Err(Error::Model { dir: dir.to_path_buf(), what: format!("missing '{component}/{full}'{hint}") })
+    Err(Error::Model { dir: dir.to_path_buf(), what: format!("missing '{component}/{weight_stem}.safetensors'{hint}") })
 }
 
 fn shards(index: &Path) -> Result<Vec<PathBuf>> {

@@ -91,6 +91,14 @@ impl Weights {
     }
 }
 
+/// The tensor, if it has the shape the model asks for (the check every weight backend makes).
+pub fn expect_shape(name: &str, t: Tensor, s: &candle_core::Shape) -> Result<Tensor> {
+    if t.shape() != s {
+        candle_core::bail!("shape mismatch for {name}: expected {s:?}, got {:?}", t.shape())
+    }
+    Ok(t)
+}
+
 /// A VarBuilder backend over [`Weights`] that converts to the requested dtype.
 impl candle_nn::var_builder::SimpleBackend for Weights {
     fn get(
@@ -101,11 +109,7 @@ impl candle_nn::var_builder::SimpleBackend for Weights {
         dtype: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!("shape mismatch for {name}: expected {s:?}, got {:?}", t.shape())
-        }
-        Ok(t)
+        expect_shape(name, self.get_unchecked(name, dtype, dev)?, &s)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         self.load(name, dev)?.to_dtype(dtype)

@@ -3,10 +3,12 @@
 //! `add_noise`, `_threshold_sample`), including its quirk that the previous timestep is
 //! `t - T // steps` whatever the spacing.
 
-use super::{spaced_timesteps, PredictionType, Sampler, Schedule, SchedulerConfig};
-use crate::error::{Error, Result};
+use super::common::{add_noise_vp, check_steps, predicted_eps, predicted_x0, threshold_or_clip};
+use super::schedule::{spaced_timesteps, Schedule, SchedulerConfig};
+use super::Sampler;
+use crate::error::Result;
 use crate::noise::NoiseSource;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::path::Path;
 
 #[derive(Debug)]
@@ -22,12 +24,7 @@ pub struct Ddim {
 impl Ddim {
     pub fn new(cfg: &SchedulerConfig, path: &Path, steps: usize) -> Result<Self> {
         let schedule = Schedule::from_config(cfg, path)?;
-        if steps == 0 || steps > schedule.num_train_timesteps {
-            return Err(Error::Argument(format!(
-                "--steps must be within [1, {}] (the model's num_train_timesteps), got {steps}",
-                schedule.num_train_timesteps
-            )));
-        }
+        check_steps(steps, schedule.num_train_timesteps, "the model's num_train_timesteps")?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { schedule.alphas_cumprod[0] };
         let timesteps = spaced_timesteps(&schedule, steps).into_iter().map(|t| t as f64).collect();
         let clip_sample = cfg.clip_sample(true);
@@ -42,28 +39,6 @@ impl Ddim {
             self.final_alpha_cumprod
         }
     }
-
-    /// diffusers `_threshold_sample` (Saharia et al. 2022, Imagen): per sample, clamp to the
-    /// `ratio` quantile of |x0| (at least 1, at most `max`) and divide by it.
-    pub(crate) fn threshold(x0: &Tensor, ratio: f64, max: f64) -> Result<Tensor> {
-        let dims = x0.dims().to_vec();
-        let b = dims[0];
-        let flat = x0.to_dtype(DType::F32)?.reshape((b, ()))?;
-        let rows: Vec<Vec<f32>> = flat.to_vec2()?;
-        let mut out = Vec::with_capacity(flat.elem_count());
-        for row in rows {
-            let mut abs: Vec<f32> = row.iter().map(|v| v.abs()).collect();
-            abs.sort_by(|a, c| a.total_cmp(c));
-            // torch.quantile's default "linear" interpolation.
-            let pos = ratio * (abs.len() - 1) as f64;
-            let lo = pos.floor() as usize;
-            let hi = pos.ceil() as usize;
-            let q = abs[lo] as f64 + (abs[hi] as f64 - abs[lo] as f64) * (pos - lo as f64);
-            let s = q.clamp(1.0, max) as f32;
-            out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
-        }
-        Ok(Tensor::from_vec(out, dims, x0.device())?.to_dtype(x0.dtype())?)
-    }
 }
 
 impl Sampler for Ddim {
@@ -72,42 +47,19 @@ impl Sampler for Ddim {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let a = self.alpha(self.timesteps[index] as i64) as f64;
-        Ok(((original * a.sqrt())? + (noise * (1.0 - a).sqrt())?)?)
+        add_noise_vp(original, noise, self.alpha(self.timesteps[index] as i64) as f64)
     }
 
-    fn step(
-        &mut self,
-        eps_or_v: &Tensor,
-        index: usize,
-        sample: &Tensor,
-        _noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
+    fn step(&mut self, out: &Tensor, index: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[index] as i64;
         let prev_t = t - (self.schedule.num_train_timesteps / self.steps) as i64;
         let a_t = self.alpha(t) as f64;
         let a_prev = self.alpha(prev_t) as f64;
-        let b_t = 1.0 - a_t;
-        let (mut x0, eps) = match self.schedule.prediction {
-            PredictionType::Epsilon => {
-                let x0 = ((sample - (eps_or_v * b_t.sqrt())?)? / a_t.sqrt())?;
-                (x0, eps_or_v.clone())
-            }
-            PredictionType::Sample => {
-                let eps = ((sample - (eps_or_v * a_t.sqrt())?)? / b_t.sqrt())?;
-                (eps_or_v.clone(), eps)
-            }
-            PredictionType::VPrediction => {
-                let x0 = ((sample * a_t.sqrt())? - (eps_or_v * b_t.sqrt())?)?;
-                let eps = ((eps_or_v * a_t.sqrt())? + (sample * b_t.sqrt())?)?;
-                (x0, eps)
-            }
-        };
-        if let Some((ratio, max)) = self.thresholding {
-            x0 = Self::threshold(&x0, ratio, max)?;
-        } else if let Some(r) = self.clip_sample {
-            x0 = x0.clamp(-r as f32, r as f32)?;
-        }
+        let (alpha, sigma) = (a_t.sqrt(), (1.0 - a_t).sqrt());
+        let prediction = self.schedule.prediction;
+        let x0 = predicted_x0(prediction, out, sample, alpha, sigma)?;
+        let eps = predicted_eps(prediction, out, sample, alpha, sigma)?;
+        let x0 = threshold_or_clip(x0, self.thresholding, self.clip_sample)?;
         // η = 0: σ_t = 0, so no noise is drawn and the direction term is √(1-ᾱ_prev)·ε.
         let dir = (eps * (1.0 - a_prev).sqrt())?;
         Ok(((x0 * a_prev.sqrt())? + dir)?)

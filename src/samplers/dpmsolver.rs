@@ -5,100 +5,14 @@
 //! lower-order warm-up and final steps, Karras sigmas as an option. The SDE variant draws one noise
 //! tensor every step (the last is multiplied by σ = 0, as in diffusers).
 
-use super::sigmas::{
-    f32s, final_sigma, interp, karras, log_sigmas, multistep_timesteps, reject_unsupported, sigma_to_t, train_sigmas,
-};
-use super::{ClassDefaults, PredictionType, Sampler, Schedule, SchedulerConfig};
+use super::common::threshold;
+use super::schedule::SchedulerConfig;
+use super::sigmas::{alpha_sigma, lambda, MultistepSigmas};
+use super::Sampler;
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
 use candle_core::Tensor;
 use std::path::Path;
-
-/// α_t = 1/√(σ²+1), σ_t = σ·α_t (diffusers `_sigma_to_alpha_sigma_t`).
-pub fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let a = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (a, sigma * a)
-}
-
-/// λ = log α_t − log σ_t.
-pub fn lambda(sigma: f64) -> f64 {
-    let (a, s) = alpha_sigma(sigma);
-    a.ln() - s.ln()
-}
-
-/// The multistep family's σ schedule (DPM-Solver and UniPC `set_timesteps`).
-#[derive(Debug, Clone)]
-pub struct MultistepSigmas {
-    pub schedule: Schedule,
-    pub timesteps: Vec<f64>,
-    pub sigmas: Vec<f64>,
-}
-
-impl MultistepSigmas {
-    /// `unipc`: UniPC honours `sigma_min`/`sigma_max` for the Karras range and rounds Karras
-    /// timesteps for every beta schedule; DPM-Solver ignores the range and keeps the cosine
-    /// schedule's fractional timesteps (truncated to integers).
-    pub fn new(
-        cfg: &SchedulerConfig,
-        path: &Path,
-        steps: usize,
-        karras_on: bool,
-        lambda_min_clipped: f64,
-        unipc: bool,
-    ) -> Result<Self> {
-        reject_unsupported(cfg, path)?;
-        let schedule = Schedule::with_defaults(cfg, path, ClassDefaults::K)?;
-        let t = schedule.num_train_timesteps;
-        if steps == 0 || steps > t {
-            return Err(Error::Argument(format!("--steps must be within [1, {t}], got {steps}")));
-        }
-        let train = train_sigmas(&schedule);
-        // searchsorted(flip(λ_t), lambda_min_clipped): how many of the smallest λ are clipped.
-        let lambdas: Vec<f64> = schedule
-            .alphas_cumprod
-            .iter()
-            .map(|&a| ((a as f64).sqrt()).ln() - ((1.0 - a as f64).sqrt()).ln())
-            .collect();
-        let clipped = lambdas.iter().rev().take_while(|&&l| l < lambda_min_clipped).count();
-        let last_timestep = t - clipped;
-        let mut timesteps = multistep_timesteps(&schedule, steps, last_timestep);
-        let log = log_sigmas(&train);
-        let mut sigmas: Vec<f64> = if karras_on {
-            let (mut min, mut max) = (train[0], *train.last().unwrap());
-            if unipc {
-                min = cfg.sigma_min.unwrap_or(min);
-                max = cfg.sigma_max.unwrap_or(max);
-            }
-            let s = karras(min, max, steps);
-            let cosine = !unipc && cfg.beta_schedule.as_deref() == Some("squaredcos_cap_v2");
-            timesteps =
-                s.iter().map(|&x| sigma_to_t(x, &log)).map(|x| if cosine { x } else { x.round_ties_even() }).collect();
-            // diffusers stores these timesteps as int64.
-            timesteps = timesteps.into_iter().map(|x| x.trunc()).collect();
-            s
-        } else {
-            timesteps.iter().map(|&x| interp(x, &train)).collect()
-        };
-        sigmas.push(final_sigma(cfg, &schedule, path)?);
-        Ok(Self { schedule, timesteps, sigmas: f32s(sigmas) })
-    }
-
-    /// x₀ from the model output at `sigmas[index]` (data prediction).
-    pub fn x0(&self, out: &Tensor, sample: &Tensor, index: usize) -> Result<Tensor> {
-        let (a, s) = alpha_sigma(self.sigmas[index]);
-        Ok(match self.schedule.prediction {
-            PredictionType::Epsilon => ((sample - (out * s)?)? / a)?,
-            PredictionType::Sample => out.clone(),
-            PredictionType::VPrediction => ((sample * a)? - (out * s)?)?,
-        })
-    }
-
-    /// `α_t · original + σ_t · noise` at `sigmas[index]`.
-    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let (a, s) = alpha_sigma(self.sigmas[index]);
-        Ok(((original * a)? + (noise * s)?)?)
-    }
-}
 
 #[derive(Debug)]
 pub struct DpmSolver {
@@ -159,7 +73,7 @@ impl Sampler for DpmSolver {
         let lower_final = i == n - 1 && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_zero);
         let mut x0 = self.m.x0(out, sample, i)?;
         if let Some((ratio, max)) = self.thresholding {
-            x0 = super::ddim::Ddim::threshold(&x0, ratio, max)?;
+            x0 = threshold(&x0, ratio, max)?;
         }
         self.outputs = [self.outputs[1].take(), Some(x0)];
         let z = if self.sde {

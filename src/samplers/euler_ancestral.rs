@@ -2,8 +2,10 @@
 //! `schedulers/scheduling_euler_ancestral_discrete.py`: an Euler step to σ_down, then fresh noise
 //! scaled by σ_up, drawn every step (the last one is multiplied by σ_up = 0, as in diffusers).
 
-use super::euler::KSigmas;
-use super::{ClassDefaults, PredictionType, Sampler, SchedulerConfig};
+use super::common::div;
+use super::schedule::{ClassDefaults, PredictionType, SchedulerConfig};
+use super::sigmas::KSigmas;
+use super::Sampler;
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
 use candle_core::Tensor;
@@ -48,7 +50,7 @@ impl Sampler for EulerAncestral {
         let x0 = self.k.x0(out, sample, from)?;
         let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let down = (to * to - up * up).sqrt();
-        let derivative = super::div(&(sample - x0)?, from)?;
+        let derivative = div(&(sample - x0)?, from)?;
         let prev = (sample + (derivative * (down - from))?)?;
         let z = noise.randn(sample.dims())?.to_device(sample.device())?.to_dtype(sample.dtype())?;
         Ok((prev + (z * up)?)?)

@@ -3,8 +3,10 @@
 //! first-order (Euler) evaluation followed by a second-order correction — two UNet calls per step,
 //! `order = 2`, and img2img starts at `2 · t_start`.
 
-use super::euler::KSigmas;
-use super::{ClassDefaults, Sampler, SchedulerConfig};
+use super::common::{add_noise_sigma, div, threshold_or_clip};
+use super::schedule::{ClassDefaults, SchedulerConfig};
+use super::sigmas::KSigmas;
+use super::Sampler;
 use crate::error::Result;
 use crate::noise::NoiseSource;
 use candle_core::Tensor;
@@ -54,10 +56,10 @@ impl Sampler for Heun {
     }
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         let s = self.sigmas[index] as f32;
-        super::div(sample, (s * s + 1.0).sqrt() as f64)
+        div(sample, (s * s + 1.0).sqrt() as f64)
     }
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        Ok((original + (noise * self.sigmas[index])?)?)
+        add_noise_sigma(original, noise, self.sigmas[index])
     }
     fn step(&mut self, out: &Tensor, index: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let first = self.state.is_none();
@@ -67,20 +69,17 @@ impl Sampler for Heun {
             (self.sigmas[index - 1], self.sigmas[index])
         };
         let sigma_input = if first { sigma } else { next };
-        let mut x0 = self.k.x0(out, sample, sigma_input)?;
-        if let Some(r) = self.clip {
-            x0 = x0.clamp(-r as f32, r as f32)?;
-        }
+        let x0 = threshold_or_clip(self.k.x0(out, sample, sigma_input)?, None, self.clip)?;
         match self.state.take() {
             None => {
-                let derivative = super::div(&(sample - x0)?, sigma)?;
+                let derivative = div(&(sample - x0)?, sigma)?;
                 let dt = next - sigma;
                 let prev = (sample + (&derivative * dt)?)?;
                 self.state = Some((derivative, dt, sample.clone()));
                 Ok(prev)
             }
             Some((d0, dt, s0)) => {
-                let d1 = super::div(&(sample - x0)?, next)?;
+                let d1 = div(&(sample - x0)?, next)?;
                 let derivative = ((d0 + d1)? / 2.0)?;
                 Ok((s0 + (derivative * dt)?)?)
             }

@@ -3,7 +3,9 @@
 //! skipping schedule, the consistency boundary scalings c_skip/c_out, and fresh noise at every step
 //! but the last (for LCM-LoRA and LCM-distilled models; few steps, guidance ≈ 1).
 
-use super::{np_linspace, ClassDefaults, PredictionType, Sampler, Schedule, SchedulerConfig};
+use super::common::{add_noise_vp, check_steps, predicted_x0, threshold_or_clip};
+use super::schedule::{np_linspace, ClassDefaults, Schedule, SchedulerConfig};
+use super::Sampler;
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
 use candle_core::Tensor;
@@ -30,11 +32,7 @@ impl Lcm {
                 format!("'original_inference_steps' = {original} must be within [1, {t}]"),
             ));
         }
-        if steps == 0 || steps > original {
-            return Err(Error::Argument(format!(
-                "--steps must be within [1, {original}] for the lcm sampler (the model's original_inference_steps), got {steps}"
-            )));
-        }
+        check_steps(steps, original, "the lcm sampler reads the model's original_inference_steps")?;
         let k = t / original;
         let origin: Vec<i64> = (1..=original as i64).rev().map(|i| i * k as i64 - 1).collect();
         let timesteps = np_linspace(0.0, origin.len() as f64, steps + 1)
@@ -67,8 +65,7 @@ impl Sampler for Lcm {
         &self.timesteps
     }
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let a = self.alpha(self.timesteps[index] as i64);
-        Ok(((original * a.sqrt())? + (noise * (1.0 - a).sqrt())?)?)
+        add_noise_vp(original, noise, self.alpha(self.timesteps[index] as i64))
     }
     fn step(&mut self, out: &Tensor, i: usize, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[i] as i64;
@@ -80,16 +77,8 @@ impl Sampler for Lcm {
         let scaled = t as f64 * self.timestep_scaling;
         let c_skip = sigma_data * sigma_data / (scaled * scaled + sigma_data * sigma_data);
         let c_out = scaled / (scaled * scaled + sigma_data * sigma_data).sqrt();
-        let mut x0 = match self.schedule.prediction {
-            PredictionType::Epsilon => ((sample - (out * b_t.sqrt())?)? / a_t.sqrt())?,
-            PredictionType::Sample => out.clone(),
-            PredictionType::VPrediction => ((sample * a_t.sqrt())? - (out * b_t.sqrt())?)?,
-        };
-        if let Some((ratio, max)) = self.thresholding {
-            x0 = super::ddim::Ddim::threshold(&x0, ratio, max)?;
-        } else if let Some(r) = self.clip_sample {
-            x0 = x0.clamp(-r as f32, r as f32)?;
-        }
+        let x0 = predicted_x0(self.schedule.prediction, out, sample, a_t.sqrt(), b_t.sqrt())?;
+        let x0 = threshold_or_clip(x0, self.thresholding, self.clip_sample)?;
         let denoised = ((x0 * c_out)? + (sample * c_skip)?)?;
         if i + 1 != self.timesteps.len() {
             let z = noise.randn(sample.dims())?.to_device(sample.device())?.to_dtype(sample.dtype())?;

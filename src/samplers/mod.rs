@@ -1,368 +1,33 @@
-//! Samplers: the noise schedule (read from `scheduler/scheduler_config.json`), the algorithm (one
-//! file each) and the timestep spacing are separate axes, as in k-diffusion and
+//! Samplers: the noise schedule (read from `scheduler/scheduler_config.json`, [`schedule`]), the
+//! σ spacing ([`sigmas`]) and the algorithm (one file each) are separate axes, as in k-diffusion and
 //! stable-diffusion.cpp. Samplers index steps by position (never by searching timestep values),
 //! keep their own state for multistep methods, and take any noise they need from the caller's
 //! [`NoiseSource`], so a seeded run can be replayed and traced.
+//!
+//! Adding a sampler: one file implementing [`Sampler`], one row in [`SAMPLERS`] (the command line's
+//! `--sampler` values and their help come from it), and one fixture case in
+//! `tests/fixtures/generate.py` with its `sampler_parity!` line in `tests/parity.rs`.
 
+pub mod common;
 pub mod ddim;
 pub mod dpmsolver;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
 pub mod lcm;
+pub mod schedule;
 pub mod sigmas;
 pub mod unipc;
+
+pub use schedule::{
+    np_arange, np_linspace, spaced_timesteps, strength_start, ClassDefaults, PredictionType, Schedule, SchedulerConfig,
+    Spacing,
+};
 
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
 use candle_core::Tensor;
-use serde::Deserialize;
 use std::path::Path;
-
-/// `scheduler_config.json` as written by any diffusers scheduler class. Every field is optional:
-/// each sampler applies its own diffusers class's default to a missing key, exactly as
-/// `XScheduler.from_config(config)` does.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct SchedulerConfig {
-    /// `_class_name` of the scheduler the model was saved with (informational).
-    #[serde(rename = "_class_name")]
-    pub class_name: Option<String>,
-    /// `num_train_timesteps` (default 1000).
-    pub num_train_timesteps: Option<usize>,
-    /// `beta_start` (default 0.0001).
-    pub beta_start: Option<f64>,
-    /// `beta_end` (default 0.02).
-    pub beta_end: Option<f64>,
-    /// `beta_schedule`: "linear" (default), "scaled_linear", "squaredcos_cap_v2".
-    pub beta_schedule: Option<String>,
-    /// `trained_betas`: explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// `prediction_type`: "epsilon" (default), "v_prediction", "sample".
-    pub prediction_type: Option<String>,
-    /// `timestep_spacing`: "leading" (default), "trailing", "linspace".
-    pub timestep_spacing: Option<String>,
-    /// `steps_offset` (default 0; 1 in SD repos).
-    pub steps_offset: Option<usize>,
-    /// `set_alpha_to_one` (DDIM default true).
-    pub set_alpha_to_one: Option<bool>,
-    /// `clip_sample` (DDIM default true).
-    pub clip_sample: Option<bool>,
-    /// `clip_sample_range` (default 1.0).
-    pub clip_sample_range: Option<f64>,
-    /// `thresholding` (dynamic thresholding, default false).
-    pub thresholding: Option<bool>,
-    /// `dynamic_thresholding_ratio` (default 0.995).
-    pub dynamic_thresholding_ratio: Option<f64>,
-    /// `sample_max_value` (default 1.0).
-    pub sample_max_value: Option<f64>,
-    /// `rescale_betas_zero_snr` (default false).
-    pub rescale_betas_zero_snr: Option<bool>,
-    /// `use_karras_sigmas` (default false; `--karras` turns it on).
-    pub use_karras_sigmas: Option<bool>,
-    /// `use_exponential_sigmas`, `use_beta_sigmas`, `use_lu_lambdas`, `use_flow_sigmas`: not
-    /// supported, rejected when true.
-    pub use_exponential_sigmas: Option<bool>,
-    pub use_beta_sigmas: Option<bool>,
-    pub use_lu_lambdas: Option<bool>,
-    pub use_flow_sigmas: Option<bool>,
-    /// `sigma_min` / `sigma_max` (Karras range override; Euler and UniPC read them).
-    pub sigma_min: Option<f64>,
-    pub sigma_max: Option<f64>,
-    /// `final_sigmas_type`: "zero" (default) or "sigma_min".
-    pub final_sigmas_type: Option<String>,
-    /// `interpolation_type` (Euler): "linear" (default) or "log_linear".
-    pub interpolation_type: Option<String>,
-    /// `timestep_type` (Euler): "discrete" (default); "continuous" is rejected.
-    pub timestep_type: Option<String>,
-    /// `solver_type`: DPM-Solver "midpoint" (default) / "heun"; UniPC "bh2" (default) / "bh1".
-    pub solver_type: Option<String>,
-    /// `lower_order_final` (default true).
-    pub lower_order_final: Option<bool>,
-    /// `euler_at_final` (default false).
-    pub euler_at_final: Option<bool>,
-    /// `lambda_min_clipped` (default -inf).
-    pub lambda_min_clipped: Option<f64>,
-    /// `variance_type` (DPM-Solver): null; "learned"/"learned_range" are rejected.
-    pub variance_type: Option<String>,
-    /// `solver_order` (UniPC default 2; DPM++ 2M is order 2 by name).
-    pub solver_order: Option<usize>,
-    /// `predict_x0` (UniPC, default true).
-    pub predict_x0: Option<bool>,
-    /// `disable_corrector` (UniPC, default []).
-    pub disable_corrector: Option<Vec<usize>>,
-    /// `original_inference_steps` (LCM, default 50).
-    pub original_inference_steps: Option<usize>,
-    /// `timestep_scaling` (LCM, default 10.0).
-    pub timestep_scaling: Option<f64>,
-}
-
-/// The constructor defaults that differ between diffusers' scheduler classes.
-#[derive(Debug, Clone, Copy)]
-pub struct ClassDefaults {
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: &'static str,
-    pub spacing: Spacing,
-    /// Whether the class honours `rescale_betas_zero_snr` at all (Heun does not).
-    pub zero_snr: bool,
-    /// Whether it then pins ᾱ_T to 2^-24 so the first sigma is finite (Euler, DPM, UniPC do).
-    pub pin_terminal: bool,
-}
-
-impl ClassDefaults {
-    /// DDIMScheduler.
-    pub const DDIM: Self = Self {
-        beta_start: 0.0001,
-        beta_end: 0.02,
-        beta_schedule: "linear",
-        spacing: Spacing::Leading,
-        zero_snr: true,
-        pin_terminal: false,
-    };
-    /// EulerDiscrete, EulerAncestralDiscrete, DPMSolverMultistep, UniPCMultistep.
-    pub const K: Self = Self {
-        beta_start: 0.0001,
-        beta_end: 0.02,
-        beta_schedule: "linear",
-        spacing: Spacing::Linspace,
-        zero_snr: true,
-        pin_terminal: true,
-    };
-    /// HeunDiscreteScheduler.
-    pub const HEUN: Self = Self {
-        beta_start: 0.00085,
-        beta_end: 0.012,
-        beta_schedule: "linear",
-        spacing: Spacing::Linspace,
-        zero_snr: false,
-        pin_terminal: false,
-    };
-    /// LCMScheduler.
-    pub const LCM: Self = Self {
-        beta_start: 0.00085,
-        beta_end: 0.012,
-        beta_schedule: "scaled_linear",
-        spacing: Spacing::Leading,
-        zero_snr: true,
-        pin_terminal: false,
-    };
-}
-
-impl SchedulerConfig {
-    pub fn read(path: &Path) -> Result<Self> {
-        crate::models::read_json(path)
-    }
-
-    /// `(dynamic_thresholding_ratio, sample_max_value)` when `thresholding` is on.
-    pub fn thresholding(&self) -> Option<(f64, f64)> {
-        self.thresholding
-            .unwrap_or(false)
-            .then(|| (self.dynamic_thresholding_ratio.unwrap_or(0.995), self.sample_max_value.unwrap_or(1.0)))
-    }
-
-    /// `clip_sample_range` when `clip_sample` is on (`default`: the class's default for the switch).
-    pub fn clip_sample(&self, default: bool) -> Option<f64> {
-        self.clip_sample.unwrap_or(default).then(|| self.clip_sample_range.unwrap_or(1.0))
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PredictionType {
-    Epsilon,
-    VPrediction,
-    Sample,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Spacing {
-    Leading,
-    Trailing,
-    Linspace,
-}
-
-/// The common schedule fields, validated, with diffusers' shared defaults applied.
-#[derive(Debug, Clone)]
-pub struct Schedule {
-    pub num_train_timesteps: usize,
-    pub prediction: PredictionType,
-    pub spacing: Spacing,
-    pub steps_offset: usize,
-    /// ᾱ_t for t = 0 … T-1, in f32 as torch computes them (cumprod of 1 - β in float32).
-    pub alphas_cumprod: Vec<f32>,
-}
-
-impl Schedule {
-    /// DDIM's defaults (see [`Schedule::with_defaults`]).
-    pub fn from_config(cfg: &SchedulerConfig, path: &Path) -> Result<Self> {
-        Self::with_defaults(cfg, path, ClassDefaults::DDIM)
-    }
-
-    /// The schedule as diffusers' class with these constructor defaults builds it from `cfg`.
-    pub fn with_defaults(cfg: &SchedulerConfig, path: &Path, d: ClassDefaults) -> Result<Self> {
-        let n = cfg.num_train_timesteps.unwrap_or(1000);
-        if n < 2 {
-            return Err(Error::config(path, format!("'num_train_timesteps' must be at least 2, got {n}")));
-        }
-        let prediction = match cfg.prediction_type.as_deref().unwrap_or("epsilon") {
-            "epsilon" => PredictionType::Epsilon,
-            "v_prediction" => PredictionType::VPrediction,
-            "sample" => PredictionType::Sample,
-            other => return Err(Error::config(path, format!("'prediction_type' = {other:?} is not supported"))),
-        };
-        let spacing = match cfg.timestep_spacing.as_deref() {
-            None => d.spacing,
-            Some("leading") => Spacing::Leading,
-            Some("trailing") => Spacing::Trailing,
-            Some("linspace") => Spacing::Linspace,
-            Some(other) => return Err(Error::config(path, format!("'timestep_spacing' = {other:?} is not supported"))),
-        };
-        let betas = match &cfg.trained_betas {
-            Some(b) if !b.is_empty() => {
-                if b.len() != n {
-                    return Err(Error::config(
-                        path,
-                        format!("'trained_betas' has {} values, 'num_train_timesteps' is {n}", b.len()),
-                    ));
-                }
-                b.iter().map(|&x| x as f32).collect()
-            }
-            _ => {
-                let start = cfg.beta_start.unwrap_or(d.beta_start);
-                let end = cfg.beta_end.unwrap_or(d.beta_end);
-                match cfg.beta_schedule.as_deref().unwrap_or(d.beta_schedule) {
-                    "linear" => linspace_f32(start as f32, end as f32, n),
-                    "scaled_linear" => {
-                        linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n).into_iter().map(|b| b * b).collect()
-                    }
-                    "squaredcos_cap_v2" => cosine_betas(n),
-                    other => return Err(Error::config(path, format!("'beta_schedule' = {other:?} is not supported"))),
-                }
-            }
-        };
-        let zero_snr = d.zero_snr && cfg.rescale_betas_zero_snr.unwrap_or(false);
-        let betas = if zero_snr { rescale_zero_terminal_snr(&betas) } else { betas };
-        let mut alphas_cumprod = cumprod(&betas);
-        if zero_snr && d.pin_terminal {
-            // diffusers: "close to 0 without being 0 so first sigma is not inf".
-            *alphas_cumprod.last_mut().unwrap() = 2f32.powi(-24);
-        }
-        Ok(Self {
-            num_train_timesteps: n,
-            prediction,
-            spacing,
-            steps_offset: cfg.steps_offset.unwrap_or(0),
-            alphas_cumprod,
-        })
-    }
-}
-
-/// `torch.cumprod(1 - betas)` in float32: `1 - β` in f32, the running product accumulated in f64
-/// (torch's CPU `acc_type` for float), each partial product stored as f32.
-fn cumprod(betas: &[f32]) -> Vec<f32> {
-    let mut acc = 1f64;
-    betas
-        .iter()
-        .map(|b| {
-            acc *= (1.0f32 - b) as f64;
-            acc as f32
-        })
-        .collect()
-}
-
-/// `torch.linspace(start, end, n, dtype=float32)`: the first half counts up from `start`, the
-/// second half down from `end`, as torch's CPU kernel does.
-pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (n - 1) as f32;
-    let half = n / 2;
-    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 }).collect()
-}
-
-/// diffusers `betas_for_alpha_bar(..., "cosine")` (Nichol & Dhariwal 2021), computed in f64 then
-/// stored as f32 like `torch.tensor(betas, dtype=torch.float32)`. (candle's version divides
-/// integers and is wrong.)
-fn cosine_betas(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
-    (0..n)
-        .map(|i| {
-            let t1 = i as f64 / n as f64;
-            let t2 = (i + 1) as f64 / n as f64;
-            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
-        })
-        .collect()
-}
-
-/// diffusers `rescale_zero_terminal_snr` (Lin et al. 2023, "Common Diffusion Noise Schedules and
-/// Sample Steps are Flawed", Algorithm 1), in f32.
-fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
-    let mut sqrt_bar: Vec<f32> = cumprod(betas).iter().map(|a| a.sqrt()).collect();
-    let first = sqrt_bar[0];
-    let last = *sqrt_bar.last().unwrap();
-    for s in sqrt_bar.iter_mut() {
-        *s -= last;
-        *s *= first / (first - last);
-    }
-    let bar: Vec<f32> = sqrt_bar.iter().map(|s| s * s).collect();
-    let mut alphas = vec![bar[0]];
-    alphas.extend(bar.windows(2).map(|w| w[1] / w[0]));
-    alphas.iter().map(|a| 1.0 - a).collect()
-}
-
-/// `np.arange(start, stop, step)` in f64 as numpy computes it (length `ceil((stop-start)/step)`,
-/// values `start + i·delta` with `delta = (start+step) - start`).
-pub fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
-    let len = ((stop - start) / step).ceil();
-    if len <= 0.0 || !len.is_finite() {
-        return Vec::new();
-    }
-    let delta = (start + step) - start;
-    (0..len as usize).map(|i| start + i as f64 * delta).collect()
-}
-
-/// `np.linspace(start, stop, n)` (numpy: `start + i·step`, the last value set to `stop`).
-pub fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (stop - start) / (n - 1) as f64;
-    let mut v: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
-    v[n - 1] = stop;
-    v
-}
-
-/// The integer timesteps diffusers' DDIM-family `set_timesteps` produces for `steps`.
-pub fn spaced_timesteps(s: &Schedule, steps: usize) -> Vec<i64> {
-    let t = s.num_train_timesteps;
-    match s.spacing {
-        Spacing::Linspace => {
-            np_linspace(0.0, (t - 1) as f64, steps).iter().rev().map(|x| x.round_ties_even() as i64).collect()
-        }
-        Spacing::Leading => {
-            let ratio = (t / steps) as i64;
-            (0..steps as i64).rev().map(|i| i * ratio + s.steps_offset as i64).collect()
-        }
-        Spacing::Trailing => {
-            let ratio = t as f64 / steps as f64;
-            np_arange(t as f64, 0.0, -ratio).iter().map(|x| x.round_ties_even() as i64 - 1).collect()
-        }
-    }
-}
-
-/// Where img2img starts, as diffusers' `get_timesteps`: `init = min(int(steps·strength), steps)`,
-/// `t_start = steps - init`, and the kept timesteps are `timesteps[t_start·order:]`.
-pub fn strength_start(steps: usize, strength: f64, order: usize) -> usize {
-    let init = ((steps as f64 * strength) as usize).min(steps);
-    (steps - init) * order
-}
-
-/// `t / s` as a true division by the f32 scalar, as torch divides by a 0-d float32 tensor (candle's
-/// `Tensor / f64` multiplies by the reciprocal, which differs by an ulp — visible where σ ≫ 1).
-pub(crate) fn div(t: &Tensor, s: f64) -> Result<Tensor> {
-    let s = Tensor::new(s as f32, t.device())?.to_dtype(t.dtype())?;
-    Ok(t.broadcast_div(&s)?)
-}
 
 /// One sampler algorithm (a diffusers scheduler class).
 pub trait Sampler: Send {
@@ -390,95 +55,151 @@ pub trait Sampler: Send {
     ) -> Result<Tensor>;
 }
 
-/// The samplers users can pick by name (A1111/ComfyUI habits), each a diffusers scheduler class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SamplerKind {
-    Ddim,
-    Euler,
-    EulerA,
-    Heun,
-    DpmPp2m,
-    DpmPp2mSde,
-    UniPc,
-    Lcm,
+/// Builds a sampler for (scheduler config, its path for messages, steps, Karras sigmas).
+pub type Build = fn(&SchedulerConfig, &Path, usize, bool) -> Result<Box<dyn Sampler>>;
+
+/// One row of the sampler table.
+#[derive(Debug)]
+pub struct SamplerSpec {
+    /// The `--sampler` value (A1111/ComfyUI habits).
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub help: &'static str,
+    /// The diffusers class (and settings) it reproduces.
+    pub diffusers_class: &'static str,
+    /// Typical step count at strength 1 (benches, examples).
+    pub typical_steps: usize,
+    /// Whether the diffusers class has `use_karras_sigmas`.
+    pub karras: bool,
+    pub build: Build,
 }
 
+/// Every sampler, in the order `--help` lists them.
+pub static SAMPLERS: &[SamplerSpec] = &[
+    SamplerSpec {
+        name: "ddim",
+        help: "DDIM, deterministic (eta 0); 20-50 steps",
+        diffusers_class: "DDIMScheduler (eta 0)",
+        typical_steps: 30,
+        karras: false,
+        build: |c, p, s, _| Ok(Box::new(ddim::Ddim::new(c, p, s)?)),
+    },
+    SamplerSpec {
+        name: "euler",
+        help: "Euler; 20-30 steps (--karras supported)",
+        diffusers_class: "EulerDiscreteScheduler",
+        typical_steps: 30,
+        karras: true,
+        build: |c, p, s, k| Ok(Box::new(euler::Euler::new(c, p, s, k)?)),
+    },
+    SamplerSpec {
+        name: "euler-a",
+        help: "Euler ancestral, adds fresh noise each step; 20-40 steps",
+        diffusers_class: "EulerAncestralDiscreteScheduler",
+        typical_steps: 30,
+        karras: false,
+        build: |c, p, s, _| Ok(Box::new(euler_ancestral::EulerAncestral::new(c, p, s)?)),
+    },
+    SamplerSpec {
+        name: "heun",
+        help: "Heun, 2 UNet calls per step; 10-20 steps (--karras supported)",
+        diffusers_class: "HeunDiscreteScheduler",
+        typical_steps: 15,
+        karras: true,
+        build: |c, p, s, k| Ok(Box::new(heun::Heun::new(c, p, s, k)?)),
+    },
+    SamplerSpec {
+        name: "dpmpp-2m",
+        help: "DPM++ 2M; 15-25 steps, the usual best choice (--karras supported)",
+        diffusers_class: "DPMSolverMultistepScheduler (dpmsolver++, order 2)",
+        typical_steps: 20,
+        karras: true,
+        build: |c, p, s, k| Ok(Box::new(dpmsolver::DpmSolver::new(c, p, s, k, false)?)),
+    },
+    SamplerSpec {
+        name: "dpmpp-2m-sde",
+        help: "DPM++ 2M SDE, stochastic; 15-25 steps (--karras supported)",
+        diffusers_class: "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
+        typical_steps: 20,
+        karras: true,
+        build: |c, p, s, k| Ok(Box::new(dpmsolver::DpmSolver::new(c, p, s, k, true)?)),
+    },
+    SamplerSpec {
+        name: "unipc",
+        help: "UniPC predictor-corrector; 8-15 steps (--karras supported)",
+        diffusers_class: "UniPCMultistepScheduler",
+        typical_steps: 15,
+        karras: true,
+        build: |c, p, s, k| Ok(Box::new(unipc::UniPc::new(c, p, s, k)?)),
+    },
+    SamplerSpec {
+        name: "lcm",
+        help: "LCM, for LCM-LoRA/LCM models; 4-8 steps with --guidance 1-1.5",
+        diffusers_class: "LCMScheduler",
+        typical_steps: 4,
+        karras: false,
+        build: |c, p, s, _| Ok(Box::new(lcm::Lcm::new(c, p, s)?)),
+    },
+];
+
+/// A sampler chosen by name: a handle to its row of [`SAMPLERS`].
+#[derive(Debug, Clone, Copy)]
+pub struct SamplerKind(&'static SamplerSpec);
+
+impl PartialEq for SamplerKind {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for SamplerKind {}
+
 impl SamplerKind {
-    pub const ALL: &'static [SamplerKind] = &[
-        SamplerKind::Ddim,
-        SamplerKind::Euler,
-        SamplerKind::EulerA,
-        SamplerKind::Heun,
-        SamplerKind::DpmPp2m,
-        SamplerKind::DpmPp2mSde,
-        SamplerKind::UniPc,
-        SamplerKind::Lcm,
-    ];
+    /// Every sampler, in table order.
+    pub fn all() -> impl Iterator<Item = SamplerKind> {
+        SAMPLERS.iter().map(SamplerKind)
+    }
+
+    pub fn by_name(name: &str) -> Option<SamplerKind> {
+        SAMPLERS.iter().find(|s| s.name == name).map(SamplerKind)
+    }
+
+    pub fn spec(self) -> &'static SamplerSpec {
+        self.0
+    }
 
     pub fn name(self) -> &'static str {
-        match self {
-            SamplerKind::Ddim => "ddim",
-            SamplerKind::Euler => "euler",
-            SamplerKind::EulerA => "euler-a",
-            SamplerKind::Heun => "heun",
-            SamplerKind::DpmPp2m => "dpmpp-2m",
-            SamplerKind::DpmPp2mSde => "dpmpp-2m-sde",
-            SamplerKind::UniPc => "unipc",
-            SamplerKind::Lcm => "lcm",
-        }
+        self.0.name
     }
 
-    /// The diffusers class (and settings) it reproduces.
     pub fn diffusers_class(self) -> &'static str {
-        match self {
-            SamplerKind::Ddim => "DDIMScheduler (eta 0)",
-            SamplerKind::Euler => "EulerDiscreteScheduler",
-            SamplerKind::EulerA => "EulerAncestralDiscreteScheduler",
-            SamplerKind::Heun => "HeunDiscreteScheduler",
-            SamplerKind::DpmPp2m => "DPMSolverMultistepScheduler (dpmsolver++, order 2)",
-            SamplerKind::DpmPp2mSde => "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
-            SamplerKind::UniPc => "UniPCMultistepScheduler",
-            SamplerKind::Lcm => "LCMScheduler",
-        }
+        self.0.diffusers_class
     }
 
-    /// Typical step counts at strength 1 (for help texts and benches).
     pub fn typical_steps(self) -> usize {
-        match self {
-            SamplerKind::Ddim | SamplerKind::Euler | SamplerKind::EulerA => 30,
-            SamplerKind::Heun => 15,
-            SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde => 20,
-            SamplerKind::UniPc => 15,
-            SamplerKind::Lcm => 4,
-        }
+        self.0.typical_steps
     }
 
-    /// Whether the diffusers class has `use_karras_sigmas`.
     pub fn supports_karras(self) -> bool {
-        !matches!(self, SamplerKind::Ddim | SamplerKind::EulerA | SamplerKind::Lcm)
+        self.0.karras
     }
 
     /// Builds the sampler for `steps` inference steps from the model's scheduler config.
     /// `karras` (the `--karras` flag) or the config's own `use_karras_sigmas` selects Karras sigmas.
     pub fn build(self, cfg: &SchedulerConfig, path: &Path, steps: usize, karras: bool) -> Result<Box<dyn Sampler>> {
         if karras && !self.supports_karras() {
-            return Err(Error::Argument(format!(
-                "--karras: the {} sampler has no Karras sigmas ({} has no use_karras_sigmas)",
-                self.name(),
-                self.diffusers_class()
-            )));
+            return Err(Error::setting(
+                "karras",
+                format!(
+                    "is not available for the {} sampler ({} has no use_karras_sigmas; use one of {})",
+                    self.name(),
+                    self.diffusers_class(),
+                    Self::all().filter(|k| k.supports_karras()).map(|k| k.name()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
         }
         let k = karras || (self.supports_karras() && cfg.use_karras_sigmas.unwrap_or(false));
-        Ok(match self {
-            SamplerKind::Ddim => Box::new(ddim::Ddim::new(cfg, path, steps)?),
-            SamplerKind::Euler => Box::new(euler::Euler::new(cfg, path, steps, k)?),
-            SamplerKind::EulerA => Box::new(euler_ancestral::EulerAncestral::new(cfg, path, steps)?),
-            SamplerKind::Heun => Box::new(heun::Heun::new(cfg, path, steps, k)?),
-            SamplerKind::DpmPp2m => Box::new(dpmsolver::DpmSolver::new(cfg, path, steps, k, false)?),
-            SamplerKind::DpmPp2mSde => Box::new(dpmsolver::DpmSolver::new(cfg, path, steps, k, true)?),
-            SamplerKind::UniPc => Box::new(unipc::UniPc::new(cfg, path, steps, k)?),
-            SamplerKind::Lcm => Box::new(lcm::Lcm::new(cfg, path, steps)?),
-        })
+        (self.0.build)(cfg, path, steps, k)
     }
 }
 
@@ -491,11 +212,10 @@ impl std::fmt::Display for SamplerKind {
 impl std::str::FromStr for SamplerKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        SamplerKind::ALL
-            .iter()
-            .copied()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| Error::Argument(format!("unknown sampler {s:?}")))
+        Self::by_name(s).ok_or_else(|| {
+            let names: Vec<&str> = SAMPLERS.iter().map(|s| s.name).collect();
+            Error::setting("sampler", format!("{s:?} is unknown (samplers: {})", names.join(", ")))
+        })
     }
 }
 
@@ -504,27 +224,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strength_start_matches_get_timesteps() {
-        // int(20 * 0.55) = 11 in Python (20 * 0.55 = 11.000000000000002), so 9 steps are skipped.
-        assert_eq!(strength_start(20, 0.55, 1), 9);
-        assert_eq!(strength_start(10, 1.0, 1), 0);
-        assert_eq!(strength_start(10, 0.0, 1), 10);
-        // 0.29 * 100 = 28.999999999999996 truncates to 28.
-        assert_eq!(strength_start(100, 0.29, 1), 72);
-        assert_eq!(strength_start(5, 0.5, 2), 6);
-    }
-
-    #[test]
-    fn np_arange_length_follows_numpy() {
-        // numpy: np.arange(1000, 0, -1000/3) has 3 elements: 1000, 666.67, 333.33.
-        assert_eq!(np_arange(1000.0, 0.0, -1000.0 / 3.0).len(), 3);
-        assert_eq!(np_arange(1000.0, 0.0, -1000.0 / 7.0).len(), 7);
-    }
-
-    #[test]
-    fn linspace_ends_exactly() {
-        let v = linspace_f32(0.1, 0.7, 7);
-        assert_eq!(v[0], 0.1);
-        assert_eq!(v[6], 0.7);
+    fn names_are_unique_and_parse_back() {
+        for k in SamplerKind::all() {
+            assert_eq!(k.name().parse::<SamplerKind>().unwrap(), k);
+            assert_eq!(SAMPLERS.iter().filter(|s| s.name == k.name()).count(), 1);
+        }
+        assert!("euler_a".parse::<SamplerKind>().is_err());
     }
 }

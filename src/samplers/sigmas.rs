@@ -1,9 +1,13 @@
-//! Sigma-space helpers shared by the k-diffusion family (Karras et al. 2022, "Elucidating the Design
+//! σ-space schedules shared by the k-diffusion family (Karras et al. 2022, "Elucidating the Design
 //! Space of Diffusion-Based Generative Models"): σ_t = √((1-ᾱ_t)/ᾱ_t), timestep spacings as each
-//! diffusers class computes them, `np.interp`, Karras ρ=7 spacing and `_sigma_to_t`.
+//! diffusers class computes them, `np.interp`, Karras ρ=7 spacing and `_sigma_to_t`; the σ schedule
+//! Euler, Euler-a and Heun share ([`KSigmas`]) and the one DPM-Solver and UniPC share
+//! ([`MultistepSigmas`]).
 
-use super::{np_arange, np_linspace, Schedule, SchedulerConfig, Spacing};
+use super::common::{add_noise_sigma, check_steps, div, predicted_x0};
+use super::schedule::{np_arange, np_linspace, ClassDefaults, PredictionType, Schedule, SchedulerConfig, Spacing};
 use crate::error::{Error, Result};
+use candle_core::Tensor;
 use std::path::Path;
 
 /// σ for every training timestep, computed in f32 like `((1 - ᾱ) / ᾱ) ** 0.5` on a float32 tensor.
@@ -118,6 +122,153 @@ pub fn reject_unsupported(cfg: &SchedulerConfig, path: &Path) -> Result<()> {
 /// Rounds to f32 and back: diffusers stores sigmas as a float32 tensor.
 pub fn f32s(v: impl IntoIterator<Item = f64>) -> Vec<f64> {
     v.into_iter().map(|x| x as f32 as f64).collect()
+}
+
+/// The σ schedule Euler and Heun share: spaced timesteps, interpolated (or Karras) sigmas.
+#[derive(Debug, Clone)]
+pub struct KSigmas {
+    pub schedule: Schedule,
+    /// Timesteps fed to the UNet (fractional with Karras).
+    pub timesteps: Vec<f64>,
+    /// One sigma per timestep plus the final one.
+    pub sigmas: Vec<f64>,
+}
+
+impl KSigmas {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        path: &Path,
+        steps: usize,
+        defaults: ClassDefaults,
+        karras_on: bool,
+        final_zero_only: bool,
+    ) -> Result<Self> {
+        reject_unsupported(cfg, path)?;
+        let schedule = Schedule::with_defaults(cfg, path, defaults)?;
+        check_steps(steps, schedule.num_train_timesteps, "the model's num_train_timesteps")?;
+        if cfg.timestep_type.as_deref().is_some_and(|t| t != "discrete") {
+            return Err(Error::config(path, "'timestep_type' = \"continuous\" is not supported"));
+        }
+        let train = train_sigmas(&schedule);
+        let mut timesteps = float_timesteps(&schedule, steps);
+        let mut sigmas: Vec<f64> = match cfg.interpolation_type.as_deref().unwrap_or("linear") {
+            "linear" => timesteps.iter().map(|&t| interp(t, &train)).collect(),
+            other => return Err(Error::config(path, format!("'interpolation_type' = {other:?} is not supported"))),
+        };
+        if karras_on {
+            let min = cfg.sigma_min.unwrap_or(*sigmas.last().unwrap());
+            let max = cfg.sigma_max.unwrap_or(sigmas[0]);
+            sigmas = karras(min, max, steps);
+            let log = log_sigmas(&train);
+            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log) as f32 as f64).collect();
+        }
+        let last = if final_zero_only { 0.0 } else { final_sigma(cfg, &schedule, path)? };
+        sigmas.push(last);
+        Ok(Self { schedule, timesteps, sigmas: f32s(sigmas) })
+    }
+
+    /// x₀ from the model output at σ (diffusers' `pred_original_sample`).
+    pub fn x0(&self, out: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
+        Ok(match self.schedule.prediction {
+            PredictionType::Epsilon => (sample - (out * sigma)?)?,
+            PredictionType::VPrediction => {
+                let s2p1 = (sigma as f32) * (sigma as f32) + 1.0;
+                ((out * (-sigma as f32 / s2p1.sqrt()) as f64)? + div(sample, s2p1 as f64)?)?
+            }
+            PredictionType::Sample => out.clone(),
+        })
+    }
+
+    /// `sample / √(σ² + 1)`.
+    pub fn scale(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        let s = self.sigmas[index] as f32;
+        div(sample, (s * s + 1.0).sqrt() as f64)
+    }
+
+    /// `original + noise · σ[index]`.
+    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        add_noise_sigma(original, noise, self.sigmas[index])
+    }
+}
+
+/// α_t = 1/√(σ²+1), σ_t = σ·α_t (diffusers `_sigma_to_alpha_sigma_t`).
+pub fn alpha_sigma(sigma: f64) -> (f64, f64) {
+    let a = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (a, sigma * a)
+}
+
+/// λ = log α_t − log σ_t.
+pub fn lambda(sigma: f64) -> f64 {
+    let (a, s) = alpha_sigma(sigma);
+    a.ln() - s.ln()
+}
+
+/// The multistep family's σ schedule (DPM-Solver and UniPC `set_timesteps`).
+#[derive(Debug, Clone)]
+pub struct MultistepSigmas {
+    pub schedule: Schedule,
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f64>,
+}
+
+impl MultistepSigmas {
+    /// `unipc`: UniPC honours `sigma_min`/`sigma_max` for the Karras range and rounds Karras
+    /// timesteps for every beta schedule; DPM-Solver ignores the range and keeps the cosine
+    /// schedule's fractional timesteps (truncated to integers).
+    pub fn new(
+        cfg: &SchedulerConfig,
+        path: &Path,
+        steps: usize,
+        karras_on: bool,
+        lambda_min_clipped: f64,
+        unipc: bool,
+    ) -> Result<Self> {
+        reject_unsupported(cfg, path)?;
+        let schedule = Schedule::with_defaults(cfg, path, ClassDefaults::K)?;
+        let t = schedule.num_train_timesteps;
+        check_steps(steps, t, "the model's num_train_timesteps")?;
+        let train = train_sigmas(&schedule);
+        // searchsorted(flip(λ_t), lambda_min_clipped): how many of the smallest λ are clipped.
+        let lambdas: Vec<f64> = schedule
+            .alphas_cumprod
+            .iter()
+            .map(|&a| ((a as f64).sqrt()).ln() - ((1.0 - a as f64).sqrt()).ln())
+            .collect();
+        let clipped = lambdas.iter().rev().take_while(|&&l| l < lambda_min_clipped).count();
+        let last_timestep = t - clipped;
+        let mut timesteps = multistep_timesteps(&schedule, steps, last_timestep);
+        let log = log_sigmas(&train);
+        let mut sigmas: Vec<f64> = if karras_on {
+            let (mut min, mut max) = (train[0], *train.last().unwrap());
+            if unipc {
+                min = cfg.sigma_min.unwrap_or(min);
+                max = cfg.sigma_max.unwrap_or(max);
+            }
+            let s = karras(min, max, steps);
+            let cosine = !unipc && cfg.beta_schedule.as_deref() == Some("squaredcos_cap_v2");
+            timesteps =
+                s.iter().map(|&x| sigma_to_t(x, &log)).map(|x| if cosine { x } else { x.round_ties_even() }).collect();
+            // diffusers stores these timesteps as int64.
+            timesteps = timesteps.into_iter().map(|x| x.trunc()).collect();
+            s
+        } else {
+            timesteps.iter().map(|&x| interp(x, &train)).collect()
+        };
+        sigmas.push(final_sigma(cfg, &schedule, path)?);
+        Ok(Self { schedule, timesteps, sigmas: f32s(sigmas) })
+    }
+
+    /// x₀ from the model output at `sigmas[index]` (data prediction).
+    pub fn x0(&self, out: &Tensor, sample: &Tensor, index: usize) -> Result<Tensor> {
+        let (a, s) = alpha_sigma(self.sigmas[index]);
+        predicted_x0(self.schedule.prediction, out, sample, a, s)
+    }
+
+    /// `α_t · original + σ_t · noise` at `sigmas[index]`.
+    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (a, s) = alpha_sigma(self.sigmas[index]);
+        Ok(((original * a)? + (noise * s)?)?)
+    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,10 @@
 //! (`multistep_uni_p_bh_update`, `multistep_uni_c_bh_update`, `step`) with the B(h) variants bh1/bh2,
 //! data prediction by default, any `solver_order`, lower-order warm-up and final steps.
 
-use super::dpmsolver::{alpha_sigma, lambda, MultistepSigmas};
-use super::{PredictionType, Sampler, SchedulerConfig};
+use super::common::{predicted_eps, threshold};
+use super::schedule::SchedulerConfig;
+use super::sigmas::{alpha_sigma, lambda, MultistepSigmas};
+use super::Sampler;
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
 use candle_core::Tensor;
@@ -82,16 +84,12 @@ impl UniPc {
         if self.predict_x0 {
             let mut x0 = self.m.x0(out, sample, index)?;
             if let Some((ratio, max)) = self.thresholding {
-                x0 = super::ddim::Ddim::threshold(&x0, ratio, max)?;
+                x0 = threshold(&x0, ratio, max)?;
             }
             return Ok(x0);
         }
         let (a, s) = alpha_sigma(self.m.sigmas[index]);
-        Ok(match self.m.schedule.prediction {
-            PredictionType::Epsilon => out.clone(),
-            PredictionType::Sample => ((sample - (out * a)?)? / s)?,
-            PredictionType::VPrediction => ((out * a)? + (sample * s)?)?,
-        })
+        predicted_eps(self.m.schedule.prediction, out, sample, a, s)
     }
 
     /// h, φ-terms and B(h) of the update from σ_{s0} to σ_t.

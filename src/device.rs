@@ -1,0 +1,214 @@
+//! Everything that depends on the compute device lives here: which device a run gets (`--device`),
+//! why it fell back to the CPU, what the device is (name, memory), and whether the CPU kernels or
+//! candle's generic operations run. The models themselves are device-agnostic: on CUDA and Metal
+//! they run candle's generic ops, on the CPU our kernels where they are faster
+//! (`models::kernels`); `GHIBLIFY_GENERIC_OPS=1` makes the CPU take the generic path too, so the
+//! code a GPU runs is tested against diffusers on every CI run.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+
+/// `--device`: where to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DevicePreference {
+    /// CUDA or Metal when this build has it and a device answers, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+/// The device a run got, and, for `auto` on the CPU, why no GPU was taken.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    pub device: Device,
+    pub fallback: Option<String>,
+}
+
+/// How to get a GPU backend into a build that lacks it.
+fn rebuild_hint(feature: &str) -> String {
+    match feature {
+        "cuda" => "this build has no CUDA support; build it with scripts/build-cuda (or cargo build --release \
+                   --features cuda)"
+            .into(),
+        _ => format!("this build has no {feature} support; build it with cargo build --release --features {feature}"),
+    }
+}
+
+/// Opens CUDA device 0. The CUDA libraries (driver, cuBLAS, cuRAND) are opened here for the first
+/// time when the binary was built by scripts/build-cuda (dynamic loading): a missing one is a
+/// panic inside cudarc, turned into an error that names it.
+#[cfg(feature = "cuda")]
+fn open_cuda() -> std::result::Result<Device, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(|| Device::new_cuda(0));
+    std::panic::set_hook(hook);
+    match r {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(crate::error::candle_message(&e)),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the CUDA libraries could not be loaded".into());
+            // cudarc: 'Unable to dynamically load the "cublas" shared library - searched for ...'.
+            let lib = msg.split('"').nth(1).map(|l| format!("lib{l}"));
+            Err(match lib {
+                Some(lib) if msg.contains("Unable to dynamically load") => format!(
+                    "{lib} was not found (the NVIDIA driver provides libcuda; cuBLAS and cuRAND come with the CUDA \
+                     toolkit or the nvidia-cublas / nvidia-curand wheels: put their lib folders on LD_LIBRARY_PATH)"
+                ),
+                _ => msg.lines().next().unwrap_or_default().to_string(),
+            })
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda() -> std::result::Result<Device, String> {
+    Err(rebuild_hint("cuda"))
+}
+
+#[cfg(feature = "metal")]
+fn open_metal() -> std::result::Result<Device, String> {
+    Device::new_metal(0).map_err(|e| crate::error::candle_message(&e))
+}
+
+#[cfg(not(feature = "metal"))]
+fn open_metal() -> std::result::Result<Device, String> {
+    Err(rebuild_hint("metal"))
+}
+
+impl DevicePreference {
+    /// The device: `cpu`, `cuda` and `metal` as asked (an unavailable GPU is an error saying how
+    /// to build for it or what is missing); `auto` takes CUDA, then Metal, when compiled in and
+    /// answering, else the CPU with the reason.
+    pub fn resolve(self) -> Result<Chosen> {
+        let fail = |name: &'static str, why: String| Error::setting("device", format!("{name}: {why}"));
+        match self {
+            DevicePreference::Cpu => Ok(Chosen { device: Device::Cpu, fallback: None }),
+            DevicePreference::Cuda => {
+                open_cuda().map(|device| Chosen { device, fallback: None }).map_err(|why| fail("cuda", why))
+            }
+            DevicePreference::Metal => {
+                open_metal().map(|device| Chosen { device, fallback: None }).map_err(|why| fail("metal", why))
+            }
+            DevicePreference::Auto => {
+                let mut why = Vec::new();
+                if cfg!(feature = "cuda") {
+                    match open_cuda() {
+                        Ok(device) => return Ok(Chosen { device, fallback: None }),
+                        Err(e) => why.push(format!("CUDA: {e}")),
+                    }
+                }
+                if cfg!(feature = "metal") {
+                    match open_metal() {
+                        Ok(device) => return Ok(Chosen { device, fallback: None }),
+                        Err(e) => why.push(format!("Metal: {e}")),
+                    }
+                }
+                if why.is_empty() {
+                    why.push("this build has no GPU support (scripts/build-cuda, or --features metal)".into());
+                }
+                Ok(Chosen { device: Device::Cpu, fallback: Some(why.join("; ")) })
+            }
+        }
+    }
+}
+
+/// The weights' dtype: f32 by default on the CPU, f16 on GPUs. On the CPU f16/bf16 is a storage
+/// format (half the memory); the arithmetic stays f32 (see `models::compute_dtype`).
+pub fn default_dtype(device: &Device, asked: Option<DType>) -> DType {
+    match (asked, device.is_cpu()) {
+        (Some(d), _) => d,
+        (None, true) => DType::F32,
+        (None, false) => DType::F16,
+    }
+}
+
+/// Whether the CPU runs candle's generic operations instead of our kernels (`GHIBLIFY_GENERIC_OPS=1`,
+/// read once; tests switch it per thread with [`with_generic_ops`]).
+pub fn generic_ops() -> bool {
+    GENERIC_OVERRIDE.with(|o| o.get()).unwrap_or_else(|| {
+        static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ENV.get_or_init(|| std::env::var("GHIBLIFY_GENERIC_OPS").is_ok_and(|v| !matches!(v.trim(), "" | "0")))
+    })
+}
+
+thread_local! {
+    static GENERIC_OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the generic operations on or off on this thread (the model code runs on the
+/// calling thread; only the inside of a kernel is parallel), whatever the environment says.
+pub fn with_generic_ops<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let before = GENERIC_OVERRIDE.with(|o| o.replace(Some(on)));
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC_OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
+/// One line for `-v`: the device, its name and memory, the dtype, and which operations run.
+pub fn describe(device: &Device, dtype: DType) -> String {
+    let ops = if !device.is_cpu() {
+        "candle's generic operations"
+    } else if generic_ops() {
+        "candle's generic operations (GHIBLIFY_GENERIC_OPS)"
+    } else {
+        "ghiblify's CPU kernels"
+    };
+    let what = match device {
+        Device::Cpu => {
+            let threads = rayon::current_num_threads();
+            format!("CPU ({threads} threads{})", cpu_features())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda_name(d),
+        other => format!("{:?}", other.location()),
+    };
+    format!("device {what}, dtype {dtype:?}, {ops}")
+}
+
+fn cpu_features() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return ", AVX-512";
+        }
+        if is_x86_feature_detected!("avx2") {
+            return ", AVX2";
+        }
+    }
+    ""
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_name(d: &candle_core::CudaDevice) -> String {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = d.cuda_stream().context().clone();
+    let ordinal = ctx.ordinal();
+    let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+    let total = ctx.total_mem().map(|b| format!(", {:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+    let cc = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .and_then(|ma| {
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).map(|mi| (ma, mi))
+        })
+        .map(|(ma, mi)| format!(", sm_{ma}{mi}"))
+        .unwrap_or_default();
+    format!("CUDA:{ordinal} {name}{total}{cc}")
+}
+
+/// Whether an error message is a GPU out-of-memory (cudarc's `CUDA_ERROR_OUT_OF_MEMORY`, Metal's
+/// allocation failures).
+pub fn is_out_of_memory(msg: &str) -> bool {
+    msg.contains("OUT_OF_MEMORY") || msg.contains("out of memory") || msg.contains("Failed to create metal resource")
+}

@@ -1,0 +1,182 @@
+//! What was made, as one typed record, and its writers: the A1111 `parameters` text (what
+//! A1111-compatible tools and civitai read), PNG text chunks, the EXIF block of JPEG and WebP
+//! outputs, and the XMP packet with IPTC's digital source type. Every writer formats the same
+//! record; nothing reads it back by string key.
+
+use std::io::Cursor;
+
+/// IPTC's term for "a photo transformed or composited with a generative model's output".
+pub const DIGITAL_SOURCE_TYPE: &str =
+    "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia";
+
+/// The model a picture was made with.
+#[derive(Debug, Clone, Default)]
+pub struct ModelRecord {
+    /// The repo id (with `@revision` when pinned) or the folder's path.
+    pub name: String,
+    /// A1111's short model hash (first 10 hex digits of the UNet weights' sha256), when cheap.
+    pub hash: Option<String>,
+    /// The licence its model card or preset states.
+    pub license: Option<String>,
+}
+
+/// One LoRA merged into the model.
+#[derive(Debug, Clone)]
+pub struct LoraRecord {
+    pub name: String,
+    /// First 10 hex digits of the file's sha256 ("unknown" if it could not be read).
+    pub hash: String,
+    pub scale: f64,
+}
+
+/// Everything the outputs say about how they were made.
+#[derive(Debug, Clone)]
+pub struct Provenance {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub sampler: String,
+    pub karras: bool,
+    pub guidance: f64,
+    pub strength: f64,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub model: ModelRecord,
+    /// A replacement VAE (`--vae`), by repo id or folder name.
+    pub vae: Option<String>,
+    pub loras: Vec<LoraRecord>,
+    /// The input photo's file name.
+    pub source: String,
+}
+
+/// `ghiblify x.y.z`.
+pub fn software() -> String {
+    format!("ghiblify {}", env!("CARGO_PKG_VERSION"))
+}
+
+impl Provenance {
+    /// The A1111 `parameters` text: prompt (LoRAs as `<lora:NAME:SCALE>`), negative prompt, then
+    /// one line of `Key: value` settings.
+    pub fn parameters(&self) -> String {
+        let mut out = self.prompt.clone();
+        for l in &self.loras {
+            out.push_str(&format!(" <lora:{}:{}>", l.name, l.scale));
+        }
+        out.push_str(&format!("\nNegative prompt: {}\n", self.negative_prompt));
+        let mut fields = vec![
+            format!("Steps: {}", self.steps),
+            format!("Sampler: {}{}", self.sampler, if self.karras { " Karras" } else { "" }),
+            format!("CFG scale: {}", self.guidance),
+            format!("Seed: {}", self.seed),
+            format!("Size: {}x{}", self.width, self.height),
+        ];
+        if let Some(h) = &self.model.hash {
+            fields.push(format!("Model hash: {h}"));
+        }
+        fields.push(format!("Model: {}", self.model.name));
+        fields.push(format!("Denoising strength: {}", self.strength));
+        if let Some(v) = &self.vae {
+            fields.push(format!("VAE: {v}"));
+        }
+        if !self.loras.is_empty() {
+            let hashes: Vec<String> = self.loras.iter().map(|l| format!("{}: {}", l.name, l.hash)).collect();
+            fields.push(format!("Lora hashes: \"{}\"", hashes.join(", ")));
+        }
+        fields.push(format!("Version: {}", software()));
+        out.push_str(&fields.join(", "));
+        out
+    }
+
+    /// "AI-generated: latent-diffusion img2img of 'photo.jpg'".
+    pub fn source_line(&self) -> String {
+        format!("AI-generated: latent-diffusion img2img of '{}'", self.source)
+    }
+
+    pub fn license_line(&self) -> String {
+        format!("model licence: {}", self.model.license.as_deref().unwrap_or("unknown (see the model card)"))
+    }
+
+    /// The PNG text chunks, in order.
+    pub fn png_text(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("parameters", self.parameters()),
+            ("Software", software()),
+            ("Source", self.source_line()),
+            ("Model", self.model.name.clone()),
+            ("License", self.license_line()),
+        ]
+    }
+
+    /// The XMP packet: IPTC digital source type, the creator tool, the description, the model and
+    /// its licence.
+    pub fn xmp(&self) -> String {
+        format!(
+            "<?xpacket begin=\"\u{feff}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>\n\
+<x:xmpmeta xmlns:x=\"adobe:ns:meta/\">\n\
+ <rdf:RDF xmlns:rdf=\"http://www.w3.org/1999/02/22-rdf-syntax-ns#\">\n\
+  <rdf:Description rdf:about=\"\"\n\
+    xmlns:Iptc4xmpExt=\"http://iptc.org/std/Iptc4xmpExt/2008-02-29/\"\n\
+    xmlns:xmp=\"http://ns.adobe.com/xap/1.0/\"\n\
+    xmlns:dc=\"http://purl.org/dc/elements/1.1/\"\n\
+    Iptc4xmpExt:DigitalSourceType=\"{DIGITAL_SOURCE_TYPE}\"\n\
+    xmp:CreatorTool=\"{}\">\n\
+   <dc:description><rdf:Alt><rdf:li xml:lang=\"x-default\">{}</rdf:li></rdf:Alt></dc:description>\n\
+   <dc:source>{}</dc:source>\n\
+   <dc:rights><rdf:Alt><rdf:li xml:lang=\"x-default\">{}</rdf:li></rdf:Alt></dc:rights>\n\
+  </rdf:Description>\n\
+ </rdf:RDF>\n\
+</x:xmpmeta>\n\
+<?xpacket end=\"r\"?>",
+            xml_escape(&software()),
+            xml_escape(&self.source_line()),
+            xml_escape(&self.model.name),
+            xml_escape(&self.license_line())
+        )
+    }
+
+    /// The EXIF block (TIFF layout, little endian) for JPEG and WebP: ImageDescription (the source
+    /// line), Software, and the `parameters` text in the Exif UserComment, where A1111-compatible
+    /// tools look for it in JPEGs (ASCII when it is, else the UNICODE/UTF-16 form the standard
+    /// defines).
+    pub fn exif(&self) -> std::io::Result<Vec<u8>> {
+        use exif::{Field, In, Tag, Value};
+        // ASCII fields: keep them ASCII (non-ASCII prompt text lives in UserComment).
+        let ascii = |s: &str| {
+            s.chars().map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' }).collect::<String>()
+        };
+        let params = self.parameters();
+        let mut comment = Vec::new();
+        if params.is_ascii() {
+            comment.extend_from_slice(b"ASCII\0\0\0");
+            comment.extend_from_slice(params.as_bytes());
+        } else {
+            comment.extend_from_slice(b"UNICODE\0");
+            comment.extend(params.encode_utf16().flat_map(|u| u.to_le_bytes()));
+        }
+        let fields = [
+            Field {
+                tag: Tag::ImageDescription,
+                ifd_num: In::PRIMARY,
+                value: Value::Ascii(vec![ascii(&self.source_line()).into_bytes()]),
+            },
+            Field {
+                tag: Tag::Software,
+                ifd_num: In::PRIMARY,
+                value: Value::Ascii(vec![ascii(&software()).into_bytes()]),
+            },
+            Field { tag: Tag::UserComment, ifd_num: In::PRIMARY, value: Value::Undefined(comment, 0) },
+        ];
+        let mut w = exif::experimental::Writer::new();
+        for f in &fields {
+            w.push_field(f);
+        }
+        let mut buf = Cursor::new(Vec::new());
+        w.write(&mut buf, true).map_err(std::io::Error::other)?;
+        Ok(buf.into_inner())
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
