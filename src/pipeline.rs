@@ -1,6 +1,7 @@
 //! Img2img with latent diffusion, following diffusers'
 //! `pipelines/stable_diffusion/pipeline_stable_diffusion_img2img.py` (`__call__`) step by step:
-//! the numbered steps below are that file's.
+//! the numbered steps below are that file's (its 2, call parameters, and 7, extra step arguments,
+//! have nothing to do here; the decode after its loop is our 9).
 
 use crate::error::{Error, Result};
 use crate::models::clip::ClipTextEncoder;
@@ -105,7 +106,7 @@ impl Trace {
 }
 
 /// Scaled latents (1, C, h, w) → the picture (H, W, 3) in [0, 1] on the CPU: unscale, decode,
-/// `(x / 2 + 0.5).clamp(0, 1)`, channels last (step 7, and `--preview`).
+/// `(x / 2 + 0.5).clamp(0, 1)`, channels last (step 9, and `--preview`).
 pub fn latents_to_image(vae: &Autoencoder, latents: &Tensor, tiled: bool) -> Result<Tensor> {
     let decoded = vae.decode(&(latents / vae.scaling_factor())?, tiled)?;
     let out = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
@@ -406,7 +407,7 @@ impl StableDiffusion {
         let cfg = p.guidance > 1.0;
         let tiled = p.vae_tiling.tiles(w, h);
 
-        // 2. Encode the prompt (and the negative prompt for classifier-free guidance).
+        // 3. Encode the prompt (and the negative prompt for classifier-free guidance).
         let t0 = clock();
         let cond = self.encode_text(&p.prompt)?;
         trace.record("prompt_embeds", &cond)?;
@@ -419,16 +420,16 @@ impl StableDiffusion {
         };
         timings.text = t0.elapsed().as_secs_f64();
 
-        // 3. Preprocess the image (done by the caller: [-1, 1], working size).
+        // 4. Preprocess the image (done by the caller: [-1, 1], working size).
         let image = image.to_device(&self.device)?.to_dtype(self.dtype)?;
 
-        // 4. Set timesteps, cut by strength (`get_timesteps`, `set_begin_index`).
+        // 5. Set timesteps, cut by strength (`get_timesteps`, `set_begin_index`).
         sampler.set_begin_index(begin);
         let kept: Vec<f32> = sampler.timesteps()[begin..].iter().map(|&t| t as f32).collect();
         let n_kept = kept.len();
         trace.record("timesteps", &Tensor::from_vec(kept, n_kept, &Device::Cpu)?)?;
 
-        // 5. Prepare latent variables: sample the posterior, scale, add noise at the first kept step.
+        // 6. Prepare latent variables: sample the posterior, scale, add noise at the first kept step.
         let t0 = clock();
         let latents = match &self.vae {
             Autoencoder::Kl(vae) => {
@@ -450,7 +451,7 @@ impl StableDiffusion {
         trace.record("noised_latents", &latents)?;
         timings.vae_encode = t0.elapsed().as_secs_f64();
 
-        // 6. Denoising loop.
+        // 8. Denoising loop.
         let t0 = clock();
         for (k, index) in (begin..total).enumerate() {
             let t = sampler.timesteps()[index];
@@ -477,7 +478,7 @@ impl StableDiffusion {
         trace.record("final_latents", &latents)?;
         timings.denoise = t0.elapsed().as_secs_f64();
 
-        // 7. Decode and post-process: (x / 2 + 0.5).clamp(0, 1), channels last.
+        // 9. Decode and post-process: (x / 2 + 0.5).clamp(0, 1), channels last.
         let t0 = clock();
         let out = latents_to_image(&self.vae, &latents, tiled)?;
         trace.record("output_float", &out)?;

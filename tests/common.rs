@@ -16,7 +16,7 @@ pub fn load_safetensors(path: &Path) -> (HashMap<String, Tensor>, HashMap<String
     (tensors, meta)
 }
 
-/// max |a - b| / max |b|: the relative error the tolerances are stated in.
+/// max |a - b| / max |b|: the relative error the parity tolerances (tests/parity.rs) are stated in.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -2,8 +2,9 @@
 //!
 //! We own these components (instead of using candle-transformers' SD module) because the shipped
 //! ones differ from diffusers where it matters for parity (tanh-approximated GELU in GEGLU, CLIP
-//! at batch 1 only, private VAE posterior, per-version hard-coded configs) and because a later
-//! speed issue replaces their kernels: the rest of the crate only sees these small wrapper types.
+//! at batch 1 only, private VAE posterior, per-version hard-coded configs), and so that their hot
+//! operations can run our CPU kernels (`kernels.rs`, behind the layer types of `nn.rs`): the rest
+//! of the crate only sees these small wrapper types.
 
 pub mod clip;
 pub mod kernels;
