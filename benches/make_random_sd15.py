@@ -3,7 +3,9 @@
 timing runs and benches (compute does not depend on weight values). Not committed: ~4 GB.
 
     . VENV/bin/activate   # ../shared/tools/install-reference-env.sh VENV
-    python benches/make_random_sd15.py OUT_DIR --tokenizer tests/fixtures/tiny-sd1/tokenizer
+    python benches/make_random_sd15.py OUT_DIR --tokenizer tests/fixtures/tiny-sd1/tokenizer [--fp16]
+
+With --fp16 the weights are stored in half precision (~2 GB, what GPU runs load).
 
 The configs are SD1.5's (runwayml/stable-diffusion-v1-5): UNet (320, 640, 1280, 1280), 8 heads,
 cross-attention 768; VAE (128, 256, 512, 512); CLIP ViT-L/14 text encoder, 12 layers, 768 wide.
@@ -22,16 +24,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--tokenizer", required=True, help="a CLIP tokenizer folder (vocab.json + merges.txt)")
+    ap.add_argument("--fp16", action="store_true", help="store the weights in float16")
     a = ap.parse_args()
+    dt = torch.float16 if a.fp16 else torch.float32
     torch.manual_seed(0)
     os.makedirs(a.out, exist_ok=True)
-    UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).save_pretrained(
+    UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(dt).save_pretrained(
         os.path.join(a.out, "unet"), safe_serialization=True)
     AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                   block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                  sample_size=512).save_pretrained(os.path.join(a.out, "vae"), safe_serialization=True)
+                  sample_size=512).to(dt).save_pretrained(os.path.join(a.out, "vae"), safe_serialization=True)
     CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                 num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu")).save_pretrained(
+                                 num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu")).to(dt).save_pretrained(
         os.path.join(a.out, "text_encoder"), safe_serialization=True)
     shutil.copytree(a.tokenizer, os.path.join(a.out, "tokenizer"), dirs_exist_ok=True)
     os.makedirs(os.path.join(a.out, "scheduler"), exist_ok=True)
@@ -39,6 +43,14 @@ def main():
         json.dump({"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
                    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
                    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}, f, indent=2)
+    # What diffusers' from_pretrained reads to assemble the pipeline (ours reads the folders).
+    index = {"_class_name": "StableDiffusionImg2ImgPipeline", "feature_extractor": [None, None],
+             "requires_safety_checker": False, "safety_checker": [None, None],
+             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    with open(os.path.join(a.out, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 //! Time and peak memory of the hot operations on the full-size SD1.5 architecture with random
 //! weights (compute does not depend on weight values): median of N runs after one warm-up.
 //!
-//!     cargo run --release --example speed_probe -- unet|vae-decode|vae-encode|matmul|conv [N] [f32|f16]
+//!     cargo run --release --example speed_probe -- unet|unet-b1|vae-decode|vae-encode|matmul|conv [N] [f32|f16|bf16] [cpu|cuda]
 //!
-//! `benches/compare_torch.py` runs diffusers on the same shapes and prints the ratio. Linux only
-//! for the memory figure (reads /proc/self/status).
+//! `benches/compare_torch.py` runs diffusers on the same shapes and prints the ratio;
+//! `scripts/gpu-check` does the same on a GPU (built with `scripts/build-cuda --example speed_probe`,
+//! which synchronises the device before reading the clock). Linux only for the memory figure
+//! (reads /proc/self/status; on a GPU the device memory is the parent's to measure).
 
 use candle_core::{DType, Device, Module, Tensor};
 use ghiblify::models::random::{random_var_builder, SD15_UNET_CONFIG, SD15_VAE_CONFIG};
@@ -29,23 +31,30 @@ fn main() -> anyhow::Result<()> {
     let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let dtype = match args.get(2).map(String::as_str) {
         Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
         _ => DType::F32,
     };
-    let dev = Device::Cpu;
+    let dev = match args.get(3).map(String::as_str) {
+        Some("cuda") => Device::new_cuda(0)?,
+        _ => Device::Cpu,
+    };
+    // Activations in the compute dtype the pipeline uses on this device.
+    let act = ghiblify::models::compute_dtype(&dev, dtype);
     let vb = random_var_builder(dtype, &dev);
     let mut run: Box<dyn FnMut() -> candle_core::Result<Tensor>> = match what {
-        "unet" => {
+        "unet" | "unet-b1" => {
+            let b = if what == "unet" { 2 } else { 1 };
             let cfg: UNetConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
             let unet = UNet::from_config(cfg, vb, Path::new("sd15-unet"))?;
-            let latents = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &dev)?;
-            let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?;
+            let latents = Tensor::randn(0f32, 1.0, (b, 4, 64, 64), &dev)?.to_dtype(act)?;
+            let context = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?.to_dtype(act)?;
             Box::new(move || unet.forward(&latents, 500.0, &context))
         }
         "vae-decode" | "vae-encode" => {
             let cfg: VaeConfig = serde_json::from_str(SD15_VAE_CONFIG)?;
             let vae = Vae::from_config(cfg, vb, Path::new("sd15-vae"))?;
-            let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev)?;
-            let latent = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)?;
+            let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev)?.to_dtype(act)?;
+            let latent = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)?.to_dtype(act)?;
             if what == "vae-decode" {
                 Box::new(move || vae.decode(&latent))
             } else {
@@ -65,14 +74,19 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("unknown probe {other}"),
     };
     let loaded_kb = status_kb("VmRSS:");
-    let t = Instant::now();
-    run()?;
-    eprintln!("{what}: warm-up {:.2} s", t.elapsed().as_secs_f64());
+    // A GPU queues work: the clock is read once the device has finished it.
+    let mut timed = || -> anyhow::Result<f64> {
+        dev.synchronize()?;
+        let t = Instant::now();
+        let out = run()?;
+        dev.synchronize()?;
+        drop(out);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    eprintln!("{what}: warm-up {:.2} s", timed()?);
     let mut times = Vec::new();
     for _ in 0..n {
-        let t = Instant::now();
-        run()?;
-        times.push(t.elapsed().as_secs_f64());
+        times.push(timed()?);
     }
     times.sort_by(f64::total_cmp);
     println!(

@@ -224,6 +224,12 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
 
+    /// Take the run's Gaussian draws from a trace file (posterior_eps, noise, stepNN_noise, as
+    /// --trace writes them, or another implementation records them) instead of from --seed: the
+    /// same noise in two implementations, to compare them step by step. One input only
+    #[arg(long, value_name = "TRACE.safetensors")]
+    pub noise_from: Option<PathBuf>,
+
     /// Print only errors
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -303,6 +309,7 @@ impl Args {
             Mode::convert(&a.inputs, a.output.as_deref(), batch)?
         };
         let outputs = Outputs::new(&mode, !a.no_metadata, a.report, a.trace, a.preview)?;
+        let noise_from = settings::check_noise_from(&mode, a.noise_from)?;
         let defaults = if a.fast {
             model.loras.push(LoraSpec::parse(settings::FAST_LORA)?);
             settings::fast_defaults(defaults)
@@ -352,6 +359,7 @@ impl Args {
             threads: a.threads.map(usize::from),
             verbosity,
             fast: a.fast,
+            noise_from,
         })
     }
 }

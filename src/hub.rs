@@ -8,6 +8,12 @@
 //! sha1 for small ones) and the size; the body goes to `blobs/<etag>.incomplete` (resumed with
 //! `Range`), is verified, renamed to `blobs/<etag>`, and linked from `snapshots/<commit>/<file>`,
 //! with `refs/<revision>` holding the commit. A file diffusers already put there is not fetched.
+//!
+//! A hub is untrusted (`HF_ENDPOINT` may point at any mirror): every name it sends that becomes a
+//! path (listing entries, ETags, commit ids) passes `crate::repo`'s checks first, a body never gets
+//! past its announced size, each file has a total deadline scaled by its size (a trickle cannot
+//! hold a run forever), listings are capped, and `429`/`503` are retried a bounded number of times
+//! after their `Retry-After`.
 
 use crate::error::{Error, Result};
 use crate::printer::Printer;
@@ -27,6 +33,55 @@ pub fn offline_from_env() -> bool {
 }
 
 use crate::repo::is_commit;
+
+/// The per-read timeout (huggingface_hub's `HF_HUB_DOWNLOAD_TIMEOUT`, in seconds; 30 by default):
+/// a stalled transfer fails after it and is resumed.
+fn read_timeout() -> Duration {
+    let secs = std::env::var("HF_HUB_DOWNLOAD_TIMEOUT").ok().and_then(|v| v.trim().parse::<f64>().ok());
+    Duration::from_secs_f64(secs.filter(|s| s.is_finite() && *s > 0.0).unwrap_or(30.0).min(3600.0))
+}
+
+/// The slowest average rate a download may keep: below it the per-file deadline runs out.
+const MIN_BYTES_PER_SEC: u64 = 64 * 1024;
+/// The most a file of unannounced size may be (configs, tokenizers: a few MB).
+const MAX_UNSIZED: u64 = 64 << 20;
+/// The most a tree listing may be: the largest repos list ~100k files in ~20 MB.
+const MAX_LISTING_BYTES: u64 = 32 << 20;
+/// How often a `429 Too Many Requests` / `503 Service Unavailable` is retried, and the longest
+/// `Retry-After` honoured.
+const BUSY_RETRIES: u32 = 3;
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// The time a whole file may take across its attempts: four read timeouts plus its size at
+/// [`MIN_BYTES_PER_SEC`].
+fn deadline_for(size: Option<u64>) -> Duration {
+    read_timeout() * 4 + Duration::from_secs(size.unwrap_or(MAX_UNSIZED) / MIN_BYTES_PER_SEC)
+}
+
+/// Sends a request, waiting out `429`/`503` answers (their `Retry-After` seconds, at most
+/// [`MAX_RETRY_AFTER`], else 1, 2, 4 s) up to [`BUSY_RETRIES`] times; the last answer is returned.
+fn send_patiently(
+    build: impl Fn() -> reqwest::blocking::RequestBuilder,
+) -> std::result::Result<Response, reqwest::Error> {
+    let mut attempt = 0;
+    loop {
+        let resp = build().send()?;
+        let st = resp.status().as_u16();
+        if !(st == 429 || st == 503) || attempt >= BUSY_RETRIES {
+            return Ok(resp);
+        }
+        let wait = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::from_secs(1 << attempt))
+            .min(MAX_RETRY_AFTER);
+        std::thread::sleep(wait);
+        attempt += 1;
+    }
+}
 
 /// Why a hub request did not give a file.
 enum Failure {
@@ -103,7 +158,7 @@ impl Hub {
                 .user_agent(format!("ghiblify/{}", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(Duration::from_secs(5))
                 // Per read of the body in the blocking client: a stalled transfer fails and resumes.
-                .timeout(Duration::from_secs(30))
+                .timeout(read_timeout())
         };
         let built =
             |r: reqwest::Result<Client>| r.map_err(|e| Error::Hub(format!("cannot set up the HTTP client: {e}")));
@@ -160,6 +215,10 @@ impl Hub {
     pub fn fetch(&self, repo_id: &str, revision: Option<&str>, files: &[String], cli: &str) -> Result<PathBuf> {
         check_repo_id(repo_id)?;
         let rev = revision.unwrap_or("main");
+        crate::repo::check_revision(rev).map_err(|why| Error::Hub(format!("hub repo '{repo_id}': {why}")))?;
+        for f in files {
+            crate::repo::check_file_path(f).map_err(|why| Error::Hub(format!("hub repo '{repo_id}': {why}")))?;
+        }
         let mut paths = Vec::new();
         let mut missing = Vec::new();
         for file in files {
@@ -219,10 +278,7 @@ impl Hub {
             file.split('/').map(encode).collect::<Vec<_>>().join("/")
         );
         for _ in 0..5 {
-            let resp = self
-                .auth(self.no_redirect.head(&url))
-                .timeout(Duration::from_secs(10))
-                .send()
+            let resp = send_patiently(|| self.auth(self.no_redirect.head(&url)).timeout(Duration::from_secs(10)))
                 .map_err(|e| Failure::Unreachable(short_error(&e)))?;
             let st = resp.status();
             let h = resp.headers();
@@ -248,6 +304,15 @@ impl Hub {
                     self.endpoint
                 ))));
             };
+            // Both become paths in the cache (blobs/<etag>, snapshots/<commit>): checked first.
+            let unsafe_name = |why: String| {
+                Failure::Fatal(Error::Hub(format!(
+                    "the hub at {} answered for '{repo_id}/{file}' with an unusable name: {why}; refusing it",
+                    self.endpoint
+                )))
+            };
+            crate::repo::check_etag(&etag).map_err(unsafe_name)?;
+            crate::repo::check_commit(&commit).map_err(unsafe_name)?;
             let target = match location {
                 Some(l) if st.is_redirection() && l.starts_with('/') => format!("{}{l}", self.endpoint),
                 Some(l) if st.is_redirection() => l,
@@ -345,11 +410,12 @@ impl Hub {
         const ATTEMPTS: u32 = 5;
         let mut last_error = String::new();
         let mut done = false;
+        let deadline = std::time::Instant::now() + deadline_for(meta.size);
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(500 << attempt.min(4)));
             }
-            match self.transfer(meta, &part, same_host, &bar) {
+            match self.transfer(meta, &part, same_host, &bar, deadline) {
                 Ok(()) => {
                     done = true;
                     break;
@@ -373,26 +439,27 @@ impl Hub {
             let _ = std::fs::remove_file(&part);
             return Err(Failure::Fatal(Error::Hub(format!("'{file}' from '{repo_id}': got {len} bytes, the hub announced {size}; the bad copy was removed, run again"))));
         }
-        if let Some((kind, got)) = content_hash(&part, &meta.etag)? {
-            if got != meta.etag {
-                let _ = std::fs::remove_file(&part);
-                return Err(Failure::Fatal(Error::Hub(format!(
-                    "'{file}' from '{repo_id}' is corrupt: its {kind} is {got}, the hub says {}; the bad copy was removed, run again",
-                    meta.etag
-                ))));
-            }
+        let (kind, got) = content_hash(&part, &meta.etag)?;
+        if got != meta.etag {
+            let _ = std::fs::remove_file(&part);
+            return Err(Failure::Fatal(Error::Hub(format!(
+                "'{file}' from '{repo_id}' is corrupt: its {kind} is {got}, the hub says {}; the bad copy was removed, run again",
+                meta.etag
+            ))));
         }
         std::fs::rename(&part, blob).map_err(|e| Error::io(blob, e))?;
         Ok(())
     }
 
-    /// One GET of the rest of the content into `part`.
+    /// One GET of the rest of the content into `part`, never past the announced size (or
+    /// [`MAX_UNSIZED`]) and never past `deadline`.
     fn transfer(
         &self,
         meta: &Meta,
         part: &Path,
         same_host: bool,
         bar: &indicatif::ProgressBar,
+        deadline: std::time::Instant,
     ) -> std::result::Result<(), Failure> {
         let mut have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
         if meta.size.is_some_and(|s| have > s) {
@@ -401,14 +468,17 @@ impl Hub {
         if meta.size == Some(have) && have > 0 {
             return Ok(());
         }
-        let mut req = self.http.get(&meta.url);
-        if same_host {
-            req = self.auth(req);
-        }
-        if have > 0 {
-            req = req.header(RANGE, format!("bytes={have}-"));
-        }
-        let mut resp: Response = req.send().map_err(|e| Failure::Unreachable(short_error(&e)))?;
+        let mut resp: Response = send_patiently(|| {
+            let mut req = self.http.get(&meta.url);
+            if same_host {
+                req = self.auth(req);
+            }
+            if have > 0 {
+                req = req.header(RANGE, format!("bytes={have}-"));
+            }
+            req
+        })
+        .map_err(|e| Failure::Unreachable(short_error(&e)))?;
         let st = resp.status();
         let append = match st {
             StatusCode::PARTIAL_CONTENT => {
@@ -428,7 +498,7 @@ impl Hub {
                 return Err(Failure::Unreachable("the partial download did not match; restarting".into()));
             }
             s if s.is_success() => false,
-            s if s.is_server_error() => return Err(Failure::Unreachable(format!("{s}"))),
+            s if s.is_server_error() || s.as_u16() == 429 => return Err(Failure::Unreachable(format!("{s}"))),
             s => return Err(Failure::Fatal(Error::Hub(format!("{}: unexpected answer {s}", meta.url)))),
         };
         let mut out = std::fs::OpenOptions::new()
@@ -440,9 +510,24 @@ impl Hub {
             .map_err(|e| Error::io(part, e))?;
         let mut pos = if append { have } else { 0 };
         bar.set_position(pos);
+        let limit = meta.size.unwrap_or(MAX_UNSIZED);
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = match resp.read(&mut buf) {
+            if std::time::Instant::now() > deadline {
+                let _ = out.flush();
+                // The partial file stays for the next run to resume.
+                return Err(Failure::Fatal(Error::Hub(format!(
+                    "{}: too slow: {pos} of {} bytes after {:.0} s (it may take {:.0} s, at least {} KiB/s); run again to resume",
+                    meta.url,
+                    meta.size.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+                    deadline_for(meta.size).as_secs_f64(),
+                    deadline_for(meta.size).as_secs_f64(),
+                    MIN_BYTES_PER_SEC / 1024
+                ))));
+            }
+            // Never more than the announced size: one byte past it is enough to know it lies.
+            let room = (limit + 1 - pos).min(buf.len() as u64) as usize;
+            let n = match resp.read(&mut buf[..room]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -450,6 +535,15 @@ impl Hub {
                     return Err(Failure::Unreachable(format!("connection lost after {pos} bytes: {e}")));
                 }
             };
+            if pos + n as u64 > limit {
+                drop(out);
+                let _ = std::fs::remove_file(part);
+                return Err(Failure::Fatal(Error::Hub(format!(
+                    "{}: the server sent more than the {limit} bytes {}; the copy was removed",
+                    meta.url,
+                    if meta.size.is_some() { "it announced" } else { "a file without an announced size may have" }
+                ))));
+            }
             out.write_all(&buf[..n]).map_err(|e| Error::io(part, e))?;
             pos += n as u64;
             bar.set_position(pos);
@@ -493,26 +587,20 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// The hash the hub's ETag is: sha256 (64 hex digits) for LFS files, the git blob sha1
-/// (`sha1("blob <len>\0" + data)`, 40 hex digits) for small files; other ETags (Xet) are not
-/// content hashes and are not checked.
-fn content_hash(path: &Path, etag: &str) -> Result<Option<(&'static str, String)>> {
+/// The hash the hub's ETag is (checked by `repo::check_etag` to be one of these): sha256 (64 hex
+/// digits) for LFS files, the git blob sha1 (`sha1("blob <len>\0" + data)`, 40 hex digits) for
+/// small files.
+fn content_hash(path: &Path, etag: &str) -> Result<(&'static str, String)> {
     use sha2::Digest;
     let io = |e| Error::io(path, e);
-    if !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Ok(None);
+    if etag.len() == 64 {
+        return Ok(("sha256", file_sha256(path).map_err(io)?));
     }
-    match etag.len() {
-        64 => Ok(Some(("sha256", file_sha256(path).map_err(io)?))),
-        40 => {
-            let len = std::fs::metadata(path).map_err(io)?.len();
-            let mut h = sha1::Sha1::new();
-            h.update(format!("blob {len}\0").as_bytes());
-            std::io::copy(&mut std::fs::File::open(path).map_err(io)?, &mut h).map_err(io)?;
-            Ok(Some(("git sha1", format!("{:x}", h.finalize()))))
-        }
-        _ => Ok(None),
-    }
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    let mut h = sha1::Sha1::new();
+    h.update(format!("blob {len}\0").as_bytes());
+    std::io::copy(&mut std::fs::File::open(path).map_err(io)?, &mut h).map_err(io)?;
+    Ok(("git sha1", format!("{:x}", h.finalize())))
 }
 
 /// `snapshots/<commit>/<file>` → `../..(/..)*/blobs/<etag>`, relative like huggingface_hub's.
@@ -625,19 +713,41 @@ impl Hub {
         }
         let rev = revision.unwrap_or("main");
         let url = format!("{}/api/models/{repo_id}/tree/{}?recursive=true", self.endpoint, encode(rev));
-        let resp = self
-            .auth(self.http.get(&url))
-            .timeout(Duration::from_secs(15))
-            .send()
+        let resp = send_patiently(|| self.auth(self.http.get(&url)).timeout(Duration::from_secs(15)))
             .map_err(|e| Failure::Unreachable(short_error(&e)))?;
         if !resp.status().is_success() {
             let code = resp.headers().get("x-error-code").and_then(|v| v.to_str().ok()).map(str::to_string);
             return Err(self.http_error(resp.status(), code, repo_id, rev, ""));
         }
-        let entries: Vec<Entry> = resp
-            .json()
-            .map_err(|e| Failure::Fatal(Error::Hub(format!("hub repo '{repo_id}': unreadable file listing: {e}"))))?;
-        Ok(entries.into_iter().filter(|e| e.kind == "file").map(|e| e.path).collect())
+        let fatal = |why: String| Failure::Fatal(Error::Hub(format!("hub repo '{repo_id}': {why}")));
+        // Read at most the cap (plus one byte to know it was passed), within the deadline of a
+        // file that size.
+        let deadline = std::time::Instant::now() + deadline_for(Some(MAX_LISTING_BYTES));
+        let mut body = Vec::new();
+        let mut reader = resp.take(MAX_LISTING_BYTES + 1);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            if std::time::Instant::now() > deadline {
+                return Err(Failure::Unreachable("the file listing took too long".into()));
+            }
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(Failure::Unreachable(format!("file listing cut: {e}"))),
+            }
+        }
+        if body.len() as u64 > MAX_LISTING_BYTES {
+            return Err(fatal(format!("its file listing is larger than {} MiB; refusing it", MAX_LISTING_BYTES >> 20)));
+        }
+        let entries: Vec<Entry> =
+            serde_json::from_slice(&body).map_err(|e| fatal(format!("unreadable file listing: {e}")))?;
+        let files: Vec<String> = entries.into_iter().filter(|e| e.kind == "file").map(|e| e.path).collect();
+        // Entries become paths under snapshots/<commit>/: each is checked before it is used.
+        for f in &files {
+            crate::repo::check_file_path(f)
+                .map_err(|why| fatal(format!("its file listing has an unsafe entry: {why}")))?;
+        }
+        Ok(files)
     }
 
     /// The files to fetch for a non-preset repo: from its listing, or offline from the cached
@@ -661,13 +771,17 @@ impl Hub {
 
     /// The cached snapshot of a repo at a revision, when the listing cannot be had.
     pub fn cached_snapshot(&self, repo_id: &str, revision: Option<&str>, cli: &str) -> Result<PathBuf> {
+        check_repo_id(repo_id)?;
         let rev = revision.unwrap_or("main");
+        crate::repo::check_revision(rev).map_err(|why| Error::Hub(format!("hub repo '{repo_id}': {why}")))?;
         let folder = self.repo_folder(repo_id);
         let commit = if is_commit(rev) {
             Some(rev.to_string())
         } else {
             std::fs::read_to_string(folder.join("refs").join(rev)).ok().map(|s| s.trim().to_string())
-        };
+        }
+        // A refs file is a commit id or nothing (it names a folder).
+        .filter(|c| is_commit(c));
         let snap = commit
             .map(|c| folder.join("snapshots").join(c))
             .filter(|d| d.join("model_index.json").is_file() || d.join("unet").is_dir());
@@ -739,7 +853,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("f");
         std::fs::write(&p, b"hello\n").unwrap();
-        let h = content_hash(&p, "ce013625030ba8dba906f756967f9e9ca394464a").unwrap().unwrap();
+        let h = content_hash(&p, "ce013625030ba8dba906f756967f9e9ca394464a").unwrap();
         assert_eq!(h.1, "ce013625030ba8dba906f756967f9e9ca394464a");
     }
 }

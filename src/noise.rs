@@ -43,6 +43,34 @@ impl ReplayNoise {
     pub fn new(draws: impl IntoIterator<Item = Tensor>) -> Self {
         Self { draws: draws.into_iter().collect() }
     }
+
+    /// The names of a trace's Gaussian draws in the order a run makes them: the VAE posterior's
+    /// (`posterior_eps`, absent with TAESD), the forward noise (`noise`), then each step's
+    /// (`stepNN_noise`, `stepNN_noise_1`, ...).
+    pub fn trace_draw_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+        let names: Vec<&str> = names.into_iter().collect();
+        let mut steps: Vec<&str> =
+            names.iter().copied().filter(|k| k.starts_with("step") && k.contains("_noise")).collect();
+        steps.sort();
+        ["posterior_eps", "noise"]
+            .into_iter()
+            .filter_map(|k| names.iter().copied().find(|n| *n == k))
+            .chain(steps)
+            .collect()
+    }
+
+    /// Replays the draws a `--trace` file (ours, or one another implementation wrote with the
+    /// same names) recorded, in the order a run makes them.
+    pub fn from_trace(path: &std::path::Path) -> Result<Self> {
+        let bad = |why: String| Error::Replay(format!("--noise-from '{}': {why}", path.display()));
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| bad(format!("not a trace file ({})", crate::error::candle_message(&e))))?;
+        let names = Self::trace_draw_names(tensors.keys().map(String::as_str));
+        if !names.contains(&"noise") {
+            return Err(bad("it holds no 'noise' tensor (is it a ghiblify --trace file?)".into()));
+        }
+        Ok(Self::new(names.iter().map(|k| tensors[*k].clone())))
+    }
     pub fn remaining(&self) -> usize {
         self.draws.len()
     }

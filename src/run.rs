@@ -5,7 +5,7 @@ use crate::batch::{self, Job, Report, ReportLine};
 use crate::error::{Error, Result};
 use crate::image_io::{self, OutputFormat};
 use crate::lora::{LoraFile, LoraSource};
-use crate::noise::SeededNoise;
+use crate::noise::{NoiseSource, ReplayNoise, SeededNoise};
 use crate::pipeline::{StableDiffusion, Trace};
 use crate::printer::Printer;
 use crate::provenance::{LoraRecord, ModelRecord, Provenance};
@@ -142,16 +142,15 @@ impl Engine<'_> {
         Ok(Loaded { model, record: ModelRecord { name, hash, license }, loras })
     }
 
-    /// Converts one decoded photo and writes `output`; returns the working size.
+    /// Converts one decoded photo and writes its picture; returns the working size.
     fn convert(
         &mut self,
         photo: image::RgbImage,
-        source: &Path,
-        output: &Path,
-        format: OutputFormat,
-        seed: u64,
+        job: &Picture,
+        noise: &mut dyn NoiseSource,
         trace: &mut Trace,
     ) -> Result<(u32, u32)> {
+        let Picture { source, output, format, seed } = *job;
         let s = self.s;
         let printer = self.printer;
         let bar = self.bar.clone();
@@ -173,7 +172,7 @@ impl Engine<'_> {
         };
         let preview = preview_vae.zip(s.outputs.preview.as_ref());
         let out = model
-            .img2img(&image, &s.generation, &mut SeededNoise::new(seed), trace, &mut |done, total, latents| {
+            .img2img(&image, &s.generation, noise, trace, &mut |done, total, latents| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
                 if let Some((vae, path)) = preview {
@@ -219,6 +218,16 @@ impl Engine<'_> {
             source: source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         }
     }
+}
+
+/// One picture to make: from which photo, into which file and format, with which seed (for the
+/// provenance; the noise itself is passed separately).
+#[derive(Clone, Copy)]
+struct Picture<'a> {
+    source: &'a Path,
+    output: &'a Path,
+    format: OutputFormat,
+    seed: u64,
 }
 
 /// A GPU out-of-memory gets the ways out in its message.
@@ -369,12 +378,22 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     let photo = image_io::load_rgb(input)?;
     let format = OutputFormat::from_path(output)
         .ok_or_else(|| Error::usage(format!("-o '{}': unknown output extension", output.display())))?;
-    if !s.seed_was_given {
+    if !s.seed_was_given && s.noise_from.is_none() {
         printer.info(format!("seed {} (pass --seed {} to repeat this picture)", s.seed, s.seed));
     }
     let mut engine = Engine::new(s, printer, printer.steps_bar(0));
     let mut trace = if s.outputs.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
-    let (w, h) = engine.convert(photo, input, output, format, s.seed, &mut trace)?;
+    let mut replay = s.noise_from.as_deref().map(ReplayNoise::from_trace).transpose()?;
+    let mut seeded = SeededNoise::new(s.seed);
+    let noise: &mut dyn NoiseSource = match replay.as_mut() {
+        Some(r) => r,
+        None => &mut seeded,
+    };
+    let picture = Picture { source: input, output, format, seed: s.seed };
+    let (w, h) = engine.convert(photo, &picture, noise, &mut trace)?;
+    if let Some(left) = replay.map(|r| r.remaining()).filter(|&n| n > 0) {
+        printer.warn(format!("--noise-from: {left} recorded draws were not used (do the settings match the trace's?)"));
+    }
     engine.bar.finish_and_clear();
     if let Some(path) = &s.outputs.trace {
         trace.save(path, &trace_metadata(s))?;
@@ -455,7 +474,9 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
             if let Some(dir) = output.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
-            engine.convert(photo, &job.input, &output, b.format, seed, &mut Trace::disabled()).map(Some)
+            let mut noise = SeededNoise::new(seed);
+            let picture = Picture { source: &job.input, output: &output, format: b.format, seed };
+            engine.convert(photo, &picture, &mut noise, &mut Trace::disabled()).map(Some)
         })();
         let (status, error, size) = match result {
             Ok(Some(size)) => {

@@ -337,6 +337,20 @@ pub struct Settings {
     pub verbosity: Verbosity,
     /// Fast mode (LCM-LoRA, the lcm sampler, TAESD).
     pub fast: bool,
+    /// `--noise-from`: a trace file whose recorded draws replace the seeded noise.
+    pub noise_from: Option<PathBuf>,
+}
+
+/// `--noise-from`: one input only, and an existing file.
+pub fn check_noise_from(mode: &Mode, path: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    let Some(p) = path else { return Ok(None) };
+    if !matches!(mode, Mode::Single { .. }) {
+        return Err(Error::usage("--noise-from works with one input file and one output file"));
+    }
+    if !p.is_file() {
+        return Err(Error::usage(format!("--noise-from '{}': no such file", p.display())));
+    }
+    Ok(Some(p))
 }
 
 /// The generation values as given (each `None` takes the preset's default).

@@ -373,3 +373,108 @@ fn half_precision_weight_storage_on_the_cpu() {
         assert!(err < bound && err > 0.0, "{dtype}: final latents differ by {err:e} from f32");
     }
 }
+
+#[test]
+fn noise_from_replays_a_diffusers_trace_through_the_binary() {
+    // The binary with diffusers' recorded noise gives diffusers' latents, step by step (the parity
+    // tests do this through the library; scripts/gpu-check does it on a GPU).
+    let case = Case::new();
+    for (model, trace) in [("tiny-sd1", "sd1_euler-a_s100.safetensors"), ("tiny-sd2", "sd2_s055.safetensors")] {
+        let reference_path = fixtures().join("traces").join(trace);
+        let (reference, meta) = load_safetensors(&reference_path);
+        let photo = fixtures().join(&meta["photo"]);
+        let o = ghiblify()
+            .current_dir(case.dir.path())
+            .env("HF_HOME", case.path("hf-home"))
+            .args(["--model-dir", fixtures().join(model).to_str().unwrap(), photo.to_str().unwrap()])
+            .args(["-o", "replayed.png", "--trace", "ours.safetensors", "-q"])
+            .args(["--noise-from", reference_path.to_str().unwrap()])
+            .args(["--prompt", &meta["prompt"], "--negative-prompt", &meta["negative_prompt"]])
+            .args(["--strength", &meta["strength"], "--steps", &meta["steps"], "--guidance", &meta["guidance"]])
+            .args(["--sampler", &meta["sampler"]])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{trace}: {}", stderr(&o));
+        assert!(stderr(&o).is_empty(), "{trace}: every draw used, nothing to warn: {}", stderr(&o));
+        let (ours, _) = load_safetensors(&case.path("ours.safetensors"));
+        for (k, want) in &reference {
+            if k.ends_with("_latents") || k.ends_with("_embeds") {
+                let err = crate::common::rel_err(&ours[k], want);
+                assert!(err <= 1e-4, "{trace}: {k} differs by {err:.2e}");
+            }
+        }
+    }
+    let o = case.run(&["photo.png", "-o", "x.png", "--noise-from", "photo.png"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--noise-from"), "{}", stderr(&o));
+}
+
+#[test]
+fn devices_this_build_lacks_fail_in_one_line_saying_how_to_build() {
+    if cfg!(feature = "cuda") || cfg!(feature = "metal") {
+        return;
+    }
+    fails(&["photo.png", "-o", "out.png", "--device", "cuda"], &["--device cuda", "scripts/build-cuda"]);
+    fails(&["photo.png", "-o", "out.png", "--device", "metal"], &["--device metal", "--features metal"]);
+}
+
+#[test]
+fn verbose_names_the_device_dtype_and_operation_set() {
+    let case = Case::new();
+    let verbose = |out: &str, generic: bool| {
+        let mut c = ghiblify();
+        c.current_dir(case.dir.path()).args(["--model-dir", fixtures().join("tiny-sd1").to_str().unwrap()]).args([
+            "--steps",
+            "4",
+            "--strength",
+            "0.5",
+            "--seed",
+            "1",
+            "-v",
+            "photo.png",
+            "-o",
+            out,
+        ]);
+        if generic {
+            c.env("GHIBLIFY_GENERIC_OPS", "1");
+        }
+        c.output().unwrap()
+    };
+    let o = verbose("a.png", false);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let line = err.lines().find(|l| l.starts_with("device ")).unwrap_or_else(|| panic!("no device line: {err}"));
+    assert!(line.contains("CPU") && line.contains("F32") && line.contains("CPU kernels"), "{line}");
+    if !cfg!(any(feature = "cuda", feature = "metal")) {
+        assert!(err.contains("running on the CPU (this build has no GPU support"), "{err}");
+    }
+    let o = verbose("b.png", true);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("device ") && l.contains("generic operations")), "{err}");
+    // The two paths agree on the picture within the parity tolerance.
+    let a = image::open(case.path("a.png")).unwrap().to_rgb8();
+    let b = image::open(case.path("b.png")).unwrap().to_rgb8();
+    let worst = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(worst <= 2, "kernels vs generic ops: {worst}/255");
+}
+
+#[test]
+fn repo_names_and_revisions_that_would_leave_the_cache_are_refused() {
+    fails(&["photo.png", "-o", "out.png", "--lora", "a/b/../../x.safetensors"], &["--lora", "a/b/../../x.safetensors"]);
+    fails(&["photo.png", "-o", "out.png", "--lora", "../b/x.safetensors"], &["--lora", "../b/x.safetensors"]);
+    fails(&["photo.png", "-o", "out.png", "--vae", "someone/vae@a/../b"], &["--vae", "a/../b"]);
+    // --model cannot go with the --model-dir that `fails` passes.
+    let case = Case::new();
+    for (model, needle) in [("someone/tiny@../../rev", "../../rev"), ("some..one/tiny", "some..one/tiny")] {
+        let o = ghiblify()
+            .current_dir(case.dir.path())
+            .args(["photo.png", "-o", "out.png", "--model", model])
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("--model") && err.contains(needle) && err.trim().lines().count() == 1, "{err}");
+    }
+    assert_eq!(case.written(), Vec::<String>::new());
+}

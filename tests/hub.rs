@@ -29,6 +29,29 @@ struct State {
     private: BTreeMap<String, String>,
     /// "METHOD path range" of every request.
     log: Vec<String>,
+    /// Files the hub misbehaves on, and how.
+    hostile: BTreeMap<String, Hostile>,
+    /// Entries added to every tree listing as they are (path traversal, ...).
+    extra_listing: Vec<String>,
+    /// Tree listings padded past any sane size.
+    huge_listing: bool,
+}
+
+/// How a hostile hub or mirror answers for one file.
+#[derive(Clone)]
+enum Hostile {
+    /// HEAD names the content with this ETag (X-Linked-Etag for LFS files).
+    Etag(String),
+    /// HEAD names the commit with this X-Repo-Commit.
+    Commit(String),
+    /// The body is this many bytes longer than the size HEAD announced.
+    LongerBody(usize),
+    /// The body never ends (no Content-Length, closes never).
+    Endless,
+    /// The body comes one byte at a time, this many milliseconds apart.
+    Trickle(u64),
+    /// This many `429 Too Many Requests` (Retry-After: 1) before each real answer to HEAD.
+    Busy(usize),
 }
 
 struct TestHub {
@@ -161,6 +184,33 @@ fn serve(conn: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Result<()
             let mid = body.len() / 2;
             body[mid] ^= 0xff;
         }
+        match st.hostile.get(file).cloned() {
+            Some(Hostile::LongerBody(extra)) => {
+                drop(st);
+                body.extend(std::iter::repeat_n(0u8, extra));
+                return respond(&mut out, "200 OK", &[], &body, head);
+            }
+            Some(Hostile::Endless) => {
+                drop(st);
+                out.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")?;
+                let chunk = vec![7u8; 1 << 16];
+                loop {
+                    out.write_all(&chunk)?;
+                }
+            }
+            Some(Hostile::Trickle(ms)) => {
+                drop(st);
+                let text = format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len());
+                out.write_all(text.as_bytes())?;
+                for b in &body {
+                    out.write_all(&[*b])?;
+                    out.flush()?;
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
         let cut = st.cut_once.remove(file);
         drop(st);
         let total = body.len();
@@ -205,10 +255,19 @@ fn serve(conn: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Result<()
                 head,
             );
         };
-        let list: Vec<serde_json::Value> = files
+        let mut list: Vec<serde_json::Value> = files
             .iter()
             .map(|(p, b)| serde_json::json!({"type": "file", "path": p, "size": b.len(), "oid": git_sha1(b)}))
             .collect();
+        for p in &st.extra_listing {
+            list.push(serde_json::json!({"type": "file", "path": p, "size": 2, "oid": git_sha1(b"{}")}));
+        }
+        if st.huge_listing {
+            let pad = "x".repeat(200);
+            for i in 0..200_000 {
+                list.push(serde_json::json!({"type": "directory", "path": format!("pad/{i}/{pad}")}));
+            }
+        }
         let body = serde_json::to_vec(&list).unwrap();
         return respond(&mut out, "200 OK", &[("Content-Type".into(), "application/json".into())], &body, head);
     }
@@ -240,15 +299,30 @@ fn serve(conn: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Result<()
     let Some(body) = files.get(file) else {
         return respond(&mut out, "404 Not Found", &err("EntryNotFound"), b"", head);
     };
-    let mut hs = vec![("X-Repo-Commit".to_string(), COMMIT.to_string())];
+    let hostile = st.hostile.get(file).cloned();
+    if let Some(Hostile::Busy(n)) = hostile {
+        let seen = st.log.iter().filter(|l| l.starts_with(&format!("HEAD {path}"))).count();
+        if seen <= n {
+            return respond(&mut out, "429 Too Many Requests", &[("Retry-After".into(), "1".into())], b"", head);
+        }
+    }
+    let commit = match &hostile {
+        Some(Hostile::Commit(c)) => c.clone(),
+        _ => COMMIT.to_string(),
+    };
+    let etag = |real: String| match &hostile {
+        Some(Hostile::Etag(e)) => e.clone(),
+        _ => real,
+    };
+    let mut hs = vec![("X-Repo-Commit".to_string(), commit)];
     if is_lfs(file) {
-        hs.push(("X-Linked-Etag".into(), format!("\"{}\"", sha256(body))));
+        hs.push(("X-Linked-Etag".into(), format!("\"{}\"", etag(sha256(body)))));
         hs.push(("X-Linked-Size".into(), body.len().to_string()));
         hs.push(("ETag".into(), format!("\"{}\"", git_sha1(b"pointer"))));
         hs.push(("Location".into(), format!("http://127.0.0.1:{port}/cdn/{repo}/--/{file}")));
         return respond(&mut out, "302 Found", &hs, b"", head);
     }
-    hs.push(("ETag".into(), format!("\"{}\"", git_sha1(body))));
+    hs.push(("ETag".into(), format!("\"{}\"", etag(git_sha1(body)))));
     let body = body.clone();
     drop(st);
     respond(&mut out, "200 OK", &hs, &body, head)
@@ -656,4 +730,106 @@ fn preview_writes_the_picture_so_far_with_taesd() {
         case.cmd(&hub_gone()).args(RUN).args(["--preview", "prev.jpg", "--model-dir"]).arg(tiny()).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--preview 'prev.jpg'"), "{}", stderr(&o));
+}
+
+/// Every file under `dir` whose name starts with "evil" (what a traversal would have planted).
+fn planted(dir: &Path) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("evil"))
+        .map(|e| e.path().to_path_buf())
+        .collect()
+}
+
+/// A hub serving the tiny model as `someone/tiny`, with `hostile` on one file.
+fn hostile_hub(file: &str, hostile: Hostile) -> TestHub {
+    let hub = TestHub::start();
+    hub.add_folder("someone/tiny", &tiny());
+    hub.state.lock().unwrap().hostile.insert(file.into(), hostile);
+    hub
+}
+
+/// Fetching `someone/tiny` fails in one line (exit 1) containing every needle, within `limit`,
+/// and nothing lands outside the cache.
+fn refused(hub: &TestHub, needles: &[&str], limit: Duration) -> String {
+    let case = Case::new();
+    let t = Instant::now();
+    let o = case
+        .cmd(&hub.endpoint())
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+        .args(["--download-only", "--model", "someone/tiny", "-q"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(t.elapsed() < limit, "took {:?}: {err}", t.elapsed());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{n:?} in {err}");
+    }
+    assert!(planted(case.dir.path()).is_empty(), "planted: {:?}", planted(case.dir.path()));
+    assert!(o.stdout.is_empty());
+    err
+}
+
+#[test]
+fn a_listing_entry_that_climbs_out_of_the_snapshot_is_refused() {
+    let hub = TestHub::start();
+    hub.add_folder("someone/tiny", &tiny());
+    for bad in ["tokenizer/../../../../evil.json", "/tmp/evil.json", "tokenizer//evil.json"] {
+        hub.state.lock().unwrap().extra_listing = vec![bad.to_string()];
+        refused(&hub, &["unsafe entry", bad], Duration::from_secs(20));
+    }
+}
+
+#[test]
+fn etags_and_commits_that_are_not_hashes_are_refused() {
+    let evil_etag = "../../../../evil-blob";
+    let hub = hostile_hub("unet/config.json", Hostile::Etag(evil_etag.into()));
+    refused(&hub, &["ETag", evil_etag, "unet/config.json"], Duration::from_secs(20));
+    let hub = hostile_hub("unet/diffusion_pytorch_model.safetensors", Hostile::Etag("evil".into()));
+    refused(&hub, &["ETag 'evil'"], Duration::from_secs(20));
+    let evil_commit = "../../../evil-snapshot";
+    let hub = hostile_hub("model_index.json", Hostile::Commit(evil_commit.into()));
+    refused(&hub, &["commit id", evil_commit], Duration::from_secs(20));
+}
+
+#[test]
+fn a_body_longer_than_announced_or_endless_stops_at_the_announced_size() {
+    let file = "unet/diffusion_pytorch_model.safetensors";
+    for h in [Hostile::LongerBody(4096), Hostile::Endless] {
+        let hub = hostile_hub(file, h);
+        refused(&hub, &["more than", "bytes"], Duration::from_secs(30));
+    }
+}
+
+#[test]
+fn a_trickling_body_runs_into_its_deadline() {
+    // HF_HUB_DOWNLOAD_TIMEOUT=1: four seconds plus 0.3 MB at 64 KiB/s, ~9 s in all.
+    let hub = hostile_hub("vae/diffusion_pytorch_model.safetensors", Hostile::Trickle(300));
+    refused(&hub, &["too slow", "run again to resume"], Duration::from_secs(25));
+}
+
+#[test]
+fn too_many_requests_is_retried_after_its_retry_after_a_bounded_number_of_times() {
+    let hub = hostile_hub("unet/config.json", Hostile::Busy(2));
+    let case = Case::new();
+    let o = case.cmd(&hub.endpoint()).args(["--download-only", "--model", "someone/tiny"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let heads = hub.log().iter().filter(|l| l.starts_with("HEAD /someone/tiny/resolve/main/unet/config.json")).count();
+    assert_eq!(heads, 3, "two 429s waited out, then the answer");
+    // A hub that stays busy: a bounded number of tries, then one line.
+    let hub = hostile_hub("unet/config.json", Hostile::Busy(100));
+    refused(&hub, &["429"], Duration::from_secs(30));
+    let heads = hub.log().iter().filter(|l| l.starts_with("HEAD /someone/tiny/resolve/main/unet/config.json")).count();
+    assert_eq!(heads, 4, "one try and three retries");
+}
+
+#[test]
+fn a_listing_past_any_sane_size_is_refused() {
+    let hub = TestHub::start();
+    hub.add_folder("someone/tiny", &tiny());
+    hub.state.lock().unwrap().huge_listing = true;
+    refused(&hub, &["listing is larger than"], Duration::from_secs(30));
 }

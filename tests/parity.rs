@@ -42,17 +42,10 @@ fn check_path(sd: &StableDiffusion, file: &str, path: &str) {
     };
     let photo = image_io::load_rgb(&fixtures().join(&meta["photo"])).unwrap();
     let image = image_io::to_tensor(&photo).unwrap();
-    // The draws in diffusers' order: posterior, forward noise, then each step's (stepNN_noise[_j]).
-    let mut step_draws: Vec<&String> =
-        reference.keys().filter(|k| k.starts_with("step") && k.contains("_noise")).collect();
-    step_draws.sort();
-    // A tiny autoencoder (TAESD) draws no posterior noise.
-    let draws = reference
-        .get("posterior_eps")
-        .into_iter()
-        .chain([&reference["noise"]])
-        .chain(step_draws.iter().map(|k| &reference[*k]))
-        .cloned();
+    // The draws in diffusers' order: posterior (none with TAESD), forward noise, then each step's.
+    let names = ReplayNoise::trace_draw_names(reference.keys().map(String::as_str));
+    let step_draws: Vec<&str> = names.iter().copied().filter(|k| k.starts_with("step")).collect();
+    let draws = names.iter().map(|k| reference[*k].clone());
     let mut noise = ReplayNoise::new(draws);
     let mut ours = Trace::enabled();
     let out = sd.img2img(&image, &params, &mut noise, &mut ours, &mut |_, _, _| Ok(())).unwrap().image;
