@@ -13,6 +13,24 @@ use std::path::{Component, Path, PathBuf};
 pub struct Job {
     pub input: PathBuf,
     pub rel: PathBuf,
+    /// Why it cannot be converted, when the walk already knows (a file named like an image that
+    /// is not one, a symlink loop): reported as failed, so no input goes unmentioned.
+    pub problem: Option<String>,
+}
+
+impl Job {
+    fn new(input: PathBuf, rel: PathBuf) -> Self {
+        Self { input, rel, problem: None }
+    }
+}
+
+/// Whether a file name has an image extension (`.jpg`, `.png`, `.heic`, ...): a folder's files
+/// named so are inputs even when their content is not an image (they fail with the reason).
+fn named_like_image(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        image::ImageFormat::from_extension(e).is_some()
+            || matches!(e.to_ascii_lowercase().as_str(), "heic" | "heif" | "jxl")
+    })
 }
 
 /// Whether the file's content (not its extension) is an image format we can decode.
@@ -37,34 +55,73 @@ fn mirrored(p: &Path) -> PathBuf {
 }
 
 /// Expands the inputs: a file is one job (whatever its content: a non-image fails on its own line);
-/// a folder contributes the image files below it (by content), sorted; `-` reads one path per line
-/// from stdin.
-pub fn collect(inputs: &[PathBuf], recursive: bool) -> Result<Vec<Job>> {
+/// a folder contributes, sorted, the files below it that are images by content or named like
+/// images (those that are not fail with the reason), following symbolic links (a loop fails on its
+/// own line) and skipping `exclude` (the output folder, when it lies inside an input folder); `-`
+/// reads one path per line from stdin.
+pub fn collect(inputs: &[PathBuf], recursive: bool, exclude: Option<&Path>) -> Result<Vec<Job>> {
     let mut jobs = Vec::new();
+    let exclude = exclude.and_then(|e| e.canonicalize().ok());
     for input in inputs {
         if input.as_os_str() == "-" {
-            let stdin = std::io::stdin();
-            for line in stdin.lock().lines() {
-                let line = line.map_err(|e| Error::io("<stdin>", e))?;
-                let line = line.trim_end_matches(['\r', '\n']);
+            let mut stdin = std::io::stdin().lock();
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                if stdin.read_until(b'\n', &mut line).map_err(|e| Error::io("<stdin>", e))? == 0 {
+                    break;
+                }
+                while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    line.pop();
+                }
                 if line.is_empty() {
                     continue;
                 }
-                let p = PathBuf::from(line);
-                jobs.push(Job { rel: mirrored(&p), input: p });
+                // Paths are bytes on Unix: a name that is not UTF-8 is still a name.
+                #[cfg(unix)]
+                let p = PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&line));
+                #[cfg(not(unix))]
+                let p = PathBuf::from(String::from_utf8_lossy(&line).into_owned());
+                jobs.push(Job::new(p.clone(), mirrored(&p)));
             }
         } else if input.is_dir() {
-            let walker =
-                walkdir::WalkDir::new(input).max_depth(if recursive { usize::MAX } else { 1 }).sort_by_file_name();
+            let walker = walkdir::WalkDir::new(input)
+                .follow_links(true)
+                .max_depth(if recursive { usize::MAX } else { 1 })
+                .sort_by_file_name()
+                .into_iter()
+                .filter_entry(|e| {
+                    e.depth() == 0 || exclude.as_ref().is_none_or(|x| e.path().canonicalize().ok().as_ref() != Some(x))
+                });
             for entry in walker {
-                let entry = entry.map_err(|e| Error::usage(format!("input '{}': {e}", input.display())))?;
-                if entry.file_type().is_file() && !is_temp_name(entry.path()) && looks_like_image(entry.path()) {
-                    let rel = entry.path().strip_prefix(input).unwrap_or(entry.path()).to_path_buf();
-                    jobs.push(Job { input: entry.path().to_path_buf(), rel });
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(e) => {
+                        // A loop or an unreadable folder: that path fails, the others go on.
+                        let path = e.path().unwrap_or(input).to_path_buf();
+                        let rel = path.strip_prefix(input).unwrap_or(&path).to_path_buf();
+                        let why = if e.loop_ancestor().is_some() {
+                            "a symbolic link loop".to_string()
+                        } else {
+                            e.to_string()
+                        };
+                        jobs.push(Job { input: path, rel, problem: Some(why) });
+                        continue;
+                    }
+                };
+                if !entry.file_type().is_file() || is_temp_name(entry.path()) {
+                    continue;
+                }
+                let rel = entry.path().strip_prefix(input).unwrap_or(entry.path()).to_path_buf();
+                if looks_like_image(entry.path()) {
+                    jobs.push(Job::new(entry.path().to_path_buf(), rel));
+                } else if named_like_image(entry.path()) {
+                    let problem = Some("named like an image, but its content is not one we can read".to_string());
+                    jobs.push(Job { input: entry.path().to_path_buf(), rel, problem });
                 }
             }
         } else if input.exists() {
-            jobs.push(Job { rel: mirrored(input), input: input.clone() });
+            jobs.push(Job::new(input.clone(), mirrored(input)));
         } else {
             return Err(Error::usage(format!("input '{}': no such file or folder", input.display())));
         }
@@ -137,8 +194,10 @@ pub struct Report {
 impl Report {
     pub fn create(path: Option<&Path>) -> Result<Self> {
         let out = match path {
+            // A new report replaces an old one in one step (never truncated in place), then grows
+            // line by line.
             Some(p) => {
-                Some((p.to_path_buf(), std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)))
+                Some((p.to_path_buf(), std::io::BufWriter::new(crate::guard::AtomicFile::create(p)?.into_appending()?)))
             }
             None => None,
         };

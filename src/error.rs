@@ -19,12 +19,10 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file-system operation on `path` failed. The OS error is part of this message, not a
+    /// separate cause, so the one-line chain says it once.
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
 
     /// A model folder lacks a component or a file.
     #[error("model folder '{}': {what}", dir.display())]
@@ -53,6 +51,10 @@ pub enum Error {
     #[error("{0}")]
     Hub(String),
 
+    /// A model, LoRA or setting produced NaN or infinite values (the text names where first).
+    #[error("{0} holds NaN or infinite values (the model's weights, a LoRA or the settings push it out of range)")]
+    NonFinite(String),
+
     /// A tensor operation failed (out of memory, or a bug; not a user error).
     #[error("tensor operation failed: {0}")]
     Candle(String),
@@ -74,8 +76,8 @@ impl From<candle_core::Error> for Error {
 }
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+        Error::Io { path: path.into(), error }
     }
     pub fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Config { path: path.into(), msg: msg.into() }

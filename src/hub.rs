@@ -371,7 +371,7 @@ impl Hub {
             if std::fs::read_to_string(&r).ok().as_deref() != Some(meta.commit.as_str()) {
                 let dir = r.parent().expect("refs/<rev> has a parent");
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                crate::image_io::write_atomically(&r, |f| f.write_all(meta.commit.as_bytes()))?;
+                crate::guard::write_atomically(&r, |f| f.write_all(meta.commit.as_bytes()))?;
             }
         }
         Ok(pointer)

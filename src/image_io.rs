@@ -38,6 +38,31 @@ impl OutputFormat {
     }
 }
 
+/// Opens a regular file for reading; a FIFO, socket or device is refused before it is opened (a
+/// FIFO would block the run forever), and the open itself does not block (O_NONBLOCK).
+pub fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::image(
+            path,
+            if meta.is_dir() { "a folder, not an image file" } else { "not a regular file" },
+        ));
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK);
+    }
+    let f = opts.open(path).map_err(|e| Error::io(path, e))?;
+    // It may have been swapped for something else between the two calls.
+    if !f.metadata().map_err(|e| Error::io(path, e))?.is_file() {
+        return Err(Error::image(path, "not a regular file"));
+    }
+    Ok(f)
+}
+
 /// Whether the JPEG ends with its EOI marker (FF D9), allowing some trailing padding.
 fn jpeg_has_end_marker(path: &Path) -> Result<bool> {
     use std::io::{Read, Seek, SeekFrom};
@@ -72,10 +97,20 @@ pub const MAX_DECODE_BYTES: u64 = 1 << 30;
 /// Decodes an image file (format from its content), applies its EXIF orientation, and flattens
 /// it to 8-bit RGB, compositing any transparency on white.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let reader = ImageReader::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = reader.with_guessed_format().map_err(|e| Error::io(path, e))?;
-    if reader.format().is_none() {
-        return Err(Error::image(path, "not a recognised image file"));
+    let mut file = open_regular(path)?;
+    // The format from the content alone: a text file named .jpg is "not an image", not a JPEG.
+    let mut head = [0u8; 64];
+    let n = {
+        use std::io::{Read, Seek};
+        let n = file.read(&mut head).map_err(|e| Error::io(path, e))?;
+        file.rewind().map_err(|e| Error::io(path, e))?;
+        n
+    };
+    let mut reader = ImageReader::new(std::io::BufReader::new(file));
+    match image::guess_format(&head[..n]) {
+        Ok(f) => reader.set_format(f),
+        Err(_) if n == 0 => return Err(Error::image(path, "empty file")),
+        Err(_) => return Err(Error::image(path, "not an image (its content is no format we can read)")),
     }
     // The JPEG decoder fills a cut-off file with grey instead of failing: look for the end marker.
     if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_has_end_marker(path)? {
@@ -256,25 +291,6 @@ pub fn to_rgb8(t: &Tensor) -> Result<RgbImage> {
     Ok(RgbImage::from_raw(w as u32, h as u32, bytes).expect("w·h·3 bytes from an (h, w, 3) tensor"))
 }
 
-/// Writes `path` through a temporary file in the same folder and renames it into place, so a
-/// killed run never leaves a half-written file and an existing file is replaced in one step.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".ghiblify-")
-        .suffix(".partial")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    write(tmp.as_file_mut()).map_err(|e| Error::io(path, e))?;
-    tmp.as_file_mut().flush().map_err(|e| Error::io(path, e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
-}
-
 /// Inserts an XMP APP1 segment after the JPEG's leading APPn segments (JFIF, Exif).
 fn jpeg_with_xmp(jpeg: Vec<u8>, xmp: &str) -> std::io::Result<Vec<u8>> {
     const NS: &[u8] = b"http://ns.adobe.com/xap/1.0/\0";
@@ -366,7 +382,7 @@ pub fn save_as(img: &RgbImage, path: &Path, format: OutputFormat, provenance: Op
         Ok(buf)
     })()
     .map_err(|e| Error::output(path, format!("cannot encode: {e}")))?;
-    write_atomically(path, |f| f.write_all(&bytes))
+    crate::guard::write_atomically(path, |f| f.write_all(&bytes))
 }
 
 #[cfg(test)]

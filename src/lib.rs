@@ -8,6 +8,7 @@ pub mod alloc;
 pub mod batch;
 pub mod device;
 pub mod error;
+pub mod guard;
 pub mod hub;
 pub mod image_io;
 pub mod lora;

@@ -37,6 +37,10 @@ impl LoraSpec {
     /// `:SCALE` suffix is taken when it parses as a number (so paths with colons still work).
     pub fn parse(spec: &str) -> Result<Self> {
         let bad = |why: String| Error::setting("lora", format!("'{spec}': {why}"));
+        // A file whose own name has a colon (`style:v2.safetensors`) is taken whole.
+        if Path::new(spec).is_file() {
+            return Ok(Self { source: LoraSource::File(PathBuf::from(spec)), scale: 1.0 });
+        }
         let (target, scale) = match spec.rsplit_once(':') {
             Some((t, s)) if !t.is_empty() && s.parse::<f64>().is_ok() => (t, s.parse::<f64>().expect("checked")),
             _ => (spec, 1.0),
@@ -594,7 +598,13 @@ pub fn plan(name: &str, path: &Path, scale: f64, unet: &Layout, text: &Layout) -
         let layout = if part == Part::Unet { unet } else { text };
         let wshape = &layout.shapes[&weight];
         let (ds, us) = (down.dims().to_vec(), up.dims().to_vec());
+        if ds.len() < 2 || us.len() < 2 {
+            return Err(err(format!("'{down_key}' {ds:?} and '{up_key}' {us:?} are not matrices (a damaged file?)")));
+        }
         let rank = ds[0];
+        if rank == 0 {
+            return Err(err(format!("'{down_key}' has rank 0 {ds:?}: an empty adapter (a damaged file?)")));
+        }
         let shapes_fit = ds.len() >= 2
             && us.len() >= 2
             && us[1] == rank
@@ -609,6 +619,16 @@ pub fn plan(name: &str, path: &Path, scale: f64, unet: &Layout, text: &Layout) -
         }
         let alpha = m.alpha.or_else(|| peft_alpha(peft.as_ref(), part, id)).unwrap_or(rank as f64);
         let factor = scale * alpha / rank as f64;
+        if !factor.is_finite() {
+            return Err(err(format!("module '{id}' has alpha {alpha}: not a usable number")));
+        }
+        // Non-finite weights would turn every picture black: refuse them by name.
+        for (key, t) in [(down_key, down), (up_key, up)] {
+            let finite = t.abs().and_then(|a| a.sum_all()).and_then(|m| m.to_scalar::<f32>()).map(f32::is_finite);
+            if !finite.unwrap_or(false) {
+                return Err(err(format!("'{key}' holds NaN or infinite values")));
+            }
+        }
         match part {
             Part::Unet => report.unet += 1,
             Part::TextEncoder => report.text_encoder += 1,

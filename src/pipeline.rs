@@ -80,8 +80,11 @@ impl Trace {
         }
         Ok(())
     }
-    /// Writes the trace as safetensors, atomically (temp file + rename).
-    pub fn save(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<()> {
+    /// Writes the trace as safetensors into `file` (made before the run, so an unwritable trace
+    /// fails before any work), renamed into place when complete.
+    pub fn save(&self, file: crate::guard::AtomicFile, metadata: &BTreeMap<String, String>) -> Result<()> {
+        let path = file.target().to_path_buf();
+        let path = path.as_path();
         let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
             .tensors
             .iter()
@@ -101,7 +104,7 @@ impl Trace {
             .collect::<Result<Vec<_>>>()?;
         let meta: std::collections::HashMap<String, String> = metadata.clone().into_iter().collect();
         let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::output(path, e))?;
-        crate::image_io::write_atomically(path, |f| std::io::Write::write_all(f, &out))
+        file.commit(|f| std::io::Write::write_all(f, &out))
     }
 }
 
@@ -109,6 +112,7 @@ impl Trace {
 /// `(x / 2 + 0.5).clamp(0, 1)`, channels last (step 9, and `--preview`).
 pub fn latents_to_image(vae: &Autoencoder, latents: &Tensor, tiled: bool) -> Result<Tensor> {
     let decoded = vae.decode(&(latents / vae.scaling_factor())?, tiled)?;
+    check_finite(&decoded, || "the VAE's decoding".into())?;
     let out = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     Ok(out.squeeze(0)?.permute((1, 2, 0))?.contiguous()?.to_device(&Device::Cpu)?)
 }
@@ -135,6 +139,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(super::model_card_license(d.path()).as_deref(), Some("creativeml-openrail-m"));
+    }
+}
+
+/// Fails when `t` holds NaN or infinite values, naming where they came from: a model or LoRA that
+/// produces them would otherwise give a black picture and no word why.
+fn check_finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
+    let sum = t.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    if sum.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::NonFinite(what()))
     }
 }
 
@@ -443,6 +458,7 @@ impl StableDiffusion {
         };
         let shape = latents.dims().to_vec();
         let init = (latents * self.vae.scaling_factor())?;
+        check_finite(&init, || "the VAE's encoding of the photo".into())?;
         trace.record("init_latents", &init)?;
         let fwd = noise.randn(&shape)?;
         trace.record("noise", &fwd)?;
@@ -468,6 +484,9 @@ impl StableDiffusion {
             };
             let mut recorder = RecordingNoise { inner: &mut *noise, draws: Vec::new() };
             latents = sampler.step(&out, index, &latents, &mut recorder)?;
+            check_finite(&latents, || {
+                format!("the latents after step {} of {n_kept} (UNet output at timestep {t})", k + 1)
+            })?;
             for (j, z) in recorder.draws.iter().enumerate() {
                 let suffix = if j == 0 { String::new() } else { format!("_{j}") };
                 trace.record(format!("step{k:02}_noise{suffix}"), z)?;

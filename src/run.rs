@@ -3,6 +3,7 @@
 
 use crate::batch::{self, Job, Report, ReportLine};
 use crate::error::{Error, Result};
+use crate::guard::{AtomicFile, Guard};
 use crate::image_io::{self, OutputFormat};
 use crate::lora::{LoraFile, LoraSource};
 use crate::noise::{NoiseSource, ReplayNoise, SeededNoise};
@@ -11,7 +12,7 @@ use crate::printer::Printer;
 use crate::provenance::{LoraRecord, ModelRecord, Provenance};
 use crate::settings::{Batch, Mode, ModelSource, Settings, VaeSource};
 use candle_core::DType;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -371,9 +372,49 @@ fn model_folder(s: &Settings, hub: &LazyHub, dtype: DType) -> Result<PathBuf> {
     }
 }
 
+/// The files a run reads besides its photos (a trace to replay, local LoRAs, local model and VAE
+/// folders): outputs may not land on them either.
+fn guard_side_inputs(guard: &mut Guard, s: &Settings) {
+    if let Some(p) = &s.noise_from {
+        guard.add_input(p);
+    }
+    for l in &s.model.loras {
+        if let LoraSource::File(p) = &l.source {
+            guard.add_input(p);
+        }
+    }
+    if let ModelSource::Dir(d) = &s.model.source {
+        guard.add_input_tree(d);
+    }
+    if let Some(VaeSource::Dir(d)) = &s.model.vae {
+        guard.add_input_tree(d);
+    }
+}
+
+/// Claims the run's other outputs (report, trace, preview) and proves each writable before any
+/// work: the report and the trace are opened now, the preview's folder is tried.
+fn claim_side_outputs(guard: &mut Guard, s: &Settings) -> Result<(Report, Option<AtomicFile>)> {
+    let o = &s.outputs;
+    for (flag, path) in [("--report", &o.report), ("--trace", &o.trace), ("--preview", &o.preview)] {
+        if let Some(p) = path {
+            guard.claim(p, flag)?;
+        }
+    }
+    if let Some(p) = &o.preview {
+        drop(AtomicFile::create(p)?);
+    }
+    let trace = o.trace.as_deref().map(AtomicFile::create).transpose()?;
+    Ok((Report::create(o.report.as_deref())?, trace))
+}
+
 fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     let printer = Printer::new(s.verbosity);
     let t0 = Instant::now();
+    let mut guard = Guard::new();
+    guard.add_input(input);
+    guard_side_inputs(&mut guard, s);
+    guard.claim(output, "-o")?;
+    let (mut report, trace_file) = claim_side_outputs(&mut guard, s)?;
     // The photo first: a bad input fails in milliseconds, not after a model load.
     let photo = image_io::load_rgb(input)?;
     let format = OutputFormat::from_path(output)
@@ -395,10 +436,9 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
         printer.warn(format!("--noise-from: {left} recorded draws were not used (do the settings match the trace's?)"));
     }
     engine.bar.finish_and_clear();
-    if let Some(path) = &s.outputs.trace {
-        trace.save(path, &trace_metadata(s))?;
+    if let Some(file) = trace_file {
+        trace.save(file, &trace_metadata(s))?;
     }
-    let mut report = Report::create(s.outputs.report.as_deref())?;
     report.write(&ReportLine {
         input: &input.to_string_lossy(),
         output: &output.to_string_lossy(),
@@ -432,14 +472,10 @@ fn trace_metadata(s: &Settings) -> BTreeMap<String, String> {
     .collect()
 }
 
-fn canonical(p: &Path) -> Option<PathBuf> {
-    p.canonicalize().ok()
-}
-
 fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
     let printer = Printer::new(s.verbosity);
     let t0 = Instant::now();
-    let mut jobs: Vec<Job> = batch::collect(&b.inputs, b.recursive)?;
+    let mut jobs: Vec<Job> = batch::collect(&b.inputs, b.recursive, Some(&b.out_dir))?;
     if let Some((k, n)) = b.shard {
         jobs.retain(|j| batch::in_shard(&j.rel, k, n));
         printer.verbose(format!("shard {k}/{n}: {} inputs", jobs.len()));
@@ -448,25 +484,25 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
         printer.info(format!("base seed {} (pass --seed {} to repeat these pictures)", s.seed, s.seed));
     }
     std::fs::create_dir_all(&b.out_dir).map_err(|e| Error::io(&b.out_dir, e))?;
-    let inputs: HashSet<PathBuf> = jobs.iter().filter_map(|j| canonical(&j.input)).collect();
-    let mut report = Report::create(s.outputs.report.as_deref())?;
+    let mut guard = Guard::new();
+    for j in &jobs {
+        guard.add_input(&j.input);
+    }
+    guard_side_inputs(&mut guard, s);
+    let (mut report, _) = claim_side_outputs(&mut guard, s)?;
     let (overall, steps) = printer.batch_bars(jobs.len());
     let mut engine = Engine::new(s, printer, steps.clone());
     let mut outcome = Outcome::default();
-    let mut claimed: HashMap<PathBuf, PathBuf> = HashMap::new();
     for job in &jobs {
         let started = Instant::now();
         let output = b.out_dir.join(&job.rel).with_extension(b.format.extension());
         let seed = batch::file_seed(s.seed, &job.rel);
         printer.verbose(format!("{}: seed {seed}", job.input.display()));
         let result: Result<Option<(u32, u32)>> = (|| {
-            if let Some(first) = claimed.get(&output) {
-                return Err(Error::output(&output, format!("is also the output of '{}'", first.display())));
+            if let Some(why) = &job.problem {
+                return Err(Error::image(&job.input, why));
             }
-            claimed.insert(output.clone(), job.input.clone());
-            if canonical(&output).is_some_and(|c| inputs.contains(&c)) {
-                return Err(Error::output(&output, "is an input; refusing to overwrite it"));
-            }
+            guard.claim(&output, &format!("the output of '{}'", job.input.display()))?;
             if output.exists() && !b.overwrite {
                 return Ok(None);
             }

@@ -227,12 +227,6 @@ impl Mode {
                     out_dir.display()
                 )));
             }
-            if same_file(&output, &input) {
-                return Err(Error::usage(format!(
-                    "-o '{}' is the input file; refusing to overwrite it",
-                    output.display()
-                )));
-            }
             return Ok(Mode::Single { input, output });
         }
         if inputs.len() == 1 && !inputs[0].exists() && inputs[0].as_os_str() != "-" {
@@ -241,6 +235,13 @@ impl Mode {
         if inputs.len() == 1 && inputs[0].is_file() && !output.is_dir() {
             return Err(Error::usage(format!(
                 "-o '{}': unknown output extension (use .png, .jpg, .jpeg or .webp, or an existing folder)",
+                output.display()
+            )));
+        }
+        if !output.exists() && OutputFormat::from_path(&output).is_some() {
+            // `ghiblify photos/ -o e.png` would make a folder called e.png.
+            return Err(Error::usage(format!(
+                "-o '{}': these inputs need an output folder, and this names a picture; give a folder (it is created if needed)",
                 output.display()
             )));
         }
@@ -296,17 +297,10 @@ impl Outputs {
         trace: Option<PathBuf>,
         preview: Option<PathBuf>,
     ) -> Result<Self> {
-        let inputs = mode.inputs();
-        let is_input = |p: &Path| inputs.iter().any(|i| same_file(i, p));
+        // Whether these overwrite an input or each other is the run's guard's to check
+        // (`crate::guard`), once the inputs inside folders are known.
         if trace.is_some() && matches!(mode, Mode::Batch(_)) {
             return Err(Error::usage("--trace works with one input file and one output file"));
-        }
-        for (flag, path) in [("--trace", &trace), ("--report", &report), ("--preview", &preview)] {
-            if let Some(p) = path {
-                if is_input(p) {
-                    return Err(Error::usage(format!("{flag} '{}' is an input file", p.display())));
-                }
-            }
         }
         if let Some(p) = &preview {
             if OutputFormat::from_path(p) != Some(OutputFormat::Png) {
@@ -429,25 +423,5 @@ pub fn check_size(size: Option<u32>) -> Result<Option<u32>> {
             Err(Error::setting("size", format!("must be within [64, 8192], got {s}")))
         }
         s => Ok(s),
-    }
-}
-
-/// The canonical form of a path that may not exist yet (its folder must).
-fn canonical_target(p: &Path) -> Option<PathBuf> {
-    if let Ok(c) = p.canonicalize() {
-        return Some(c);
-    }
-    let parent = match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    Some(parent.canonicalize().ok()?.join(p.file_name()?))
-}
-
-/// Whether two paths (the second may not exist yet) name the same file.
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (canonical_target(a), canonical_target(b)) {
-        (Some(a), Some(b)) => a == b,
-        _ => false,
     }
 }

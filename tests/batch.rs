@@ -129,6 +129,10 @@ fn hostile(dir: &Path) -> Vec<(&'static str, bool)> {
         ("tiny.png", true),
         ("anim.gif", true),
         ("huge.png", false),
+        // Named like images, not images by content: each fails on its own line with the reason,
+        // so a user with a folder of photos learns why some did not come out.
+        ("zero.png", false),
+        ("notes.jpg", false),
     ];
     for o in [
         "orient/o1.jpg",
@@ -182,8 +186,7 @@ fn a_folder_of_hostile_inputs_resumes_and_reports() {
             assert!(line.starts_with(&format!("in/{rel}: ")), "{line}");
         }
     }
-    // Not images by content: never inputs of a folder run.
-    assert!(!tmp.path().join("out/zero.png").exists() && !tmp.path().join("out/notes.png").exists());
+    assert!(err.lines().any(|l| l.starts_with("in/notes.jpg: ") && l.contains("not one we can read")), "{err}");
     assert!(err.contains("huge.png") && err.contains("larger than 16384"), "{err}");
     // EXIF orientation: 5-8 turn the 64x48 photo upright as 48x64; the working size follows.
     for o in 1..=8 {
@@ -425,4 +428,179 @@ fn outputs_that_would_overwrite_inputs_are_refused() {
     let o = ghiblify(tmp.path()).args(["-o", "dash-out.png", "--", "in/-dash.png"]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(tmp.path().join("dash-out.png").exists());
+}
+
+/// Every file below `dir` with its bytes (to prove inputs untouched).
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| (e.path().to_path_buf(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+#[test]
+fn report_preview_and_trace_never_land_on_an_input_a_link_to_one_or_the_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = std::fs::read(fixtures().join("photo-64x48.png")).unwrap();
+    write(&tmp.path().join("in/a.png"), &png);
+    write(&tmp.path().join("in/b.png"), &png);
+    std::fs::hard_link(tmp.path().join("in/a.png"), tmp.path().join("hard.png")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("in/a.png"), tmp.path().join("soft.png")).unwrap();
+    let before = snapshot(&tmp.path().join("in"));
+    let cases: &[&[&str]] = &[
+        // An input found inside a batch folder.
+        &["in", "-o", "out", "--report", "in/a.png"],
+        &["in", "-o", "out", "--preview", "in/b.png"],
+        // A hard link and a symlink to an input.
+        &["in", "-o", "out", "--report", "hard.png"],
+        &["in/a.png", "-o", "x.png", "--trace", "soft.png"],
+        &["in/a.png", "-o", "x.png", "--trace", "hard.png"],
+        // The output itself.
+        &["in/a.png", "-o", "x.png", "--report", "x.png"],
+        &["in/a.png", "-o", "x.png", "--preview", "./x.png"],
+        &["in/a.png", "-o", "x.png", "--trace", "x.png"],
+    ];
+    for args in cases {
+        let o = ghiblify(tmp.path()).args(*args).output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("input") || err.contains("is also -o"), "{args:?}: {err}");
+        assert_eq!(snapshot(&tmp.path().join("in")), before, "{args:?}: inputs untouched");
+        assert!(!tmp.path().join("x.png").exists() && !tmp.path().join("out/a.png").exists(), "{args:?}: nothing made");
+    }
+}
+
+#[test]
+fn outputs_and_cache_files_get_the_umask_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(&tmp.path().join("in.png"), &std::fs::read(fixtures().join("photo-64x48.png")).unwrap());
+    let cmd = ghiblify(tmp.path())
+        .args(["in.png", "-o", "out.png", "--report", "r.jsonl", "--trace", "t.st"])
+        .get_args()
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let o = Command::new("sh")
+        .current_dir(tmp.path())
+        .arg("-c")
+        .arg(format!("umask 022; exec {} {cmd}", env!("CARGO_BIN_EXE_ghiblify")))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["out.png", "r.jsonl", "t.st"] {
+        let mode = std::fs::metadata(tmp.path().join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "{f}: {mode:o}");
+    }
+}
+
+#[test]
+fn an_output_folder_inside_the_input_folder_is_not_walked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = std::fs::read(fixtures().join("photo-64x48.png")).unwrap();
+    write(&tmp.path().join("photos/a.png"), &png);
+    for _ in 0..2 {
+        let o = ghiblify(tmp.path()).args(["photos", "-o", "photos/ghibli", "--report", "r.jsonl"]).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report = std::fs::read_to_string(tmp.path().join("r.jsonl")).unwrap();
+        assert_eq!(report.lines().count(), 1, "only photos/a.png is an input: {report}");
+    }
+    assert!(!tmp.path().join("photos/ghibli/ghibli").exists());
+}
+
+#[test]
+fn special_files_fail_on_their_own_line_instead_of_blocking() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(&tmp.path().join("good.png"), &std::fs::read(fixtures().join("photo-64x48.png")).unwrap());
+    let fifo = tmp.path().join("pipe.png");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let t = Instant::now();
+    let o = ghiblify(tmp.path()).args(["pipe.png", "good.png", "/dev/null", "-o", "out"]).output().unwrap();
+    let err = stderr(&o);
+    assert!(t.elapsed() < Duration::from_secs(30), "blocked: {:?}", t.elapsed());
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("pipe.png: ") && l.contains("not a regular file")), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("/dev/null: ")), "{err}");
+    assert!(tmp.path().join("out/good.png").exists());
+}
+
+#[test]
+fn settings_wrong_for_every_file_end_the_batch_at_once_with_exit_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = std::fs::read(fixtures().join("photo-64x48.png")).unwrap();
+    for i in 0..3 {
+        write(&tmp.path().join(format!("in/{i}.png")), &png);
+    }
+    let o = ghiblify(tmp.path()).args(["in", "-o", "out", "--steps", "5000"]).output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line, not one per file: {err}");
+    assert!(err.contains("--steps") && err.contains("5000"), "{err}");
+    // A report or trace that cannot be written fails before any picture is made.
+    let o =
+        ghiblify(tmp.path()).args(["in/0.png", "-o", "x.png", "--trace", "nowhere/t.safetensors"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nowhere"), "{}", stderr(&o));
+    assert!(!tmp.path().join("x.png").exists(), "no picture before the failure");
+    let o = ghiblify(tmp.path()).args(["in", "-o", "out", "--report", "nowhere/r.jsonl"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!tmp.path().join("out/0.png").exists());
+}
+
+#[test]
+fn partial_files_of_a_killed_run_are_removed_by_the_next_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(&tmp.path().join("in/a.png"), &std::fs::read(fixtures().join("photo-64x48.png")).unwrap());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
+    // A writer that no longer exists (pid above the kernel's maximum), and one a day and a half old.
+    let dead = tmp.path().join(format!("out/.ghiblify-{host}-4194304-x1.partial"));
+    let old = tmp.path().join("out/.ghiblify-elsewhere-7-x2.partial");
+    write(&dead, b"half");
+    write(&old, b"half");
+    let f = std::fs::File::options().write(true).open(&old).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(36 * 3600)).unwrap();
+    let o = ghiblify(tmp.path()).args(["in", "-o", "out"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!dead.exists() && !old.exists());
+}
+
+#[test]
+fn symlinked_images_are_followed_and_loops_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(&tmp.path().join("elsewhere/real.png"), &std::fs::read(fixtures().join("photo-64x48.png")).unwrap());
+    std::fs::create_dir_all(tmp.path().join("in")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("elsewhere/real.png"), tmp.path().join("in/linked.png")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("in"), tmp.path().join("in/loop")).unwrap();
+    let o = ghiblify(tmp.path()).args(["in", "-o", "out"]).output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(tmp.path().join("out/linked.png").exists(), "{err}");
+    assert!(err.lines().any(|l| l.contains("loop") && l.contains("symbolic link loop")), "{err}");
+}
+
+#[test]
+fn a_batch_into_a_picture_name_and_odd_stdin_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("empty")).unwrap();
+    let o = ghiblify(tmp.path()).args(["empty", "-o", "e.png"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("e.png") && !tmp.path().join("e.png").exists(), "{}", stderr(&o));
+    // A path that is not UTF-8 on stdin is still a path: that line fails alone (no such file).
+    write(&tmp.path().join("good.png"), &std::fs::read(fixtures().join("photo-64x48.png")).unwrap());
+    let mut child =
+        ghiblify(tmp.path()).args(["-", "-o", "out"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"bad-\xff\xfe.png\ngood.png\n").unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(tmp.path().join("out/good.png").exists(), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

@@ -167,7 +167,7 @@ fn missing_input() {
 
 #[test]
 fn text_file_named_jpg() {
-    fails(&["notes.jpg", "-o", "out.png"], &["notes.jpg"]);
+    fails(&["notes.jpg", "-o", "out.png"], &["notes.jpg", "not an image"]);
 }
 
 #[test]
@@ -477,4 +477,15 @@ fn repo_names_and_revisions_that_would_leave_the_cache_are_refused() {
         assert!(err.contains("--model") && err.contains(needle) && err.trim().lines().count() == 1, "{err}");
     }
     assert_eq!(case.written(), Vec::<String>::new());
+}
+
+#[test]
+fn an_os_error_is_said_once() {
+    let case = Case::new();
+    std::fs::write(case.path("afile"), b"").unwrap();
+    let o = case.run(&["photo.png", "-o", "out.png", "--report", "afile/r.jsonl"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("not a directory").count(), 1, "{err}");
+    assert!(err.contains("afile") && !case.path("out.png").exists(), "{err}");
 }

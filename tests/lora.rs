@@ -253,3 +253,36 @@ fn half_precision_weights_get_the_f32_merge_rounded_once() {
     let err = rel_err(&half.to_dtype(DType::F32).unwrap(), &full);
     assert!(err > 0.0 && err < 1e-3, "{err}");
 }
+
+#[test]
+fn scalar_rank_zero_and_non_finite_loras_are_named_not_panicked_on() {
+    let case = Case::new();
+    let m = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    let scalar = write_lora(
+        &case,
+        "scalar.safetensors",
+        &[(&format!("{m}.lora_down.weight"), vec![]), (&format!("{m}.lora_up.weight"), vec![8, 4, 1, 1])],
+    );
+    fails(&case, &scalar, &["scalar", "not matrices"]);
+    let rank0 = write_lora(
+        &case,
+        "rank0.safetensors",
+        &[(&format!("{m}.lora_down.weight"), vec![0, 8, 1, 1]), (&format!("{m}.lora_up.weight"), vec![8, 0, 1, 1])],
+    );
+    fails(&case, &rank0, &["rank0", "rank 0"]);
+    // NaN weights and an infinite alpha: refused by name instead of a black picture.
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    let nan = Tensor::from_vec(vec![f32::NAN; 32], (4, 8, 1, 1), &Device::Cpu).unwrap();
+    map.insert(format!("{m}.lora_down.weight"), nan);
+    map.insert(format!("{m}.lora_up.weight"), Tensor::zeros((8, 4, 1, 1), DType::F32, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&map, case.path("nan.safetensors")).unwrap();
+    fails(&case, case.path("nan.safetensors").to_str().unwrap(), &["nan", "NaN or infinite", "lora_down"]);
+    map.insert(format!("{m}.lora_down.weight"), Tensor::zeros((4, 8, 1, 1), DType::F32, &Device::Cpu).unwrap());
+    map.insert(format!("{m}.alpha"), Tensor::new(f32::INFINITY, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&map, case.path("alpha.safetensors")).unwrap();
+    fails(&case, case.path("alpha.safetensors").to_str().unwrap(), &["alpha", "inf"]);
+    // A file whose name has a colon is taken whole.
+    std::fs::copy(lora("peft.safetensors"), case.path("style:v2.safetensors")).unwrap();
+    let o = run(&case, &["--lora", case.path("style:v2.safetensors").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -4,6 +4,7 @@
 mod batch;
 mod cli;
 mod common;
+mod configs;
 mod hub;
 mod loading;
 mod lora;

@@ -117,6 +117,13 @@ impl ClipTextEncoder {
     pub fn load(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<Self> {
         let config = ClipConfig::read(&files.config)?;
         let act = config.activation(&files.config)?;
+        let path = &files.config;
+        super::in_range(path, "vocab_size", config.vocab_size, 1, 1 << 20)?;
+        super::in_range(path, "hidden_size", config.hidden_size, 1, 8192)?;
+        super::in_range(path, "intermediate_size", config.intermediate_size, 1, 65536)?;
+        super::in_range(path, "num_hidden_layers", config.num_hidden_layers, 1, 64)?;
+        super::in_range(path, "max_position_embeddings", config.max_position_embeddings, 1, 4096)?;
+        super::positive(path, "layer_norm_eps", config.layer_norm_eps, 1.0)?;
         if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
             return Err(Error::config(
                 &files.config,

@@ -117,6 +117,44 @@ impl Autoencoder {
     }
 }
 
+/// A config number within `[lo, hi]`: bounds that hold every real model this project runs and keep
+/// a hostile value from dividing by zero, panicking or asking for terabytes (named in the error
+/// with its key, value and file).
+pub(crate) fn in_range<T: PartialOrd + Copy + std::fmt::Display>(
+    path: &Path,
+    key: &str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<()> {
+    if v < lo || v > hi {
+        return Err(Error::config(path, format!("'{key}' = {v} is out of range (expected {lo} to {hi})")));
+    }
+    Ok(())
+}
+
+/// A config number that must be finite and within `(0, hi]` (epsilons, scale factors).
+pub(crate) fn positive(path: &Path, key: &str, v: f64, hi: f64) -> Result<()> {
+    if !(v.is_finite() && v > 0.0 && v <= hi) {
+        return Err(Error::config(
+            path,
+            format!("'{key}' = {v} is out of range (expected a number above 0, at most {hi})"),
+        ));
+    }
+    Ok(())
+}
+
+/// The channel widths of a model's blocks: 1 to 8 blocks of 1 to 8192 channels.
+pub(crate) fn check_channels(path: &Path, key: &str, channels: &[usize]) -> Result<()> {
+    if channels.is_empty() || channels.len() > 8 {
+        return Err(Error::config(path, format!("'{key}' has {} entries (expected 1 to 8)", channels.len())));
+    }
+    for &c in channels {
+        in_range(path, key, c, 1, 8192)?;
+    }
+    Ok(())
+}
+
 /// Reads a JSON config into `T` (whose serde defaults mirror diffusers' constructor defaults).
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -81,7 +81,20 @@ impl TinyConfig {
     }
 
     fn validate(&self, path: &std::path::Path) -> Result<()> {
+        use super::{check_channels, in_range, positive};
         let bad = |m: String| Err(Error::config(path, m));
+        check_channels(path, "encoder_block_out_channels", &self.encoder_block_out_channels)?;
+        check_channels(path, "decoder_block_out_channels", &self.decoder_block_out_channels)?;
+        if let Some(b) = &self.block_out_channels {
+            check_channels(path, "block_out_channels", b)?;
+        }
+        for &k in self.num_encoder_blocks.iter().chain(&self.num_decoder_blocks) {
+            in_range(path, "num_encoder_blocks / num_decoder_blocks", k, 0, 16)?;
+        }
+        in_range(path, "in_channels", self.in_channels, 1, 16)?;
+        in_range(path, "out_channels", self.out_channels, 1, 16)?;
+        in_range(path, "latent_channels", self.latent_channels, 1, 64)?;
+        positive(path, "scaling_factor", self.scaling_factor, 1e3)?;
         if self.encoder_block_out_channels.len() != self.num_encoder_blocks.len()
             || self.encoder_block_out_channels.is_empty()
         {

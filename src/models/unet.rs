@@ -226,9 +226,26 @@ impl UNetConfig {
 
     /// Validates what we can run and derives the per-block plan, naming the key on any mismatch.
     fn plan(&self, path: &Path) -> Result<Plan> {
+        use super::{check_channels, in_range, positive};
+        check_channels(path, "block_out_channels", &self.block_out_channels)?;
         let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(Error::config(path, "'block_out_channels' is empty"));
+        in_range(path, "in_channels", self.in_channels, 1, 64)?;
+        in_range(path, "out_channels", self.out_channels, 1, 64)?;
+        in_range(path, "norm_num_groups", self.norm_num_groups, 1, 1024)?;
+        positive(path, "norm_eps", self.norm_eps, 1.0)?;
+        positive(path, "mid_block_scale_factor", self.mid_block_scale_factor, 1e3)?;
+        positive(path, "resnet_out_scale_factor", self.resnet_out_scale_factor, 1e3)?;
+        if !self.freq_shift.is_finite() || self.freq_shift.abs() > 1e3 {
+            return Err(Error::config(path, format!("'freq_shift' = {} is out of range", self.freq_shift)));
+        }
+        in_range(path, "conv_in_kernel", self.conv_in_kernel, 1, 7)?;
+        in_range(path, "conv_out_kernel", self.conv_out_kernel, 1, 7)?;
+        in_range(path, "downsample_padding", self.downsample_padding, 0, 3)?;
+        if let Some(d) = self.time_embedding_dim {
+            in_range(path, "time_embedding_dim", d, 1, 16384)?;
+        }
+        if let Some(s) = self.native_latent_size() {
+            in_range(path, "sample_size", s, 1, 1024)?;
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::config(
@@ -323,6 +340,9 @@ impl UNetConfig {
             }
         }
         let tlayers = self.transformer_layers_per_block.per_block(n, path, "transformer_layers_per_block")?;
+        for &t in &tlayers {
+            in_range(path, "transformer_layers_per_block", t, 1, 32)?;
+        }
         let rev_tlayers = match &self.reverse_transformer_layers_per_block {
             Some(v) if v.len() == n => v.clone(),
             Some(v) => {
@@ -333,6 +353,17 @@ impl UNetConfig {
             }
             None => tlayers.iter().rev().cloned().collect(),
         };
+        for &t in &rev_tlayers {
+            in_range(path, "reverse_transformer_layers_per_block", t, 1, 32)?;
+        }
+        let layers = self.layers_per_block.per_block(n, path, "layers_per_block")?;
+        for &l in &layers {
+            in_range(path, "layers_per_block", l, 1, 16)?;
+        }
+        let xdim = self.cross_attention_dim.per_block(n, path, "cross_attention_dim")?;
+        for &x in &xdim {
+            in_range(path, "cross_attention_dim", x, 1, 16384)?;
+        }
         for &c in &self.block_out_channels {
             if c % self.norm_num_groups != 0 {
                 return Err(Error::config(
@@ -341,14 +372,7 @@ impl UNetConfig {
                 ));
             }
         }
-        Ok(Plan {
-            cross_attn,
-            layers: self.layers_per_block.per_block(n, path, "layers_per_block")?,
-            heads,
-            xdim: self.cross_attention_dim.per_block(n, path, "cross_attention_dim")?,
-            tlayers,
-            rev_tlayers,
-        })
+        Ok(Plan { cross_attn, layers, heads, xdim, tlayers, rev_tlayers })
     }
 
     /// The text-embedding width the UNet attends to (for checking it against the text encoder).

@@ -111,10 +111,17 @@ impl VaeConfig {
                 format!("'_class_name' = {:?} is not supported (expected \"AutoencoderKL\")", self.class_name),
             ));
         }
+        use super::{check_channels, in_range, positive};
+        check_channels(path, "block_out_channels", &self.block_out_channels)?;
         let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(Error::config(path, "'block_out_channels' is empty"));
-        }
+        in_range(path, "in_channels", self.in_channels, 1, 16)?;
+        in_range(path, "out_channels", self.out_channels, 1, 16)?;
+        in_range(path, "latent_channels", self.latent_channels, 1, 64)?;
+        in_range(path, "layers_per_block", self.layers_per_block, 1, 16)?;
+        in_range(path, "norm_num_groups", self.norm_num_groups, 1, 1024)?;
+        positive(path, "scaling_factor", self.scaling_factor, 1e3)?;
+        // The tile size of tiled encoding and decoding (at least one latent pixel per tile).
+        in_range(path, "sample_size", self.sample_size, 8 << n.saturating_sub(1), 8192)?;
         let bad_down = self.down_block_types.iter().find(|t| t.as_str() != "DownEncoderBlock2D");
         let bad_up = self.up_block_types.iter().find(|t| t.as_str() != "UpDecoderBlock2D");
         if let Some(t) = bad_down.or(bad_up) {

@@ -26,7 +26,18 @@ impl Ddim {
         let schedule = Schedule::from_config(cfg, path)?;
         check_steps(steps, schedule.num_train_timesteps, "the model's num_train_timesteps")?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { schedule.alphas_cumprod[0] };
-        let timesteps = spaced_timesteps(&schedule, steps).into_iter().map(|t| t as f64).collect();
+        let timesteps: Vec<f64> = spaced_timesteps(&schedule, steps).into_iter().map(|t| t as f64).collect();
+        // "leading" spacing plus steps_offset can step past the schedule (diffusers then fails
+        // with an IndexError): say so instead.
+        if let Some(&t) = timesteps.iter().find(|&&t| t as usize >= schedule.num_train_timesteps) {
+            return Err(crate::error::Error::setting(
+                "steps",
+                format!(
+                    "{steps} with the model's steps_offset {} reaches timestep {t}, past its {} training steps; use fewer steps",
+                    schedule.steps_offset, schedule.num_train_timesteps
+                ),
+            ));
+        }
         let clip_sample = cfg.clip_sample(true);
         let thresholding = cfg.thresholding();
         Ok(Self { schedule, steps, timesteps, final_alpha_cumprod, clip_sample, thresholding })

@@ -188,8 +188,25 @@ impl Schedule {
     /// The schedule as diffusers' class with these constructor defaults builds it from `cfg`.
     pub fn with_defaults(cfg: &SchedulerConfig, path: &Path, d: ClassDefaults) -> Result<Self> {
         let n = cfg.num_train_timesteps.unwrap_or(1000);
-        if n < 2 {
-            return Err(Error::config(path, format!("'num_train_timesteps' must be at least 2, got {n}")));
+        crate::models::in_range(path, "num_train_timesteps", n, 2, 100_000)?;
+        let offset = cfg.steps_offset.unwrap_or(0);
+        crate::models::in_range(path, "steps_offset", offset, 0, n / 2)?;
+        for (key, v) in [
+            ("clip_sample_range", cfg.clip_sample_range),
+            ("sample_max_value", cfg.sample_max_value),
+            ("sigma_min", cfg.sigma_min),
+            ("sigma_max", cfg.sigma_max),
+            ("timestep_scaling", cfg.timestep_scaling),
+        ] {
+            if let Some(v) = v {
+                crate::models::positive(path, key, v, 1e6)?;
+            }
+        }
+        if let Some(r) = cfg.dynamic_thresholding_ratio {
+            crate::models::positive(path, "dynamic_thresholding_ratio", r, 1.0)?;
+        }
+        if cfg.lambda_min_clipped.is_some_and(f64::is_nan) {
+            return Err(Error::config(path, "'lambda_min_clipped' is not a number"));
         }
         let prediction = match cfg.prediction_type.as_deref().unwrap_or("epsilon") {
             "epsilon" => PredictionType::Epsilon,
@@ -227,6 +244,16 @@ impl Schedule {
                 }
             }
         };
+        // Every β must be a probability strictly between 0 and 1 (else ᾱ is 0, negative or NaN
+        // and every picture comes out black).
+        if let Some((i, b)) = betas.iter().enumerate().find(|(_, b)| !(**b > 0.0 && **b < 1.0)) {
+            let source = if cfg.trained_betas.as_ref().is_some_and(|t| !t.is_empty()) {
+                "'trained_betas'"
+            } else {
+                "'beta_start'/'beta_end'"
+            };
+            return Err(Error::config(path, format!("{source} give beta[{i}] = {b}, outside (0, 1)")));
+        }
         let zero_snr = d.zero_snr && cfg.rescale_betas_zero_snr.unwrap_or(false);
         let betas = if zero_snr { rescale_zero_terminal_snr(&betas) } else { betas };
         let mut alphas_cumprod = cumprod(&betas);
@@ -234,13 +261,7 @@ impl Schedule {
             // diffusers: "close to 0 without being 0 so first sigma is not inf".
             *alphas_cumprod.last_mut().unwrap() = 2f32.powi(-24);
         }
-        Ok(Self {
-            num_train_timesteps: n,
-            prediction,
-            spacing,
-            steps_offset: cfg.steps_offset.unwrap_or(0),
-            alphas_cumprod,
-        })
+        Ok(Self { num_train_timesteps: n, prediction, spacing, steps_offset: offset, alphas_cumprod })
     }
 }
 
