@@ -365,7 +365,7 @@ impl GenerationArgs {
     pub fn resolve(self, d: &PresetDefaults) -> Result<Img2ImgParams> {
         let strength = self.strength.unwrap_or(d.strength);
         if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
-            return Err(Error::setting("strength", format!("must be within [0.0, 1.0], got {strength}")));
+            return Err(Error::setting("strength", format!("must be within [0.0, 1.0], got {strength:?}")));
         }
         let steps = self.steps.unwrap_or(d.steps);
         if steps == 0 {
@@ -379,7 +379,7 @@ impl GenerationArgs {
         }
         let guidance = self.guidance.unwrap_or(d.guidance);
         if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
-            return Err(Error::setting("guidance", format!("must be within [0, 100], got {guidance}")));
+            return Err(Error::setting("guidance", format!("must be within [0, 100], got {guidance:?}")));
         }
         let sampler = match self.sampler {
             Some(s) => s,

@@ -489,3 +489,8 @@ fn an_os_error_is_said_once() {
     assert_eq!(err.matches("not a directory").count(), 1, "{err}");
     assert!(err.contains("afile") && !case.path("out.png").exists(), "{err}");
 }
+
+#[test]
+fn guidance_that_would_overflow_to_a_black_picture_is_refused() {
+    fails(&["photo.png", "-o", "out.png", "--guidance", "1e308"], &["--guidance", "1e308"]);
+}

@@ -833,3 +833,24 @@ fn a_listing_past_any_sane_size_is_refused() {
     hub.state.lock().unwrap().huge_listing = true;
     refused(&hub, &["listing is larger than"], Duration::from_secs(30));
 }
+
+#[test]
+fn offline_hints_name_a_command_that_fetches_what_is_missing() {
+    // The model is cached; TAESD and a hub LoRA are not: the hint must fetch those.
+    let hub = TestHub::start();
+    hub.add_folder("nitrosocke/Ghibli-Diffusion", &tiny());
+    let case = Case::new();
+    assert!(case.cmd(&hub.endpoint()).args(["--download-only", "-q"]).output().unwrap().status.success());
+    for (extra, hint) in [
+        (&["--vae", "taesd"][..], "ghiblify --download-only --vae taesd"),
+        (
+            &["--lora", "someone/loras/style.safetensors"][..],
+            "ghiblify --download-only --lora someone/loras/style.safetensors",
+        ),
+    ] {
+        let o = case.cmd(&hub.endpoint()).args(RUN).args(extra).args(["--offline", "-q"]).output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(hint), "{hint} in {err}");
+    }
+}
