@@ -184,6 +184,11 @@ pub struct ReportLine<'a> {
     pub width: Option<u32>,
     pub height: Option<u32>,
     pub seconds: f64,
+    /// What the picture's own provenance says of the model (absent until a model is loaded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<&'a crate::provenance::ModelRecord>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub loras: &'a [crate::provenance::LoraRecord],
 }
 
 /// The JSON-lines report, flushed line by line so a killed run keeps what it did.

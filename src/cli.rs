@@ -61,6 +61,12 @@ pub enum TilingArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FormatArg {
     Png,
     Jpg,
@@ -109,9 +115,28 @@ pub struct Args {
     #[arg(long, value_name = "K/N")]
     pub shard: Option<String>,
 
-    /// Write no provenance metadata into the outputs
+    /// Write no provenance metadata into the outputs (no A1111 text, EXIF, XMP or C2PA)
     #[arg(long)]
     pub no_metadata: bool,
+
+    /// C2PA Content Credentials: a signed manifest saying the picture was made from the photo by
+    /// a trained model (on by default; without --c2pa-cert, signed with a per-user key made on
+    /// first use: valid but untrusted)
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub c2pa: OnOff,
+
+    /// The C2PA signing certificate chain (PEM, end entity first; ES256/P-256), with --c2pa-key
+    #[arg(long, value_name = "FILE", requires = "c2pa_key")]
+    pub c2pa_cert: Option<PathBuf>,
+
+    /// The private key of --c2pa-cert (PEM)
+    #[arg(long, value_name = "FILE", requires = "c2pa_cert")]
+    pub c2pa_key: Option<PathBuf>,
+
+    /// Embed no invisible watermark (by default pictures of at least 256x256 pixels carry
+    /// invisible-watermark's dwtDct mark with the payload "ghiblify")
+    #[arg(long)]
+    pub no_watermark: bool,
 
     /// What the picture should look like; include the model's trigger words ("ghibli style").
     /// Default: the preset's (see --list-models), for other models: "ghibli style, hand-painted anime ..."
@@ -308,7 +333,13 @@ impl Args {
             };
             Mode::convert(&a.inputs, a.output.as_deref(), batch)?
         };
-        let outputs = Outputs::new(&mode, !a.no_metadata, a.report, a.trace, a.preview)?;
+        let mut outputs = Outputs::new(&mode, !a.no_metadata, a.report, a.trace, a.preview)?;
+        outputs.watermark = !a.no_watermark;
+        outputs.c2pa = match (a.c2pa, a.no_metadata, a.c2pa_cert, a.c2pa_key) {
+            (OnOff::Off, ..) | (_, true, ..) => settings::C2pa::Off,
+            (OnOff::On, false, Some(cert), Some(key)) => settings::C2pa::Files { cert, key },
+            (OnOff::On, false, ..) => settings::C2pa::PerUser,
+        };
         let noise_from = settings::check_noise_from(&mode, a.noise_from)?;
         let defaults = if a.fast {
             model.loras.push(LoraSpec::parse(settings::FAST_LORA)?);

@@ -329,11 +329,18 @@ fn webp_with_xmp(mut webp: Vec<u8>, xmp: &str) -> Vec<u8> {
     webp
 }
 
-/// Saves `img` atomically with its provenance, if any: PNG as text chunks (`parameters` in the A1111
-/// form — tEXt when Latin-1, else iTXt —, `Software`, `Source`, `Model`, `License`) plus the XMP
-/// packet; JPEG as EXIF (see [`Provenance::exif`]) plus an XMP APP1 segment; WebP as EXIF plus an XMP
-/// chunk. Nothing of the input's own metadata (GPS, camera serial) is ever copied.
+/// Saves `img` atomically with its provenance, if any (see [`encode`]).
 pub fn save_as(img: &RgbImage, path: &Path, format: OutputFormat, provenance: Option<&Provenance>) -> Result<()> {
+    let bytes = encode(img, path, format, provenance)?;
+    crate::guard::write_atomically(path, |f| f.write_all(&bytes))
+}
+
+/// Encodes `img` with its provenance, if any: PNG as text chunks (`parameters` in the A1111 form —
+/// tEXt when Latin-1, else iTXt —, `Software`, `Source`, `Model`, `License`) plus the XMP packet;
+/// JPEG as EXIF (see [`Provenance::exif`]) plus an XMP APP1 segment; WebP as EXIF plus an XMP chunk.
+/// Nothing of the input's own metadata (GPS, camera serial) is ever copied. `path` names the
+/// output in errors.
+pub fn encode(img: &RgbImage, path: &Path, format: OutputFormat, provenance: Option<&Provenance>) -> Result<Vec<u8>> {
     let to_io = |e: image::ImageError| std::io::Error::other(e.to_string());
     let bytes: Vec<u8> = (|| -> std::io::Result<Vec<u8>> {
         let mut buf = Vec::new();
@@ -382,7 +389,7 @@ pub fn save_as(img: &RgbImage, path: &Path, format: OutputFormat, provenance: Op
         Ok(buf)
     })()
     .map_err(|e| Error::output(path, format!("cannot encode: {e}")))?;
-    crate::guard::write_atomically(path, |f| f.write_all(&bytes))
+    Ok(bytes)
 }
 
 #[cfg(test)]

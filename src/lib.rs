@@ -6,6 +6,7 @@
 
 pub mod alloc;
 pub mod batch;
+pub mod credentials;
 pub mod device;
 pub mod error;
 pub mod guard;
@@ -22,5 +23,6 @@ pub mod repo;
 pub mod run;
 pub mod samplers;
 pub mod settings;
+pub mod watermark;
 
 pub use error::{Error, Result};

@@ -10,9 +10,9 @@ pub const DIGITAL_SOURCE_TYPE: &str =
     "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia";
 
 /// The model a picture was made with.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ModelRecord {
-    /// The repo id (with `@revision` when pinned) or the folder's path.
+    /// The repo id (with `@revision` when pinned) or the folder's name (never a local path).
     pub name: String,
     /// A1111's short model hash (first 10 hex digits of the UNet weights' sha256), when cheap.
     pub hash: Option<String>,
@@ -21,7 +21,7 @@ pub struct ModelRecord {
 }
 
 /// One LoRA merged into the model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct LoraRecord {
     pub name: String,
     /// First 10 hex digits of the file's sha256 ("unknown" if it could not be read).
@@ -135,10 +135,9 @@ impl Provenance {
         )
     }
 
-    /// The EXIF block (TIFF layout, little endian) for JPEG and WebP: ImageDescription (the source
-    /// line), Software, and the `parameters` text in the Exif UserComment, where A1111-compatible
-    /// tools look for it in JPEGs (ASCII when it is, else the UNICODE/UTF-16 form the standard
-    /// defines).
+    /// The EXIF block (big-endian TIFF, as piexif writes it) for JPEG and WebP: ImageDescription
+    /// (the source line), Software, and the `parameters` text in the Exif UserComment, where
+    /// A1111-compatible tools look for it in JPEGs (see [`user_comment`]).
     pub fn exif(&self) -> std::io::Result<Vec<u8>> {
         use exif::{Field, In, Tag, Value};
         // ASCII fields: keep them ASCII (non-ASCII prompt text lives in UserComment).
@@ -146,14 +145,7 @@ impl Provenance {
             s.chars().map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' }).collect::<String>()
         };
         let params = self.parameters();
-        let mut comment = Vec::new();
-        if params.is_ascii() {
-            comment.extend_from_slice(b"ASCII\0\0\0");
-            comment.extend_from_slice(params.as_bytes());
-        } else {
-            comment.extend_from_slice(b"UNICODE\0");
-            comment.extend(params.encode_utf16().flat_map(|u| u.to_le_bytes()));
-        }
+        let comment = user_comment(&params);
         let fields = [
             Field {
                 tag: Tag::ImageDescription,
@@ -172,8 +164,32 @@ impl Provenance {
             w.push_field(f);
         }
         let mut buf = Cursor::new(Vec::new());
-        w.write(&mut buf, true).map_err(std::io::Error::other)?;
+        // Big-endian TIFF, as piexif writes it (and the EXIF spec allows).
+        w.write(&mut buf, false).map_err(std::io::Error::other)?;
         Ok(buf.into_inner())
+    }
+}
+
+/// An Exif UserComment exactly as A1111 writes one (`piexif.helper.UserComment.dump(text,
+/// encoding="unicode")`): the 8-byte `UNICODE\0` prefix and the text in UTF-16 big-endian, which is
+/// what `piexif.helper.UserComment.load` — A1111's reader, and the parsers built on it — decodes.
+pub fn user_comment(text: &str) -> Vec<u8> {
+    let mut out = b"UNICODE\0".to_vec();
+    out.extend(text.encode_utf16().flat_map(u16::to_be_bytes));
+    out
+}
+
+/// The text of an Exif UserComment as piexif's loader reads it: `ASCII\0\0\0` + ASCII,
+/// `UNICODE\0` + UTF-16 big-endian, or an unknown/JIS prefix (returned as `None`).
+pub fn read_user_comment(bytes: &[u8]) -> Option<String> {
+    let (prefix, body) = (bytes.get(..8)?, &bytes[8..]);
+    match prefix {
+        b"ASCII\0\0\0" => Some(String::from_utf8_lossy(body).into_owned()),
+        b"UNICODE\0" => {
+            let units: Vec<u16> = body.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+            String::from_utf16(&units).ok()
+        }
+        _ => None,
     }
 }
 

@@ -40,11 +40,23 @@ struct Engine<'a> {
     bar: indicatif::ProgressBar,
     /// TAESD for `--preview`, loaded with the model.
     preview: Option<crate::models::Autoencoder>,
+    /// The C2PA signing credentials, read (or made) before any work.
+    credentials: Option<crate::credentials::Credentials>,
 }
 
 impl Engine<'_> {
-    fn new(s: &Settings, printer: Printer, bar: indicatif::ProgressBar) -> Engine<'_> {
-        Engine { s, printer, loaded: None, bar, preview: None }
+    fn new(s: &Settings, printer: Printer, bar: indicatif::ProgressBar) -> Result<Engine<'_>> {
+        let credentials = match &s.outputs.c2pa {
+            crate::settings::C2pa::Off => None,
+            crate::settings::C2pa::Files { cert, key } => Some(crate::credentials::Credentials::from_files(cert, key)?),
+            crate::settings::C2pa::PerUser => {
+                let dir = crate::credentials::default_dir().ok_or_else(|| {
+                    Error::usage("C2PA: no config folder for the signing key (set HOME or XDG_CONFIG_HOME, pass --c2pa-cert/--c2pa-key, or --c2pa off)")
+                })?;
+                Some(crate::credentials::Credentials::per_user(&dir)?)
+            }
+        };
+        Ok(Engine { s, printer, loaded: None, bar, preview: None, credentials })
     }
 
     fn load(&mut self) -> Result<&Loaded> {
@@ -140,7 +152,7 @@ impl Engine<'_> {
             .iter()
             .map(|l| LoraRecord { name: l.name.clone(), hash: file_sha256_10(&l.path), scale: l.scale })
             .collect();
-        Ok(Loaded { model, record: ModelRecord { name, hash, license }, loras })
+        Ok(Loaded { model, record: ModelRecord { name: s.model.public_name(), hash, license }, loras })
     }
 
     /// Converts one decoded photo and writes its picture; returns the working size.
@@ -192,9 +204,19 @@ impl Engine<'_> {
             tm.denoise / tm.unet_calls.max(1) as f64,
             tm.vae_decode
         ));
-        let img = image_io::to_rgb8(&out.image)?;
+        let mut img = image_io::to_rgb8(&out.image)?;
+        if s.outputs.watermark {
+            crate::watermark::embed(&mut img, crate::watermark::PAYLOAD);
+        }
         let provenance = s.outputs.metadata.then(|| self.provenance(source, seed, w, h));
-        image_io::save_as(&img, output, format, provenance.as_ref())?;
+        let mut bytes = image_io::encode(&img, output, format, provenance.as_ref())?;
+        if let (Some(creds), Some(record)) = (&self.credentials, &provenance) {
+            let title = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let t = Instant::now();
+            bytes = crate::credentials::sign(&bytes, format, &title, record, source, creds)?;
+            printer.verbose(format!("C2PA manifest signed in {:.0} ms", t.elapsed().as_secs_f64() * 1e3));
+        }
+        crate::guard::write_atomically(output, |f| std::io::Write::write_all(f, &bytes))?;
         Ok((w, h))
     }
 
@@ -422,7 +444,7 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
     if !s.seed_was_given && s.noise_from.is_none() {
         printer.info(format!("seed {} (pass --seed {} to repeat this picture)", s.seed, s.seed));
     }
-    let mut engine = Engine::new(s, printer, printer.steps_bar(0));
+    let mut engine = Engine::new(s, printer, printer.steps_bar(0))?;
     let mut trace = if s.outputs.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
     let mut replay = s.noise_from.as_deref().map(ReplayNoise::from_trace).transpose()?;
     let mut seeded = SeededNoise::new(s.seed);
@@ -448,6 +470,8 @@ fn single(s: &Settings, input: &Path, output: &Path) -> Result<Outcome> {
         width: Some(w),
         height: Some(h),
         seconds: t0.elapsed().as_secs_f64(),
+        model: engine.loaded.as_ref().map(|l| &l.record),
+        loras: engine.loaded.as_ref().map(|l| l.loras.as_slice()).unwrap_or_default(),
     })?;
     printer.info(format!("wrote {} ({w}x{h}) in {:.1} s", output.display(), t0.elapsed().as_secs_f64()));
     Ok(Outcome { done: 1, ..Default::default() })
@@ -465,7 +489,7 @@ fn trace_metadata(s: &Settings) -> BTreeMap<String, String> {
         ("seed", s.seed.to_string()),
         ("sampler", g.sampler.to_string()),
         ("karras", g.karras.to_string()),
-        ("model", s.model.name()),
+        ("model", s.model.public_name()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -491,7 +515,7 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
     guard_side_inputs(&mut guard, s);
     let (mut report, _) = claim_side_outputs(&mut guard, s)?;
     let (overall, steps) = printer.batch_bars(jobs.len());
-    let mut engine = Engine::new(s, printer, steps.clone());
+    let mut engine = Engine::new(s, printer, steps.clone())?;
     let mut outcome = Outcome::default();
     for job in &jobs {
         let started = Instant::now();
@@ -543,6 +567,8 @@ fn run_batch(s: &Settings, b: &Batch) -> Result<Outcome> {
             width: size.map(|s| s.0),
             height: size.map(|s| s.1),
             seconds: started.elapsed().as_secs_f64(),
+            model: engine.loaded.as_ref().map(|l| &l.record),
+            loras: engine.loaded.as_ref().map(|l| l.loras.as_slice()).unwrap_or_default(),
         })?;
         overall.inc(1);
     }

@@ -111,6 +111,18 @@ impl ModelChoice {
             ModelSource::Hub { repo, .. } => repo.to_string(),
         }
     }
+
+    /// The name pictures and reports carry: the repo id, or only the folder's own name — a local
+    /// path (`/home/<user>/...`) in every shared picture would be a privacy leak.
+    pub fn public_name(&self) -> String {
+        match &self.source {
+            ModelSource::Dir(d) => {
+                let d = d.canonicalize().unwrap_or_else(|_| d.clone());
+                d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "local model".into())
+            }
+            ModelSource::Hub { repo, .. } => repo.to_string(),
+        }
+    }
 }
 
 fn from_preset(p: Preset, revision: Option<String>, cli: String) -> (ModelSource, PresetDefaults, Vec<String>) {
@@ -276,11 +288,26 @@ impl Mode {
     }
 }
 
-/// What a run writes besides its pictures.
+/// How pictures are signed with C2PA Content Credentials.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum C2pa {
+    #[default]
+    Off,
+    /// The per-user key and certificate, made on first use.
+    PerUser,
+    /// `--c2pa-cert`, `--c2pa-key`.
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+/// What a run writes besides its pictures, and what the pictures carry.
 #[derive(Debug, Clone, Default)]
 pub struct Outputs {
     /// Provenance metadata in every picture.
     pub metadata: bool,
+    /// The invisible watermark in every picture large enough for its decoder.
+    pub watermark: bool,
+    /// C2PA Content Credentials.
+    pub c2pa: C2pa,
     /// `--report FILE.jsonl`.
     pub report: Option<PathBuf>,
     /// `--trace FILE`: the run's intermediates (one input only).
@@ -310,7 +337,7 @@ impl Outputs {
                 )));
             }
         }
-        Ok(Self { metadata, report, trace, preview })
+        Ok(Self { metadata, report, trace, preview, watermark: false, c2pa: C2pa::Off })
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn ghiblify(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ghiblify"));
+    let mut c = crate::common::ghiblify_cmd();
     c.current_dir(dir)
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .env("HF_HOME", dir.join("hf-home"))
@@ -484,6 +484,7 @@ fn outputs_and_cache_files_get_the_umask_mode() {
         .collect::<Vec<_>>()
         .join(" ");
     let o = Command::new("sh")
+        .env("XDG_CONFIG_HOME", crate::common::test_config_home())
         .current_dir(tmp.path())
         .arg("-c")
         .arg(format!("umask 022; exec {} {cmd}", env!("CARGO_BIN_EXE_ghiblify")))

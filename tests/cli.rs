@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn ghiblify() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ghiblify"));
+    let mut c = crate::common::ghiblify_cmd();
     // Never touch the user's cache or the network in tests.
     c.env("HF_ENDPOINT", "http://127.0.0.1:9").env_remove("HF_TOKEN");
     c
@@ -106,12 +106,9 @@ fn resizes_to_the_working_size_and_writes_jpeg_and_webp() {
         assert!(field(exif::Tag::Software).display_value().to_string().contains("ghiblify"));
         assert!(field(exif::Tag::ImageDescription).display_value().to_string().contains("AI-generated"));
         let exif::Value::Undefined(bytes, _) = &field(exif::Tag::UserComment).value else { panic!("UserComment type") };
-        let text = if bytes.starts_with(b"UNICODE\0") {
-            let units: Vec<u16> = bytes[8..].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-            String::from_utf16(&units).unwrap()
-        } else {
-            String::from_utf8_lossy(&bytes[8..]).into_owned()
-        };
+        // What A1111 writes and its reader (piexif) decodes: UNICODE + UTF-16 big-endian.
+        assert!(bytes.starts_with(b"UNICODE\0"), "{file}");
+        let text = ghiblify::provenance::read_user_comment(bytes).unwrap();
         assert!(text.contains(want) && text.contains("Sampler: ddim"), "{file}: {text}");
     }
 }

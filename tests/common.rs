@@ -48,3 +48,18 @@ impl Case {
         self.dir.path().join(name)
     }
 }
+
+/// The folder every binary run of the suite uses as `XDG_CONFIG_HOME` (the per-user C2PA signing
+/// key is made there, never in the real user's config); one per test process, shared by tests
+/// running at once (which also exercises the first-use race between processes).
+pub fn test_config_home() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().unwrap()).path()
+}
+
+/// The binary under test, with its config folder kept inside the test's temporary space.
+pub fn ghiblify_cmd() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ghiblify"));
+    c.env("XDG_CONFIG_HOME", test_config_home());
+    c
+}

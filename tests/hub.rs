@@ -335,7 +335,7 @@ trait HubCase {
 
 impl HubCase for Case {
     fn cmd(&self, endpoint: &str) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_ghiblify"));
+        let mut c = crate::common::ghiblify_cmd();
         c.current_dir(self.dir.path())
             .env("HF_ENDPOINT", endpoint)
             .env("HF_HOME", self.path("hf-home"))
@@ -571,7 +571,7 @@ fn not_found_and_unauthorised_say_what_is_wrong() {
 
 #[test]
 fn list_models_prints_presets_with_size_and_licence() {
-    let o = Command::new(env!("CARGO_BIN_EXE_ghiblify")).arg("--list-models").output().unwrap();
+    let o = crate::common::ghiblify_cmd().arg("--list-models").output().unwrap();
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
     for needle in

@@ -7,7 +7,6 @@ use ghiblify::lora::{plan, Layout, LoraFile, LoraSet, MergingBackend, Part};
 use ghiblify::pipeline::{Extras, StableDiffusion};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 
 /// Merged weights vs diffusers' fused ones: max abs diff / max abs value, per tensor.
 const WEIGHT_TOL: f64 = 1e-5;
@@ -123,7 +122,7 @@ fn ldm_named_locon_merges_like_its_diffusers_named_twin() {
 // ---- the CLI: reports and bad LoRAs ------------------------------------------------------------
 
 fn run(case: &Case, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ghiblify"))
+    crate::common::ghiblify_cmd()
         .current_dir(case.dir.path())
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .env("HF_HOME", case.path("hf-home"))

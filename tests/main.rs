@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod configs;
 mod hub;
+mod labels;
 mod loading;
 mod lora;
 mod parity;

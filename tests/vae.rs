@@ -100,7 +100,7 @@ fn tiling_moves_a_decode_exactly_as_much_as_in_diffusers() {
 fn vae_tiling_flag_on_off_and_auto() {
     let case = crate::common::Case::new();
     let run = |tiling: &str, out: &str| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_ghiblify"))
+        let o = crate::common::ghiblify_cmd()
             .current_dir(case.dir.path())
             .env("HF_ENDPOINT", "http://127.0.0.1:9")
             .args([
