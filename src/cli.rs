@@ -61,6 +61,15 @@ pub enum TilingArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PredictionArg {
+    /// Noise (epsilon): SD1.x, SD2 512-base
+    #[value(alias = "eps")]
+    Epsilon,
+    /// Velocity: SD2 768-v models
+    V,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
     On,
     Off,
@@ -182,11 +191,22 @@ pub struct Args {
     pub size: Option<u32>,
 
     /// A local model folder in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "model_file"])]
     pub model_dir: Option<PathBuf>,
 
-    /// A preset (see --list-models; default ghibli-diffusion) or any diffusers-layout hub repo,
-    /// REPO_ID[@REVISION]; downloaded once into the Hugging Face cache (HF_HOME, HF_HUB_CACHE)
+    /// A single-file SD1.x/SD2.x checkpoint (.safetensors or .ckpt in the original LDM layout, as
+    /// civitai shares them); .ckpt files are read without running any code from them
+    #[arg(long, value_name = "FILE", conflicts_with = "model")]
+    pub model_file: Option<PathBuf>,
+
+    /// What a single-file model predicts, which its file cannot say: epsilon (SD1, SD2 512-base)
+    /// or v (SD2 768-v models) [default: epsilon]
+    #[arg(long, value_enum)]
+    pub prediction: Option<PredictionArg>,
+
+    /// A preset (see --list-models; default ghibli-diffusion), any diffusers-layout hub repo
+    /// REPO_ID[@REVISION], or a single-file checkpoint in one, REPO_ID/FILE.ckpt|.safetensors[@REV];
+    /// downloaded once into the Hugging Face cache (HF_HOME, HF_HUB_CACHE)
     #[arg(long, value_name = "NAME|REPO_ID[@REV]")]
     pub model: Option<String>,
 
@@ -315,13 +335,38 @@ impl Args {
     /// The validated settings, part by part.
     pub fn into_settings(self) -> Result<Settings> {
         let a = self;
-        let (mut model, defaults) =
-            ModelChoice::new(a.model_dir, a.model.as_deref(), a.device.into(), a.dtype.map(Into::into), a.offline)?;
+        let (mut model, defaults) = ModelChoice::new(
+            a.model_dir,
+            a.model_file,
+            a.model.as_deref(),
+            a.device.into(),
+            a.dtype.map(Into::into),
+            a.offline,
+        )?;
+        if let Some(p) = a.prediction {
+            if !model.is_single_file() {
+                return Err(Error::usage(
+                    "--prediction is for single-file models (a folder's scheduler_config.json says it)",
+                ));
+            }
+            model.prediction = Some(match p {
+                PredictionArg::Epsilon => ghiblify::models::single_file::Prediction::Epsilon,
+                PredictionArg::V => ghiblify::models::single_file::Prediction::V,
+            });
+        }
         let mode = if a.list_models {
             Mode::ListModels
         } else if a.download_only {
-            if matches!(model.source, settings::ModelSource::Dir(_)) {
-                return Err(Error::usage("--download-only fetches hub models; --model-dir is already local"));
+            match model.source {
+                settings::ModelSource::Dir(_) => {
+                    return Err(Error::usage("--download-only fetches hub models; --model-dir is already local"));
+                }
+                settings::ModelSource::File(_) => {
+                    return Err(Error::usage(
+                        "--download-only fetches hub models; a local --model-file is already here",
+                    ));
+                }
+                _ => {}
             }
             Mode::DownloadOnly
         } else {
@@ -342,7 +387,7 @@ impl Args {
         };
         let noise_from = settings::check_noise_from(&mode, a.noise_from)?;
         let defaults = if a.fast {
-            model.loras.push(LoraSpec::parse(settings::FAST_LORA)?);
+            model.loras.push(settings::fast_lora()?);
             settings::fast_defaults(defaults)
         } else {
             defaults

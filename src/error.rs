@@ -51,6 +51,10 @@ pub enum Error {
     #[error("{0}")]
     Hub(String),
 
+    /// The hub has the repo but not this revision (a pinned preset falls back to `main` on it).
+    #[error("hub repo '{repo}' has no revision '{revision}' (404)")]
+    NoRevision { repo: String, revision: String },
+
     /// A model, LoRA or setting produced NaN or infinite values (the text names where first).
     #[error("{0} holds NaN or infinite values (the model's weights, a LoRA or the settings push it out of range)")]
     NonFinite(String),

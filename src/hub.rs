@@ -255,6 +255,21 @@ impl Hub {
         snapshot_root(first, file).ok_or_else(|| Error::Hub(format!("unexpected cache path {}", first.display())))
     }
 
+    /// As [`Self::fetch`] at a commit a preset pins; when the hub does not have that commit (a
+    /// rewritten history, a mirror behind), one warning and `main` — a pin must never break the tool.
+    pub fn fetch_pinned(&self, repo_id: &str, pin: &str, files: &[String], cli: &str) -> Result<PathBuf> {
+        match self.fetch(repo_id, Some(pin), files, cli) {
+            Err(Error::NoRevision { .. }) => {
+                self.printer.warn(format!(
+                    "'{repo_id}' is pinned to {pin}, which the hub at {} does not have; using its main branch",
+                    self.endpoint
+                ));
+                self.fetch(repo_id, None, files, cli)
+            }
+            r => r,
+        }
+    }
+
     /// One file (a LoRA) from a repo; returns its local path.
     pub fn fetch_file(&self, repo_id: &str, revision: Option<&str>, file: &str, cli: &str) -> Result<PathBuf> {
         let root = self.fetch(repo_id, revision, &[file.to_string()], cli)?;
@@ -333,7 +348,9 @@ impl Hub {
             (401, _) | (403, Some("GatedRepo")) => format!("hub repo '{repo_id}' needs authentication ({st}): it is private or gated; {token_hint}, after accepting its terms on the model page"),
             (403, _) => format!("hub repo '{repo_id}': access denied ({st}); {token_hint}"),
             (404, Some("RepoNotFound")) => format!("hub repo '{repo_id}' does not exist at {} (404; a private repo also needs HF_TOKEN)", self.endpoint),
-            (404, Some("RevisionNotFound")) => format!("hub repo '{repo_id}' has no revision '{rev}' (404)"),
+            (404, Some("RevisionNotFound")) => {
+                return Failure::Fatal(Error::NoRevision { repo: repo_id.to_string(), revision: rev.to_string() })
+            }
             (404, _) => format!("hub repo '{repo_id}' has no file '{file}' at revision '{rev}' (404)"),
             (s, _) if s >= 500 || s == 429 => return Failure::Unreachable(format!("{st}")),
             _ => format!("hub repo '{repo_id}', file '{file}': unexpected answer {st}"),

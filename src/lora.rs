@@ -29,7 +29,14 @@ pub struct LoraSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoraSource {
     File(PathBuf),
-    Hub { repo: String, file: String },
+    Hub {
+        repo: String,
+        file: String,
+        revision: Option<String>,
+        /// The revision is a commit ghiblify pins (fast mode's LCM-LoRA): if the hub lacks it,
+        /// `main` is used with a warning.
+        pinned: bool,
+    },
 }
 
 impl LoraSpec {
@@ -55,15 +62,26 @@ impl LoraSpec {
             }
             return Ok(Self { source: LoraSource::File(path.to_path_buf()), scale });
         }
+        // `OWNER/NAME/PATH/FILE.safetensors[@REVISION]`.
+        let (target, revision) = match target.split_once('@') {
+            Some((t, r)) => (t, Some(r.to_string())),
+            None => (target, None),
+        };
         let parts: Vec<&str> = target.splitn(3, '/').collect();
         if parts.len() == 3 && target.ends_with(".safetensors") && !target.starts_with('.') && !target.starts_with('/')
         {
             let repo = format!("{}/{}", parts[0], parts[1]);
             crate::repo::check_repo_id(&repo).map_err(&bad)?;
             crate::repo::check_file_path(parts[2]).map_err(&bad)?;
-            return Ok(Self { source: LoraSource::Hub { repo, file: parts[2].to_string() }, scale });
+            if let Some(r) = &revision {
+                crate::repo::check_revision(r).map_err(&bad)?;
+            }
+            return Ok(Self {
+                source: LoraSource::Hub { repo, file: parts[2].to_string(), revision, pinned: false },
+                scale,
+            });
         }
-        Err(bad("no such file (a hub LoRA is REPO_OWNER/REPO_NAME/FILE.safetensors)".into()))
+        Err(bad("no such file (a hub LoRA is REPO_OWNER/REPO_NAME/FILE.safetensors[@REVISION])".into()))
     }
 
     /// The name shown in reports: the file name without extension (for diffusers' generic
@@ -74,7 +92,7 @@ impl LoraSpec {
         };
         match &self.source {
             LoraSource::File(p) => stem(&p.to_string_lossy()),
-            LoraSource::Hub { repo, file } => match stem(file).as_str() {
+            LoraSource::Hub { repo, file, .. } => match stem(file).as_str() {
                 "pytorch_lora_weights" => repo.rsplit('/').next().unwrap_or(repo).to_string(),
                 s => s.to_string(),
             },
@@ -100,8 +118,8 @@ pub fn prepare(
     if loras.is_empty() {
         return Ok(None);
     }
-    let unet_layout = Layout::read(&unet.weights)?;
-    let te_layout = Layout::read(&text_encoder.weights)?;
+    let unet_layout = Layout::of(unet.open()?.as_ref());
+    let te_layout = Layout::of(text_encoder.open()?.as_ref());
     let planned =
         loras.iter().map(|l| plan(&l.name, &l.path, l.scale, &unet_layout, &te_layout)).collect::<Result<Vec<_>>>()?;
     let set = LoraSet::new(planned);
@@ -172,7 +190,7 @@ impl Merge {
 
 /// A safetensors backend that adds the LoRA updates to the weights it hands out.
 pub struct MergingBackend {
-    pub inner: crate::models::weights::Weights,
+    pub inner: Arc<dyn crate::models::weights::TensorSource>,
     pub merge: Arc<Merge>,
 }
 
@@ -188,8 +206,10 @@ impl SimpleBackend for MergingBackend {
         crate::models::weights::expect_shape(name, self.get_unchecked(name, dtype, dev)?, &s)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.inner.load(name, dev)?;
-        self.merge.apply(name, t)?.to_dtype(dtype)
+        // Loaded as the model's dtype, then merged in f32: an f16 file run in f32 is not rounded
+        // to f16 after the merge (as diffusers fuses into the upcast weights).
+        let t = self.inner.load_as(name, Some(dtype), dev)?;
+        self.merge.apply(name, t)
     }
     fn contains_tensor(&self, name: &str) -> bool {
         self.inner.contains(name)
@@ -226,6 +246,11 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The shapes of any tensor source (a single-file checkpoint under diffusers' names too).
+    pub fn of(source: &dyn crate::models::weights::TensorSource) -> Self {
+        Self { shapes: source.names().into_iter().filter_map(|n| source.shape(&n).map(|s| (n, s))).collect() }
+    }
+
     pub fn read(files: &[PathBuf]) -> Result<Self> {
         let mut shapes = HashMap::new();
         for f in files {
@@ -734,7 +759,9 @@ mod tests {
             h.source,
             LoraSource::Hub {
                 repo: "latent-consistency/lcm-lora-sdv1-5".into(),
-                file: "pytorch_lora_weights.safetensors".into()
+                file: "pytorch_lora_weights.safetensors".into(),
+                revision: None,
+                pinned: false,
             }
         );
         assert_eq!(h.scale, 0.5);

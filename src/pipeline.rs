@@ -192,6 +192,9 @@ pub struct Extras<'a> {
     pub loras: &'a [crate::lora::LoraFile],
     /// A VAE folder (`--vae`) to use instead of the model's `vae/`.
     pub vae: Option<&'a Path>,
+    /// A single-file checkpoint whose tensors replace the folder's weights (the folder then holds
+    /// only configs and the tokenizer: `SingleFile::write_configs`).
+    pub single_file: Option<&'a crate::models::single_file::SingleFile>,
 }
 
 /// What the LoRAs of a load did.
@@ -229,6 +232,28 @@ impl StableDiffusion {
         Ok(Self::load_with(dir, device, dtype, Extras::default())?.0)
     }
 
+    /// Loads a single-file checkpoint (`.safetensors` or `.ckpt`, LDM layout) with `extras`: its
+    /// configs (from the tensors' shapes and the family) go to a temporary folder for the load,
+    /// its tensors are read from the file itself.
+    pub fn load_single_file(
+        path: &Path,
+        prediction: Option<crate::models::single_file::Prediction>,
+        device: &Device,
+        dtype: DType,
+        extras: Extras,
+    ) -> Result<(Self, LoraOutcome)> {
+        let sf = crate::models::single_file::open(path)?;
+        let tmp = tempfile::Builder::new()
+            .prefix("ghiblify-model-")
+            .tempdir()
+            .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        sf.write_configs(tmp.path(), prediction)?;
+        let (mut model, outcome) =
+            Self::load_with(tmp.path(), device, dtype, Extras { single_file: Some(&sf), ..extras })?;
+        model.dir = path.to_path_buf();
+        Ok((model, outcome))
+    }
+
     /// Loads the model with `extras`: LoRAs merged into the UNet and text encoder weights, and
     /// another VAE in place of the folder's (which is then not loaded at all); returns what each
     /// LoRA applied.
@@ -237,7 +262,10 @@ impl StableDiffusion {
         if !dir.is_dir() {
             return Err(Error::Model { dir: dir.to_path_buf(), what: "not a folder".into() });
         }
-        let files = |c: &str, cfg: &str, w: &str| component_files(dir, c, cfg, w, dtype);
+        let files = |c: &str, cfg: &str, w: &str| match extras.single_file {
+            Some(sf) => Ok(sf.component(dir, c)),
+            None => component_files(dir, c, cfg, w, dtype),
+        };
         let mut unet_f: ComponentFiles = files("unet", "config.json", "diffusion_pytorch_model")?;
         let vae_f = files("vae", "config.json", "diffusion_pytorch_model")?;
         let mut te_f = files("text_encoder", "config.json", "model")?;

@@ -17,10 +17,15 @@ pub struct Preset {
     pub license: String,
     pub license_url: String,
     pub trigger_words: Vec<String>,
-    /// Approximate download size, for `--list-models`.
+    /// Approximate download size of what the preset's name fetches, for `--list-models`.
     pub download_size_mb: u64,
-    /// Exactly the files an img2img run reads (never a whole repo, never `.bin`/`.ckpt`).
+    /// Exactly the files an img2img run reads from the repo's diffusers folders (never a whole
+    /// repo, never `.bin`/`.ckpt`): what `--model REPO_ID` fetches.
     pub files: Vec<String>,
+    /// A single-file checkpoint (LDM layout) at the repo's root that the preset's name reads
+    /// instead of the folders: the same fine-tune in half the download.
+    #[serde(default)]
+    pub single_file: Option<String>,
     /// LoRAs merged into the model (`--lora` specs).
     #[serde(default)]
     pub loras: Vec<String>,
@@ -69,13 +74,18 @@ pub fn default_preset() -> Preset {
 
 /// `--list-models`: one line per preset.
 pub fn list_models() -> String {
+    let what = |p: &Preset| match &p.single_file {
+        Some(f) => format!("{}/{f}", p.repo),
+        None => p.repo.clone(),
+    };
+    let width = presets().iter().map(|p| what(p).len()).max().unwrap_or(0);
     let mut out = String::new();
     for p in presets() {
         let default = if p.name == DEFAULT_PRESET { " (default)" } else { "" };
         out.push_str(&format!(
-            "{:<18} {:<44} {:>6.1} GB  {}  {}{default}\n",
+            "{:<18} {:<width$} {:>6.1} GB  {}  {}{default}\n",
             p.name,
-            p.repo,
+            what(&p),
             p.download_size_mb as f64 / 1000.0,
             p.license,
             p.description
@@ -102,6 +112,11 @@ mod tests {
         for p in &ps {
             assert!(on_disk.contains(&format!("{}.json", p.name)), "preset {} is in presets/{}.json", p.name, p.name);
             assert!(p.files.iter().all(|f| !f.ends_with(".bin") && !f.ends_with(".ckpt")));
+            if let Some(f) = &p.single_file {
+                assert!(
+                    crate::repo::check_file_path(f).is_ok() && (f.ends_with(".ckpt") || f.ends_with(".safetensors"))
+                );
+            }
             for c in ["unet", "vae", "text_encoder"] {
                 assert!(
                     p.files.iter().any(|f| f.starts_with(&format!("{c}/")) && f.ends_with(".safetensors")),

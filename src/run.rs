@@ -88,7 +88,7 @@ impl Engine<'_> {
         }
         self.printer.verbose(crate::device::describe(&device, dtype));
         let hub = LazyHub::new(s, self.printer);
-        let dir = model_folder(s, &hub, dtype)?;
+        let location = model_path(s, &hub, dtype)?;
         let loras = lora_files(s, &hub)?;
         let vae_dir = vae_folder(s, &hub)?;
         let preview_dir = match &s.outputs.preview {
@@ -96,8 +96,13 @@ impl Engine<'_> {
             None => None,
         };
         let t = Instant::now();
-        let extras = crate::pipeline::Extras { loras: &loras, vae: vae_dir.as_deref() };
-        let (model, outcome) = StableDiffusion::load_with(&dir, &device, dtype, extras)?;
+        let extras = crate::pipeline::Extras { loras: &loras, vae: vae_dir.as_deref(), single_file: None };
+        let (model, outcome) = match &location {
+            ModelPath::Folder(dir) => StableDiffusion::load_with(dir, &device, dtype, extras)?,
+            ModelPath::File(file) => {
+                StableDiffusion::load_single_file(file, s.model.prediction, &device, dtype, extras)?
+            }
+        };
         if let Some(v) = &vae_dir {
             self.printer.verbose(format!("vae: {} from {}", model.vae.name(), v.display()));
         }
@@ -145,8 +150,8 @@ impl Engine<'_> {
         model.release_text_encoder();
         let hash = if s.outputs.metadata { model.model_hash() } else { None };
         let license = model.license().or_else(|| match &s.model.source {
-            ModelSource::Hub { license, .. } => license.clone(),
-            ModelSource::Dir(_) => None,
+            ModelSource::Hub { license, .. } | ModelSource::HubFile { license, .. } => license.clone(),
+            ModelSource::Dir(_) | ModelSource::File(_) => None,
         });
         let loras = loras
             .iter()
@@ -279,7 +284,8 @@ pub fn run(s: &Settings) -> Result<Outcome> {
             let hub = LazyHub::new(s, printer);
             // Half-precision files for a GPU default or an explicit f16/bf16, as a run would read.
             let dtype = s.model.dtype.unwrap_or(DType::F32);
-            let dir = model_folder(s, &hub, dtype)?;
+            let dir = model_path(s, &hub, dtype)?;
+            let dir = dir.path();
             if let Some(v) = vae_folder(s, &hub)? {
                 printer.info(format!("vae is in the cache: {}", v.display()));
             }
@@ -299,8 +305,14 @@ fn lora_files(s: &Settings, hub: &LazyHub) -> Result<Vec<LoraFile>> {
     for spec in &s.model.loras {
         let path = match &spec.source {
             LoraSource::File(p) => p.clone(),
-            LoraSource::Hub { repo, file } => {
-                hub.get()?.fetch_file(repo, None, file, &format!("--lora {repo}/{file}"))?
+            LoraSource::Hub { repo, file, revision, pinned } => {
+                let cli =
+                    format!("--lora {repo}/{file}{}", revision.as_ref().map(|r| format!("@{r}")).unwrap_or_default());
+                let hub = hub.get()?;
+                match (revision, pinned) {
+                    (Some(pin), true) => hub.fetch_pinned(repo, pin, std::slice::from_ref(file), &cli)?.join(file),
+                    _ => hub.fetch_file(repo, revision.as_deref(), file, &cli)?,
+                }
             }
         };
         out.push(LoraFile { name: spec.name(), path, scale: spec.scale });
@@ -376,19 +388,53 @@ pub fn set_threads(n: usize) -> Result<()> {
 }
 
 /// The local model folder: `--model-dir`, or the hub snapshot (downloaded when needed).
+/// The model on disk: a diffusers folder, or one checkpoint file in the LDM layout.
+enum ModelPath {
+    Folder(PathBuf),
+    File(PathBuf),
+}
+
+impl ModelPath {
+    fn path(&self) -> &Path {
+        match self {
+            ModelPath::Folder(p) | ModelPath::File(p) => p,
+        }
+    }
+}
+
+/// The local model: `--model-dir`, `--model-file`, or the hub snapshot (downloaded when needed).
+fn model_path(s: &Settings, hub: &LazyHub, dtype: DType) -> Result<ModelPath> {
+    match &s.model.source {
+        ModelSource::File(f) => Ok(ModelPath::File(f.clone())),
+        ModelSource::HubFile { repo, file, cli, pinned, .. } => {
+            let hub = hub.get()?;
+            let cli = format!("--model {cli}");
+            let path = match (&repo.revision, pinned) {
+                (Some(pin), true) => hub.fetch_pinned(&repo.id, pin, std::slice::from_ref(file), &cli)?.join(file),
+                _ => hub.fetch_file(&repo.id, repo.revision.as_deref(), file, &cli)?,
+            };
+            Ok(ModelPath::File(path))
+        }
+        _ => model_folder(s, hub, dtype).map(ModelPath::Folder),
+    }
+}
+
 fn model_folder(s: &Settings, hub: &LazyHub, dtype: DType) -> Result<PathBuf> {
     match &s.model.source {
         ModelSource::Dir(d) => Ok(d.clone()),
-        ModelSource::Hub { repo, files, cli, .. } => {
+        ModelSource::File(_) | ModelSource::HubFile { .. } => unreachable!("single files are handled by model_path"),
+        ModelSource::Hub { repo, files, cli, pinned, .. } => {
             let hub = hub.get()?;
             let rev = repo.revision.as_deref();
             let listed = match files {
                 Some(f) => Some(f.clone()),
                 None => hub.repo_files(&repo.id, rev, matches!(dtype, DType::F16 | DType::BF16))?,
             };
-            match listed {
-                Some(f) => hub.fetch(&repo.id, rev, &f, &format!("--model {cli}")),
-                None => hub.cached_snapshot(&repo.id, rev, &format!("--model {cli}")),
+            let cli = format!("--model {cli}");
+            match (listed, rev) {
+                (Some(f), Some(pin)) if *pinned => hub.fetch_pinned(&repo.id, pin, &f, &cli),
+                (Some(f), _) => hub.fetch(&repo.id, rev, &f, &cli),
+                (None, _) => hub.cached_snapshot(&repo.id, rev, &cli),
             }
         }
     }

@@ -20,6 +20,18 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
     Dir(PathBuf),
+    /// A single-file checkpoint (`--model-file`): `.safetensors` or `.ckpt` in the LDM layout.
+    File(PathBuf),
+    /// A single-file checkpoint in a hub repo (`--model OWNER/REPO/FILE.ckpt`, or a preset's).
+    HubFile {
+        repo: RepoRef,
+        file: String,
+        /// The `--model` value, for messages.
+        cli: String,
+        license: Option<String>,
+        /// The revision is a preset's pin: if the hub lacks it, `main` with a warning.
+        pinned: bool,
+    },
     Hub {
         repo: RepoRef,
         /// A preset's exact file list; `None`: picked from the repo's listing.
@@ -28,6 +40,9 @@ pub enum ModelSource {
         cli: String,
         /// A preset's licence.
         license: Option<String>,
+        /// The revision is the preset's pin (not one the user gave): if the hub lacks that
+        /// commit, `main` is used with a warning.
+        pinned: bool,
     },
 }
 
@@ -41,8 +56,19 @@ pub enum VaeSource {
 /// The TAESD weights `--vae taesd` fetches.
 pub const TAESD_REPO: &str = "madebyollin/taesd";
 
-/// The LCM-LoRA for SD1.5 that fast mode merges.
-pub const FAST_LORA: &str = "latent-consistency/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors";
+/// The LCM-LoRA for SD1.5 that fast mode merges, pinned to the commit it was verified at (if the
+/// hub lacks it, `main` with a warning).
+pub const FAST_LORA: &str =
+    "latent-consistency/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors@cf2fced511dbe7e26c8d1d397e728fbab875db4b";
+
+/// Fast mode's LoRA spec, its revision marked as ghiblify's pin.
+pub fn fast_lora() -> Result<LoraSpec> {
+    let mut spec = LoraSpec::parse(FAST_LORA)?;
+    if let crate::lora::LoraSource::Hub { pinned, .. } = &mut spec.source {
+        *pinned = true;
+    }
+    Ok(spec)
+}
 
 impl VaeSource {
     pub fn taesd() -> Self {
@@ -86,6 +112,8 @@ pub struct ModelChoice {
     pub vae: Option<VaeSource>,
     /// Use only the local cache.
     pub offline: bool,
+    /// `--prediction`: what a single-file model predicts (its file cannot say).
+    pub prediction: Option<crate::models::single_file::Prediction>,
 }
 
 impl ModelChoice {
@@ -93,22 +121,39 @@ impl ModelChoice {
     /// generation defaults that go with it (a preset's own, else the default preset's).
     pub fn new(
         model_dir: Option<PathBuf>,
+        model_file: Option<PathBuf>,
         model: Option<&str>,
         device: DevicePreference,
         dtype: Option<DType>,
         offline: bool,
     ) -> Result<(Self, PresetDefaults)> {
-        let (source, defaults, preset_loras) = model_source(model_dir, model)?;
+        let (source, defaults, preset_loras) = match model_file {
+            Some(f) => {
+                if !f.is_file() {
+                    return Err(Error::setting("model_file", format!("'{}': no such file", f.display())));
+                }
+                (ModelSource::File(f), presets::default_preset().defaults, Vec::new())
+            }
+            None => model_source(model_dir, model)?,
+        };
         let loras = preset_loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<_>>()?;
-        Ok((Self { source, device, dtype, loras, vae: None, offline }, defaults))
+        Ok((Self { source, device, dtype, loras, vae: None, offline, prediction: None }, defaults))
+    }
+
+    /// Whether the model is one file in the LDM layout (`--prediction` applies).
+    pub fn is_single_file(&self) -> bool {
+        matches!(self.source, ModelSource::File(_) | ModelSource::HubFile { .. })
     }
 
     /// The name outputs and messages give the model: the repo id (with `@revision` when pinned) or
     /// the folder.
     pub fn name(&self) -> String {
         match &self.source {
-            ModelSource::Dir(d) => d.display().to_string(),
+            ModelSource::Dir(d) | ModelSource::File(d) => d.display().to_string(),
             ModelSource::Hub { repo, .. } => repo.to_string(),
+            ModelSource::HubFile { repo, file, .. } => {
+                format!("{}/{file}{}", repo.id, repo.revision.as_ref().map(|r| format!("@{r}")).unwrap_or_default())
+            }
         }
     }
 
@@ -116,21 +161,29 @@ impl ModelChoice {
     /// path (`/home/<user>/...`) in every shared picture would be a privacy leak.
     pub fn public_name(&self) -> String {
         match &self.source {
-            ModelSource::Dir(d) => {
+            ModelSource::Dir(d) | ModelSource::File(d) => {
                 let d = d.canonicalize().unwrap_or_else(|_| d.clone());
                 d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "local model".into())
             }
             ModelSource::Hub { repo, .. } => repo.to_string(),
+            ModelSource::HubFile { .. } => self.name(),
         }
     }
 }
 
-fn from_preset(p: Preset, revision: Option<String>, cli: String) -> (ModelSource, PresetDefaults, Vec<String>) {
-    let source = ModelSource::Hub {
-        repo: RepoRef { id: p.repo.clone(), revision: revision.or(p.revision.clone()) },
-        files: Some(p.files.clone()),
-        cli,
-        license: Some(p.license.clone()),
+/// A preset by its name reads its single file when it has one; by its repo id, the folders.
+fn from_preset(
+    p: Preset,
+    revision: Option<String>,
+    cli: String,
+    by_name: bool,
+) -> (ModelSource, PresetDefaults, Vec<String>) {
+    let pinned = revision.is_none() && p.revision.is_some();
+    let repo = RepoRef { id: p.repo.clone(), revision: revision.or(p.revision.clone()) };
+    let license = Some(p.license.clone());
+    let source = match p.single_file {
+        Some(file) if by_name => ModelSource::HubFile { repo, file, cli, license, pinned },
+        _ => ModelSource::Hub { repo, files: Some(p.files.clone()), cli, license, pinned },
     };
     (source, p.defaults, p.loras)
 }
@@ -154,27 +207,58 @@ fn model_source(model_dir: Option<PathBuf>, model: Option<&str>) -> Result<(Mode
             if let Some(r) = &rev {
                 crate::repo::check_revision(r).map_err(bad)?;
             }
+            if let Some(single) = hub_file(m)? {
+                return Ok((single, fallback, Vec::new()));
+            }
             if !name.contains('/') {
                 let p = presets::preset(name).ok_or_else(|| {
                     let names: Vec<String> = presets::presets().into_iter().map(|p| p.name).collect();
                     bad(format!("no such preset (presets: {}; or give a hub repo id 'owner/name')", names.join(", ")))
                 })?;
-                return Ok(from_preset(p, rev, m.to_string()));
+                return Ok(from_preset(p, rev, m.to_string(), true));
             }
             let repo = RepoRef::parse(m)
                 .map_err(|why| bad(format!("{why}; expected a preset name or 'owner/name[@revision]'")))?;
             // A preset's repo named by id still gets the preset's exact files and licence.
             if let Some(p) = presets::presets().into_iter().find(|p| p.repo == repo.id) {
-                return Ok(from_preset(p, repo.revision, m.to_string()));
+                return Ok(from_preset(p, repo.revision, m.to_string(), false));
             }
-            Ok((ModelSource::Hub { repo, files: None, cli: m.to_string(), license: None }, fallback, Vec::new()))
+            Ok((
+                ModelSource::Hub { repo, files: None, cli: m.to_string(), license: None, pinned: false },
+                fallback,
+                Vec::new(),
+            ))
         }
         (None, None) => {
             let p = presets::default_preset();
             let name = p.name.clone();
-            Ok(from_preset(p, None, name))
+            Ok(from_preset(p, None, name, true))
         }
     }
+}
+
+/// `OWNER/REPO/PATH/FILE.safetensors|.ckpt[@REVISION]`: a single-file checkpoint in a hub repo.
+fn hub_file(m: &str) -> Result<Option<ModelSource>> {
+    let (target, rev) = match m.split_once('@') {
+        Some((t, r)) => (t, Some(r.to_string())),
+        None => (m, None),
+    };
+    let parts: Vec<&str> = target.splitn(3, '/').collect();
+    if parts.len() != 3 || !(target.ends_with(".safetensors") || target.ends_with(".ckpt")) {
+        return Ok(None);
+    }
+    let bad = |why: String| Error::setting("model", format!("'{m}': {why}"));
+    let repo = RepoRef::parse(&format!(
+        "{}/{}{}",
+        parts[0],
+        parts[1],
+        rev.as_ref().map(|r| format!("@{r}")).unwrap_or_default()
+    ))
+    .map_err(bad)?;
+    crate::repo::check_file_path(parts[2]).map_err(bad)?;
+    // A preset's repo keeps its licence.
+    let license = presets::presets().into_iter().find(|p| p.repo == repo.id).map(|p| p.license);
+    Ok(Some(ModelSource::HubFile { repo, file: parts[2].to_string(), cli: m.to_string(), license, pinned: false }))
 }
 
 /// One photo to one file, or a batch into a folder.

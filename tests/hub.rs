@@ -35,7 +35,16 @@ struct State {
     extra_listing: Vec<String>,
     /// Tree listings padded past any sane size.
     huge_listing: bool,
+    /// The hub has none of the commits ghiblify pins (a mirror behind, a rewritten history).
+    forget_pins: bool,
 }
+
+/// The commits the presets and fast mode pin.
+const PINS: &[&str] = &[
+    "7600fd7538c9030fb60fa7bca17bf048c86466b3",
+    "f03de327dd89b501a01da37fc5240cf4fdba85a1",
+    "cf2fced511dbe7e26c8d1d397e728fbab875db4b",
+];
 
 /// How a hostile hub or mirror answers for one file.
 #[derive(Clone)]
@@ -76,7 +85,7 @@ fn git_sha1(b: &[u8]) -> String {
 }
 
 fn is_lfs(path: &str) -> bool {
-    path.ends_with(".safetensors")
+    path.ends_with(".safetensors") || path.ends_with(".ckpt")
 }
 
 impl TestHub {
@@ -293,7 +302,10 @@ fn serve(conn: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Result<()
     let Some(files) = st.repos.get(&repo) else {
         return respond(&mut out, "404 Not Found", &err("RepoNotFound"), b"", head);
     };
-    if rev != "main" && rev != COMMIT {
+    // `main`, the test commit, or a commit ghiblify pins (the same content in this hub's history),
+    // unless the test took the pins away.
+    let pinned = !st.forget_pins && PINS.contains(&rev);
+    if rev != "main" && rev != COMMIT && !pinned {
         return respond(&mut out, "404 Not Found", &err("RevisionNotFound"), b"", head);
     }
     let Some(body) = files.get(file) else {
@@ -308,6 +320,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Result<()
     }
     let commit = match &hostile {
         Some(Hostile::Commit(c)) => c.clone(),
+        _ if pinned => rev.to_string(),
         _ => COMMIT.to_string(),
     };
     let etag = |real: String| match &hostile {
@@ -353,16 +366,27 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-const RUN: &[&str] = &["photo.png", "-o", "out.png", "--steps", "2", "--strength", "1", "--seed", "1"];
+// `--size 64`: the photo's own size, whatever model a test serves.
+const RUN: &[&str] = &["photo.png", "-o", "out.png", "--steps", "2", "--strength", "1", "--seed", "1", "--size", "64"];
 
 fn tiny() -> PathBuf {
     fixtures().join("tiny-sd1")
 }
 
+/// The default preset's file at the root of its repo (a tiny SD1 checkpoint in its place).
+const GHIBLI_CKPT: &str = "ghibli-diffusion-v1.ckpt";
+
+/// nitrosocke/Ghibli-Diffusion as the hub has it: diffusers folders and one checkpoint.
+fn add_ghibli(hub: &TestHub) {
+    hub.add_folder("nitrosocke/Ghibli-Diffusion", &tiny());
+    let ckpt = std::fs::read(fixtures().join("single/sd1.ckpt")).unwrap();
+    hub.state.lock().unwrap().repos.get_mut("nitrosocke/Ghibli-Diffusion").unwrap().insert(GHIBLI_CKPT.into(), ckpt);
+}
+
 #[test]
 fn first_run_downloads_the_default_preset_then_runs_offline_from_the_cache() {
     let hub = TestHub::start();
-    hub.add_folder("nitrosocke/Ghibli-Diffusion", &tiny());
+    add_ghibli(&hub);
     let case = Case::new();
     let o = case.cmd(&hub.endpoint()).args(RUN).output().unwrap();
     let err = stderr(&o);
@@ -370,27 +394,49 @@ fn first_run_downloads_the_default_preset_then_runs_offline_from_the_cache() {
     eprintln!("--- first run ---\n{err}");
     assert!(o.status.success(), "{err}");
     assert!(case.path("out.png").is_file());
-    assert!(err.contains("downloading nitrosocke/Ghibli-Diffusion/unet/diffusion_pytorch_model.safetensors"), "{err}");
-    // The standard layout: refs/main → commit, snapshot links into blobs named by sha256 / sha1.
+    // The preset reads its one checkpoint file, not the folders.
+    assert!(err.contains(&format!("downloading nitrosocke/Ghibli-Diffusion/{GHIBLI_CKPT}")), "{err}");
+    assert!(!err.contains("unet/"), "{err}");
+    // The standard layout: the preset's pinned commit as the snapshot (a commit needs no refs/),
+    // links into blobs named by sha256 / sha1.
     let cache = case.repo_cache("nitrosocke/Ghibli-Diffusion");
-    assert_eq!(std::fs::read_to_string(cache.join("refs/main")).unwrap(), COMMIT);
-    let unet = cache.join("snapshots").join(COMMIT).join("unet/diffusion_pytorch_model.safetensors");
-    let bytes = std::fs::read(tiny().join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    assert!(std::fs::symlink_metadata(&unet).unwrap().file_type().is_symlink());
-    assert_eq!(std::fs::read_link(&unet).unwrap(), Path::new("../../../blobs").join(sha256(&bytes)));
-    assert_eq!(std::fs::read(&unet).unwrap(), bytes);
-    let vocab = std::fs::read(tiny().join("tokenizer/vocab.json")).unwrap();
-    assert!(cache.join("blobs").join(git_sha1(&vocab)).is_file());
-    // Only the preset's files; no leftovers.
-    let blobs: Vec<String> = std::fs::read_dir(cache.join("blobs"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(blobs.len(), 13, "{blobs:?}");
-    assert!(!blobs.iter().any(|b| b.ends_with(".incomplete")));
-    // The model card's licence reaches the provenance.
+    assert!(!cache.join("refs/main").exists(), "fetched by commit, not by branch");
+    let snapshot = cache.join("snapshots").join(PINS[0]);
+    let ckpt = snapshot.join(GHIBLI_CKPT);
+    let bytes = std::fs::read(fixtures().join("single/sd1.ckpt")).unwrap();
+    assert!(std::fs::symlink_metadata(&ckpt).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_link(&ckpt).unwrap(), Path::new("../../blobs").join(sha256(&bytes)));
+    assert_eq!(std::fs::read(&ckpt).unwrap(), bytes);
+    let blobs = |cache: &Path| -> Vec<String> {
+        std::fs::read_dir(cache.join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(blobs(&cache).len(), 1, "{:?}", blobs(&cache));
+    // The model card's licence reaches the provenance, and the file names the model.
+    let params = crate::cli::png_text(&case.path("out.png"), "parameters").unwrap();
+    assert!(params.contains(&format!("Model: nitrosocke/Ghibli-Diffusion/{GHIBLI_CKPT}@{}", PINS[0])), "{params}");
     let png = std::fs::read(case.path("out.png")).unwrap();
     assert!(String::from_utf8_lossy(&png).contains("creativeml-openrail-m"));
+
+    // The repo id reads the folders: exactly the preset's files, beside the checkpoint.
+    let o = case
+        .cmd(&hub.endpoint())
+        .args(RUN)
+        .args(["--model", "nitrosocke/Ghibli-Diffusion", "-o", "folders.png"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("downloading nitrosocke/Ghibli-Diffusion/unet/diffusion_pytorch_model.safetensors"), "{err}");
+    let unet = snapshot.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(tiny().join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_eq!(std::fs::read_link(&unet).unwrap(), Path::new("../../../blobs").join(sha256(&bytes)));
+    let vocab = std::fs::read(tiny().join("tokenizer/vocab.json")).unwrap();
+    assert!(cache.join("blobs").join(git_sha1(&vocab)).is_file());
+    assert_eq!(blobs(&cache).len(), 14, "{:?}", blobs(&cache));
+    assert!(!blobs(&cache).iter().any(|b| b.ends_with(".incomplete")));
 
     // Second run: already cached, nothing downloaded (HEADs only).
     let before = hub.log().len();
@@ -440,11 +486,7 @@ fn offline_with_an_empty_cache_lists_the_missing_files_and_the_fetch_command() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    for f in [
-        "unet/diffusion_pytorch_model.safetensors",
-        "tokenizer/vocab.json",
-        "ghiblify --download-only --model ghibli-diffusion",
-    ] {
+    for f in [GHIBLI_CKPT, "ghiblify --download-only --model ghibli-diffusion"] {
         assert!(err.contains(f), "{f} in {err}");
     }
     assert!(!case.path("out.png").exists());
@@ -561,12 +603,12 @@ fn not_found_and_unauthorised_say_what_is_wrong() {
     let mut files = hub.state.lock().unwrap().repos["someone/tiny"].clone();
     files.remove("tokenizer/merges.txt");
     hub.state.lock().unwrap().repos.insert("nitrosocke/Ghibli-Diffusion".into(), files);
-    let (code, err) = run("ghibli-diffusion", None);
-    assert_eq!(code, Some(1));
-    assert!(
-        err.contains("nitrosocke/Ghibli-Diffusion") && err.contains("tokenizer/merges.txt") && err.contains("404"),
-        "{err}"
-    );
+    for (model, missing) in [("ghibli-diffusion", GHIBLI_CKPT), ("nitrosocke/Ghibli-Diffusion", "tokenizer/merges.txt")]
+    {
+        let (code, err) = run(model, None);
+        assert_eq!(code, Some(1));
+        assert!(err.contains("nitrosocke/Ghibli-Diffusion") && err.contains(missing) && err.contains("404"), "{err}");
+    }
 }
 
 #[test]
@@ -838,7 +880,7 @@ fn a_listing_past_any_sane_size_is_refused() {
 fn offline_hints_name_a_command_that_fetches_what_is_missing() {
     // The model is cached; TAESD and a hub LoRA are not: the hint must fetch those.
     let hub = TestHub::start();
-    hub.add_folder("nitrosocke/Ghibli-Diffusion", &tiny());
+    add_ghibli(&hub);
     let case = Case::new();
     assert!(case.cmd(&hub.endpoint()).args(["--download-only", "-q"]).output().unwrap().status.success());
     for (extra, hint) in [
@@ -853,4 +895,55 @@ fn offline_hints_name_a_command_that_fetches_what_is_missing() {
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(err.contains(hint), "{hint} in {err}");
     }
+}
+
+#[test]
+fn a_pinned_commit_the_hub_lacks_falls_back_to_main_with_one_warning() {
+    let hub = TestHub::start();
+    add_ghibli(&hub);
+    hub.state.lock().unwrap().forget_pins = true;
+    let case = Case::new();
+    let o = case.cmd(&hub.endpoint()).args(RUN).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].contains(PINS[0]) && warnings[0].contains("main"), "{err}");
+    let cache = case.repo_cache("nitrosocke/Ghibli-Diffusion");
+    assert_eq!(std::fs::read_to_string(cache.join("refs/main")).unwrap(), COMMIT);
+    // A revision the user asks for does not fall back: it is an error.
+    let o = case
+        .cmd(&hub.endpoint())
+        .args(RUN)
+        .args(["--model", &format!("ghibli-diffusion@{}", PINS[1])])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("has no revision"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_single_file_checkpoint_in_a_hub_repo_is_fetched_and_run() {
+    let hub = TestHub::start();
+    let mut files = BTreeMap::new();
+    for f in ["sd1.safetensors", "sd1.ckpt"] {
+        files.insert(format!("weights/{f}"), std::fs::read(fixtures().join("single").join(f)).unwrap());
+    }
+    hub.state.lock().unwrap().repos.insert("someone/ghibli-single".into(), files);
+    let case = Case::new();
+    for f in ["sd1.safetensors", "sd1.ckpt"] {
+        let model = format!("someone/ghibli-single/weights/{f}");
+        let o = case.cmd(&hub.endpoint()).args(RUN).args(["--model", &model, "--overwrite"]).output().unwrap();
+        assert!(o.status.success(), "{f}: {}", stderr(&o));
+        let params = crate::cli::png_text(&case.path("out.png"), "parameters").unwrap();
+        assert!(params.contains(&format!("Model: {model}")), "{params}");
+    }
+    // Offline, from the cache.
+    let o = case
+        .cmd(&hub.endpoint())
+        .args(RUN)
+        .args(["--model", "someone/ghibli-single/weights/sd1.ckpt", "--offline", "-o", "off.png"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -34,7 +34,8 @@ fn merged(loras: &[(&str, f64)]) -> (HashMap<String, Tensor>, Vec<String>) {
     {
         let inner = unsafe { ghiblify::models::weights::Weights::open(&files) }.unwrap();
         let names: Vec<String> = inner.names().map(String::from).collect();
-        let backend = MergingBackend { inner, merge: set.merge_for(part).unwrap_or_default() };
+        let backend =
+            MergingBackend { inner: std::sync::Arc::new(inner), merge: set.merge_for(part).unwrap_or_default() };
         use candle_nn::var_builder::SimpleBackend;
         for n in names {
             let t = backend.get_unchecked(&n, DType::F32, &Device::Cpu).unwrap();
@@ -76,7 +77,7 @@ fn check_trace(case: &str, loras: &[(&str, f64)]) {
         &fixtures().join("tiny-sd1"),
         &Device::Cpu,
         DType::F32,
-        Extras { loras: &named, vae: None },
+        Extras { loras: &named, ..Extras::default() },
     )
     .unwrap();
     assert!(outcome.unused.is_empty(), "{:?}", outcome.unused);
@@ -241,7 +242,7 @@ fn half_precision_weights_get_the_f32_merge_rounded_once() {
     let (unet, te) = (Layout::read(&unet_files()).unwrap(), Layout::read(&te_files()).unwrap());
     let set = LoraSet::new(vec![plan("p", &lora("peft.safetensors"), 1.0, &unet, &te).unwrap()]);
     let inner = unsafe { ghiblify::models::weights::Weights::open(&unet_files()) }.unwrap();
-    let backend = MergingBackend { inner, merge: set.merge_for(Part::Unet).unwrap() };
+    let backend = MergingBackend { inner: std::sync::Arc::new(inner), merge: set.merge_for(Part::Unet).unwrap() };
     use candle_nn::var_builder::SimpleBackend;
     let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";
     let full = backend.get_unchecked(name, DType::F32, &Device::Cpu).unwrap();

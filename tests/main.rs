@@ -13,5 +13,6 @@ mod parity;
 mod preprocess;
 mod samplers;
 mod scheduler;
+mod single_file;
 mod tokenizer;
 mod vae;

@@ -53,7 +53,7 @@ fn taesd_encode_and_decode_match_diffusers() {
 #[test]
 fn img2img_with_taesd_swapped_in_matches_diffusers() {
     let taesd = fixtures().join("tiny-taesd");
-    let extras = Extras { loras: &[], vae: Some(&taesd) };
+    let extras = Extras { vae: Some(&taesd), ..Extras::default() };
     let (sd, _) = StableDiffusion::load_with(&fixtures().join("tiny-sd1"), &Device::Cpu, DType::F32, extras).unwrap();
     assert_eq!(sd.vae.name(), "AutoencoderTiny");
     crate::parity::check_loaded(&sd, "taesd_s060.safetensors");

@@ -6,10 +6,12 @@
 //! operations can run our CPU kernels (`kernels.rs`, behind the layer types of `nn.rs`): the rest
 //! of the crate only sees these small wrapper types.
 
+pub mod ckpt;
 pub mod clip;
 pub mod kernels;
 pub mod nn;
 pub mod random;
+pub mod single_file;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
@@ -162,12 +164,38 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// Where one component's config and weights live inside a model folder.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ComponentFiles {
     pub config: PathBuf,
     pub weights: Vec<PathBuf>,
+    /// Tensors that come from somewhere other than `weights`: a single-file checkpoint seen under
+    /// diffusers' names (`single_file`).
+    pub source: Option<std::sync::Arc<dyn weights::TensorSource>>,
     /// LoRA updates merged into the weights as they load (`crate::lora`).
     pub merge: Option<std::sync::Arc<crate::lora::Merge>>,
+}
+
+impl std::fmt::Debug for ComponentFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComponentFiles").field("config", &self.config).field("weights", &self.weights).finish()
+    }
+}
+
+impl ComponentFiles {
+    /// The component's tensors: its own source, or its safetensors files memory-mapped.
+    pub fn open(&self) -> Result<std::sync::Arc<dyn weights::TensorSource>> {
+        match &self.source {
+            Some(s) => Ok(s.clone()),
+            // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody
+            // truncating the weights while we run.
+            None => Ok(std::sync::Arc::new(unsafe { weights::Weights::open(&self.weights) }?)),
+        }
+    }
+
+    /// The file that names these weights in messages.
+    pub fn weights_path(&self) -> PathBuf {
+        self.weights.first().cloned().unwrap_or_else(|| self.config.clone())
+    }
 }
 
 /// The safetensors file names a component's weights may have, preferred first: with half
@@ -206,11 +234,11 @@ pub fn component_files(
     for name in &order {
         let p = cdir.join(name);
         if p.is_file() {
-            return Ok(ComponentFiles { config, weights: vec![p], merge: None });
+            return Ok(ComponentFiles { config, weights: vec![p], source: None, merge: None });
         }
         let index = cdir.join(format!("{name}.index.json"));
         if index.is_file() {
-            return Ok(ComponentFiles { config, weights: shards(&index)?, merge: None });
+            return Ok(ComponentFiles { config, weights: shards(&index)?, source: None, merge: None });
         }
     }
     let has_bin = ["bin", "fp16.bin"].iter().any(|ext| {
@@ -249,16 +277,14 @@ pub fn compute_dtype(device: &Device, storage: DType) -> DType {
     }
 }
 
-/// Memory-maps safetensors weights ([`weights::Weights`]); tensors are converted to `dtype` as they
-/// are fetched.
+/// A VarBuilder over the component's tensors ([`ComponentFiles::open`]), with any LoRA merged as
+/// each weight loads; tensors are converted to `dtype` as they are fetched.
 pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody truncating
-    // the weights while we run.
-    let weights = unsafe { weights::Weights::open(&files.weights) }?;
+    let source = files.open()?;
     let vb = match &files.merge {
-        None => VarBuilder::from_backend(Box::new(weights), dtype, device.clone()),
+        None => VarBuilder::from_backend(Box::new(weights::SourceBackend(source)), dtype, device.clone()),
         Some(merge) => {
-            let backend = crate::lora::MergingBackend { inner: weights, merge: merge.clone() };
+            let backend = crate::lora::MergingBackend { inner: source, merge: merge.clone() };
             VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
         }
     };
@@ -267,8 +293,19 @@ pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Res
 
 /// Wraps a candle error raised while building a component from its weights.
 pub fn weights_err(files: &ComponentFiles) -> impl Fn(candle_core::Error) -> Error + '_ {
-    move |e| Error::Weights {
-        path: files.weights[0].clone(),
-        msg: format!("weights do not match {}: {}", files.config.display(), crate::error::candle_message(&e)),
+    move |e| {
+        // A single file's configs are written to a temporary folder from its own shapes: name the
+        // component, not that folder.
+        let against = match files.source {
+            Some(_) => {
+                let component = files.config.parent().and_then(Path::file_name).unwrap_or_default();
+                format!("the {} its shapes describe", component.to_string_lossy())
+            }
+            None => files.config.display().to_string(),
+        };
+        Error::Weights {
+            path: files.weights_path(),
+            msg: format!("weights do not match {against}: {}", crate::error::candle_message(&e)),
+        }
     }
 }
