@@ -6,6 +6,7 @@
 
 pub mod alloc;
 pub mod batch;
+pub mod canny;
 pub mod credentials;
 pub mod device;
 pub mod error;

@@ -2,6 +2,7 @@
 //! the diffusers layout and diffusers' recorded runs) are made by `fixtures/generate.py`.
 
 mod batch;
+mod canny;
 mod cli;
 mod common;
 mod configs;
