@@ -320,3 +320,69 @@ fn hostile_ckpt_files_are_refused_in_one_line_without_running_anything() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("legacy.ckpt") && err.contains("pre-1.6") && err.trim().lines().count() == 1, "{err}");
 }
+
+/// A checkpoint's `data.pkl` and its storages (key, bytes).
+type CkptParts = (Vec<u8>, Vec<(String, Vec<u8>)>);
+
+/// The real checkpoint's `data.pkl` and storages, to mutate.
+fn sd1_ckpt_parts() -> CkptParts {
+    use std::io::Read;
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(single("sd1.ckpt")).unwrap()).unwrap();
+    let mut pickle = Vec::new();
+    let mut storages = Vec::new();
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).unwrap();
+        let name = String::from_utf8_lossy(f.name_raw()).into_owned();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        if name.ends_with("/data.pkl") {
+            pickle = bytes;
+        } else if let Some((_, key)) = name.split_once("/data/") {
+            storages.push((key.to_string(), bytes));
+        }
+    }
+    assert!(!pickle.is_empty() && !storages.is_empty());
+    (pickle, storages)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 120, ..Default::default() })]
+    /// A real checkpoint's pickle cut short, with bytes changed, or with a stretch repeated: the
+    /// reader and the planner return an error or tensors, never panic, hang or run anything.
+    #[test]
+    fn a_damaged_ckpt_pickle_is_an_error_never_a_panic(
+        cut in proptest::option::of(0usize..1 << 16),
+        flips in proptest::collection::vec((0usize..1 << 16, proptest::num::u8::ANY), 0..6),
+        repeat in proptest::option::of((0usize..1 << 16, 1usize..64, 1usize..4)),
+    ) {
+        use std::sync::OnceLock;
+        static PARTS: OnceLock<CkptParts> = OnceLock::new();
+        let (pickle, storages) = PARTS.get_or_init(sd1_ckpt_parts);
+        let mut p = pickle.clone();
+        for (at, v) in &flips {
+            let i = at % p.len();
+            p[i] = *v;
+        }
+        if let Some((at, len, times)) = repeat {
+            let s = at % p.len();
+            let piece = p[s..(s + len).min(p.len())].to_vec();
+            for _ in 0..times {
+                p.splice(s..s, piece.iter().copied());
+            }
+        }
+        if let Some(c) = cut {
+            p.truncate(c % (p.len() + 1));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("damaged.ckpt");
+        let st: Vec<(&str, Vec<u8>)> = storages.iter().map(|(k, b)| (k.as_str(), b.clone())).collect();
+        ckpt(&path, &p, &st);
+        // SAFETY: the file is ours and stays as it is.
+        if let Ok(raw) = unsafe { ghiblify::models::ckpt::Ckpt::open(&path) } {
+            for name in raw.names() {
+                let _ = raw.load(&name, &Device::Cpu);
+            }
+        }
+        let _ = ghiblify::models::single_file::open(&path);
+    }
+}

@@ -502,7 +502,7 @@ impl Ckpt {
                 }
             }
         }
-        let (ps, pl) = pickle.expect("data.pkl was listed");
+        let (ps, pl) = pickle.ok_or_else(|| bad("its data.pkl is listed but cannot be found".into()))?;
         let root =
             Unpickler { data: &map[ps..ps + pl], pos: 0, stack: Vec::new(), memo: HashMap::new(), tensors: 0, path }
                 .run()?;
