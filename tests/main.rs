@@ -6,6 +6,7 @@ mod canny;
 mod cli;
 mod common;
 mod configs;
+mod controlnet;
 mod hub;
 mod labels;
 mod loading;

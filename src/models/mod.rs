@@ -8,6 +8,7 @@
 
 pub mod ckpt;
 pub mod clip;
+pub mod controlnet;
 pub mod kernels;
 pub mod nn;
 pub mod random;

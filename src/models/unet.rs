@@ -210,9 +210,9 @@ fn default_up() -> Vec<String> {
 
 /// The per-block numbers diffusers derives from the config.
 #[derive(Debug, Clone)]
-struct Plan {
+pub(crate) struct Plan {
     cross_attn: Vec<bool>,
-    layers: Vec<usize>,
+    pub(crate) layers: Vec<usize>,
     heads: Vec<usize>,
     xdim: Vec<usize>,
     tlayers: Vec<usize>,
@@ -225,7 +225,7 @@ impl UNetConfig {
     }
 
     /// Validates what we can run and derives the per-block plan, naming the key on any mismatch.
-    fn plan(&self, path: &Path) -> Result<Plan> {
+    pub(crate) fn plan(&self, path: &Path) -> Result<Plan> {
         use super::{check_channels, in_range, positive};
         check_channels(path, "block_out_channels", &self.block_out_channels)?;
         let n = self.block_out_channels.len();
@@ -542,36 +542,41 @@ struct MidBlock {
     attentions: Vec<Transformer2D>,
 }
 
-/// The UNet, built from `unet/config.json` and its safetensors weights.
+/// The first half of the UNet — input convolution, time embedding, down blocks, mid block — which a
+/// ControlNet repeats with its own weights (`super::controlnet`).
 #[derive(Debug)]
-pub struct UNet {
-    pub config: UNetConfig,
+pub(crate) struct Encoder {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
     down: Vec<DownBlock>,
     mid: MidBlock,
-    up: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    /// `block_out_channels[0]`, `freq_shift`, `flip_sin_to_cos`: the timestep embedding's shape.
+    time_dim: usize,
+    freq_shift: f64,
+    flip_sin_to_cos: bool,
 }
 
-impl UNet {
-    pub fn load(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<Self> {
-        let config: UNetConfig = read_json(&files.config)?;
-        let plan = config.plan(&files.config)?;
-        let vb = super::var_builder(files, dtype, device)?;
-        Self::build(config, &plan, vb).map_err(weights_err(files))
-    }
+/// What ControlNets add to the UNet (diffusers' `down_block_additional_residuals` and
+/// `mid_block_additional_residual`): one tensor per skip connection, in the order the down path
+/// makes them, and one for the mid block's output. Spatially (1, 1) when the ControlNet pools.
+#[derive(Debug, Clone)]
+pub struct Residuals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
 
-    /// Builds from a parsed config and any VarBuilder (random weights in benches); `path` names the
-    /// config in errors.
-    pub fn from_config(config: UNetConfig, vb: VarBuilder, path: &Path) -> Result<Self> {
-        let plan = config.plan(path)?;
-        Ok(Self::build(config, &plan, vb)?)
+impl Residuals {
+    /// The sum of two ControlNets' residuals (diffusers' `MultiControlNetModel`).
+    pub fn add(&self, other: &Residuals) -> candle_core::Result<Residuals> {
+        let down = self.down.iter().zip(&other.down).map(|(a, b)| a.broadcast_add(b)).collect::<Result<_, _>>()?;
+        Ok(Residuals { down, mid: self.mid.broadcast_add(&other.mid)? })
     }
+}
 
-    fn build(config: UNetConfig, plan: &Plan, vb: VarBuilder) -> candle_core::Result<Self> {
+impl Encoder {
+    /// Builds the blocks under `vb`, with diffusers' names.
+    pub(crate) fn build(config: &UNetConfig, plan: &Plan, vb: &VarBuilder) -> candle_core::Result<Self> {
         let ch = &config.block_out_channels;
         let n = ch.len();
         let groups = config.norm_num_groups;
@@ -638,6 +643,129 @@ impl UNet {
                 lin,
             )?],
         };
+        Ok(Self {
+            conv_in,
+            time_linear_1,
+            time_linear_2,
+            down,
+            mid,
+            time_dim: ch[0],
+            freq_shift: config.freq_shift,
+            flip_sin_to_cos: config.flip_sin_to_cos,
+        })
+    }
+
+    /// diffusers `get_timestep_embedding` then `TimestepEmbedding`; the sinusoid is computed in f32
+    /// exactly as torch does it (the argument t·freq reaches ~1000, where f64 vs f32 rounding would
+    /// already differ by 1e-4).
+    pub(crate) fn time_embedding(
+        &self,
+        t: f64,
+        batch: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Tensor> {
+        let dim = self.time_dim;
+        let half = dim / 2;
+        let ln = -(10000f64.ln() as f32);
+        let denom = half as f32 - self.freq_shift as f32;
+        let t = t as f32;
+        let mut row = vec![0f32; dim];
+        for i in 0..half {
+            let freq = ((ln * i as f32) / denom).exp();
+            let arg = t * freq;
+            let (s, c) = (arg.sin(), arg.cos());
+            if self.flip_sin_to_cos {
+                row[i] = c;
+                row[half + i] = s;
+            } else {
+                row[i] = s;
+                row[half + i] = c;
+            }
+        }
+        let data: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
+        let emb = Tensor::from_vec(data, (batch, dim), device)?.to_dtype(dtype)?;
+        self.time_linear_2.forward(&candle_nn::ops::silu(&self.time_linear_1.forward(&emb)?)?)
+    }
+
+    pub(crate) fn conv_in(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.conv_in.forward(xs)
+    }
+
+    /// The down and mid blocks from the input convolution's output: the mid block's output and
+    /// every skip connection (the input convolution's output first).
+    pub(crate) fn down_mid(
+        &self,
+        xs: Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                xs = resnet.forward(&xs, Some(emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, context)?;
+                }
+                skips.push(xs.clone());
+            }
+            if let Some(ds) = &block.downsampler {
+                xs = ds.forward(&xs)?;
+                skips.push(xs.clone());
+            }
+        }
+        xs = self.mid.resnets[0].forward(&xs, Some(emb))?;
+        xs = self.mid.attentions[0].forward(&xs, context)?;
+        xs = self.mid.resnets[1].forward(&xs, Some(emb))?;
+        Ok((xs, skips))
+    }
+
+    /// How many skip connections the down path makes (and so how many residuals a ControlNet
+    /// gives).
+    pub(crate) fn skips(&self) -> usize {
+        1 + self.down.iter().map(|b| b.resnets.len() + usize::from(b.downsampler.is_some())).sum::<usize>()
+    }
+}
+
+/// The UNet, built from `unet/config.json` and its safetensors weights.
+#[derive(Debug)]
+pub struct UNet {
+    pub config: UNetConfig,
+    enc: Encoder,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet {
+    pub fn load(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let config: UNetConfig = read_json(&files.config)?;
+        let plan = config.plan(&files.config)?;
+        let vb = super::var_builder(files, dtype, device)?;
+        Self::build(config, &plan, vb).map_err(weights_err(files))
+    }
+
+    /// Builds from a parsed config and any VarBuilder (random weights in benches); `path` names the
+    /// config in errors.
+    pub fn from_config(config: UNetConfig, vb: VarBuilder, path: &Path) -> Result<Self> {
+        let plan = config.plan(path)?;
+        Ok(Self::build(config, &plan, vb)?)
+    }
+
+    fn build(config: UNetConfig, plan: &Plan, vb: VarBuilder) -> candle_core::Result<Self> {
+        let enc = Encoder::build(&config, plan, &vb)?;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let groups = config.norm_num_groups;
+        let temb = config.time_embedding_dim.unwrap_or(ch[0] * 4);
+        let block_cfg = ResnetConfig {
+            groups,
+            eps: config.norm_eps,
+            temb_channels: Some(temb),
+            output_scale_factor: config.resnet_out_scale_factor,
+        };
+        let lin = config.use_linear_projection;
 
         let mut up = Vec::with_capacity(n);
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
@@ -679,64 +807,46 @@ impl UNet {
             1,
             config.conv_out_kernel / 2,
         )?;
-        Ok(Self { config, conv_in, time_linear_1, time_linear_2, down, mid, up, conv_norm_out, conv_out })
+        Ok(Self { config, enc, up, conv_norm_out, conv_out })
     }
 
-    /// diffusers `get_timestep_embedding`, computed in f32 exactly as torch does it (the
-    /// argument t·freq reaches ~1000, where f64 vs f32 rounding would already differ by 1e-4).
-    fn timestep_embedding(&self, t: f64, batch: usize, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
-        let dim = self.config.block_out_channels[0];
-        let half = dim / 2;
-        let ln = -(10000f64.ln() as f32);
-        let denom = half as f32 - self.config.freq_shift as f32;
-        let t = t as f32;
-        let mut row = vec![0f32; dim];
-        for i in 0..half {
-            let freq = ((ln * i as f32) / denom).exp();
-            let arg = t * freq;
-            let (s, c) = (arg.sin(), arg.cos());
-            if self.config.flip_sin_to_cos {
-                row[i] = c;
-                row[half + i] = s;
-            } else {
-                row[i] = s;
-                row[half + i] = c;
-            }
-        }
-        let data: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
-        Tensor::from_vec(data, (batch, dim), device)?.to_dtype(dtype)
+    /// How many residuals a ControlNet for this UNet must give (one per skip connection).
+    pub fn skips(&self) -> usize {
+        self.enc.skips()
     }
 
     /// One UNet evaluation: `xs` (B, C, h, w) latents, `t` the timestep, `context` (B, 77, D).
     pub fn forward(&self, xs: &Tensor, t: f64, context: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_with(xs, t, context, None)
+    }
+
+    /// One evaluation with ControlNet residuals added to the skip connections and to the mid
+    /// block's output, as diffusers' `UNet2DConditionModel.forward` adds
+    /// `down_block_additional_residuals` and `mid_block_additional_residual`.
+    pub fn forward_with(
+        &self,
+        xs: &Tensor,
+        t: f64,
+        context: &Tensor,
+        control: Option<&Residuals>,
+    ) -> candle_core::Result<Tensor> {
         let (b, _, h, w) = xs.dims4()?;
-        let n = self.down.len();
+        let n = self.enc.down.len();
         let factor = 1usize << (n - 1);
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
-        let emb = self.timestep_embedding(t, b, xs.device(), xs.dtype())?;
-        let emb = self.time_linear_2.forward(&candle_nn::ops::silu(&self.time_linear_1.forward(&emb)?)?)?;
-
+        let emb = self.enc.time_embedding(t, b, xs.device(), xs.dtype())?;
         let xs = if self.config.center_input_sample { ((xs * 2.0)? - 1.0)? } else { xs.clone() };
-        let mut xs = self.conv_in.forward(&xs)?;
-        let mut skips = vec![xs.clone()];
-        for block in &self.down {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, Some(&emb))?;
-                if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward(&xs, context)?;
-                }
-                skips.push(xs.clone());
+        let (mut xs, mut skips) = self.enc.down_mid(self.enc.conv_in(&xs)?, &emb, context)?;
+        if let Some(c) = control {
+            if c.down.len() != skips.len() {
+                candle_core::bail!("{} ControlNet residuals for {} skip connections", c.down.len(), skips.len())
             }
-            if let Some(ds) = &block.downsampler {
-                xs = ds.forward(&xs)?;
-                skips.push(xs.clone());
+            for (s, r) in skips.iter_mut().zip(&c.down) {
+                *s = s.broadcast_add(r)?;
             }
+            xs = xs.broadcast_add(&c.mid)?;
         }
-
-        xs = self.mid.resnets[0].forward(&xs, Some(&emb))?;
-        xs = self.mid.attentions[0].forward(&xs, context)?;
-        xs = self.mid.resnets[1].forward(&xs, Some(&emb))?;
 
         for block in &self.up {
             for (j, resnet) in block.resnets.iter().enumerate() {
