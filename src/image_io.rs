@@ -283,6 +283,14 @@ pub fn to_tensor(img: &RgbImage) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
 }
 
+/// A control image for a ControlNet: (1, 3, H, W) in [0, 1], as diffusers' control image
+/// processor gives it (`np.array(img).astype(np.float32) / 255.0`, not normalised).
+pub fn to_control_tensor(img: &RgbImage) -> Result<Tensor> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
+}
+
 /// (H, W, 3) in [0, 1] → 8-bit, rounding half to even like numpy's `(x * 255).round()`.
 pub fn to_rgb8(t: &Tensor) -> Result<RgbImage> {
     let (h, w, _) = t.dims3()?;

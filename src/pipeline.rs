@@ -1,12 +1,16 @@
 //! Img2img with latent diffusion, following diffusers'
 //! `pipelines/stable_diffusion/pipeline_stable_diffusion_img2img.py` (`__call__`) step by step:
 //! the numbered steps below are that file's (its 2, call parameters, and 7, extra step arguments,
-//! have nothing to do here; the decode after its loop is our 9).
+//! have nothing to do here; the decode after its loop is our 9). With ControlNets it follows
+//! `pipelines/controlnet/pipeline_controlnet_img2img.py` (`StableDiffusionControlNetImg2ImgPipeline`):
+//! the same steps, the control images prepared beside the photo, and each step's ControlNet
+//! residuals added to the UNet's.
 
 use crate::error::{Error, Result};
 use crate::models::clip::ClipTextEncoder;
+use crate::models::controlnet::ControlNet;
 use crate::models::tokenizer::ClipTokenizer;
-use crate::models::unet::UNet;
+use crate::models::unet::{Residuals, UNet};
 use crate::models::Autoencoder;
 use crate::models::{component_files, ComponentFiles};
 use crate::noise::NoiseSource;
@@ -29,6 +33,31 @@ pub struct Img2ImgParams {
     pub karras: bool,
     /// Whether to encode and decode a KL VAE in overlapping tiles (diffusers' `enable_tiling()`).
     pub vae_tiling: VaeTiling,
+}
+
+/// One ControlNet steering a run: diffusers' `controlnet`, `control_image`,
+/// `controlnet_conditioning_scale`, `control_guidance_start` and `control_guidance_end` (several
+/// at once are its `MultiControlNetModel`: their residuals summed).
+pub struct Control<'a> {
+    /// How messages name it (its folder or repo).
+    pub name: String,
+    pub net: &'a ControlNet,
+    /// The control image, (1, C, H, W) in [0, 1], at the working size of the photo (diffusers'
+    /// control image processor: RGB, resized, not normalised).
+    pub image: Tensor,
+    pub scale: f64,
+    /// The fraction of the denoising steps where it starts and stops acting.
+    pub start: f64,
+    pub end: f64,
+}
+
+impl Control<'_> {
+    /// Whether it acts at step `i` of `n` (diffusers' `controlnet_keep`: steps outside the window
+    /// get the scale 0, which adds exact zeros, so they are skipped).
+    pub fn acts(&self, i: usize, n: usize) -> bool {
+        let (i, n) = (i as f64, n as f64);
+        !(i / n < self.start || (i + 1.0) / n > self.end)
+    }
 }
 
 /// When the KL VAE works in tiles.
@@ -213,6 +242,7 @@ pub struct Timings {
     pub denoise: f64,
     pub vae_decode: f64,
     pub unet_calls: usize,
+    pub controlnet_calls: usize,
 }
 
 /// What one run returns: the image (H, W, 3) in [0, 1] on the CPU, and its timings.
@@ -424,6 +454,59 @@ impl StableDiffusion {
         trace: &mut Trace,
         on_step: OnStep,
     ) -> Result<Img2ImgOutput> {
+        self.img2img_controlled(image, p, &[], noise, trace, on_step)
+    }
+
+    /// Each ControlNet fits the UNet, its window and scale make sense, and its image has the
+    /// photo's working size at the ControlNet's channels.
+    fn check_controls(&self, controls: &[Control], w: usize, h: usize) -> Result<()> {
+        for (j, c) in controls.iter().enumerate() {
+            if let Some(why) = c.net.mismatch(&self.unet.config) {
+                return Err(Error::usage(format!("ControlNet {} does not fit the model: {why}", c.name)));
+            }
+            if !(c.scale.is_finite() && (0.0..=10.0).contains(&c.scale)) {
+                return Err(Error::setting(
+                    "control_scale",
+                    format!("{}: must be within [0, 10], got {}", c.name, c.scale),
+                ));
+            }
+            if !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) || c.start >= c.end {
+                return Err(Error::setting(
+                    "control_window",
+                    format!("{}: start {} and end {} must satisfy 0 <= start < end <= 1", c.name, c.start, c.end),
+                ));
+            }
+            let want = [1, c.net.config.conditioning_channels, h, w];
+            if c.image.dims() != want {
+                return Err(Error::usage(format!(
+                    "control image {j} for {} has shape {:?}, expected {want:?}",
+                    c.name,
+                    c.image.dims()
+                )));
+            }
+            // diffusers decides guess mode by the first ControlNet alone; a pooling ControlNet
+            // beside others would run them in a mode (log-spaced scales) nothing here tests.
+            if j > 0 && c.net.config.global_pool_conditions != controls[0].net.config.global_pool_conditions {
+                return Err(Error::usage(format!(
+                    "ControlNet {} pools its residuals (global_pool_conditions) and {} does not: they cannot run together",
+                    if c.net.config.global_pool_conditions { &c.name } else { &controls[0].name },
+                    if c.net.config.global_pool_conditions { &controls[0].name } else { &c.name },
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::img2img`] steered by ControlNets.
+    pub fn img2img_controlled(
+        &self,
+        image: &Tensor,
+        p: &Img2ImgParams,
+        controls: &[Control],
+        noise: &mut dyn NoiseSource,
+        trace: &mut Trace,
+        on_step: OnStep,
+    ) -> Result<Img2ImgOutput> {
         let mut timings = Timings::default();
         let clock = std::time::Instant::now;
         // 1. Check inputs.
@@ -449,6 +532,10 @@ impl StableDiffusion {
         }
         let cfg = p.guidance > 1.0;
         let tiled = p.vae_tiling.tiles(w, h);
+        self.check_controls(controls, w, h)?;
+        // diffusers' guess mode, which it turns on when the (first) ControlNet pools its residuals:
+        // with CFG the ControlNets see only the conditional half, the unconditional one gets zeros.
+        let guess = controls.first().is_some_and(|c| c.net.config.global_pool_conditions);
 
         // 3. Encode the prompt (and the negative prompt for classifier-free guidance).
         let t0 = clock();
@@ -463,8 +550,15 @@ impl StableDiffusion {
         };
         timings.text = t0.elapsed().as_secs_f64();
 
-        // 4. Preprocess the image (done by the caller: [-1, 1], working size).
+        // 4. Preprocess the image (done by the caller: [-1, 1], working size), and the control
+        // images ([0, 1], working size), doubled for CFG outside guess mode.
         let image = image.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let mut control_images = Vec::with_capacity(controls.len());
+        for (j, c) in controls.iter().enumerate() {
+            trace.record(format!("control{j}_image"), &c.image)?;
+            let img = c.image.to_device(&self.device)?.to_dtype(self.dtype)?;
+            control_images.push(if cfg && !guess { Tensor::cat(&[&img, &img], 0)? } else { img });
+        }
 
         // 5. Set timesteps, cut by strength (`get_timesteps`, `set_begin_index`).
         sampler.set_begin_index(begin);
@@ -501,7 +595,39 @@ impl StableDiffusion {
             let t = sampler.timesteps()[index];
             let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = sampler.scale_model_input(&input, index)?;
-            let out = self.unet.forward(&input, t, &context)?;
+            let mut residuals: Option<Residuals> = None;
+            for (j, c) in controls.iter().enumerate() {
+                if !c.acts(k, n_kept) {
+                    continue;
+                }
+                let r = if guess && cfg {
+                    let x = sampler.scale_model_input(&latents, index)?;
+                    let r = c.net.forward(&x, t, &context.narrow(0, 1, 1)?, &control_images[j], c.scale)?;
+                    let zeros_first = |d: &Tensor| Tensor::cat(&[&d.zeros_like()?, d], 0);
+                    Residuals {
+                        down: r.down.iter().map(zeros_first).collect::<candle_core::Result<_>>()?,
+                        mid: zeros_first(&r.mid)?,
+                    }
+                } else {
+                    c.net.forward(&input, t, &context, &control_images[j], c.scale)?
+                };
+                timings.controlnet_calls += 1;
+                if trace.is_enabled() {
+                    let norms = r
+                        .down
+                        .iter()
+                        .chain(std::iter::once(&r.mid))
+                        .map(|d| d.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>())
+                        .collect::<candle_core::Result<Vec<f32>>>()?;
+                    let n = norms.len();
+                    trace.record(format!("step{k:02}_control{j}_norms"), &Tensor::from_vec(norms, n, &Device::Cpu)?)?;
+                }
+                residuals = Some(match residuals {
+                    None => r,
+                    Some(sum) => sum.add(&r)?,
+                });
+            }
+            let out = self.unet.forward_with(&input, t, &context, residuals.as_ref())?;
             timings.unet_calls += 1;
             let out = if cfg {
                 let uncond = out.narrow(0, 0, 1)?;

@@ -5,9 +5,12 @@
 
 use crate::common::{fixtures, load_safetensors, rel_err};
 use candle_core::{DType, Device};
+use ghiblify::image_io;
 use ghiblify::models::component_files;
 use ghiblify::models::controlnet::ControlNet;
 use ghiblify::models::unet::UNet;
+use ghiblify::noise::ReplayNoise;
+use ghiblify::pipeline::{Control, StableDiffusion, Trace};
 
 const TOL: f64 = 1e-4;
 
@@ -77,4 +80,76 @@ fn a_controlnet_for_another_model_or_with_unknown_options_is_named() {
         let err = ControlNet::load(&f, DType::F32, &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains(key) && err.contains("config.json") && !err.contains('\n'), "{key}: {err}");
     }
+}
+
+/// The trace's ControlNets, built as its metadata says (tests/fixtures/generate_controlnet.py).
+fn run_controlled_trace(model: &str, file: &str) {
+    let (_, meta) = load_safetensors(&fixtures().join("traces").join(file));
+    let specs: Vec<serde_json::Value> = serde_json::from_str(&meta["controls"]).unwrap();
+    let mut nets = std::collections::HashMap::new();
+    for s in &specs {
+        let net = s["net"].as_str().unwrap().to_string();
+        nets.entry(net.clone()).or_insert_with(|| {
+            let files =
+                component_files(&fixtures().join(&net), ".", "config.json", "diffusion_pytorch_model", DType::F32)
+                    .unwrap();
+            ControlNet::load(&files, DType::F32, &Device::Cpu).unwrap()
+        });
+    }
+    let controls: Vec<Control> = specs
+        .iter()
+        .map(|s| {
+            let spec = s["image"].as_str().unwrap();
+            let img = match spec.strip_prefix("canny:") {
+                Some(photo) => {
+                    let edges =
+                        ghiblify::canny::canny(&image_io::load_rgb(&fixtures().join(photo)).unwrap(), 100.0, 200.0);
+                    image::DynamicImage::ImageLuma8(edges).to_rgb8()
+                }
+                None => image_io::load_rgb(&fixtures().join(spec)).unwrap(),
+            };
+            Control {
+                name: s["net"].as_str().unwrap().to_string(),
+                net: &nets[s["net"].as_str().unwrap()],
+                image: image_io::to_control_tensor(&img).unwrap(),
+                scale: s["scale"].as_f64().unwrap(),
+                start: s["start"].as_f64().unwrap(),
+                end: s["end"].as_f64().unwrap(),
+            }
+        })
+        .collect();
+    let sd = StableDiffusion::load(&fixtures().join(model), &Device::Cpu, DType::F32).unwrap();
+    crate::parity::check_path_with(&sd, file, "cpu kernels", &controls);
+    ghiblify::device::with_generic_ops(true, || crate::parity::check_path_with(&sd, file, "generic ops", &controls));
+
+    // The ControlNets matter: the same run without them ends elsewhere.
+    let (reference, _) = load_safetensors(&fixtures().join("traces").join(file));
+    let params = crate::parity::params_from_meta(&meta);
+    let image = image_io::to_tensor(&image_io::load_rgb(&fixtures().join(&meta["photo"])).unwrap()).unwrap();
+    let names = ReplayNoise::trace_draw_names(reference.keys().map(String::as_str));
+    let mut noise = ReplayNoise::new(names.iter().map(|k| reference[*k].clone()));
+    let mut ours = Trace::enabled();
+    sd.img2img(&image, &params, &mut noise, &mut ours, &mut |_, _, _| Ok(())).unwrap();
+    let e = rel_err(&ours.tensors["final_latents"], &reference["final_latents"]);
+    assert!(e > 1e-2, "{file}: without its ControlNets the run differs by only {e:e}");
+}
+
+#[test]
+fn controlnet_img2img_with_cfg_matches_diffusers() {
+    run_controlled_trace("tiny-sd1", "controlnet_sd1_cfg.safetensors");
+}
+
+#[test]
+fn controlnet_on_canny_edges_in_a_window_without_cfg_matches_diffusers() {
+    run_controlled_trace("tiny-sd1", "controlnet_sd1_window_nocfg.safetensors");
+}
+
+#[test]
+fn two_controlnets_at_once_match_diffusers_multicontrolnet() {
+    run_controlled_trace("tiny-sd1", "controlnet_sd1_multi.safetensors");
+}
+
+#[test]
+fn a_pooling_bgr_controlnet_on_sd2_matches_diffusers_guess_mode() {
+    run_controlled_trace("tiny-sd2", "controlnet_sd2_pool_cfg.safetensors");
 }

@@ -5,7 +5,7 @@ use crate::common::{fixtures, load_safetensors, max_abs, rel_err};
 use candle_core::{DType, Device};
 use ghiblify::image_io;
 use ghiblify::noise::ReplayNoise;
-use ghiblify::pipeline::{Img2ImgParams, StableDiffusion, Trace, VaeTiling};
+use ghiblify::pipeline::{Control, Img2ImgParams, StableDiffusion, Trace, VaeTiling};
 use ghiblify::samplers::SamplerKind;
 
 /// Text embeddings, init latents and every step's latents: max abs diff / max abs value.
@@ -26,11 +26,9 @@ pub fn check_loaded(sd: &StableDiffusion, trace: &str) {
     ghiblify::device::with_generic_ops(true, || check_path(sd, trace, "generic ops"));
 }
 
-fn check_path(sd: &StableDiffusion, file: &str, path: &str) {
-    let (reference, meta) = load_safetensors(&fixtures().join("traces").join(file));
-    // Messages name the trace and the path it ran through.
-    let trace = &format!("{file} ({path})");
-    let params = Img2ImgParams {
+/// The run a trace records, from its metadata (tests/fixtures/generate.py, `run_trace`).
+pub fn params_from_meta(meta: &std::collections::HashMap<String, String>) -> Img2ImgParams {
+    Img2ImgParams {
         prompt: meta["prompt"].clone(),
         negative_prompt: meta["negative_prompt"].clone(),
         strength: meta["strength"].parse().unwrap(),
@@ -39,7 +37,19 @@ fn check_path(sd: &StableDiffusion, file: &str, path: &str) {
         sampler: meta["sampler"].parse::<SamplerKind>().unwrap(),
         karras: meta.get("karras").is_some_and(|k| k == "true"),
         vae_tiling: VaeTiling::Off,
-    };
+    }
+}
+
+fn check_path(sd: &StableDiffusion, file: &str, path: &str) {
+    check_path_with(sd, file, path, &[]);
+}
+
+/// Runs a trace with ControlNets (tests/controlnet.rs builds them from the trace's metadata).
+pub fn check_path_with(sd: &StableDiffusion, file: &str, path: &str, controls: &[Control]) {
+    let (reference, meta) = load_safetensors(&fixtures().join("traces").join(file));
+    // Messages name the trace and the path it ran through.
+    let trace = &format!("{file} ({path})");
+    let params = params_from_meta(&meta);
     let photo = image_io::load_rgb(&fixtures().join(&meta["photo"])).unwrap();
     let image = image_io::to_tensor(&photo).unwrap();
     // The draws in diffusers' order: posterior (none with TAESD), forward noise, then each step's.
@@ -48,7 +58,8 @@ fn check_path(sd: &StableDiffusion, file: &str, path: &str) {
     let draws = names.iter().map(|k| reference[*k].clone());
     let mut noise = ReplayNoise::new(draws);
     let mut ours = Trace::enabled();
-    let out = sd.img2img(&image, &params, &mut noise, &mut ours, &mut |_, _, _| Ok(())).unwrap().image;
+    let out =
+        sd.img2img_controlled(&image, &params, controls, &mut noise, &mut ours, &mut |_, _, _| Ok(())).unwrap().image;
     assert_eq!(noise.remaining(), 0, "{trace}: every recorded draw is used");
 
     let ts = |t: &candle_core::Tensor| t.to_vec1::<f32>().unwrap();
