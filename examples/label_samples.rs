@@ -35,6 +35,7 @@ pub fn record() -> Provenance {
         },
         vae: Some("madebyollin/taesd".into()),
         loras: vec![LoraRecord { name: "style".into(), hash: "abcdef0123".into(), scale: 0.8 }],
+        controlnets: vec![],
         source: "chelsea.png".into(),
     }
 }

@@ -215,6 +215,39 @@ pub struct Args {
     #[arg(long, value_name = "SPEC")]
     pub lora: Vec<String>,
 
+    /// Keep the photo's structure with a ControlNet: canny (its edges; keeps outlines) or tile (the
+    /// photo itself; keeps layout and colours), with an optional weight (default 1.0); lets
+    /// --strength go to 0.75-0.9. Fetches lllyasviel's SD1.5 ControlNet for the kind (723 MB, once);
+    /// repeat for several
+    #[arg(long, value_name = "KIND[:SCALE]")]
+    pub control: Vec<String>,
+
+    /// Any other diffusers ControlNet, a folder or hub repo DIR|REPO_ID[@REV][:SCALE], with its
+    /// prepared image from --control-image (paired in order; one input only)
+    #[arg(long, value_name = "DIR|REPO_ID[:SCALE]")]
+    pub controlnet: Vec<String>,
+
+    /// The control image for the --controlnet at the same position (resized to the working size)
+    #[arg(long, value_name = "FILE")]
+    pub control_image: Vec<PathBuf>,
+
+    /// Fraction of the denoising steps where the ControlNets start acting [default: 0]
+    #[arg(long, value_name = "F")]
+    pub control_start: Option<f64>,
+
+    /// Fraction of the denoising steps where they stop [default: 1]
+    #[arg(long, value_name = "F")]
+    pub control_end: Option<f64>,
+
+    /// --control canny's hysteresis thresholds, as the ControlNet annotator's cv2.Canny takes them
+    /// [default: 100,200]
+    #[arg(long, value_name = "LOW,HIGH")]
+    pub canny_thresholds: Option<String>,
+
+    /// Write the (first) control image to FILE.png, to see what guided the picture (one input only)
+    #[arg(long, value_name = "FILE.png")]
+    pub save_control: Option<PathBuf>,
+
     /// Fast mode: LCM-LoRA (latent-consistency/lcm-lora-sdv1-5) with the lcm sampler, 8 steps at
     /// strength 1 (4 at the default strength), guidance 1, and the TAESD VAE — several times
     /// faster, a little softer
@@ -386,6 +419,18 @@ impl Args {
             (OnOff::On, false, ..) => settings::C2pa::PerUser,
         };
         let noise_from = settings::check_noise_from(&mode, a.noise_from)?;
+        let controls = ghiblify::control::Controls::from_args(
+            ghiblify::control::ControlArgs {
+                control: &a.control,
+                controlnet: &a.controlnet,
+                control_image: &a.control_image,
+                start: a.control_start,
+                end: a.control_end,
+                canny_thresholds: a.canny_thresholds.as_deref(),
+                save: a.save_control,
+            },
+            !matches!(mode, Mode::Batch(_)),
+        )?;
         let defaults = if a.fast {
             model.loras.push(settings::fast_lora()?);
             settings::fast_defaults(defaults)
@@ -436,6 +481,7 @@ impl Args {
             verbosity,
             fast: a.fast,
             noise_from,
+            controls,
         })
     }
 }

@@ -234,19 +234,23 @@ pub fn sign(
         .iter()
         .map(|l| serde_json::json!({"name": l.name, "sha256_10": l.hash, "scale": l.scale}))
         .collect();
+    let mut parameters = serde_json::json!({
+        "model": record.model.name,
+        "model_hash": record.model.hash,
+        "model_license": record.model.license.as_deref().unwrap_or("unknown"),
+        "vae": record.vae,
+        "loras": loras,
+    });
+    if !record.controlnets.is_empty() {
+        parameters["controlnets"] = serde_json::json!(record.controlnets);
+    }
     builder
         .add_action(serde_json::json!({
             "action": "c2pa.edited",
             "digitalSourceType": DIGITAL_SOURCE_TYPE,
             "softwareAgent": {"name": "ghiblify", "version": env!("CARGO_PKG_VERSION")},
             "description": "latent-diffusion img2img of the photo",
-            "parameters": {
-                "model": record.model.name,
-                "model_hash": record.model.hash,
-                "model_license": record.model.license.as_deref().unwrap_or("unknown"),
-                "vae": record.vae,
-                "loras": loras,
-            },
+            "parameters": parameters,
         }))
         .map_err(fail)?;
     let settings = serde_json::json!({

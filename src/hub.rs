@@ -786,6 +786,42 @@ impl Hub {
         }
     }
 
+    /// The files of a single-component repo (a ControlNet): `config.json` and the first weight
+    /// variant it has of `stem` — the fp16 file first when `half`, as it halves the download and
+    /// the loader converts it anyway. `None` offline or when the hub cannot be reached.
+    pub fn component_files(
+        &self,
+        repo_id: &str,
+        revision: Option<&str>,
+        stem: &str,
+        half: bool,
+    ) -> Result<Option<Vec<String>>> {
+        check_repo_id(repo_id)?;
+        if self.offline {
+            return Ok(None);
+        }
+        match self.list(repo_id, revision) {
+            Ok(listing) => {
+                let has = |f: &str| listing.iter().any(|l| l == f);
+                if !has("config.json") {
+                    return Err(Error::Hub(format!("hub repo '{repo_id}': it has no config.json at its root")));
+                }
+                let weights =
+                    crate::models::weight_variants(stem, half).into_iter().find(|n| has(n)).ok_or_else(|| {
+                        Error::Hub(format!(
+                            "hub repo '{repo_id}': it has no {stem}.safetensors (or .fp16.safetensors) at its root"
+                        ))
+                    })?;
+                Ok(Some(vec!["config.json".to_string(), weights]))
+            }
+            Err(Failure::Fatal(e)) => Err(e),
+            Err(Failure::Unreachable(why)) => {
+                *self.unreachable.borrow_mut() = Some(why);
+                Ok(None)
+            }
+        }
+    }
+
     /// The cached snapshot of a repo at a revision, when the listing cannot be had.
     pub fn cached_snapshot(&self, repo_id: &str, revision: Option<&str>, cli: &str) -> Result<PathBuf> {
         check_repo_id(repo_id)?;
@@ -801,7 +837,10 @@ impl Hub {
         .filter(|c| is_commit(c));
         let snap = commit
             .map(|c| folder.join("snapshots").join(c))
-            .filter(|d| d.join("model_index.json").is_file() || d.join("unet").is_dir());
+            // A pipeline's folders, or a single component's (a ControlNet) config at the root.
+            .filter(|d| {
+                d.join("model_index.json").is_file() || d.join("unet").is_dir() || d.join("config.json").is_file()
+            });
         match snap {
             Some(s) => {
                 self.warn_cached(repo_id);

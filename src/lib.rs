@@ -7,6 +7,7 @@
 pub mod alloc;
 pub mod batch;
 pub mod canny;
+pub mod control;
 pub mod credentials;
 pub mod device;
 pub mod error;

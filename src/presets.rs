@@ -91,6 +91,16 @@ pub fn list_models() -> String {
             p.description
         ));
     }
+    out.push_str("\nControlNets (--control KIND[:SCALE]):\n");
+    for (name, k) in crate::control::kinds() {
+        out.push_str(&format!(
+            "{name:<18} {:<width$} {:>6.1} GB  {}  {}\n",
+            k.repo,
+            k.download_size_mb as f64 / 1000.0,
+            k.license,
+            k.description
+        ));
+    }
     out
 }
 

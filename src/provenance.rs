@@ -29,6 +29,19 @@ pub struct LoraRecord {
     pub scale: f64,
 }
 
+/// One ControlNet that steered the picture (A1111's ControlNet fields).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ControlRecord {
+    /// How its control image was made: canny, tile_resample, none (a prepared image).
+    pub module: String,
+    /// Its repo id or folder name.
+    pub model: String,
+    pub license: Option<String>,
+    pub weight: f64,
+    pub start: f64,
+    pub end: f64,
+}
+
 /// Everything the outputs say about how they were made.
 #[derive(Debug, Clone)]
 pub struct Provenance {
@@ -46,6 +59,8 @@ pub struct Provenance {
     /// A replacement VAE (`--vae`), by repo id or folder name.
     pub vae: Option<String>,
     pub loras: Vec<LoraRecord>,
+    /// The ControlNets that steered the picture.
+    pub controlnets: Vec<ControlRecord>,
     /// The input photo's file name.
     pub source: String,
 }
@@ -83,6 +98,14 @@ impl Provenance {
             let hashes: Vec<String> = self.loras.iter().map(|l| format!("{}: {}", l.name, l.hash)).collect();
             fields.push(format!("Lora hashes: \"{}\"", hashes.join(", ")));
         }
+        // A1111's ControlNet extension's fields.
+        for (i, c) in self.controlnets.iter().enumerate() {
+            let model = c.model.rsplit('/').next().unwrap_or(&c.model);
+            fields.push(format!(
+                "ControlNet {i}: \"Module: {}, Model: {model}, Weight: {}, Guidance Start: {}, Guidance End: {}\"",
+                c.module, c.weight, c.start, c.end
+            ));
+        }
         fields.push(format!("Version: {}", software()));
         out.push_str(&fields.join(", "));
         out
@@ -94,7 +117,16 @@ impl Provenance {
     }
 
     pub fn license_line(&self) -> String {
-        format!("model licence: {}", self.model.license.as_deref().unwrap_or("unknown (see the model card)"))
+        let mut line =
+            format!("model licence: {}", self.model.license.as_deref().unwrap_or("unknown (see the model card)"));
+        for c in &self.controlnets {
+            line.push_str(&format!(
+                "; ControlNet {} licence: {}",
+                c.model,
+                c.license.as_deref().unwrap_or("unknown (see the model card)")
+            ));
+        }
+        line
     }
 
     /// The PNG text chunks, in order.

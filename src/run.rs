@@ -2,14 +2,16 @@
 //! is loaded once, and only when there is something to do.
 
 use crate::batch::{self, Job, Report, ReportLine};
+use crate::control::{ControlSource, ControlSpec};
 use crate::error::{Error, Result};
 use crate::guard::{AtomicFile, Guard};
 use crate::image_io::{self, OutputFormat};
 use crate::lora::{LoraFile, LoraSource};
+use crate::models::controlnet::ControlNet;
 use crate::noise::{NoiseSource, ReplayNoise, SeededNoise};
-use crate::pipeline::{StableDiffusion, Trace};
+use crate::pipeline::{Control, StableDiffusion, Trace};
 use crate::printer::Printer;
-use crate::provenance::{LoraRecord, ModelRecord, Provenance};
+use crate::provenance::{ControlRecord, LoraRecord, ModelRecord, Provenance};
 use crate::settings::{Batch, Mode, ModelSource, Settings, VaeSource};
 use candle_core::DType;
 use std::collections::BTreeMap;
@@ -29,6 +31,8 @@ struct Loaded {
     model: StableDiffusion,
     record: ModelRecord,
     loras: Vec<LoraRecord>,
+    /// One per `s.controls.specs`, in order.
+    controlnets: Vec<ControlNet>,
 }
 
 /// The model, loaded on first use.
@@ -112,6 +116,21 @@ impl Engine<'_> {
         }
         let name = s.model.name();
         self.printer.verbose(format!("loaded model '{name}' in {:.1} s", t.elapsed().as_secs_f64()));
+        let mut controlnets = Vec::with_capacity(s.controls.specs.len());
+        for spec in &s.controls.specs {
+            let t = Instant::now();
+            let dir = control_folder(spec, &hub)?;
+            let files = crate::models::component_files(&dir, ".", "config.json", "diffusion_pytorch_model", dtype)?;
+            let net = ControlNet::load(&files, dtype, &device)?;
+            if let Some(why) = net.mismatch(&model.unet.config) {
+                return Err(Error::usage(format!(
+                    "ControlNet '{}' does not fit the model '{name}': {why} (a ControlNet works only with the model family it was trained for)",
+                    spec.name()
+                )));
+            }
+            self.printer.verbose(format!("loaded ControlNet '{}' in {:.1} s", spec.name(), t.elapsed().as_secs_f64()));
+            controlnets.push(net);
+        }
         for r in &outcome.reports {
             self.printer.info(r.line());
             for k in &r.unmatched {
@@ -157,7 +176,7 @@ impl Engine<'_> {
             .iter()
             .map(|l| LoraRecord { name: l.name.clone(), hash: file_sha256_10(&l.path), scale: l.scale })
             .collect();
-        Ok(Loaded { model, record: ModelRecord { name: s.model.public_name(), hash, license }, loras })
+        Ok(Loaded { model, record: ModelRecord { name: s.model.public_name(), hash, license }, loras, controlnets })
     }
 
     /// Converts one decoded photo and writes its picture; returns the working size.
@@ -181,7 +200,27 @@ impl Engine<'_> {
         if (w, h) != (photo.width(), photo.height()) {
             printer.verbose(format!("{}: resizing {}x{} to {w}x{h}", source.display(), photo.width(), photo.height()));
         }
-        let image = image_io::to_tensor(&image_io::resize_to(photo, w, h))?;
+        let photo = image_io::resize_to(photo, w, h);
+        let mut controls = Vec::with_capacity(s.controls.specs.len());
+        for (spec, net) in s.controls.specs.iter().zip(&loaded.controlnets) {
+            let img = crate::control::control_image(&spec.input, &photo)?;
+            if let (Some(path), true) = (&s.controls.save, controls.is_empty()) {
+                crate::guard::write_atomically(path, |f| {
+                    let mut buf = std::io::Cursor::new(Vec::new());
+                    img.write_to(&mut buf, image::ImageFormat::Png).map_err(std::io::Error::other)?;
+                    std::io::Write::write_all(f, buf.get_ref())
+                })?;
+            }
+            controls.push(Control {
+                name: spec.name(),
+                net,
+                image: image_io::to_control_tensor(&img)?,
+                scale: spec.scale,
+                start: s.controls.start,
+                end: s.controls.end,
+            });
+        }
+        let image = image_io::to_tensor(&photo)?;
         bar.reset();
         bar.set_message(s.generation.sampler.name());
         let preview_vae = match &model.vae {
@@ -190,7 +229,7 @@ impl Engine<'_> {
         };
         let preview = preview_vae.zip(s.outputs.preview.as_ref());
         let out = model
-            .img2img(&image, &s.generation, noise, trace, &mut |done, total, latents| {
+            .img2img_controlled(&image, &s.generation, &controls, noise, trace, &mut |done, total, latents| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
                 if let Some((vae, path)) = preview {
@@ -200,6 +239,9 @@ impl Engine<'_> {
             })
             .map_err(|e| out_of_memory_hint(e, &model.device))?;
         let tm = out.timings;
+        if tm.controlnet_calls > 0 {
+            printer.verbose(format!("{} ControlNet calls", tm.controlnet_calls));
+        }
         printer.verbose(format!(
             "timings: text {:.2} s, vae encode {:.2} s, denoise {:.2} s ({} unet calls, {:.2} s each), vae decode {:.2} s",
             tm.text,
@@ -243,6 +285,20 @@ impl Engine<'_> {
             model: loaded.record.clone(),
             vae: self.s.model.vae.as_ref().map(VaeSource::name),
             loras: loaded.loras.clone(),
+            controlnets: self
+                .s
+                .controls
+                .specs
+                .iter()
+                .map(|c| ControlRecord {
+                    module: c.input.module().to_string(),
+                    model: c.name(),
+                    license: c.license.clone(),
+                    weight: c.scale,
+                    start: self.s.controls.start,
+                    end: self.s.controls.end,
+                })
+                .collect(),
             source: source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         }
     }
@@ -292,9 +348,34 @@ pub fn run(s: &Settings) -> Result<Outcome> {
             for l in lora_files(s, &hub)? {
                 printer.info(format!("lora '{}' is in the cache: {}", l.name, l.path.display()));
             }
+            for c in &s.controls.specs {
+                let d = control_folder(c, &hub)?;
+                printer.info(format!("ControlNet '{}' is in the cache: {}", c.name(), d.display()));
+            }
             printer.info(format!("'{}' is in the cache: {}", s.model.name(), dir.display()));
             println!("{}", dir.display());
             Ok(Outcome { done: 1, ..Default::default() })
+        }
+    }
+}
+
+/// A ControlNet's folder: its own, or its hub repo's config.json and weights (the fp16 file when
+/// the repo has one: half the download), fetched into the cache.
+fn control_folder(spec: &ControlSpec, hub: &LazyHub) -> Result<PathBuf> {
+    match &spec.source {
+        ControlSource::Dir(d) => Ok(d.clone()),
+        ControlSource::Hub(repo) => {
+            let hub = hub.get()?;
+            let rev = repo.revision.as_deref();
+            let cli = match &spec.input {
+                crate::control::ControlInput::Canny { .. } => "--control canny".to_string(),
+                crate::control::ControlInput::Tile => "--control tile".to_string(),
+                crate::control::ControlInput::Image(_) => format!("--controlnet {repo}"),
+            };
+            match hub.component_files(&repo.id, rev, "diffusion_pytorch_model", true)? {
+                Some(files) => hub.fetch(&repo.id, rev, &files, &cli),
+                None => hub.cached_snapshot(&repo.id, rev, &cli),
+            }
         }
     }
 }
@@ -456,6 +537,14 @@ fn guard_side_inputs(guard: &mut Guard, s: &Settings) {
     }
     if let Some(VaeSource::Dir(d)) = &s.model.vae {
         guard.add_input_tree(d);
+    }
+    for c in &s.controls.specs {
+        if let ControlSource::Dir(d) = &c.source {
+            guard.add_input_tree(d);
+        }
+        if let crate::control::ControlInput::Image(p) = &c.input {
+            guard.add_input(p);
+        }
     }
 }
 

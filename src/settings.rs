@@ -444,6 +444,8 @@ pub struct Settings {
     pub fast: bool,
     /// `--noise-from`: a trace file whose recorded draws replace the seeded noise.
     pub noise_from: Option<PathBuf>,
+    /// ControlNets and their window (`--control`, `--controlnet`).
+    pub controls: crate::control::Controls,
 }
 
 /// `--noise-from`: one input only, and an existing file.

@@ -153,3 +153,73 @@ fn two_controlnets_at_once_match_diffusers_multicontrolnet() {
 fn a_pooling_bgr_controlnet_on_sd2_matches_diffusers_guess_mode() {
     run_controlled_trace("tiny-sd2", "controlnet_sd2_pool_cfg.safetensors");
 }
+
+#[test]
+fn the_binary_runs_controlnets_from_folders_and_refuses_what_does_not_fit() {
+    let case = crate::common::Case::new();
+    let photo = fixtures().join("photo-64x48.png");
+    let run = |extra: &[&str], out: &str| {
+        crate::common::ghiblify_cmd()
+            .current_dir(case.dir.path())
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .arg(&photo)
+            .args(["-o", out, "--steps", "4", "--strength", "0.8", "--seed", "3", "--model-dir"])
+            .arg(fixtures().join("tiny-sd1"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let cn = fixtures().join("tiny-controlnet-sd1");
+    let cn = cn.to_str().unwrap();
+    let canny_cn = format!("{cn}:0.9");
+    let photo_s = photo.to_str().unwrap();
+    let o = run(
+        &["--controlnet", &canny_cn, "--control-image", photo_s, "--control-end", "0.5", "--save-control", "ctrl.png"],
+        "with.png",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The control image written is what guided the picture: here the photo at the working size.
+    let ctrl = image::open(case.path("ctrl.png")).unwrap().to_rgb8();
+    assert_eq!(ctrl, image::open(&photo).unwrap().to_rgb8());
+    let params = crate::cli::png_text(&case.path("with.png"), "parameters").unwrap();
+    assert!(
+        params.contains(r#"ControlNet 0: "Module: none, Model: tiny-controlnet-sd1, Weight: 0.9, Guidance Start: 0, Guidance End: 0.5""#),
+        "{params}"
+    );
+    let o = run(&[], "without.png");
+    assert!(o.status.success());
+    let a = image::open(case.path("with.png")).unwrap().to_rgb8();
+    let b = image::open(case.path("without.png")).unwrap().to_rgb8();
+    assert_ne!(a, b, "the ControlNet changed nothing");
+
+    // Refused in one line: a ControlNet for another model, a prepared image for a batch, a
+    // window that ends before it starts, an unknown kind.
+    let sd2 = fixtures().join("tiny-controlnet-sd2");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--controlnet", sd2.to_str().unwrap(), "--control-image", photo_s], "does not fit the model"),
+        (vec!["--control", "canny", "--control-start", "0.6", "--control-end", "0.4"], "--control-end"),
+        (vec!["--control", "depth"], "unknown kind 'depth'"),
+        (vec!["--controlnet", cn], "each --controlnet needs its --control-image"),
+        (vec!["--controlnet", cn, "--control-image", "missing.png"], "--control-image 'missing.png': no such file"),
+    ];
+    for (extra, needle) in cases {
+        let o = run(&extra, "x.png");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(
+            err.contains(needle) && err.trim().lines().filter(|l| l.starts_with("ghiblify:")).count() == 1,
+            "{extra:?}: {err}"
+        );
+        assert!(!case.path("x.png").exists());
+    }
+    let dir = case.path("in");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(&photo, dir.join("a.png")).unwrap();
+    let o = crate::common::ghiblify_cmd()
+        .current_dir(case.dir.path())
+        .args(["in", "-o", "out", "--controlnet", cn, "--control-image", photo_s])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--control-image is one picture for one photo"));
+}

@@ -947,3 +947,58 @@ fn a_single_file_checkpoint_in_a_hub_repo_is_fetched_and_run() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn control_tile_fetches_its_controlnet_prefers_the_fp16_file_and_works_offline_after() {
+    // The tiny ControlNet served as lllyasviel's tile ControlNet, with an fp16 file beside the
+    // full one (as the real repo has): the fp16 one is fetched, half the download.
+    let hub = TestHub::start();
+    let dir = fixtures().join("tiny-controlnet-sd1");
+    let weights = std::fs::read(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let files: BTreeMap<String, Vec<u8>> = [
+        ("config.json".to_string(), std::fs::read(dir.join("config.json")).unwrap()),
+        ("diffusion_pytorch_model.safetensors".to_string(), weights.clone()),
+        ("diffusion_pytorch_model.fp16.safetensors".to_string(), weights),
+    ]
+    .into_iter()
+    .collect();
+    hub.state.lock().unwrap().repos.insert("lllyasviel/control_v11f1e_sd15_tile".into(), files);
+    let case = Case::new();
+    let args = ["--control", "tile:0.8", "--strength", "0.8", "--overwrite", "-v"];
+    let o = case.cmd(&hub.endpoint()).args(RUN).args(args).arg("--model-dir").arg(tiny()).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("loaded ControlNet 'lllyasviel/control_v11f1e_sd15_tile'"), "{err}");
+    let log = hub.log();
+    let got =
+        |f: &str| log.iter().any(|l| l.starts_with("GET /cdn/lllyasviel/control_v11f1e_sd15_tile/") && l.contains(f));
+    assert!(got("diffusion_pytorch_model.fp16.safetensors") && !got("diffusion_pytorch_model.safetensors "), "{log:?}");
+    let params = crate::cli::png_text(&case.path("out.png"), "parameters").unwrap();
+    assert!(
+        params.contains(r#"ControlNet 0: "Module: tile_resample, Model: control_v11f1e_sd15_tile, Weight: 0.8, Guidance Start: 0, Guidance End: 1""#),
+        "{params}"
+    );
+    let license = crate::cli::png_text(&case.path("out.png"), "License").unwrap();
+    assert!(license.contains("ControlNet lllyasviel/control_v11f1e_sd15_tile licence: openrail"), "{license}");
+    // Offline from the cache, with the same picture.
+    let first = std::fs::read(case.path("out.png")).unwrap();
+    let o =
+        case.cmd(&hub_gone()).args(RUN).args(args).arg("--offline").arg("--model-dir").arg(tiny()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        image::load_from_memory(&first).unwrap().to_rgb8(),
+        image::open(case.path("out.png")).unwrap().to_rgb8()
+    );
+    // A ControlNet missing from the cache offline: the command that fetches it.
+    let empty = Case::new();
+    let o = empty
+        .cmd(&hub_gone())
+        .args(RUN)
+        .args(["--control", "canny", "--offline", "--model-dir"])
+        .arg(tiny())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("lllyasviel/control_v11p_sd15_canny") && err.contains("--control canny"), "{err}");
+}

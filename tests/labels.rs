@@ -40,6 +40,7 @@ fn record() -> Provenance {
         },
         vae: Some("madebyollin/taesd".into()),
         loras: vec![LoraRecord { name: "style".into(), hash: "abcdef0123".into(), scale: 0.8 }],
+        controlnets: vec![],
         source: "chelsea.png".into(),
     }
 }
