@@ -1,10 +1,10 @@
 //! Time and peak memory of the hot operations on the full-size SD1.5 architecture with random
 //! weights (compute does not depend on weight values): median of N runs after one warm-up.
 //!
-//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|vae-decode|vae-encode|matmul|conv [N] [f32|f16|bf16] [cpu|cuda]
+//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|matmul|conv [N] [f32|f16|bf16] [cpu|cuda]
 //!
-//! `controlnet` times one SD1.5 ControlNet call at the CFG batch (the added cost per step of
-//! `--control`; compare with `unet`).
+//! `controlnet` times one SD1.5 ControlNet call at the CFG batch, `controlnet-b1` without CFG (as
+//! with `--fast`): the added cost per step of `--control`; compare with `unet` / `unet-b1`.
 //!
 //! `benches/compare_torch.py` runs diffusers on the same shapes and prints the ratio;
 //! `scripts/gpu-check` does the same on a GPU (built with `scripts/build-cuda --example speed_probe`,
@@ -53,12 +53,13 @@ fn main() -> anyhow::Result<()> {
             let context = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?.to_dtype(act)?;
             Box::new(move || unet.forward(&latents, 500.0, &context))
         }
-        "controlnet" => {
+        "controlnet" | "controlnet-b1" => {
+            let b = if what == "controlnet" { 2 } else { 1 };
             let cfg: ghiblify::models::controlnet::ControlNetConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
             let cn = ghiblify::models::controlnet::ControlNet::from_config(cfg, vb, Path::new("sd15-controlnet"))?;
-            let latents = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &dev)?.to_dtype(act)?;
-            let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?.to_dtype(act)?;
-            let cond = Tensor::rand(0f32, 1.0, (2, 3, 512, 512), &dev)?.to_dtype(act)?;
+            let latents = Tensor::randn(0f32, 1.0, (b, 4, 64, 64), &dev)?.to_dtype(act)?;
+            let context = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?.to_dtype(act)?;
+            let cond = Tensor::rand(0f32, 1.0, (b, 3, 512, 512), &dev)?.to_dtype(act)?;
             Box::new(move || Ok(cn.forward(&latents, 500.0, &context, &cond, 1.0)?.mid))
         }
         "vae-decode" | "vae-encode" => {

@@ -949,7 +949,7 @@ fn a_single_file_checkpoint_in_a_hub_repo_is_fetched_and_run() {
 }
 
 #[test]
-fn control_tile_fetches_its_controlnet_prefers_the_fp16_file_and_works_offline_after() {
+fn controlnets_come_from_the_hub_as_fp16_files_work_with_fast_and_offline() {
     // The tiny ControlNet served as lllyasviel's tile ControlNet, with an fp16 file beside the
     // full one (as the real repo has): the fp16 one is fetched, half the download.
     let hub = TestHub::start();
@@ -962,7 +962,8 @@ fn control_tile_fetches_its_controlnet_prefers_the_fp16_file_and_works_offline_a
     ]
     .into_iter()
     .collect();
-    hub.state.lock().unwrap().repos.insert("lllyasviel/control_v11f1e_sd15_tile".into(), files);
+    hub.state.lock().unwrap().repos.insert("lllyasviel/control_v11f1e_sd15_tile".into(), files.clone());
+    hub.state.lock().unwrap().repos.insert("lllyasviel/control_v11p_sd15_canny".into(), files);
     let case = Case::new();
     let args = ["--control", "tile:0.8", "--strength", "0.8", "--overwrite", "-v"];
     let o = case.cmd(&hub.endpoint()).args(RUN).args(args).arg("--model-dir").arg(tiny()).output().unwrap();
@@ -989,6 +990,29 @@ fn control_tile_fetches_its_controlnet_prefers_the_fp16_file_and_works_offline_a
         image::load_from_memory(&first).unwrap().to_rgb8(),
         image::open(case.path("out.png")).unwrap().to_rgb8()
     );
+    // canny from its own repo, together with --fast (LCM-LoRA + ControlNet, a common fast
+    // recipe): the control image written is the photo's edges.
+    let lora = std::fs::read(fixtures().join("lora/peft.safetensors")).unwrap();
+    let lcm = BTreeMap::from([("pytorch_lora_weights.safetensors".to_string(), lora)]);
+    hub.state.lock().unwrap().repos.insert("latent-consistency/lcm-lora-sdv1-5".into(), lcm);
+    serve_taesd(&hub);
+    let o = case
+        .cmd(&hub.endpoint())
+        .args(["photo.png", "-o", "fast.png", "--seed", "1", "--size", "64", "--fast", "--control", "canny"])
+        .args(["--save-control", "edges.png", "--model-dir"])
+        .arg(tiny())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let params = crate::cli::png_text(&case.path("fast.png"), "parameters").unwrap();
+    assert!(
+        params.contains("Sampler: lcm")
+            && params.contains(r#"ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny"#),
+        "{params}"
+    );
+    let edges = image::open(case.path("edges.png")).unwrap().to_rgb8();
+    assert!(edges.pixels().all(|p| p.0 == [0, 0, 0] || p.0 == [255, 255, 255]));
+    assert!(edges.pixels().any(|p| p.0 == [255, 255, 255]), "no edges drawn");
     // A ControlNet missing from the cache offline: the command that fetches it.
     let empty = Case::new();
     let o = empty
