@@ -1013,6 +1013,23 @@ fn controlnets_come_from_the_hub_as_fp16_files_work_with_fast_and_offline() {
     let edges = image::open(case.path("edges.png")).unwrap().to_rgb8();
     assert!(edges.pixels().all(|p| p.0 == [0, 0, 0] || p.0 == [255, 255, 255]));
     assert!(edges.pixels().any(|p| p.0 == [255, 255, 255]), "no edges drawn");
+    // A batch: one control image from each photo (two different photos, two different pictures).
+    let dir = case.path("in");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(fixtures().join("photo-64x48.png"), dir.join("a.png")).unwrap();
+    std::fs::copy(fixtures().join("photo-48x48.png"), dir.join("b.png")).unwrap();
+    let o = case
+        .cmd(&hub_gone())
+        .args(["in", "-o", "out", "--steps", "2", "--seed", "1", "--size", "64", "--offline", "--control", "tile"])
+        .arg("--model-dir")
+        .arg(tiny())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["out/a.png", "out/b.png"] {
+        let params = crate::cli::png_text(&case.path(f), "parameters").unwrap();
+        assert!(params.contains(r#"ControlNet 0: "Module: tile_resample"#), "{f}: {params}");
+    }
     // A ControlNet missing from the cache offline: the command that fetches it.
     let empty = Case::new();
     let o = empty
