@@ -106,12 +106,9 @@ pub struct ControlArgs<'a> {
     pub save: Option<PathBuf>,
 }
 
-/// `TARGET[:SCALE]`: the scale when the suffix parses as a number.
+/// `TARGET[:SCALE]` ([`crate::lora::split_scale`]), the scale within [0, 10].
 fn split_scale<'a>(spec: &'a str, setting: &'static str) -> Result<(&'a str, f64)> {
-    let (target, scale) = match spec.rsplit_once(':') {
-        Some((t, s)) if !t.is_empty() && s.parse::<f64>().is_ok() => (t, s.parse::<f64>().expect("checked")),
-        _ => (spec, 1.0),
-    };
+    let (target, scale) = crate::lora::split_scale(spec);
     if !scale.is_finite() || !(0.0..=10.0).contains(&scale) {
         return Err(Error::setting(setting, format!("'{spec}': the scale must be within [0, 10], got {scale}")));
     }
@@ -212,6 +209,14 @@ impl Controls {
         }
         if a.save.is_some() && !single_input {
             return Err(Error::usage("--save-control writes one control image: it works with one input"));
+        }
+        if let Some(p) = &a.save {
+            if crate::image_io::OutputFormat::from_path(p) != Some(crate::image_io::OutputFormat::Png) {
+                return Err(Error::usage(format!(
+                    "--save-control '{}': the control image is written as PNG; name it .png",
+                    p.display()
+                )));
+            }
         }
         Ok(Self { specs, start, end, save: a.save })
     }

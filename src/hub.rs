@@ -770,14 +770,19 @@ impl Hub {
     /// The files to fetch for a non-preset repo: from its listing, or offline from the cached
     /// snapshot (whatever it holds is loaded and checked by the model loader).
     pub fn repo_files(&self, repo_id: &str, revision: Option<&str>, half: bool) -> Result<Option<Vec<String>>> {
+        let Some(listing) = self.listing(repo_id, revision)? else { return Ok(None) };
+        select_files(&listing, half).map(Some).map_err(|why| Error::Hub(format!("hub repo '{repo_id}': {why}")))
+    }
+
+    /// A repo's file listing; `None` offline or when the hub cannot be reached (remembered, so the
+    /// run's later fetches go to the cache at once).
+    fn listing(&self, repo_id: &str, revision: Option<&str>) -> Result<Option<Vec<String>>> {
         check_repo_id(repo_id)?;
         if self.offline {
             return Ok(None);
         }
         match self.list(repo_id, revision) {
-            Ok(listing) => {
-                select_files(&listing, half).map(Some).map_err(|why| Error::Hub(format!("hub repo '{repo_id}': {why}")))
-            }
+            Ok(listing) => Ok(Some(listing)),
             Err(Failure::Fatal(e)) => Err(e),
             Err(Failure::Unreachable(why)) => {
                 *self.unreachable.borrow_mut() = Some(why);
@@ -796,30 +801,15 @@ impl Hub {
         stem: &str,
         half: bool,
     ) -> Result<Option<Vec<String>>> {
-        check_repo_id(repo_id)?;
-        if self.offline {
-            return Ok(None);
+        let Some(listing) = self.listing(repo_id, revision)? else { return Ok(None) };
+        let has = |f: &str| listing.iter().any(|l| l == f);
+        if !has("config.json") {
+            return Err(Error::Hub(format!("hub repo '{repo_id}': it has no config.json at its root")));
         }
-        match self.list(repo_id, revision) {
-            Ok(listing) => {
-                let has = |f: &str| listing.iter().any(|l| l == f);
-                if !has("config.json") {
-                    return Err(Error::Hub(format!("hub repo '{repo_id}': it has no config.json at its root")));
-                }
-                let weights =
-                    crate::models::weight_variants(stem, half).into_iter().find(|n| has(n)).ok_or_else(|| {
-                        Error::Hub(format!(
-                            "hub repo '{repo_id}': it has no {stem}.safetensors (or .fp16.safetensors) at its root"
-                        ))
-                    })?;
-                Ok(Some(vec!["config.json".to_string(), weights]))
-            }
-            Err(Failure::Fatal(e)) => Err(e),
-            Err(Failure::Unreachable(why)) => {
-                *self.unreachable.borrow_mut() = Some(why);
-                Ok(None)
-            }
-        }
+        let weights = crate::models::weight_variants(stem, half).into_iter().find(|n| has(n)).ok_or_else(|| {
+            Error::Hub(format!("hub repo '{repo_id}': it has no {stem}.safetensors (or .fp16.safetensors) at its root"))
+        })?;
+        Ok(Some(vec!["config.json".to_string(), weights]))
     }
 
     /// The cached snapshot of a repo at a revision, when the listing cannot be had.

@@ -39,6 +39,18 @@ pub enum LoraSource {
     },
 }
 
+/// `TARGET[:SCALE]` as `--lora` and `--control`/`--controlnet` take it: the suffix is a scale when
+/// it parses as a number (so paths with colons still work), else the scale is 1.
+pub fn split_scale(spec: &str) -> (&str, f64) {
+    match spec.rsplit_once(':') {
+        Some((t, s)) if !t.is_empty() => match s.parse::<f64>() {
+            Ok(scale) => (t, scale),
+            Err(_) => (spec, 1.0),
+        },
+        _ => (spec, 1.0),
+    }
+}
+
 impl LoraSpec {
     /// A local path wins; otherwise `owner/name/path/to/file.safetensors` is a hub file. A
     /// `:SCALE` suffix is taken when it parses as a number (so paths with colons still work).
@@ -48,10 +60,7 @@ impl LoraSpec {
         if Path::new(spec).is_file() {
             return Ok(Self { source: LoraSource::File(PathBuf::from(spec)), scale: 1.0 });
         }
-        let (target, scale) = match spec.rsplit_once(':') {
-            Some((t, s)) if !t.is_empty() && s.parse::<f64>().is_ok() => (t, s.parse::<f64>().expect("checked")),
-            _ => (spec, 1.0),
-        };
+        let (target, scale) = split_scale(spec);
         if !scale.is_finite() || scale.abs() > 16.0 {
             return Err(bad(format!("scale must be a number within [-16, 16], got {scale}")));
         }

@@ -596,20 +596,24 @@ impl StableDiffusion {
             let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = sampler.scale_model_input(&input, index)?;
             let mut residuals: Option<Residuals> = None;
-            for (j, c) in controls.iter().enumerate() {
-                if !c.acts(k, n_kept) {
-                    continue;
-                }
-                let r = if guess && cfg {
-                    let x = sampler.scale_model_input(&latents, index)?;
-                    let r = c.net.forward(&x, t, &context.narrow(0, 1, 1)?, &control_images[j], c.scale)?;
-                    let zeros_first = |d: &Tensor| Tensor::cat(&[&d.zeros_like()?, d], 0);
-                    Residuals {
-                        down: r.down.iter().map(zeros_first).collect::<candle_core::Result<_>>()?,
-                        mid: zeros_first(&r.mid)?,
+            let acting = controls.iter().enumerate().filter(|(_, c)| c.acts(k, n_kept)).collect::<Vec<_>>();
+            // Guess mode with CFG: the ControlNets see the conditional half only.
+            let guess_input = if guess && cfg && !acting.is_empty() {
+                Some((sampler.scale_model_input(&latents, index)?, context.narrow(0, 1, 1)?))
+            } else {
+                None
+            };
+            for (j, c) in acting {
+                let r = match &guess_input {
+                    Some((x, cond)) => {
+                        let r = c.net.forward(x, t, cond, &control_images[j], c.scale)?;
+                        let zeros_first = |d: &Tensor| Tensor::cat(&[&d.zeros_like()?, d], 0);
+                        Residuals {
+                            down: r.down.iter().map(zeros_first).collect::<candle_core::Result<_>>()?,
+                            mid: zeros_first(&r.mid)?,
+                        }
                     }
-                } else {
-                    c.net.forward(&input, t, &context, &control_images[j], c.scale)?
+                    None => c.net.forward(&input, t, &context, &control_images[j], c.scale)?,
                 };
                 timings.controlnet_calls += 1;
                 if trace.is_enabled() {

@@ -205,11 +205,7 @@ impl Engine<'_> {
         for (spec, net) in s.controls.specs.iter().zip(&loaded.controlnets) {
             let img = crate::control::control_image(&spec.input, &photo)?;
             if let (Some(path), true) = (&s.controls.save, controls.is_empty()) {
-                crate::guard::write_atomically(path, |f| {
-                    let mut buf = std::io::Cursor::new(Vec::new());
-                    img.write_to(&mut buf, image::ImageFormat::Png).map_err(std::io::Error::other)?;
-                    std::io::Write::write_all(f, buf.get_ref())
-                })?;
+                image_io::save_as(&img, path, OutputFormat::Png, None)?;
             }
             controls.push(Control {
                 name: spec.name(),
@@ -548,16 +544,20 @@ fn guard_side_inputs(guard: &mut Guard, s: &Settings) {
     }
 }
 
-/// Claims the run's other outputs (report, trace, preview) and proves each writable before any
-/// work: the report and the trace are opened now, the preview's folder is tried.
+/// Claims the run's other outputs (report, trace, preview, control image) and proves each
+/// writable before any work: the report and the trace are opened now, the folders of the preview
+/// and the control image are tried.
 fn claim_side_outputs(guard: &mut Guard, s: &Settings) -> Result<(Report, Option<AtomicFile>)> {
     let o = &s.outputs;
-    for (flag, path) in [("--report", &o.report), ("--trace", &o.trace), ("--preview", &o.preview)] {
+    let save = &s.controls.save;
+    for (flag, path) in
+        [("--report", &o.report), ("--trace", &o.trace), ("--preview", &o.preview), ("--save-control", save)]
+    {
         if let Some(p) = path {
             guard.claim(p, flag)?;
         }
     }
-    if let Some(p) = &o.preview {
+    for p in [&o.preview, save].into_iter().flatten() {
         drop(AtomicFile::create(p)?);
     }
     let trace = o.trace.as_deref().map(AtomicFile::create).transpose()?;

@@ -212,6 +212,21 @@ fn the_binary_runs_controlnets_from_folders_and_refuses_what_does_not_fit() {
         );
         assert!(!case.path("x.png").exists());
     }
+    // --save-control is an output like the others: never the input, always a PNG.
+    let own = case.path("own.png");
+    std::fs::copy(&photo, &own).unwrap();
+    let own_s = own.to_str().unwrap();
+    for (save, needle) in [(own_s, "--save-control is an input file"), ("ctrl.jpg", "name it .png")] {
+        let o = crate::common::ghiblify_cmd()
+            .current_dir(case.dir.path())
+            .args([own_s, "-o", "y.png", "--controlnet", cn, "--control-image", photo_s, "--save-control", save])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert_eq!(std::fs::read(&own).unwrap(), std::fs::read(&photo).unwrap(), "the input is untouched");
     let dir = case.path("in");
     std::fs::create_dir(&dir).unwrap();
     std::fs::copy(&photo, dir.join("a.png")).unwrap();

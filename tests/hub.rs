@@ -637,10 +637,7 @@ fn a_model_that_is_neither_a_preset_nor_owner_name_is_a_usage_error() {
 #[test]
 fn fast_mode_fetches_lcm_lora_and_runs_the_lcm_sampler_without_guidance() {
     let hub = TestHub::start();
-    // The LCM-LoRA repo, served with a stand-in of the same form (a diffusers-format LoRA file).
-    let lora = std::fs::read(fixtures().join("lora/peft.safetensors")).unwrap();
-    let files = BTreeMap::from([("pytorch_lora_weights.safetensors".to_string(), lora)]);
-    hub.state.lock().unwrap().repos.insert("latent-consistency/lcm-lora-sdv1-5".into(), files);
+    serve_lcm_lora(&hub);
     serve_taesd(&hub);
     let case = Case::new();
     let o = case
@@ -711,6 +708,14 @@ fn vae_taesd_is_fetched_from_its_repo_and_used() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("does not fit the model's latent space"), "{}", stderr(&o));
+}
+
+/// Serves the LCM-LoRA repo `--fast` fetches, with a stand-in of the same form (a diffusers-format
+/// LoRA file).
+fn serve_lcm_lora(hub: &TestHub) {
+    let lora = std::fs::read(fixtures().join("lora/peft.safetensors")).unwrap();
+    let files = BTreeMap::from([("pytorch_lora_weights.safetensors".to_string(), lora)]);
+    hub.state.lock().unwrap().repos.insert("latent-consistency/lcm-lora-sdv1-5".into(), files);
 }
 
 /// Serves the tiny TAESD fixture as madebyollin/taesd.
@@ -992,9 +997,7 @@ fn controlnets_come_from_the_hub_as_fp16_files_work_with_fast_and_offline() {
     );
     // canny from its own repo, together with --fast (LCM-LoRA + ControlNet, a common fast
     // recipe): the control image written is the photo's edges.
-    let lora = std::fs::read(fixtures().join("lora/peft.safetensors")).unwrap();
-    let lcm = BTreeMap::from([("pytorch_lora_weights.safetensors".to_string(), lora)]);
-    hub.state.lock().unwrap().repos.insert("latent-consistency/lcm-lora-sdv1-5".into(), lcm);
+    serve_lcm_lora(&hub);
     serve_taesd(&hub);
     let o = case
         .cmd(&hub.endpoint())
