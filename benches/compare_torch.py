@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Side by side, in one run on one machine: our CPU UNet step and VAE decode/encode (full-size SD1.5
-architecture, random weights, 512x512, CFG batch 2 for the UNet, f32) against diffusers' on the
-same shapes, same thread count; median of N after one warm-up, each measurement in its own process
-so its peak resident memory is its own. Prints a Markdown table with the ratio ours / PyTorch.
+architecture, random weights, 512x512, the UNet with CFG batch 2 and batch 1) against diffusers
+on the same shapes, same thread count; median of N after one warm-up, each measurement in its own process
+so its peak resident memory is its own. Prints one Markdown table: time (peak RSS) per cell.
 
     . VENV/bin/activate      # ../shared/tools/install-reference-env.sh VENV
-    python benches/compare_torch.py [--runs 3] [--only unet,vae-decode,vae-encode] [--bf16]
+    python benches/compare_torch.py [--runs 3] [--only unet,unet-b1,vae-decode,vae-encode]
+        [--ours f32,bf16] [--torch f32,bf16,autocast]
 
-Ours is `cargo run --release --example speed_probe` (weights f32, or f16 storage with --f16).
+Ours is `cargo run --release --example speed_probe` in each dtype asked (bf16: bf16 weights and, on a
+CPU with AVX512_BF16, bf16 products); PyTorch in f32, in bf16 (weights and activations), and under
+bf16 autocast (f32 weights).
 """
 import argparse
 import json
@@ -24,17 +27,21 @@ VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDeco
            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512)
 
 
-def torch_one(what, runs, bf16):
-    """Runs in a child process: prints {"median": s, "times": [...], "peak_gb": x}."""
+def torch_one(what, runs, mode):
+    """Runs in a child process: prints {"median": s, "times": [...], "peak_gb": x}. mode: f32, bf16
+    (weights and activations bf16) or autocast (f32 weights, torch.autocast("cpu", torch.bfloat16))."""
+    import contextlib
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    with torch.inference_mode():
-        if what == "unet":
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
+        if what in ("unet", "unet-b1"):
+            b = 2 if what == "unet" else 1
             model = UNet2DConditionModel(**UNET).to(dtype).eval()
-            x = torch.randn(2, 4, 64, 64, dtype=dtype)
-            ctx = torch.randn(2, 77, 768, dtype=dtype)
+            x = torch.randn(b, 4, 64, 64, dtype=dtype)
+            ctx = torch.randn(b, 77, 768, dtype=dtype)
             t = torch.tensor(500)
             fn = lambda: model(x, t, encoder_hidden_states=ctx).sample
         else:
@@ -55,10 +62,8 @@ def torch_one(what, runs, bf16):
     print(json.dumps({"median": statistics.median(times), "times": times, "peak_gb": peak}))
 
 
-def ours(what, runs, f16):
-    cmd = ["cargo", "run", "--quiet", "--release", "--example", "speed_probe", "--", what, str(runs)]
-    if f16:
-        cmd.append("f16")
+def ours(what, runs, dtype):
+    cmd = ["cargo", "run", "--quiet", "--release", "--example", "speed_probe", "--", what, str(runs), dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     m = re.search(r"median ([0-9.]+) s .* peak RSS ([0-9.]+) GB", out)
     return float(m.group(1)), float(m.group(2))
@@ -67,29 +72,32 @@ def ours(what, runs, f16):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="unet,vae-decode,vae-encode")
-    ap.add_argument("--bf16", action="store_true", help="also time PyTorch in bf16")
-    ap.add_argument("--f16", action="store_true", help="ours with f16 weight storage")
+    ap.add_argument("--only", default="unet,unet-b1,vae-decode,vae-encode")
+    ap.add_argument("--ours", default="f32,bf16", help="our dtypes to time (f32, f16, bf16)")
+    ap.add_argument("--torch", default="f32,bf16,autocast",
+                    help="PyTorch modes: f32, bf16 (bf16 weights), autocast (f32 weights, bf16 autocast)")
     ap.add_argument("--torch-one", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="f32", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.torch_one:
-        return torch_one(a.torch_one, a.runs, a.bf16)
+        return torch_one(a.torch_one, a.runs, a.mode)
     threads = os.environ.get("RAYON_NUM_THREADS") or str(os.cpu_count())
     env = dict(os.environ, RAYON_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
     subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "speed_probe"], check=True)
-    print(f"threads {threads}, median of {a.runs} after a warm-up, 512x512, f32\n")
-    print("| | ours | PyTorch f32 | ours / PyTorch | peak RSS ours | peak RSS PyTorch |" + (" PyTorch bf16 |" if a.bf16 else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if a.bf16 else ""))
+    ours_dt, torch_modes = a.ours.split(","), a.torch.split(",")
+    print(f"threads {threads}, median of {a.runs} after a warm-up, 512x512; time (peak RSS)\n")
+    print("| | " + " | ".join([f"ours {d}" for d in ours_dt] + [f"PyTorch {m}" for m in torch_modes]) + " |")
+    print("|---|" + "---|" * (len(ours_dt) + len(torch_modes)))
     for what in a.only.split(","):
-        ours_s, ours_gb = ours(what, a.runs, a.f16)
-        def run_torch(bf16):
-            cmd = [sys.executable, __file__, "--torch-one", what, "--runs", str(a.runs)] + (["--bf16"] if bf16 else [])
-            return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
-        t = run_torch(False)
-        row = f"| {what} | {ours_s:.2f} s | {t['median']:.2f} s | {ours_s / t['median']:.2f} | {ours_gb:.2f} GB | {t['peak_gb']:.2f} GB |"
-        if a.bf16:
-            row += f" {run_torch(True)['median']:.2f} s |"
-        print(row, flush=True)
+        cells = []
+        for d in ours_dt:
+            s_, gb = ours(what, a.runs, d)
+            cells.append(f"{s_:.2f} s ({gb:.2f} GB)")
+        for m in torch_modes:
+            cmd = [sys.executable, __file__, "--torch-one", what, "--runs", str(a.runs), "--mode", m]
+            t = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
+            cells.append(f"{t['median']:.2f} s ({t['peak_gb']:.2f} GB)")
+        print(f"| {what} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

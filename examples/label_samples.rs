@@ -37,6 +37,7 @@ pub fn record() -> Provenance {
         loras: vec![LoraRecord { name: "style".into(), hash: "abcdef0123".into(), scale: 0.8 }],
         controlnets: vec![],
         source: "chelsea.png".into(),
+        precision: None,
     }
 }
 

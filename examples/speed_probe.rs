@@ -83,6 +83,10 @@ fn main() -> anyhow::Result<()> {
             let conv = ghiblify::models::nn::conv2d(vb.pp("c"), 320, 320, 3, 1, 1)?;
             Box::new(move || conv.forward(&x))
         }
+        "gemm-shapes" => {
+            gemm_shapes(n);
+            return Ok(());
+        }
         other => anyhow::bail!("unknown probe {other}"),
     };
     let loaded_kb = status_kb("VmRSS:");
@@ -109,4 +113,76 @@ fn main() -> anyhow::Result<()> {
         loaded_kb as f64 / 1e6
     );
     Ok(())
+}
+
+/// The UNet's typical matrix products (conv as im2col: cout × cin·9 · pixels; linear; attention),
+/// f32 (the gemm crate, as the kernels call it) against bf16 (`gemm_bf16`), in GFLOP/s.
+fn gemm_shapes(n: usize) {
+    use ghiblify::models::gemm_bf16::{self, Lhs, View};
+    let shapes = [
+        ("conv 320x2880 @4096", 320, 4096, 2880),
+        ("conv 640x5760 @1024", 640, 1024, 5760),
+        ("conv 1280x11520 @256", 1280, 256, 11520),
+        ("conv 1280x11520 @64", 1280, 64, 11520),
+        ("linear 320x320 @4096", 320, 4096, 320),
+        ("ff 2560x320 @4096", 2560, 4096, 320),
+    ];
+    let threads = rayon::current_num_threads();
+    for (name, m, cols, k) in shapes {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let b: Vec<f32> = (0..k * cols).map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5).collect();
+        let a16: Vec<half::bf16> = a.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let mut c = vec![0f32; m * cols];
+        let flops = 2.0 * (m * cols * k) as f64;
+        let mut time = |f: &mut dyn FnMut(&mut [f32])| {
+            f(&mut c);
+            let mut best = f64::MAX;
+            for _ in 0..n {
+                let t = Instant::now();
+                f(&mut c);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            best
+        };
+        let f32_s = time(&mut |c| unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                c.as_mut_ptr(),
+                1,
+                cols as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                cols as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            )
+        });
+        let bf_s = if gemm_bf16::available() {
+            time(&mut |c| unsafe {
+                gemm_bf16::gemm(
+                    (m, cols, k),
+                    c.as_mut_ptr(),
+                    cols,
+                    false,
+                    Lhs::<f32>::InPlace { ptr: a16.as_ptr(), rs: k },
+                    View { ptr: b.as_ptr(), rs: cols, cs: 1 },
+                    1.0,
+                    true,
+                )
+            })
+        } else {
+            f64::NAN
+        };
+        println!("{name:24} f32 {:7.1} GFLOP/s   bf16 {:7.1} GFLOP/s", flops / f32_s / 1e9, flops / bf_s / 1e9);
+    }
 }

@@ -266,6 +266,7 @@ pub fn sign(
         "seed": record.seed,
         "width": record.width,
         "height": record.height,
+        "precision": record.precision.as_deref().unwrap_or("f32"),
         "parameters": record.parameters(),
     });
     builder.add_assertion_json(SETTINGS_ASSERTION, &settings).map_err(fail)?;

@@ -120,7 +120,8 @@ impl DevicePreference {
 }
 
 /// The weights' dtype: f32 by default on the CPU, f16 on GPUs. On the CPU f16/bf16 is a storage
-/// format (half the memory); the arithmetic stays f32 (see `models::compute_dtype`).
+/// format (half the memory) and activations stay f32 (see `models::compute_dtype`); bf16 weights
+/// are multiplied in bf16 where the CPU can (`models::kernels::bf16_arithmetic`).
 pub fn default_dtype(device: &Device, asked: Option<DType>) -> DType {
     match (asked, device.is_cpu()) {
         (Some(d), _) => d,
@@ -156,12 +157,32 @@ pub fn with_generic_ops<T>(on: bool, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// What the pictures' parameters say about the arithmetic when it is not f32: `bf16` (bf16
+/// products on the CPU, or bf16 on a GPU), `f16`, or `f16 weights` / `bf16 weights` where the CPU
+/// widens half-precision weights to f32.
+pub fn precision(device: &Device, dtype: DType) -> Option<String> {
+    let name = match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => return None,
+    };
+    if device.is_cpu() && !(dtype == DType::BF16 && crate::models::kernels::bf16_arithmetic()) {
+        Some(format!("{name} weights"))
+    } else {
+        Some(name.to_string())
+    }
+}
+
 /// One line for `-v`: the device, its name and memory, the dtype, and which operations run.
 pub fn describe(device: &Device, dtype: DType) -> String {
     let ops = if !device.is_cpu() {
         "candle's generic operations"
     } else if generic_ops() {
         "candle's generic operations (GHIBLIFY_GENERIC_OPS)"
+    } else if dtype == DType::BF16 && crate::models::kernels::bf16_arithmetic() {
+        "ghiblify's CPU kernels, bf16 products (AVX512_BF16)"
+    } else if dtype == DType::BF16 || dtype == DType::F16 {
+        "ghiblify's CPU kernels, half-precision weights widened to f32"
     } else {
         "ghiblify's CPU kernels"
     };

@@ -63,6 +63,9 @@ pub struct Provenance {
     pub controlnets: Vec<ControlRecord>,
     /// The input photo's file name.
     pub source: String,
+    /// The arithmetic when it was not f32 (`bf16`, `f16`, `bf16 weights`, …): the same settings
+    /// give a slightly different picture in another precision.
+    pub precision: Option<String>,
 }
 
 /// `ghiblify x.y.z`.
@@ -105,6 +108,9 @@ impl Provenance {
                 "ControlNet {i}: \"Module: {}, Model: {model}, Weight: {}, Guidance Start: {}, Guidance End: {}\"",
                 c.module, c.weight, c.start, c.end
             ));
+        }
+        if let Some(p) = &self.precision {
+            fields.push(format!("Precision: {p}"));
         }
         fields.push(format!("Version: {}", software()));
         out.push_str(&fields.join(", "));

@@ -33,6 +33,8 @@ struct Loaded {
     loras: Vec<LoraRecord>,
     /// One per `s.controls.specs`, in order.
     controlnets: Vec<ControlNet>,
+    /// The arithmetic, when not f32 (see `device::precision`).
+    precision: Option<String>,
 }
 
 /// The model, loaded on first use.
@@ -176,7 +178,14 @@ impl Engine<'_> {
             .iter()
             .map(|l| LoraRecord { name: l.name.clone(), hash: file_sha256_10(&l.path), scale: l.scale })
             .collect();
-        Ok(Loaded { model, record: ModelRecord { name: s.model.public_name(), hash, license }, loras, controlnets })
+        let precision = crate::device::precision(&device, dtype);
+        Ok(Loaded {
+            model,
+            record: ModelRecord { name: s.model.public_name(), hash, license },
+            loras,
+            controlnets,
+            precision,
+        })
     }
 
     /// Converts one decoded photo and writes its picture; returns the working size.
@@ -296,6 +305,7 @@ impl Engine<'_> {
                 })
                 .collect(),
             source: source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            precision: loaded.precision.clone(),
         }
     }
 }

@@ -353,8 +353,9 @@ fn zero_threads() {
     fails(&["photo.png", "-o", "out.png", "--threads", "0"], &["--threads", "0"]);
 }
 
-/// f16/bf16 on the CPU store the UNet and VAE weights in half precision and compute in f32: the
-/// result moves only by the weights' rounding.
+/// f16/bf16 on the CPU store the UNet and VAE weights in half precision; f16 computes in f32 (the
+/// result moves only by the weights' rounding), bf16 on a CPU with AVX512_BF16 multiplies in bf16
+/// (the activations' rounding too; benches/bf16_accuracy.py compares it with diffusers' autocast).
 #[test]
 fn half_precision_weight_storage_on_the_cpu() {
     let case = Case::new();
@@ -368,7 +369,17 @@ fn half_precision_weight_storage_on_the_cpu() {
         let (got, _) = load_safetensors(&case.path(&trace));
         let err = crate::common::rel_err(&got["final_latents"], &want["final_latents"]);
         assert!(err < bound && err > 0.0, "{dtype}: final latents differ by {err:e} from f32");
+        // The picture says which arithmetic made it (an f32 picture says nothing).
+        let params = png_text(&case.path(&format!("{dtype}.png")), "parameters").unwrap();
+        let fast_bf16 = ghiblify::models::kernels::bf16_arithmetic();
+        let want = match dtype {
+            "bf16" if fast_bf16 => "Precision: bf16, ",
+            _ => &format!("Precision: {dtype} weights, "),
+        };
+        assert!(params.contains(want), "{dtype}: {params}");
     }
+    let params = png_text(&case.path("f32.png"), "parameters").unwrap();
+    assert!(!params.contains("Precision"), "{params}");
 }
 
 #[test]

@@ -42,6 +42,7 @@ fn record() -> Provenance {
         loras: vec![LoraRecord { name: "style".into(), hash: "abcdef0123".into(), scale: 0.8 }],
         controlnets: vec![],
         source: "chelsea.png".into(),
+        precision: None,
     }
 }
 

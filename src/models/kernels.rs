@@ -16,6 +16,12 @@
 //!   into the output, reading the (B, L, heads·d) projections in place (no head transposes).
 //! - [`geglu`]: diffusers' GEGLU `a · GELU(gate)` (erf form) in one pass.
 //!
+//! - bf16-stored weights on a CPU with AVX512_BF16 ([`bf16_arithmetic`]): the convolutions, linear
+//!   layers and both attention products run `gemm_bf16` (bf16 products, f32 sums; activations
+//!   stay f32 between operations and are rounded to bf16 only inside a product's packing), the
+//!   way `torch.autocast("cpu", torch.bfloat16)` treats these operations; GroupNorm, softmax and
+//!   GEGLU stay f32.
+//!
 //! Non-CPU devices and other dtypes fall back to the plain candle ops these are tested against.
 
 use candle_core::{
@@ -78,6 +84,95 @@ fn weight_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borr
         CpuStorage::BF16(v) => std::borrow::Cow::Owned(widen(&v[a..b], |x| x.to_f32())),
         other => candle_core::bail!("{what}: unsupported weight dtype {:?}", other.dtype()),
     })
+}
+
+/// A weight matrix as the matrix products read it: f32 (borrowed, or widened from f16/bf16
+/// storage), or bf16 storage read in place by the bf16 products when the CPU has them
+/// ([`bf16_arithmetic`]).
+enum Wt<'a> {
+    F32(std::borrow::Cow<'a, [f32]>),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> Wt<'a> {
+    fn new(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
+        match s {
+            CpuStorage::BF16(v) if bf16_arithmetic() => {
+                let (a, b) = l
+                    .contiguous_offsets()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("{what}: weight not contiguous")))?;
+                Ok(Wt::Bf16(&v[a..b]))
+            }
+            _ => Ok(Wt::F32(weight_f32(s, l, what)?)),
+        }
+    }
+
+    /// `dst[m×n] (row stride dst_rs) (+)= W[m×k] · rhs[k×n]` (rhs row-major, row stride rhs_rs).
+    ///
+    /// # Safety
+    /// As [`sgemm`]; W holds m × k values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn times(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        dst: *mut f32,
+        dst_rs: usize,
+        accumulate: bool,
+        (rhs, rhs_rs): (*const f32, usize),
+        parallel: bool,
+    ) {
+        match self {
+            Wt::F32(w) => unsafe {
+                let par = if parallel { rayon_par() } else { Parallelism::None };
+                sgemm(
+                    (m, n, k),
+                    dst,
+                    dst_rs as isize,
+                    accumulate,
+                    (w.as_ptr(), 1, k as isize),
+                    (rhs, 1, rhs_rs as isize),
+                    1.0,
+                    par,
+                )
+            },
+            Wt::Bf16(w) => unsafe { bf16_times(w, (m, n, k), dst, dst_rs, accumulate, (rhs, rhs_rs, 1), parallel) },
+        }
+    }
+}
+
+/// `dst (+)= W[m×k] · B[k×n]` in bf16 products (W read in place when k is even), B's element
+/// (i, j) at `rhs + i·rs + j·cs`.
+///
+/// # Safety
+/// As [`gemm_bf16::gemm`].
+unsafe fn bf16_times(
+    w: &[half::bf16],
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    (rhs, rs, cs): (*const f32, usize, usize),
+    parallel: bool,
+) {
+    use super::gemm_bf16::{gemm, Lhs, View};
+    let b = View { ptr: rhs, rs, cs };
+    let lhs = if k.is_multiple_of(2) {
+        Lhs::InPlace { ptr: w.as_ptr(), rs: k }
+    } else {
+        Lhs::Packed(View { ptr: w.as_ptr(), rs: k, cs: 1 })
+    };
+    unsafe { gemm((m, n, k), dst, dst_rs, accumulate, lhs, b, 1.0, parallel) }
+}
+
+/// Whether bf16-stored weights are multiplied in bf16 (AVX512_BF16 present, the kernels on, and
+/// `GHIBLIFY_BF16_ARITHMETIC` not `0`) rather than widened to f32 first.
+pub fn bf16_arithmetic() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !crate::device::generic_ops()
+        && *ON.get_or_init(|| {
+            super::gemm_bf16::available()
+                && !std::env::var("GHIBLIFY_BF16_ARITHMETIC").is_ok_and(|v| matches!(v.trim(), "0" | "off"))
+        })
 }
 
 fn widen<T: Copy + Sync>(v: &[T], f: impl Fn(T) -> f32 + Sync) -> Vec<f32> {
@@ -148,7 +243,7 @@ impl Conv {
         &self,
         x: &[f32],
         (b, cin, ih, iw): (usize, usize, usize, usize),
-        w: &[f32],
+        w: &Wt,
         (cout, kh, kw): (usize, usize, usize),
         bias: Option<&[f32]>,
     ) -> Vec<f32> {
@@ -173,18 +268,7 @@ impl Conv {
             let ob = &mut out[bi * cout * oplane..(bi + 1) * cout * oplane];
             if pointwise {
                 // SAFETY: ob is cout × oplane, w is cout × cin, xb is cin × plane (= oplane).
-                unsafe {
-                    sgemm(
-                        (cout, oplane, cin),
-                        ob.as_mut_ptr(),
-                        oplane as isize,
-                        acc,
-                        (w.as_ptr(), 1, cin as isize),
-                        (xb.as_ptr(), 1, plane as isize),
-                        1.0,
-                        rayon_par(),
-                    )
-                };
+                unsafe { w.times((cout, oplane, cin), ob.as_mut_ptr(), oplane, acc, (xb.as_ptr(), plane), true) };
                 continue;
             }
             for oy0 in (0..oh).step_by(rows) {
@@ -219,18 +303,7 @@ impl Conv {
                     }
                 });
                 // SAFETY: the destination is columns [oy0·ow, oy0·ow + tp) of ob's cout rows.
-                unsafe {
-                    sgemm(
-                        (cout, tp, k),
-                        ob.as_mut_ptr().add(oy0 * ow),
-                        oplane as isize,
-                        acc,
-                        (w.as_ptr(), 1, k as isize),
-                        (col.as_ptr(), 1, tp as isize),
-                        1.0,
-                        rayon_par(),
-                    )
-                };
+                unsafe { w.times((cout, tp, k), ob.as_mut_ptr().add(oy0 * ow), oplane, acc, (col.as_ptr(), tp), true) };
             }
         }
         out
@@ -251,7 +324,7 @@ impl Conv {
         if ih + 2 * self.padding + self.pad_end < kh || iw + 2 * self.padding + self.pad_end < kw || self.stride == 0 {
             candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {ih}×{iw} input padded by {}", self.padding);
         }
-        let w = weight_f32(ws.0, ws.1, "conv2d weight")?;
+        let w = Wt::new(ws.0, ws.1, "conv2d weight")?;
         let bias = bias.map(|(s, l)| weight_f32(s, l, "conv2d bias")).transpose()?;
         let out = self.run(x, (b, cin, ih, iw), &w, (cout, kh, kw), bias.as_deref());
         let (oh, ow) = self.out_size((ih, iw), (kh, kw));
@@ -331,6 +404,96 @@ fn apply_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, op: Conv) -> R
         Some(b) => x.apply_op3_no_bwd(&weight, &b.contiguous()?, &op),
         None => x.apply_op2_no_bwd(&weight, &op),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers in bf16 arithmetic
+
+#[derive(Debug, Clone, Copy)]
+struct LinearBf16;
+
+impl LinearBf16 {
+    fn fwd(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "linear input")?;
+        let w = match (ws, wl.contiguous_offsets()) {
+            (CpuStorage::BF16(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("linear: expected a contiguous bf16 weight"),
+        };
+        let (n, k) = wl.shape().dims2()?;
+        let dims = xl.shape().dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("linear: input {dims:?} for a weight of {n}×{k}");
+        }
+        let rows = x.len() / k.max(1);
+        let mut out = vec![0f32; rows * n];
+        if let Some((bs, bl)) = bias {
+            let b = weight_f32(bs, bl, "linear bias")?;
+            out.par_chunks_mut(n).for_each(|r| r.copy_from_slice(&b));
+        }
+        use super::gemm_bf16::{gemm, Lhs, View};
+        // Y = X · Wᵀ: X's rows packed (rounded to bf16 once), Wᵀ read from W's rows.
+        // SAFETY: x is rows × k, w is n × k, out is rows × n.
+        unsafe {
+            gemm(
+                (rows, n, k),
+                out.as_mut_ptr(),
+                n,
+                bias.is_some(),
+                Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 }),
+                View { ptr: w.as_ptr(), rs: 1, cs: k },
+                1.0,
+                true,
+            )
+        };
+        let mut od = dims.to_vec();
+        *od.last_mut().unwrap() = n;
+        Ok((CpuStorage::F32(out), Shape::from(od)))
+    }
+}
+
+impl CustomOp2 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "ghiblify-linear-bf16"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "ghiblify-linear-bf16-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+/// `x · Wᵀ + b` in bf16 products with f32 sums, for f32 activations and bf16-stored weights when
+/// the CPU multiplies bf16 ([`bf16_arithmetic`]); `None` when the caller's f32 path applies.
+pub fn linear_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if !is_cpu_f32(x) || weight.dtype() != DType::BF16 || !bf16_arithmetic() {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let w = weight.contiguous()?;
+    Ok(Some(match bias {
+        Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearBf16)?,
+        None => x.apply_op2_no_bwd(&w, &LinearBf16)?,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -546,6 +709,8 @@ fn softmax_rows(s: &mut [f32], lk: usize) -> () {
 #[derive(Debug, Clone, Copy)]
 struct AttentionOp {
     heads: usize,
+    /// Both products in bf16 (f32 sums, softmax in f32), as SDPA under bf16 autocast.
+    bf16: bool,
 }
 
 impl AttentionOp {
@@ -558,6 +723,10 @@ impl AttentionOp {
         let block = ((1 << 18) / lk.max(1)).clamp(16, 256).min(lq);
         let nblk = lq.div_ceil(block);
         let out_ptr = SendPtr(out.as_mut_ptr());
+        if self.bf16 {
+            self.run_bf16((q, k, v), (b, lq, lk, c), block, &mut out);
+            return out;
+        }
         (0..b * h * nblk).into_par_iter().for_each_init(
             || vec![0f32; block * lk],
             |scores, job| {
@@ -602,6 +771,57 @@ impl AttentionOp {
     }
 }
 
+impl AttentionOp {
+    /// [`AttentionOp::run`] with bf16 products: each head's Kᵀ and V packed once (bf16 pairs), then
+    /// per block of queries the scores, an f32 softmax, and the product with V.
+    fn run_bf16(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        (b, lq, lk, c): (usize, usize, usize, usize),
+        block: usize,
+        out: &mut [f32],
+    ) {
+        use super::gemm_bf16::{gemm_packed, PackedB, View};
+        let h = self.heads;
+        let d = c / h;
+        let scale = 1.0 / (d as f32).sqrt();
+        let nblk = lq.div_ceil(block);
+        // SAFETY (both packs): head hi of batch bi is d columns from hi·d, row stride c, inside k/v.
+        let packed: Vec<(PackedB, PackedB)> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let off = (bh / h) * lk * c + (bh % h) * d;
+                unsafe {
+                    (
+                        PackedB::new(View { ptr: k[off..].as_ptr(), rs: 1, cs: c }, (d, lk)),
+                        PackedB::new(View { ptr: v[off..].as_ptr(), rs: c, cs: 1 }, (lk, d)),
+                    )
+                }
+            })
+            .collect();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..b * h * nblk).into_par_iter().for_each_init(
+            || vec![0f32; block * lk],
+            |scores, job| {
+                let (bh, blk) = (job / nblk, job % nblk);
+                let (bi, hi) = (bh / h, bh % h);
+                let q0 = blk * block;
+                let rows = block.min(lq - q0);
+                let s = &mut scores[..rows * lk];
+                let (kt, vv) = &packed[bh];
+                let qv = View { ptr: q[(bi * lq + q0) * c + hi * d..].as_ptr(), rs: c, cs: 1 };
+                // SAFETY: as in `run`: reads inside q and the packs, this job's rows × d block of out.
+                unsafe {
+                    gemm_packed(rows, s.as_mut_ptr(), lk, false, qv, kt, scale);
+                    softmax_rows(s, lk);
+                    let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
+                    gemm_packed(rows, op, c, false, View { ptr: s.as_ptr(), rs: lk, cs: 1 }, vv, 1.0);
+                }
+            },
+        );
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: every job writes a disjoint block (see AttentionOp::run).
@@ -636,14 +856,19 @@ impl CustomOp3 for AttentionOp {
 }
 
 /// Scaled dot-product attention over (B, L, heads·d) projections → (B, Lq, heads·d), softmax in
-/// f32 (diffusers' `upcast_softmax`).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+/// f32 (diffusers' `upcast_softmax`). `bf16`: the model's weights are bf16, so on a CPU that
+/// multiplies bf16 ([`bf16_arithmetic`]) both products are bf16 too, as under autocast.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, bf16: bool) -> Result<Tensor> {
     let (b, _, c) = q.dims3()?;
     if c % heads != 0 || k.dims3()? != v.dims3()? || k.dim(0)? != b || k.dim(2)? != c {
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?} with {heads} heads", q.dims(), k.dims(), v.dims());
     }
     if is_cpu_f32(q) {
-        return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &AttentionOp { heads });
+        return q.contiguous()?.apply_op3_no_bwd(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            &AttentionOp { heads, bf16: bf16 && bf16_arithmetic() },
+        );
     }
     reference_attention(q, k, v, heads)
 }
@@ -747,6 +972,78 @@ mod tests {
         }
     }
 
+    /// `t` rounded to bf16 and back: the operands the bf16 products see.
+    fn bf16_rounded(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
+    }
+
+    #[test]
+    fn bf16_products_match_f32_on_rounded_operands() {
+        if !bf16_arithmetic() {
+            eprintln!("skipped: no bf16 arithmetic on this CPU");
+            return;
+        }
+        // Convolutions (3×3 with even and odd k, strided, 1×1, upsampled), linear layers with and
+        // without bias: the same sums as f32 on the bf16-rounded operands, up to summation order;
+        // and visibly not the f32 result on the unrounded ones (the bf16 path ran).
+        for &(b, cin, cout, h, w, k, s, p) in &[
+            (2, 6, 7, 9, 11, 3, 1, 1),
+            (1, 3, 5, 10, 7, 3, 2, 1),
+            (2, 40, 24, 8, 9, 1, 1, 0),
+            (1, 64, 96, 33, 20, 3, 1, 1),
+        ] {
+            let x = randn(&[b, cin, h, w], 11);
+            let wt = randn(&[cout, cin, k, k], 12).to_dtype(DType::BF16).unwrap();
+            let bias = randn(&[cout], 13);
+            let wf = wt.to_dtype(DType::F32).unwrap();
+            let want = bf16_rounded(&x)
+                .conv2d(&wf, p, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            let got = conv2d(&x, &wt, Some(&bias), s, p).unwrap();
+            assert!(max_rel(&got, &want) < 1e-5, "bf16 conv {:?}: {}", (cin, cout, k, s), max_rel(&got, &want));
+            let exact =
+                x.conv2d(&wf, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            assert!(max_rel(&got, &exact) > 1e-4, "bf16 conv {:?} rounded its input", (cin, cout, k, s));
+            let up = bf16_rounded(&x).upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wf, p, s, 1, 1).unwrap();
+            assert!(max_rel(&upsample2x_conv2d(&x, &wt, None, s, p).unwrap(), &up) < 1e-5);
+        }
+        for &(rows, k, n, bias) in &[(5, 8, 3, true), (300, 320, 70, false), (1100, 96, 640, true), (7, 77, 9, true)] {
+            let x = randn(&[1, rows, k], 14);
+            let wt = randn(&[n, k], 15).to_dtype(DType::BF16).unwrap();
+            let b = randn(&[n], 16);
+            let lin = super::super::nn::Linear::new(wt.clone(), bias.then(|| b.clone()));
+            let got = lin.forward(&x).unwrap();
+            let mut want =
+                bf16_rounded(&x).matmul(&wt.to_dtype(DType::F32).unwrap().t().unwrap().unsqueeze(0).unwrap()).unwrap();
+            if bias {
+                want = want.broadcast_add(&b).unwrap();
+            }
+            assert_eq!(got.dims(), &[1, rows, n]);
+            assert!(max_rel(&got, &want) < 1e-5, "bf16 linear {:?}: {}", (rows, k, n), max_rel(&got, &want));
+        }
+    }
+
+    #[test]
+    fn bf16_attention_is_close_to_f32() {
+        if !bf16_arithmetic() {
+            eprintln!("skipped: no bf16 arithmetic on this CPU");
+            return;
+        }
+        // Both products in bf16 (the probabilities rounded too): within bf16's 2⁻⁸ of the f32
+        // result on the same rounded q, k, v, and not equal to it.
+        for &(b, lq, lk, c, heads) in &[(2, 300, 300, 40, 5), (2, 1100, 77, 64, 8), (1, 3, 5, 8, 1)] {
+            let (q, k, v) = (randn(&[b, lq, c], 17), randn(&[b, lk, c], 18), randn(&[b, lk, c], 19));
+            let want = reference_attention(&bf16_rounded(&q), &bf16_rounded(&k), &bf16_rounded(&v), heads).unwrap();
+            let got = attention(&q, &k, &v, heads, true).unwrap();
+            let e = max_rel(&got, &want);
+            assert!(e < 8e-3 && e > 0.0, "bf16 attention {:?}: {e}", (b, lq, lk, c, heads));
+            let f32_path = attention(&q, &k, &v, heads, false).unwrap();
+            assert!(max_rel(&f32_path, &reference_attention(&q, &k, &v, heads).unwrap()) < 1e-5);
+        }
+    }
+
     #[test]
     fn group_norm_matches_candle() {
         for &(b, c, h, w, g, silu) in &[(2, 64, 9, 7, 32, false), (1, 12, 5, 5, 3, true), (2, 32, 1, 1, 32, true)] {
@@ -814,7 +1111,7 @@ mod tests {
             let k = randn(&[b, lk, c], 9);
             let v = randn(&[b, lk, c], 10);
             let want = reference_attention(&q, &k, &v, heads).unwrap();
-            let got = attention(&q, &k, &v, heads).unwrap();
+            let got = attention(&q, &k, &v, heads, false).unwrap();
             assert!(max_rel(&got, &want) < 1e-5, "attention {:?}: {}", (b, lq, lk, c, heads), max_rel(&got, &want));
         }
     }

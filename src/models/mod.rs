@@ -9,6 +9,7 @@
 pub mod ckpt;
 pub mod clip;
 pub mod controlnet;
+pub mod gemm_bf16;
 pub mod kernels;
 pub mod nn;
 pub mod random;

@@ -104,10 +104,18 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
+
+    /// Whether the weight is stored as bf16 (the layer's neighbours then compute in bf16 too).
+    pub fn is_bf16(&self) -> bool {
+        self.weight.dtype() == candle_core::DType::BF16
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(y) = kernels::linear_bf16(xs, &self.weight, self.bias.as_ref())? {
+            return Ok(y);
+        }
         let w = widened(&self.weight, xs)?;
         let (n, k) = w.dims2()?;
         let lead = &xs.dims()[..xs.rank() - 1];

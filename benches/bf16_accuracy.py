@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""How far bf16 arithmetic moves a run, ours against diffusers' own: on one model folder, one photo
+and one set of Gaussian draws, four img2img runs —
+
+  ours f32 (writes the draws and its per-step latents: --trace), ours bf16 (--dtype bf16, the same
+  draws: --noise-from), diffusers f32 and diffusers under torch.autocast("cpu", torch.bfloat16)
+  (f32 weights, the same draws injected) —
+
+then per denoising step the relative difference of the latents (max|a-b| / max|b|) of ours bf16 vs
+ours f32 and of diffusers bf16 vs diffusers f32, and the final picture's PSNR (8-bit) for each pair.
+Ours f32 vs diffusers f32 is printed too (parity, for scale). Prints a Markdown table.
+
+    . VENV/bin/activate      # tests/fixtures/install-env.sh VENV
+    python benches/bf16_accuracy.py --bin target/release/ghiblify --model DIR [--photo P] [--steps 10]
+        [--strength 0.5] [--size 512] [--threads 2]
+
+DIR: a diffusers SD1.x folder in f32 (benches/make_random_sd15.py writes a full-size one with random
+weights; the tiny fixtures in tests/fixtures work too). Needs a CPU with AVX512_BF16 or AMX for our
+bf16 arithmetic (without it ours widens bf16 weights to f32 and only the weight rounding shows).
+"""
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from safetensors.numpy import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from gpu_check import Replay, draw_names, image8, rel_err  # noqa: E402
+
+
+def psnr(a, b):
+    mse = float(np.mean((image8(a) - image8(b)).astype(np.float64) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def ours(a, out, dtype, trace, noise_from=None):
+    cmd = [a.bin, a.work_photo, "-o", os.path.join(out, f"ours-{dtype}.png"), "-q", "--overwrite", "--model-dir", a.model, "--size", str(a.size),
+           "--device", "cpu", "--dtype", dtype, "--trace", trace, "--prompt", a.prompt, "--negative-prompt", "photo",
+           "--strength", str(a.strength), "--steps", str(a.steps), "--guidance", "7.5", "--sampler", "euler-a",
+           "--seed", "7", "--threads", str(a.threads), "--no-watermark"]
+    if noise_from:
+        cmd += ["--noise-from", noise_from]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"ghiblify {dtype} failed ({p.returncode}): {p.stderr.strip()}")
+    print(f"ours {dtype}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return load_file(trace)
+
+
+def theirs(a, draws_trace, bf16):
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
+    from PIL import Image
+    torch.set_num_threads(a.threads)
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(a.model, safety_checker=None, feature_extractor=None,
+                                                          requires_safety_checker=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ref = load_file(draws_trace)
+    image = Image.open(a.work_photo).convert("RGB")
+    steps = []
+
+    def on_step_end(p, i, t, kw):
+        steps.append(kw["latents"].detach().float().numpy())
+        return kw
+
+    t0 = time.perf_counter()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+    with Replay([ref[k] for k in draw_names(ref.keys())]), torch.no_grad(), ctx:
+        out = pipe(prompt=a.prompt, negative_prompt="photo", image=image, strength=a.strength,
+                   num_inference_steps=a.steps, guidance_scale=7.5, output_type="latent",
+                   callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+        lat = out.images
+        dec = pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        img = (dec.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    print(f"diffusers {'bf16 autocast' if bf16 else 'f32'}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    t = {f"step{i:02d}_latents": s for i, s in enumerate(steps)}
+    t["output_float"] = img
+    return t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--photo", default=os.path.join(ROOT, "examples", "chelsea.png"))
+    ap.add_argument("--prompt", default="ghibli style, a cat on a wall")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--strength", type=float, default=0.5)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as out:
+        # The photo at the working size (long side --size, multiples of 8) so both sides start from
+        # the same pixels.
+        from PIL import Image
+        im = Image.open(a.photo).convert("RGB")
+        f = a.size / max(im.size)
+        w, h = (int(im.size[0] * f) // 8 * 8, int(im.size[1] * f) // 8 * 8)
+        a.work_photo = os.path.join(out, "photo.png")
+        im.resize((w, h), Image.LANCZOS).save(a.work_photo)
+        t32 = os.path.join(out, "f32.safetensors")
+        o32 = ours(a, out, "f32", t32)
+        o16 = ours(a, out, "bf16", os.path.join(out, "bf16.safetensors"), noise_from=t32)
+        d32 = theirs(a, t32, bf16=False)
+        d16 = theirs(a, t32, bf16=True)
+    keys = sorted(k for k in d32 if k.startswith("step") and k in o32)
+    print("| step | ours bf16 vs ours f32 | diffusers bf16 autocast vs diffusers f32 | ours f32 vs diffusers f32 |")
+    print("|---|---|---|---|")
+    for k in keys:
+        print(f"| {k[4:6]} | {rel_err(o16[k], o32[k]):.2e} | {rel_err(d16[k], d32[k]):.2e} | {rel_err(o32[k], d32[k]):.2e} |")
+    print(f"| picture PSNR | {psnr(o16['output_float'], o32['output_float']):.1f} dB | "
+          f"{psnr(d16['output_float'], d32['output_float']):.1f} dB | "
+          f"{psnr(o32['output_float'], d32['output_float']):.1f} dB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,639 @@
+//! Matrix products in bf16 with f32 accumulation on CPUs with AVX512_BF16 (`vdpbf16ps`: each f32
+//! lane adds the products of one pair of bf16 values per step, twice the multiply-adds of an f32
+//! FMA per instruction). What `torch.autocast("cpu", torch.bfloat16)` does for convolutions and
+//! linear layers through oneDNN: operands rounded to bf16 (round to nearest even), products summed
+//! in f32; unlike autocast, the result stays f32 instead of being rounded to bf16 again.
+//!
+//! Layout (the usual BLIS/GotoBLAS blocking, van Zee & van de Geijn 2015, "BLIS: A Framework for
+//! Rapidly Instantiating BLAS Functionality"): `C[m×n] (+)= scale · A[m×k] · B[k×n]` is cut into
+//! blocks of `KC` along k; B is packed per block into slivers of `NR` columns where each 32-bit
+//! word holds the pair (B[2p][j], B[2p+1][j]); A is read in pairs (A[i][2p], A[i][2p+1]) broadcast
+//! to all lanes, either in place from bf16 weights with an even row length (no copy of the weights,
+//! which stay where the loader put them) or from a packed copy of anything else (f32 activations,
+//! odd k). The micro-kernel keeps an `MR × NR` tile of C in 24 of the 32 zmm registers.
+//!
+//! [`available`] says whether the CPU has the instructions; callers fall back to f32 otherwise.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows of A per micro-tile.
+const MR: usize = 8;
+/// Columns of B per micro-tile (three zmm registers of 16 f32).
+const NR: usize = 48;
+/// Pairs of k per block: a packed B sliver (KC_PAIRS × NR words = 36 KB) stays in L1.
+const KC_PAIRS: usize = 192;
+/// Columns per packed B block (a job's unit of work): 8 slivers, 295 KB in L2.
+const NC: usize = 8 * NR;
+
+/// Whether this CPU computes bf16 dot products (`avx512_bf16`), detected once.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// An element a matrix can be read from, rounded to bf16 bits.
+pub trait Elem: Copy + Send + Sync {
+    fn bf16_bits(self) -> u32;
+
+    /// `out[p] = (src[2p], src[2p + 1])` as bf16 bits, low half first; a missing last half is 0.
+    #[inline(always)]
+    fn pack_pairs(src: &[Self], out: &mut [u32]) {
+        for (p, d) in out.iter_mut().enumerate() {
+            let lo = src.get(2 * p).map_or(0, |x| x.bf16_bits());
+            let hi = src.get(2 * p + 1).map_or(0, |x| x.bf16_bits());
+            *d = lo | (hi << 16);
+        }
+    }
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn pack_pairs(src: &[f32], out: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: the CPU has AVX-512 (and more).
+            unsafe { pack_pairs_f32_avx512(src, out) };
+            return;
+        }
+        for (p, d) in out.iter_mut().enumerate() {
+            let lo = src.get(2 * p).map_or(0, |x| x.bf16_bits());
+            let hi = src.get(2 * p + 1).map_or(0, |x| x.bf16_bits());
+            *d = lo | (hi << 16);
+        }
+    }
+
+    /// Round to nearest even (what `vcvtneps2bf16` and PyTorch's `.to(torch.bfloat16)` do); NaN
+    /// stays a quiet NaN instead of being carried into the exponent by the rounding add.
+    #[inline(always)]
+    fn bf16_bits(self) -> u32 {
+        let b = self.to_bits();
+        let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+        if self.is_nan() {
+            (b >> 16) | 0x40
+        } else {
+            rounded
+        }
+    }
+}
+
+/// [`Elem::pack_pairs`] for f32, 32 values at a time: each value rounded to nearest even in its
+/// 32-bit lane (NaN kept quiet), then the upper 16 bits of every lane gathered in order by one
+/// two-source word permutation.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_pairs_f32_avx512(src: &[f32], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let round = |v: __m512| -> __m512i {
+        let b = _mm512_castps_si512(v);
+        let odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        let r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+        let nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)))
+    };
+    let idx = _mm512_set_epi16(
+        63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9,
+        7, 5, 3, 1,
+    );
+    let full = (src.len() / 32).min(out.len() / 16);
+    for c in 0..full {
+        let lo = round(_mm512_loadu_ps(src.as_ptr().add(32 * c)));
+        let hi = round(_mm512_loadu_ps(src.as_ptr().add(32 * c + 16)));
+        _mm512_storeu_si512(out.as_mut_ptr().add(16 * c) as *mut _, _mm512_permutex2var_epi16(lo, idx, hi));
+    }
+    for (p, d) in out.iter_mut().enumerate().skip(16 * full) {
+        let lo = src.get(2 * p).map_or(0, |x| x.bf16_bits());
+        let hi = src.get(2 * p + 1).map_or(0, |x| x.bf16_bits());
+        *d = lo | (hi << 16);
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn bf16_bits(self) -> u32 {
+        self.to_bits() as u32
+    }
+}
+
+/// A read-only matrix view: element (i, j) at `ptr + i·rs + j·cs` (in elements).
+#[derive(Clone, Copy)]
+pub struct View<T> {
+    pub ptr: *const T,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+// SAFETY: a view is only read, from threads that all outlive the call that made it.
+unsafe impl<T: Sync> Send for View<T> {}
+unsafe impl<T: Sync> Sync for View<T> {}
+
+impl<T: Elem> View<T> {
+    /// # Safety
+    /// (i, j) must lie inside the viewed matrix.
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, j: usize) -> u32 {
+        unsafe { (*self.ptr.add(i * self.rs + j * self.cs)).bf16_bits() }
+    }
+}
+
+/// The left operand: bf16 rows read in place (even k, unit column stride), or any view packed.
+pub enum Lhs<T> {
+    InPlace { ptr: *const bf16, rs: usize },
+    Packed(View<T>),
+}
+
+/// Packs rows [i0, i0 + MR) × pairs [k0/2, k0/2 + pairs) of A as [row][pair] words (rows past m
+/// and the half-pair past k are zero).
+///
+/// # Safety
+/// The view must cover m × k; the CPU has AVX-512 (checked by the caller through [`available`]).
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl"))]
+unsafe fn pack_a<T: Elem>(a: &View<T>, (m, k): (usize, usize), i0: usize, k0: usize, pairs: usize, out: &mut [u32]) {
+    for (r, dst) in out.chunks_mut(pairs).enumerate().take(MR) {
+        let i = i0 + r;
+        if i >= m {
+            dst.fill(0);
+        } else if a.cs == 1 {
+            let len = (2 * pairs).min(k - k0);
+            let src = unsafe { std::slice::from_raw_parts(a.ptr.add(i * a.rs + k0), len) };
+            T::pack_pairs(src, dst);
+        } else {
+            for (p, d) in dst.iter_mut().enumerate() {
+                let kk = k0 + 2 * p;
+                let lo = unsafe { a.at(i, kk) };
+                let hi = if kk + 1 < k { unsafe { a.at(i, kk + 1) } } else { 0 };
+                *d = lo | (hi << 16);
+            }
+        }
+    }
+}
+
+/// [`pack_b_any`] compiled for AVX-512 (the caller checked [`available`]): the f32 → bf16 rounding
+/// then runs 16 lanes wide.
+///
+/// # Safety
+/// As [`pack_b_any`]; the CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_b<T: Elem>(
+    b: &View<T>,
+    kn: (usize, usize),
+    j0: usize,
+    cols: usize,
+    k0: usize,
+    pairs: usize,
+    out: &mut [u32],
+) {
+    unsafe { pack_b_any(b, kn, j0, cols, k0, pairs, out) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_b<T: Elem>(
+    b: &View<T>,
+    kn: (usize, usize),
+    j0: usize,
+    cols: usize,
+    k0: usize,
+    pairs: usize,
+    out: &mut [u32],
+) {
+    unsafe { pack_b_any(b, kn, j0, cols, k0, pairs, out) }
+}
+
+/// Packs columns [j0, j0 + cols) × pairs [k0/2, k0/2 + pairs) of B into slivers of NR columns,
+/// each [pair][column] words (columns past n and the half-pair past k are zero).
+///
+/// # Safety
+/// The view must cover k × n.
+#[inline(always)]
+unsafe fn pack_b_any<T: Elem>(
+    b: &View<T>,
+    (k, n): (usize, usize),
+    j0: usize,
+    cols: usize,
+    k0: usize,
+    pairs: usize,
+    out: &mut [u32],
+) {
+    for (s, sliver) in out.chunks_mut(pairs * NR).take(cols.div_ceil(NR)).enumerate() {
+        let js = j0 + s * NR;
+        let w = NR.min(n.saturating_sub(js));
+        if b.cs == 1 {
+            // Rows contiguous: for each pair, two row segments interleaved (vectorises).
+            for p in 0..pairs {
+                let kk = k0 + 2 * p;
+                let dst = &mut sliver[p * NR..(p + 1) * NR];
+                let lo = unsafe { std::slice::from_raw_parts(b.ptr.add(kk * b.rs + js), w) };
+                if kk + 1 < k {
+                    let hi = unsafe { std::slice::from_raw_parts(b.ptr.add((kk + 1) * b.rs + js), w) };
+                    for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
+                        *d = l.bf16_bits() | (h.bf16_bits() << 16);
+                    }
+                } else {
+                    for (d, l) in dst.iter_mut().zip(lo) {
+                        *d = l.bf16_bits();
+                    }
+                }
+                dst[w..].fill(0);
+            }
+        } else {
+            // Columns contiguous (a transposed operand): each column's pairs converted in one run
+            // (vectorised for f32), then spread into the sliver.
+            let mut col = [0u32; KC_PAIRS];
+            for c in 0..NR {
+                if c >= w {
+                    (0..pairs).for_each(|p| sliver[p * NR + c] = 0);
+                    continue;
+                }
+                let j = js + c;
+                if b.rs == 1 {
+                    let len = (2 * pairs).min(k - k0);
+                    let src = unsafe { std::slice::from_raw_parts(b.ptr.add(k0 + j * b.cs), len) };
+                    T::pack_pairs(src, &mut col[..pairs]);
+                } else {
+                    for (p, d) in col[..pairs].iter_mut().enumerate() {
+                        let kk = k0 + 2 * p;
+                        let lo = unsafe { b.at(kk, j) };
+                        let hi = if kk + 1 < k { unsafe { b.at(kk + 1, j) } } else { 0 };
+                        *d = lo | (hi << 16);
+                    }
+                }
+                for (p, &v) in col[..pairs].iter().enumerate() {
+                    sliver[p * NR + c] = v;
+                }
+            }
+        }
+    }
+}
+
+/// B packed once for several products with it (attention's keys and values, reused by every block
+/// of queries): [k block][sliver][pair][NR] words.
+pub struct PackedB {
+    data: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// # Safety
+    /// The view covers k × n; the CPU has [`available`] instructions.
+    pub unsafe fn new<T: Elem>(b: View<T>, (k, n): (usize, usize)) -> Self {
+        let kp = k.div_ceil(2);
+        let slivers = n.div_ceil(NR);
+        let mut data = vec![0u32; kp * slivers * NR];
+        let mut rest = data.as_mut_slice();
+        for kb in 0..kp.div_ceil(KC_PAIRS) {
+            let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
+            let (block, tail) = rest.split_at_mut(pairs * slivers * NR);
+            unsafe { pack_b(&b, (k, n), 0, n, kb * 2 * KC_PAIRS, pairs, block) };
+            rest = tail;
+        }
+        Self { data, k, n }
+    }
+}
+
+/// `C (+)= scale · A · B` for a pre-packed B, on the calling thread (for callers that are already
+/// parallel).
+///
+/// # Safety
+/// As [`gemm`], with `a` covering m × b.k.
+pub unsafe fn gemm_packed<TA: Elem>(
+    m: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: View<TA>,
+    b: &PackedB,
+    scale: f32,
+) {
+    let (n, k) = (b.n, b.k);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let kp = k.div_ceil(2);
+    let slivers = n.div_ceil(NR);
+    let mut abuf = vec![0u32; MR * KC_PAIRS.min(kp)];
+    for kb in 0..kp.div_ceil(KC_PAIRS) {
+        let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
+        let block = &b.data[kb * KC_PAIRS * slivers * NR..];
+        for i0 in (0..m).step_by(MR) {
+            unsafe { pack_a(&a, (m, k), i0, kb * 2 * KC_PAIRS, pairs, &mut abuf[..MR * pairs]) };
+            for s in 0..slivers {
+                let js = s * NR;
+                unsafe {
+                    kernel(
+                        pairs,
+                        (abuf.as_ptr(), pairs, 1),
+                        block.as_ptr().add(s * pairs * NR),
+                        (c.add(i0 * ldc + js), ldc),
+                        (MR.min(m - i0), NR.min(n - js)),
+                        scale,
+                        accumulate || kb > 0,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// Where the micro-kernel finds A's words (see [`gemm`]).
+#[derive(Clone, Copy)]
+struct AWords {
+    base: *const u32,
+    row: usize,
+    pair: usize,
+    packed: bool,
+}
+// SAFETY: read only, during the call that owns the memory.
+unsafe impl Send for AWords {}
+unsafe impl Sync for AWords {}
+
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: jobs write disjoint tiles of C.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// `C (+)= scale · A · B` with C row-major (row stride `ldc`), bf16 products, f32 sums.
+/// `parallel`: spread over rayon's threads (false inside an already parallel caller).
+///
+/// # Safety
+/// The views must cover m × k and k × n; C must be valid for m rows of n columns at stride ldc and
+/// not overlap A or B. The CPU must have [`available`] instructions.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm<TA: Elem, TB: Elem>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: Lhs<TA>,
+    b: View<TB>,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
+            if !accumulate {
+                row.fill(0.0);
+            }
+        }
+        return;
+    }
+    let kp = k.div_ceil(2);
+    let kblocks = kp.div_ceil(KC_PAIRS);
+    let panels = m.div_ceil(MR);
+    // A as the micro-kernel reads it: the word of (row r, pair p) of the tile at row i0 and k
+    // block kb is at base + i0·row + kb·KC_PAIRS·pair (in place) or in the packed blocks.
+    let packed_a: Vec<u32>;
+    let a_in: AWords = match &a {
+        Lhs::InPlace { ptr, rs } => {
+            debug_assert!(k.is_multiple_of(2) && rs.is_multiple_of(2));
+            AWords { base: *ptr as *const u32, row: rs / 2, pair: 1, packed: false }
+        }
+        Lhs::Packed(view) => {
+            // [k block][panel][row][pair]; blocks are KC_PAIRS long except the last.
+            let mut buf = vec![0u32; panels * MR * kp];
+            let mut pieces = Vec::with_capacity(kblocks * panels);
+            let mut rest = buf.as_mut_slice();
+            for kb in 0..kblocks {
+                let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
+                for pi in 0..panels {
+                    let (piece, tail) = rest.split_at_mut(pairs * MR);
+                    pieces.push((kb, pi, piece));
+                    rest = tail;
+                }
+            }
+            let pack = |(kb, pi, out): (usize, usize, &mut [u32])| {
+                let pairs = out.len() / MR;
+                // SAFETY: the view covers m × k (the caller's contract).
+                unsafe { pack_a(view, (m, k), pi * MR, kb * 2 * KC_PAIRS, pairs, out) };
+            };
+            if parallel {
+                pieces.into_par_iter().for_each(pack);
+            } else {
+                pieces.into_iter().for_each(pack);
+            }
+            packed_a = buf;
+            AWords { base: packed_a.as_ptr(), row: 0, pair: 1, packed: true }
+        }
+    };
+    // Jobs: column blocks × row groups, enough for every thread when n is small.
+    let cblocks = n.div_ceil(NC);
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let rgroups = (2 * threads).div_ceil(cblocks).clamp(1, panels);
+    let per_group = panels.div_ceil(rgroups);
+    let out = Out(c);
+    let job = |jid: usize, bbuf: &mut Vec<u32>| {
+        // Whole values, not their raw-pointer fields (which closures would capture on their own).
+        let (a_in, out) = (&a_in, &out);
+        let (cb, rg) = (jid / rgroups, jid % rgroups);
+        let j0 = cb * NC;
+        let cols = NC.min(n - j0);
+        let (p_lo, p_hi) = (rg * per_group, ((rg + 1) * per_group).min(panels));
+        for kb in 0..kblocks {
+            let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
+            let need = cols.div_ceil(NR) * pairs * NR;
+            bbuf.resize(need.max(bbuf.len()), 0);
+            unsafe { pack_b(&b, (k, n), j0, cols, kb * 2 * KC_PAIRS, pairs, &mut bbuf[..need]) };
+            let load_c = accumulate || kb > 0;
+            // The B sliver stays in L1 while A's panels stream past it from L2 (BLIS' order).
+            for s in 0..cols.div_ceil(NR) {
+                let js = j0 + s * NR;
+                for pi in p_lo..p_hi {
+                    let i0 = pi * MR;
+                    // SAFETY: inside A (in place: rows i0.., pairs from kb·KC_PAIRS; packed: this
+                    // block), inside B's packed block, and C's tile at (i0, js) belongs to this job.
+                    unsafe {
+                        let ap = if a_in.packed {
+                            a_in.base.add(kb * KC_PAIRS * panels * MR + pi * MR * pairs)
+                        } else {
+                            a_in.base.add(i0 * a_in.row + kb * KC_PAIRS)
+                        };
+                        kernel(
+                            pairs,
+                            (ap, if a_in.packed { pairs } else { a_in.row }, a_in.pair),
+                            bbuf.as_ptr().add(s * pairs * NR),
+                            (out.0.add(i0 * ldc + js), ldc),
+                            (MR.min(m - i0), NR.min(n - js)),
+                            scale,
+                            load_c,
+                        )
+                    };
+                }
+            }
+        }
+    };
+    let jobs = cblocks * rgroups;
+    if parallel && jobs > 1 {
+        (0..jobs).into_par_iter().for_each_init(Vec::new, |buf, j| job(j, buf));
+    } else {
+        let mut buf = Vec::new();
+        (0..jobs).for_each(|j| job(j, &mut buf));
+    }
+}
+
+/// One MR × NR tile: `C[..mr, ..nr] = scale · Σ_p A_pair(p) ⊗ B_pair(p) (+ C)`. A's pair for row r
+/// and pair p is the word at `a + r·a_row + p·a_pair`; B's sliver is [pair][NR] words.
+///
+/// # Safety
+/// Pointers valid for what the strides and counts describe; the CPU has AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn kernel(
+    pairs: usize,
+    (a, a_row, a_pair): (*const u32, usize, usize),
+    b: *const u32,
+    (c, ldc): (*mut f32, usize),
+    (mr, nr): (usize, usize),
+    scale: f32,
+    load_c: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+    for p in 0..pairs {
+        let bp = b.add(p * NR);
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+        let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
+        let ap = a.add(p * a_pair);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let av: __m512bh =
+                std::mem::transmute(_mm512_set1_epi32(std::ptr::read_unaligned(ap.add(r * a_row)) as i32));
+            acc[0] = _mm512_dpbf16_ps(acc[0], b0, av);
+            acc[1] = _mm512_dpbf16_ps(acc[1], b1, av);
+            acc[2] = _mm512_dpbf16_ps(acc[2], b2, av);
+        }
+    }
+    let sc = _mm512_set1_ps(scale);
+    for (r, acc) in acc.iter().enumerate().take(mr) {
+        let row = c.add(r * ldc);
+        for (v, &x) in acc.iter().enumerate() {
+            let lanes = nr.saturating_sub(16 * v).min(16);
+            if lanes == 0 {
+                break;
+            }
+            let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
+            let mut y = _mm512_mul_ps(x, sc);
+            if load_c {
+                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row.add(16 * v)));
+            }
+            _mm512_mask_storeu_ps(row.add(16 * v), mask, y);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(
+    _: usize,
+    _: (*const u32, usize, usize),
+    _: *const u32,
+    _: (*mut f32, usize),
+    _: (usize, usize),
+    _: f32,
+    _: bool,
+) {
+    unreachable!("gemm_bf16::available() is false off x86_64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)).collect()
+    }
+
+    fn round(x: f32) -> f32 {
+        bf16::from_f32(x).to_f32()
+    }
+
+    /// The f64 product of the bf16-rounded operands: what the kernel must give up to f32 sums.
+    fn reference(a: &[f32], b: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for kk in 0..k {
+                let x = round(a[i * k + kk]) as f64;
+                for j in 0..n {
+                    c[i * n + j] += x * round(b[kk * n + j]) as f64;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn rounding_matches_half() {
+        for x in rnd(10000, 1).into_iter().chain([0.0, -0.0, f32::INFINITY, f32::MAX, 1e-40, f32::NAN]) {
+            let ours = x.bf16_bits() as u16;
+            let want = bf16::from_f32(x).to_bits();
+            assert!(ours == want || (x.is_nan() && bf16::from_bits(ours).is_nan()), "{x}: {ours:#x} vs {want:#x}");
+        }
+    }
+
+    #[test]
+    fn products_match_the_rounded_reference() {
+        if !available() {
+            eprintln!("skipped: this CPU has no avx512_bf16");
+            return;
+        }
+        // Tails in every direction, several k blocks, odd k, both B layouts, A packed from f32 and
+        // in place from bf16, accumulate and scale, serial and parallel.
+        for &(m, n, k) in &[(1, 1, 1), (8, 48, 2), (13, 50, 7), (17, 100, 400), (70, 500, 390), (9, 1000, 1024)] {
+            let a = rnd(m * k, 2);
+            let b = rnd(k * n, 3);
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let a16: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+            let want = reference(&a, &b, (m, n, k));
+            let c0 = rnd(m * n, 4);
+            for variant in 0..4 {
+                let mut c = c0.clone();
+                let accumulate = variant % 2 == 1;
+                let bview = if variant < 2 {
+                    View { ptr: b.as_ptr(), rs: n, cs: 1 }
+                } else {
+                    View { ptr: bt.as_ptr(), rs: 1, cs: k }
+                };
+                let parallel = variant != 1;
+                unsafe {
+                    if k % 2 == 0 && variant >= 2 {
+                        let lhs = Lhs::<bf16>::InPlace { ptr: a16.as_ptr(), rs: k };
+                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, 0.5, parallel);
+                    } else {
+                        let lhs = Lhs::Packed(View { ptr: a.as_ptr(), rs: k, cs: 1 });
+                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, 0.5, parallel);
+                    }
+                }
+                for i in 0..m * n {
+                    let w = 0.5 * want[i] + if accumulate { c0[i] as f64 } else { 0.0 };
+                    let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6 * w.abs();
+                    assert!(
+                        ((c[i] as f64) - w).abs() < tol,
+                        "{:?} variant {variant} at {i}: {} vs {w}",
+                        (m, n, k),
+                        c[i]
+                    );
+                }
+            }
+        }
+    }
+}
