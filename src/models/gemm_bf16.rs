@@ -357,6 +357,9 @@ struct AWords {
     row: usize,
     pair: usize,
     packed: bool,
+    /// In place: the last panel when m is not a multiple of MR, packed with zero rows ([k block]
+    /// [row][pair]), so the kernel never reads past A's last row.
+    tail: *const u32,
 }
 // SAFETY: read only, during the call that owns the memory.
 unsafe impl Send for AWords {}
@@ -403,10 +406,23 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
     // A as the micro-kernel reads it: the word of (row r, pair p) of the tile at row i0 and k
     // block kb is at base + i0·row + kb·KC_PAIRS·pair (in place) or in the packed blocks.
     let packed_a: Vec<u32>;
+    let packed_tail: Vec<u32>;
     let a_in: AWords = match &a {
         Lhs::InPlace { ptr, rs } => {
             debug_assert!(k.is_multiple_of(2) && rs.is_multiple_of(2));
-            AWords { base: *ptr as *const u32, row: rs / 2, pair: 1, packed: false }
+            let mut tail = Vec::new();
+            if !m.is_multiple_of(MR) {
+                tail = vec![0u32; MR * kp];
+                let view = View { ptr: *ptr, rs: *rs, cs: 1 };
+                for kb in 0..kblocks {
+                    let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
+                    let out = &mut tail[kb * KC_PAIRS * MR..kb * KC_PAIRS * MR + pairs * MR];
+                    // SAFETY: the view covers m × k; rows from (panels − 1)·MR, zero past m.
+                    unsafe { pack_a(&view, (m, k), (panels - 1) * MR, kb * 2 * KC_PAIRS, pairs, out) };
+                }
+            }
+            packed_tail = tail;
+            AWords { base: *ptr as *const u32, row: rs / 2, pair: 1, packed: false, tail: packed_tail.as_ptr() }
         }
         Lhs::Packed(view) => {
             // [k block][panel][row][pair]; blocks are KC_PAIRS long except the last.
@@ -432,7 +448,7 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
                 pieces.into_iter().for_each(pack);
             }
             packed_a = buf;
-            AWords { base: packed_a.as_ptr(), row: 0, pair: 1, packed: true }
+            AWords { base: packed_a.as_ptr(), row: 0, pair: 1, packed: true, tail: std::ptr::null() }
         }
     };
     // Jobs: column blocks × row groups, enough for every thread when n is small.
@@ -462,14 +478,17 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
                     // SAFETY: inside A (in place: rows i0.., pairs from kb·KC_PAIRS; packed: this
                     // block), inside B's packed block, and C's tile at (i0, js) belongs to this job.
                     unsafe {
-                        let ap = if a_in.packed {
-                            a_in.base.add(kb * KC_PAIRS * panels * MR + pi * MR * pairs)
+                        let in_tail = !a_in.packed && i0 + MR > m;
+                        let (ap, row) = if a_in.packed {
+                            (a_in.base.add(kb * KC_PAIRS * panels * MR + pi * MR * pairs), pairs)
+                        } else if in_tail {
+                            (a_in.tail.add(kb * KC_PAIRS * MR), pairs)
                         } else {
-                            a_in.base.add(i0 * a_in.row + kb * KC_PAIRS)
+                            (a_in.base.add(i0 * a_in.row + kb * KC_PAIRS), a_in.row)
                         };
                         kernel(
                             pairs,
-                            (ap, if a_in.packed { pairs } else { a_in.row }, a_in.pair),
+                            (ap, row, a_in.pair),
                             bbuf.as_ptr().add(s * pairs * NR),
                             (out.0.add(i0 * ldc + js), ldc),
                             (MR.min(m - i0), NR.min(n - js)),
@@ -579,6 +598,51 @@ mod tests {
             }
         }
         c
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn in_place_weights_are_not_read_past_their_last_row() {
+        if !available() {
+            return;
+        }
+        // A (9 rows: one full panel and a 1-row tail) ends exactly at a page followed by an
+        // inaccessible page: any read past its last row faults.
+        let (m, n, k) = (9usize, 20usize, 8usize);
+        let page = 4096usize;
+        // SAFETY: a private anonymous mapping of two pages, the second made inaccessible.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            ) as *mut u8;
+            assert!(base as isize != -1);
+            assert_eq!(libc::mprotect(base.add(page) as *mut _, page, libc::PROT_NONE), 0);
+            let a = base.add(page - m * k * 2) as *mut bf16;
+            let av = rnd(m * k, 5);
+            for (i, &x) in av.iter().enumerate() {
+                *a.add(i) = bf16::from_f32(x);
+            }
+            let b = rnd(k * n, 6);
+            let mut c = vec![0f32; m * n];
+            gemm(
+                (m, n, k),
+                c.as_mut_ptr(),
+                n,
+                false,
+                Lhs::<bf16>::InPlace { ptr: a, rs: k },
+                View { ptr: b.as_ptr(), rs: n, cs: 1 },
+                1.0,
+                false,
+            );
+            let want = reference(&av, &b, (m, n, k));
+            assert!(c.iter().zip(&want).all(|(&c, &w)| (c as f64 - w).abs() < 1e-4));
+            libc::munmap(base as *mut _, 2 * page);
+        }
     }
 
     #[test]
