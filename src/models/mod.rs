@@ -268,9 +268,10 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// The dtype the models compute in for weights stored as `storage`: on the CPU always f32 (it has
-/// no fast half-precision arithmetic; f16/bf16 there only halve the memory, and the layers widen
-/// weights as they use them), on GPUs the storage dtype.
+/// The dtype the activations are kept in for weights stored as `storage`: on the CPU always f32
+/// (f16/bf16 there halve the memory; the layers widen such weights as they use them, except bf16
+/// weights on a CPU with AVX512_BF16, which the matrix products multiply in bf16 with f32 sums:
+/// `kernels::bf16_arithmetic`), on GPUs the storage dtype.
 pub fn compute_dtype(device: &Device, storage: DType) -> DType {
     if device.is_cpu() {
         DType::F32
