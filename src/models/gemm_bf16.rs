@@ -50,11 +50,17 @@ pub trait Elem: Copy + Send + Sync {
     /// `out[p] = (src[2p], src[2p + 1])` as bf16 bits, low half first; a missing last half is 0.
     #[inline(always)]
     fn pack_pairs(src: &[Self], out: &mut [u32]) {
-        for (p, d) in out.iter_mut().enumerate() {
-            let lo = src.get(2 * p).map_or(0, |x| x.bf16_bits());
-            let hi = src.get(2 * p + 1).map_or(0, |x| x.bf16_bits());
-            *d = lo | (hi << 16);
-        }
+        pack_pairs_scalar(src, out)
+    }
+}
+
+/// [`Elem::pack_pairs`] one pair at a time.
+#[inline(always)]
+fn pack_pairs_scalar<T: Elem>(src: &[T], out: &mut [u32]) {
+    for (p, d) in out.iter_mut().enumerate() {
+        let lo = src.get(2 * p).map_or(0, |x| x.bf16_bits());
+        let hi = src.get(2 * p + 1).map_or(0, |x| x.bf16_bits());
+        *d = lo | (hi << 16);
     }
 }
 
@@ -67,11 +73,7 @@ impl Elem for f32 {
             unsafe { pack_pairs_f32_avx512(src, out) };
             return;
         }
-        for (p, d) in out.iter_mut().enumerate() {
-            let lo = src.get(2 * p).map_or(0, |x| x.bf16_bits());
-            let hi = src.get(2 * p + 1).map_or(0, |x| x.bf16_bits());
-            *d = lo | (hi << 16);
-        }
+        pack_pairs_scalar(src, out)
     }
 
     /// Round to nearest even (what `vcvtneps2bf16` and PyTorch's `.to(torch.bfloat16)` do); NaN
@@ -115,11 +117,7 @@ unsafe fn pack_pairs_f32_avx512(src: &[f32], out: &mut [u32]) {
         let hi = round(_mm512_loadu_ps(src.as_ptr().add(32 * c + 16)));
         _mm512_storeu_si512(out.as_mut_ptr().add(16 * c) as *mut _, _mm512_permutex2var_epi16(lo, idx, hi));
     }
-    for (p, d) in out.iter_mut().enumerate().skip(16 * full) {
-        let lo = src.get(2 * p).map_or(0, |x| x.bf16_bits());
-        let hi = src.get(2 * p + 1).map_or(0, |x| x.bf16_bits());
-        *d = lo | (hi << 16);
-    }
+    pack_pairs_scalar(&src[(32 * full).min(src.len())..], &mut out[16 * full..]);
 }
 
 impl Elem for bf16 {
@@ -182,45 +180,14 @@ unsafe fn pack_a<T: Elem>(a: &View<T>, (m, k): (usize, usize), i0: usize, k0: us
     }
 }
 
-/// [`pack_b_any`] compiled for AVX-512 (the caller checked [`available`]): the f32 → bf16 rounding
-/// then runs 16 lanes wide.
-///
-/// # Safety
-/// As [`pack_b_any`]; the CPU has AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pack_b<T: Elem>(
-    b: &View<T>,
-    kn: (usize, usize),
-    j0: usize,
-    cols: usize,
-    k0: usize,
-    pairs: usize,
-    out: &mut [u32],
-) {
-    unsafe { pack_b_any(b, kn, j0, cols, k0, pairs, out) }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_b<T: Elem>(
-    b: &View<T>,
-    kn: (usize, usize),
-    j0: usize,
-    cols: usize,
-    k0: usize,
-    pairs: usize,
-    out: &mut [u32],
-) {
-    unsafe { pack_b_any(b, kn, j0, cols, k0, pairs, out) }
-}
-
 /// Packs columns [j0, j0 + cols) × pairs [k0/2, k0/2 + pairs) of B into slivers of NR columns,
 /// each [pair][column] words (columns past n and the half-pair past k are zero).
 ///
 /// # Safety
-/// The view must cover k × n.
-#[inline(always)]
-unsafe fn pack_b_any<T: Elem>(
+/// The view must cover k × n; the CPU has AVX-512 (checked by the caller through [`available`]), so
+/// the f32 → bf16 rounding runs 16 lanes wide.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl"))]
+unsafe fn pack_b<T: Elem>(
     b: &View<T>,
     (k, n): (usize, usize),
     j0: usize,
@@ -337,7 +304,7 @@ pub unsafe fn gemm_packed<TA: Elem>(
                 unsafe {
                     kernel(
                         pairs,
-                        (abuf.as_ptr(), pairs, 1),
+                        (abuf.as_ptr(), pairs),
                         block.as_ptr().add(s * pairs * NR),
                         (c.add(i0 * ldc + js), ldc),
                         (MR.min(m - i0), NR.min(n - js)),
@@ -355,7 +322,6 @@ pub unsafe fn gemm_packed<TA: Elem>(
 struct AWords {
     base: *const u32,
     row: usize,
-    pair: usize,
     packed: bool,
     /// In place: the last panel when m is not a multiple of MR, packed with zero rows ([k block]
     /// [row][pair]), so the kernel never reads past A's last row.
@@ -404,7 +370,7 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
     let kblocks = kp.div_ceil(KC_PAIRS);
     let panels = m.div_ceil(MR);
     // A as the micro-kernel reads it: the word of (row r, pair p) of the tile at row i0 and k
-    // block kb is at base + i0·row + kb·KC_PAIRS·pair (in place) or in the packed blocks.
+    // block kb is at base + (i0 + r)·row + kb·KC_PAIRS + p (in place) or in the packed blocks.
     let packed_a: Vec<u32>;
     let packed_tail: Vec<u32>;
     let a_in: AWords = match &a {
@@ -422,7 +388,7 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
                 }
             }
             packed_tail = tail;
-            AWords { base: *ptr as *const u32, row: rs / 2, pair: 1, packed: false, tail: packed_tail.as_ptr() }
+            AWords { base: *ptr as *const u32, row: rs / 2, packed: false, tail: packed_tail.as_ptr() }
         }
         Lhs::Packed(view) => {
             // [k block][panel][row][pair]; blocks are KC_PAIRS long except the last.
@@ -448,7 +414,7 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
                 pieces.into_iter().for_each(pack);
             }
             packed_a = buf;
-            AWords { base: packed_a.as_ptr(), row: 0, pair: 1, packed: true, tail: std::ptr::null() }
+            AWords { base: packed_a.as_ptr(), row: 0, packed: true, tail: std::ptr::null() }
         }
     };
     // Jobs: column blocks × row groups, enough for every thread when n is small.
@@ -488,7 +454,7 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
                         };
                         kernel(
                             pairs,
-                            (ap, row, a_in.pair),
+                            (ap, row),
                             bbuf.as_ptr().add(s * pairs * NR),
                             (out.0.add(i0 * ldc + js), ldc),
                             (MR.min(m - i0), NR.min(n - js)),
@@ -510,7 +476,7 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
 }
 
 /// One MR × NR tile: `C[..mr, ..nr] = scale · Σ_p A_pair(p) ⊗ B_pair(p) (+ C)`. A's pair for row r
-/// and pair p is the word at `a + r·a_row + p·a_pair`; B's sliver is [pair][NR] words.
+/// and pair p is the word at `a + r·a_row + p`; B's sliver is [pair][NR] words.
 ///
 /// # Safety
 /// Pointers valid for what the strides and counts describe; the CPU has AVX512_BF16.
@@ -518,7 +484,7 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn kernel(
     pairs: usize,
-    (a, a_row, a_pair): (*const u32, usize, usize),
+    (a, a_row): (*const u32, usize),
     b: *const u32,
     (c, ldc): (*mut f32, usize),
     (mr, nr): (usize, usize),
@@ -532,7 +498,7 @@ unsafe fn kernel(
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
         let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
         let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
-        let ap = a.add(p * a_pair);
+        let ap = a.add(p);
         for (r, acc) in acc.iter_mut().enumerate() {
             let av: __m512bh =
                 std::mem::transmute(_mm512_set1_epi32(std::ptr::read_unaligned(ap.add(r * a_row)) as i32));
@@ -562,7 +528,7 @@ unsafe fn kernel(
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn kernel(
     _: usize,
-    _: (*const u32, usize, usize),
+    _: (*const u32, usize),
     _: *const u32,
     _: (*mut f32, usize),
     _: (usize, usize),

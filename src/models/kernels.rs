@@ -107,11 +107,11 @@ impl<'a> Wt<'a> {
         }
     }
 
-    /// `dst[m×n] (row stride dst_rs) (+)= W[m×k] · rhs[k×n]` (rhs row-major, row stride rhs_rs).
+    /// `dst[m×n] (row stride dst_rs) (+)= W[m×k] · rhs[k×n]` (rhs row-major, row stride rhs_rs),
+    /// on all threads; bf16 weights are read in place when k is even, packed otherwise.
     ///
     /// # Safety
     /// As [`sgemm`]; W holds m × k values.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn times(
         &self,
         (m, n, k): (usize, usize, usize),
@@ -119,11 +119,10 @@ impl<'a> Wt<'a> {
         dst_rs: usize,
         accumulate: bool,
         (rhs, rhs_rs): (*const f32, usize),
-        parallel: bool,
     ) {
+        use super::gemm_bf16::{gemm, Lhs, View};
         match self {
             Wt::F32(w) => unsafe {
-                let par = if parallel { rayon_par() } else { Parallelism::None };
                 sgemm(
                     (m, n, k),
                     dst,
@@ -132,36 +131,20 @@ impl<'a> Wt<'a> {
                     (w.as_ptr(), 1, k as isize),
                     (rhs, 1, rhs_rs as isize),
                     1.0,
-                    par,
+                    rayon_par(),
                 )
             },
-            Wt::Bf16(w) => unsafe { bf16_times(w, (m, n, k), dst, dst_rs, accumulate, (rhs, rhs_rs, 1), parallel) },
+            Wt::Bf16(w) => {
+                let b = View { ptr: rhs, rs: rhs_rs, cs: 1 };
+                let lhs = if k.is_multiple_of(2) {
+                    Lhs::InPlace { ptr: w.as_ptr(), rs: k }
+                } else {
+                    Lhs::Packed(View { ptr: w.as_ptr(), rs: k, cs: 1 })
+                };
+                unsafe { gemm((m, n, k), dst, dst_rs, accumulate, lhs, b, 1.0, true) }
+            }
         }
     }
-}
-
-/// `dst (+)= W[m×k] · B[k×n]` in bf16 products (W read in place when k is even), B's element
-/// (i, j) at `rhs + i·rs + j·cs`.
-///
-/// # Safety
-/// As [`gemm_bf16::gemm`].
-unsafe fn bf16_times(
-    w: &[half::bf16],
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    (rhs, rs, cs): (*const f32, usize, usize),
-    parallel: bool,
-) {
-    use super::gemm_bf16::{gemm, Lhs, View};
-    let b = View { ptr: rhs, rs, cs };
-    let lhs = if k.is_multiple_of(2) {
-        Lhs::InPlace { ptr: w.as_ptr(), rs: k }
-    } else {
-        Lhs::Packed(View { ptr: w.as_ptr(), rs: k, cs: 1 })
-    };
-    unsafe { gemm((m, n, k), dst, dst_rs, accumulate, lhs, b, 1.0, parallel) }
 }
 
 /// Whether bf16-stored weights are multiplied in bf16 (AVX512_BF16 present, the kernels on, and
@@ -268,7 +251,7 @@ impl Conv {
             let ob = &mut out[bi * cout * oplane..(bi + 1) * cout * oplane];
             if pointwise {
                 // SAFETY: ob is cout × oplane, w is cout × cin, xb is cin × plane (= oplane).
-                unsafe { w.times((cout, oplane, cin), ob.as_mut_ptr(), oplane, acc, (xb.as_ptr(), plane), true) };
+                unsafe { w.times((cout, oplane, cin), ob.as_mut_ptr(), oplane, acc, (xb.as_ptr(), plane)) };
                 continue;
             }
             for oy0 in (0..oh).step_by(rows) {
@@ -303,7 +286,7 @@ impl Conv {
                     }
                 });
                 // SAFETY: the destination is columns [oy0·ow, oy0·ow + tp) of ob's cout rows.
-                unsafe { w.times((cout, tp, k), ob.as_mut_ptr().add(oy0 * ow), oplane, acc, (col.as_ptr(), tp), true) };
+                unsafe { w.times((cout, tp, k), ob.as_mut_ptr().add(oy0 * ow), oplane, acc, (col.as_ptr(), tp)) };
             }
         }
         out
