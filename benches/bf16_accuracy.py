@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
-"""How far bf16 arithmetic moves a run, ours against diffusers' own: on one model folder, one photo
-and one set of Gaussian draws, four img2img runs —
+"""How far bf16 arithmetic (and int8 weights) move a run, ours against diffusers' own bf16: on one
+model folder, one photo and one set of Gaussian draws, these img2img runs —
 
-  ours f32 (writes the draws and its per-step latents: --trace), ours bf16 (--dtype bf16, the same
-  draws: --noise-from), diffusers f32 and diffusers under torch.autocast("cpu", torch.bfloat16)
-  (f32 weights, the same draws injected) —
+  ours f32 (writes the draws and its per-step latents: --trace), ours in each --ours mode (the same
+  draws: --noise-from): bf16 (--dtype bf16), q8 (--dtype q8), q8-f32 (--dtype q8 with
+  GHIBLIFY_BF16_ARITHMETIC=0: int8 weights, f32 products, what CPUs without AVX512_BF16 run);
+  diffusers f32 and diffusers under torch.autocast("cpu", torch.bfloat16) (f32 weights, the same
+  draws injected) —
 
-then per denoising step the relative difference of the latents (max|a-b| / max|b|) of ours bf16 vs
-ours f32 and of diffusers bf16 vs diffusers f32, and the final picture's PSNR (8-bit) for each pair.
-Ours f32 vs diffusers f32 is printed too (parity, for scale). Prints a Markdown table.
+then per denoising step the relative difference of the latents (max|a-b| / max|b|) of each of ours
+vs ours f32 and of diffusers bf16 vs diffusers f32, and the final picture's PSNR (8-bit) for each
+pair. Ours f32 vs diffusers f32 is printed too (parity, for scale). Prints a Markdown table.
 
     . VENV/bin/activate      # tests/fixtures/install-env.sh VENV
     python benches/bf16_accuracy.py --bin target/release/ghiblify --model DIR [--photo P] [--steps 10]
-        [--strength 0.5] [--size 512] [--threads 2]
+        [--strength 0.5] [--size 512] [--threads 2] [--ours bf16,q8,q8-f32]
 
 DIR: a diffusers SD1.x folder in f32 (benches/make_random_sd15.py writes a full-size one with random
 weights; the tiny fixtures in tests/fixtures work too). Needs a CPU with AVX512_BF16 or AMX for our
@@ -39,18 +41,20 @@ def psnr(a, b):
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def ours(a, out, dtype, trace, noise_from=None):
-    cmd = [a.bin, a.work_photo, "-o", os.path.join(out, f"ours-{dtype}.png"), "-q", "--overwrite", "--model-dir", a.model, "--size", str(a.size),
+def ours(a, out, mode, trace, noise_from=None):
+    dtype = mode.split("-")[0]
+    env = dict(os.environ, GHIBLIFY_BF16_ARITHMETIC="0") if mode.endswith("-f32") else None
+    cmd = [a.bin, a.work_photo, "-o", os.path.join(out, f"ours-{mode}.png"), "-q", "--overwrite", "--model-dir", a.model, "--size", str(a.size),
            "--device", "cpu", "--dtype", dtype, "--trace", trace, "--prompt", a.prompt, "--negative-prompt", "photo",
            "--strength", str(a.strength), "--steps", str(a.steps), "--guidance", "7.5", "--sampler", "euler-a",
            "--seed", "7", "--threads", str(a.threads), "--no-watermark"]
     if noise_from:
         cmd += ["--noise-from", noise_from]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
-        raise SystemExit(f"ghiblify {dtype} failed ({p.returncode}): {p.stderr.strip()}")
-    print(f"ours {dtype}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        raise SystemExit(f"ghiblify {mode} failed ({p.returncode}): {p.stderr.strip()}")
+    print(f"ours {mode}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return load_file(trace)
 
 
@@ -96,7 +100,9 @@ def main():
     ap.add_argument("--strength", type=float, default=0.5)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--ours", default="bf16", help="our modes besides f32: bf16, q8, q8-f32")
     a = ap.parse_args()
+    modes = a.ours.split(",")
     with tempfile.TemporaryDirectory() as out:
         # The photo at the working size (long side --size, multiples of 8) so both sides start from
         # the same pixels.
@@ -108,16 +114,18 @@ def main():
         im.resize((w, h), Image.LANCZOS).save(a.work_photo)
         t32 = os.path.join(out, "f32.safetensors")
         o32 = ours(a, out, "f32", t32)
-        o16 = ours(a, out, "bf16", os.path.join(out, "bf16.safetensors"), noise_from=t32)
+        mine = {m: ours(a, out, m, os.path.join(out, f"{m}.safetensors"), noise_from=t32) for m in modes}
         d32 = theirs(a, t32, bf16=False)
         d16 = theirs(a, t32, bf16=True)
     keys = sorted(k for k in d32 if k.startswith("step") and k in o32)
-    print("| step | ours bf16 vs ours f32 | diffusers bf16 autocast vs diffusers f32 | ours f32 vs diffusers f32 |")
-    print("|---|---|---|---|")
+    heads = [f"ours {m} vs ours f32" for m in modes]
+    print("| step | " + " | ".join(heads) + " | diffusers bf16 autocast vs diffusers f32 | ours f32 vs diffusers f32 |")
+    print("|---|" + "---|" * (len(modes) + 2))
     for k in keys:
-        print(f"| {k[4:6]} | {rel_err(o16[k], o32[k]):.2e} | {rel_err(d16[k], d32[k]):.2e} | {rel_err(o32[k], d32[k]):.2e} |")
-    print(f"| picture PSNR | {psnr(o16['output_float'], o32['output_float']):.1f} dB | "
-          f"{psnr(d16['output_float'], d32['output_float']):.1f} dB | "
+        cells = [f"{rel_err(mine[m][k], o32[k]):.2e}" for m in modes]
+        print(f"| {k[4:6]} | " + " | ".join(cells) + f" | {rel_err(d16[k], d32[k]):.2e} | {rel_err(o32[k], d32[k]):.2e} |")
+    cells = [f"{psnr(mine[m]['output_float'], o32['output_float']):.1f} dB" for m in modes]
+    print("| picture PSNR | " + " | ".join(cells) + f" | {psnr(d16['output_float'], d32['output_float']):.1f} dB | "
           f"{psnr(o32['output_float'], d32['output_float']):.1f} dB |")
 
 

@@ -6,10 +6,12 @@ so its peak resident memory is its own. Prints one Markdown table: time (peak RS
 
     . VENV/bin/activate      # ../shared/tools/install-reference-env.sh VENV
     python benches/compare_torch.py [--runs 3] [--only unet,unet-b1,vae-decode,vae-encode]
-        [--ours f32,bf16] [--torch f32,bf16,autocast]
+        [--ours f32,bf16,q8] [--torch f32,bf16,autocast]
 
 Ours is `cargo run --release --example speed_probe` in each dtype asked (bf16: bf16 weights and, on a
-CPU with AVX512_BF16, bf16 products); PyTorch in f32, in bf16 (weights and activations), and under
+CPU with AVX512_BF16, bf16 products; q8: int8 weights per output channel, `--dtype q8`, the UNet
+only — the VAE stays f32 under q8; q8-f32: the same with GHIBLIFY_BF16_ARITHMETIC=0, what CPUs
+without AVX512_BF16 run); PyTorch in f32, in bf16 (weights and activations), and under
 bf16 autocast (f32 weights).
 """
 import argparse
@@ -62,9 +64,11 @@ def torch_one(what, runs, mode):
     print(json.dumps({"median": statistics.median(times), "times": times, "peak_gb": peak}))
 
 
-def ours(what, runs, dtype):
+def ours(what, runs, mode):
+    dtype = mode.split("-")[0]
+    env = dict(os.environ, GHIBLIFY_BF16_ARITHMETIC="0") if mode.endswith("-f32") else None
     cmd = ["cargo", "run", "--quiet", "--release", "--example", "speed_probe", "--", what, str(runs), dtype]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     m = re.search(r"median ([0-9.]+) s .* peak RSS ([0-9.]+) GB", out)
     return float(m.group(1)), float(m.group(2))
 
@@ -73,7 +77,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="unet,unet-b1,vae-decode,vae-encode")
-    ap.add_argument("--ours", default="f32,bf16", help="our dtypes to time (f32, f16, bf16)")
+    ap.add_argument("--ours", default="f32,bf16", help="our dtypes to time (f32, f16, bf16, q8, q8-f32)")
     ap.add_argument("--torch", default="f32,bf16,autocast",
                     help="PyTorch modes: f32, bf16 (bf16 weights), autocast (f32 weights, bf16 autocast)")
     ap.add_argument("--torch-one", help=argparse.SUPPRESS)

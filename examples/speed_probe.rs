@@ -1,7 +1,7 @@
 //! Time and peak memory of the hot operations on the full-size SD1.5 architecture with random
 //! weights (compute does not depend on weight values): median of N runs after one warm-up.
 //!
-//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|matmul|conv [N] [f32|f16|bf16] [cpu|cuda]
+//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|matmul|conv|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
 //!
 //! `controlnet` times one SD1.5 ControlNet call at the CFG batch, `controlnet-b1` without CFG (as
 //! with `--fast`): the added cost per step of `--control`; compare with `unet` / `unet-b1`.
@@ -37,6 +37,13 @@ fn main() -> anyhow::Result<()> {
         Some("bf16") => DType::BF16,
         _ => DType::F32,
     };
+    // q8: f32 weights quantised to int8 as the layers are built (`--dtype q8`); the VAE stays f32
+    // under q8, as in the pipeline.
+    let q8 = args.get(2).map(String::as_str) == Some("q8") && !what.starts_with("vae");
+    if what == "gemm-shapes" {
+        gemm_shapes(n);
+        return Ok(());
+    }
     let dev = match args.get(3).map(String::as_str) {
         Some("cuda") => Device::new_cuda(0)?,
         _ => Device::Cpu,
@@ -44,51 +51,50 @@ fn main() -> anyhow::Result<()> {
     // Activations in the compute dtype the pipeline uses on this device.
     let act = ghiblify::models::compute_dtype(&dev, dtype);
     let vb = random_var_builder(dtype, &dev);
-    let mut run: Box<dyn FnMut() -> candle_core::Result<Tensor>> = match what {
-        "unet" | "unet-b1" => {
-            let b = if what == "unet" { 2 } else { 1 };
-            let cfg: UNetConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
-            let unet = UNet::from_config(cfg, vb, Path::new("sd15-unet"))?;
-            let latents = Tensor::randn(0f32, 1.0, (b, 4, 64, 64), &dev)?.to_dtype(act)?;
-            let context = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?.to_dtype(act)?;
-            Box::new(move || unet.forward(&latents, 500.0, &context))
-        }
-        "controlnet" | "controlnet-b1" => {
-            let b = if what == "controlnet" { 2 } else { 1 };
-            let cfg: ghiblify::models::controlnet::ControlNetConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
-            let cn = ghiblify::models::controlnet::ControlNet::from_config(cfg, vb, Path::new("sd15-controlnet"))?;
-            let latents = Tensor::randn(0f32, 1.0, (b, 4, 64, 64), &dev)?.to_dtype(act)?;
-            let context = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?.to_dtype(act)?;
-            let cond = Tensor::rand(0f32, 1.0, (b, 3, 512, 512), &dev)?.to_dtype(act)?;
-            Box::new(move || Ok(cn.forward(&latents, 500.0, &context, &cond, 1.0)?.mid))
-        }
-        "vae-decode" | "vae-encode" => {
-            let cfg: VaeConfig = serde_json::from_str(SD15_VAE_CONFIG)?;
-            let vae = Vae::from_config(cfg, vb, Path::new("sd15-vae"))?;
-            let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev)?.to_dtype(act)?;
-            let latent = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)?.to_dtype(act)?;
-            if what == "vae-decode" {
-                Box::new(move || vae.decode(&latent))
-            } else {
-                Box::new(move || Ok(vae.encode(&image)?.mean))
+    type Run = Box<dyn FnMut() -> candle_core::Result<Tensor>>;
+    let mut run: Run = ghiblify::models::nn::quantized(q8, || -> anyhow::Result<Run> {
+        Ok(match what {
+            "unet" | "unet-b1" => {
+                let b = if what == "unet" { 2 } else { 1 };
+                let cfg: UNetConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
+                let unet = UNet::from_config(cfg, vb, Path::new("sd15-unet"))?;
+                let latents = Tensor::randn(0f32, 1.0, (b, 4, 64, 64), &dev)?.to_dtype(act)?;
+                let context = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?.to_dtype(act)?;
+                Box::new(move || unet.forward(&latents, 500.0, &context))
             }
-        }
-        "matmul" => {
-            let a = Tensor::randn(0f32, 1.0, (4096, 4096), &dev)?;
-            let b = Tensor::randn(0f32, 1.0, (4096, 4096), &dev)?;
-            Box::new(move || a.matmul(&b))
-        }
-        "conv" => {
-            let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev)?;
-            let conv = ghiblify::models::nn::conv2d(vb.pp("c"), 320, 320, 3, 1, 1)?;
-            Box::new(move || conv.forward(&x))
-        }
-        "gemm-shapes" => {
-            gemm_shapes(n);
-            return Ok(());
-        }
-        other => anyhow::bail!("unknown probe {other}"),
-    };
+            "controlnet" | "controlnet-b1" => {
+                let b = if what == "controlnet" { 2 } else { 1 };
+                let cfg: ghiblify::models::controlnet::ControlNetConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
+                let cn = ghiblify::models::controlnet::ControlNet::from_config(cfg, vb, Path::new("sd15-controlnet"))?;
+                let latents = Tensor::randn(0f32, 1.0, (b, 4, 64, 64), &dev)?.to_dtype(act)?;
+                let context = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?.to_dtype(act)?;
+                let cond = Tensor::rand(0f32, 1.0, (b, 3, 512, 512), &dev)?.to_dtype(act)?;
+                Box::new(move || Ok(cn.forward(&latents, 500.0, &context, &cond, 1.0)?.mid))
+            }
+            "vae-decode" | "vae-encode" => {
+                let cfg: VaeConfig = serde_json::from_str(SD15_VAE_CONFIG)?;
+                let vae = Vae::from_config(cfg, vb, Path::new("sd15-vae"))?;
+                let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev)?.to_dtype(act)?;
+                let latent = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)?.to_dtype(act)?;
+                if what == "vae-decode" {
+                    Box::new(move || vae.decode(&latent))
+                } else {
+                    Box::new(move || Ok(vae.encode(&image)?.mean))
+                }
+            }
+            "matmul" => {
+                let a = Tensor::randn(0f32, 1.0, (4096, 4096), &dev)?;
+                let b = Tensor::randn(0f32, 1.0, (4096, 4096), &dev)?;
+                Box::new(move || a.matmul(&b))
+            }
+            "conv" => {
+                let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev)?;
+                let conv = ghiblify::models::nn::conv2d(vb.pp("c"), 320, 320, 3, 1, 1)?;
+                Box::new(move || conv.forward(&x))
+            }
+            other => anyhow::bail!("unknown probe {other}"),
+        })
+    })?;
     let loaded_kb = status_kb("VmRSS:");
     // A GPU queues work: the clock is read once the device has finished it.
     let mut timed = || -> anyhow::Result<f64> {
@@ -106,7 +112,8 @@ fn main() -> anyhow::Result<()> {
     }
     times.sort_by(f64::total_cmp);
     println!(
-        "{what} {dtype:?}: median {:.3} s of {n} ({:?}), peak RSS {:.2} GB (loaded {:.2} GB)",
+        "{what} {}: median {:.3} s of {n} ({:?}), peak RSS {:.2} GB (loaded {:.2} GB)",
+        if q8 { "q8".to_string() } else { format!("{dtype:?}") },
         times[n / 2],
         times.iter().map(|t| format!("{t:.3}")).collect::<Vec<_>>(),
         status_kb("VmHWM:") as f64 / 1e6,
@@ -176,7 +183,7 @@ fn gemm_shapes(n: usize) {
                     false,
                     Lhs::<f32>::InPlace { ptr: a16.as_ptr(), rs: k },
                     View { ptr: b.as_ptr(), rs: cols, cs: 1 },
-                    1.0,
+                    gemm_bf16::Scale::ONE,
                     true,
                 )
             })

@@ -87,6 +87,7 @@ pub enum DTypeArg {
     F32,
     F16,
     Bf16,
+    Q8,
 }
 
 /// Turn photos into Studio-Ghibli-style pictures with latent-diffusion img2img.
@@ -298,8 +299,10 @@ pub struct Args {
     /// multiplies in bf16 with f32 sums — convolutions, linear layers, attention; GroupNorm,
     /// softmax and the sampler stay f32, as under PyTorch's bf16 autocast — about twice as fast,
     /// the picture within autocast's own distance of f32. Elsewhere, and with f16, the arithmetic
-    /// stays f32 (~10 % slower than f32). f32 is the default because it is the same picture on
-    /// every CPU and matches diffusers f32
+    /// stays f32 (~10 % slower than f32). q8 quantises the UNet's, text encoder's and ControlNets'
+    /// weights to int8 per output channel as they load (a quarter of f32's memory; the VAE stays
+    /// f32), multiplied in bf16 where the CPU has AVX512_BF16, else dequantised per layer. f32 is
+    /// the default because it is the same picture on every CPU and matches diffusers f32
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
 
@@ -359,12 +362,15 @@ impl From<FormatArg> for OutputFormat {
     }
 }
 
-impl From<DTypeArg> for candle_core::DType {
-    fn from(d: DTypeArg) -> Self {
-        match d {
-            DTypeArg::F32 => candle_core::DType::F32,
-            DTypeArg::F16 => candle_core::DType::F16,
-            DTypeArg::Bf16 => candle_core::DType::BF16,
+impl DTypeArg {
+    /// The dtype the weights load in (`None`: the device's default, which q8 keeps for what it
+    /// does not quantise).
+    fn storage(self) -> Option<candle_core::DType> {
+        match self {
+            DTypeArg::F32 => Some(candle_core::DType::F32),
+            DTypeArg::F16 => Some(candle_core::DType::F16),
+            DTypeArg::Bf16 => Some(candle_core::DType::BF16),
+            DTypeArg::Q8 => None,
         }
     }
 }
@@ -378,9 +384,10 @@ impl Args {
             a.model_file,
             a.model.as_deref(),
             a.device.into(),
-            a.dtype.map(Into::into),
+            a.dtype.and_then(DTypeArg::storage),
             a.offline,
         )?;
+        model.quantize = a.dtype == Some(DTypeArg::Q8);
         if let Some(p) = a.prediction {
             if !model.is_single_file() {
                 return Err(Error::usage(

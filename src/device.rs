@@ -159,14 +159,23 @@ pub fn with_generic_ops<T>(on: bool, f: impl FnOnce() -> T) -> T {
 
 /// What the pictures' parameters say about the arithmetic when it is not f32: `bf16` (bf16
 /// products on the CPU, or bf16 on a GPU), `f16`, or `f16 weights` / `bf16 weights` where the CPU
-/// widens half-precision weights to f32.
-pub fn precision(device: &Device, dtype: DType) -> Option<String> {
+/// widens half-precision weights to f32; with `--dtype q8` (`quantize`), `q8 weights` and then the
+/// arithmetic (`, bf16 products` on a CPU with AVX512_BF16, `, f16` on a GPU, nothing for f32).
+pub fn precision(device: &Device, dtype: DType, quantize: bool) -> Option<String> {
+    let bf16_products = device.is_cpu() && crate::models::kernels::bf16_arithmetic();
+    if quantize {
+        return Some(match (device.is_cpu(), dtype) {
+            (true, _) if bf16_products => "q8 weights, bf16 products".to_string(),
+            (true, _) | (false, DType::F32) => "q8 weights".to_string(),
+            (false, d) => format!("q8 weights, {}", d.as_str()),
+        });
+    }
     let name = match dtype {
         DType::F16 => "f16",
         DType::BF16 => "bf16",
         _ => return None,
     };
-    if device.is_cpu() && !(dtype == DType::BF16 && crate::models::kernels::bf16_arithmetic()) {
+    if device.is_cpu() && !(dtype == DType::BF16 && bf16_products) {
         Some(format!("{name} weights"))
     } else {
         Some(name.to_string())
@@ -174,12 +183,17 @@ pub fn precision(device: &Device, dtype: DType) -> Option<String> {
 }
 
 /// One line for `-v`: the device, its name and memory, the dtype, and which operations run.
-pub fn describe(device: &Device, dtype: DType) -> String {
+pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
+    let bf16_products = crate::models::kernels::bf16_arithmetic();
     let ops = if !device.is_cpu() {
         "candle's generic operations"
     } else if generic_ops() {
         "candle's generic operations (GHIBLIFY_GENERIC_OPS)"
-    } else if dtype == DType::BF16 && crate::models::kernels::bf16_arithmetic() {
+    } else if quantize && bf16_products {
+        "ghiblify's CPU kernels, int8 weights in bf16 products (AVX512_BF16)"
+    } else if quantize {
+        "ghiblify's CPU kernels, int8 weights dequantised to f32 per layer"
+    } else if dtype == DType::BF16 && bf16_products {
         "ghiblify's CPU kernels, bf16 products (AVX512_BF16)"
     } else if dtype == DType::BF16 || dtype == DType::F16 {
         "ghiblify's CPU kernels, half-precision weights widened to f32"
@@ -195,7 +209,8 @@ pub fn describe(device: &Device, dtype: DType) -> String {
         Device::Cuda(d) => cuda_name(d),
         other => format!("{:?}", other.location()),
     };
-    format!("device {what}, dtype {dtype:?}, {ops}")
+    let dtype = if quantize { format!("q8 (rest {dtype:?})") } else { format!("{dtype:?}") };
+    format!("device {what}, dtype {dtype}, {ops}")
 }
 
 fn cpu_features() -> &'static str {

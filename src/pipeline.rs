@@ -224,6 +224,9 @@ pub struct Extras<'a> {
     /// A single-file checkpoint whose tensors replace the folder's weights (the folder then holds
     /// only configs and the tokenizer: `SingleFile::write_configs`).
     pub single_file: Option<&'a crate::models::single_file::SingleFile>,
+    /// `--dtype q8`: the text encoder's and UNet's layers quantised to int8 as they load
+    /// ([`crate::models::nn::quantized`]); the VAE keeps `dtype` (its last layers make every pixel).
+    pub quantize: bool,
 }
 
 /// What the LoRAs of a load did.
@@ -316,9 +319,10 @@ impl StableDiffusion {
         // Validate the schedule now, so a bad config fails before the slow loads.
         crate::samplers::Schedule::from_config(&scheduler_config, &scheduler_path)?;
         let compute = crate::models::compute_dtype(device, dtype);
-        let text_encoder = ClipTextEncoder::load(&te_f, dtype, device)?;
+        let text_encoder =
+            crate::models::nn::quantized(extras.quantize, || ClipTextEncoder::load(&te_f, dtype, device))?;
         let tokenizer = ClipTokenizer::load(&tok_dir, text_encoder.config.max_position_embeddings)?;
-        let unet = UNet::load(&unet_f, dtype, device)?;
+        let unet = crate::models::nn::quantized(extras.quantize, || UNet::load(&unet_f, dtype, device))?;
         let vae = match extras.vae {
             None => Autoencoder::load(&vae_f, dtype, device)?,
             Some(other) => {

@@ -88,11 +88,11 @@ impl Engine<'_> {
             }
         }
         let dtype = crate::device::default_dtype(&device, s.model.dtype);
-        if device.is_cpu() && dtype != DType::F32 {
-            // Half-precision weights on the CPU are asked for to save memory: keep it low.
+        if device.is_cpu() && (dtype != DType::F32 || s.model.quantize) {
+            // Half-precision or int8 weights on the CPU are asked for to save memory: keep it low.
             crate::alloc::set_purge_delay(crate::alloc::LOW_MEMORY_PURGE_DELAY_MS);
         }
-        self.printer.verbose(crate::device::describe(&device, dtype));
+        self.printer.verbose(crate::device::describe(&device, dtype, s.model.quantize));
         let hub = LazyHub::new(s, self.printer);
         let location = model_path(s, &hub, dtype)?;
         let loras = lora_files(s, &hub)?;
@@ -102,7 +102,8 @@ impl Engine<'_> {
             None => None,
         };
         let t = Instant::now();
-        let extras = crate::pipeline::Extras { loras: &loras, vae: vae_dir.as_deref(), single_file: None };
+        let quantize = s.model.quantize;
+        let extras = crate::pipeline::Extras { loras: &loras, vae: vae_dir.as_deref(), single_file: None, quantize };
         let (model, outcome) = match &location {
             ModelPath::Folder(dir) => StableDiffusion::load_with(dir, &device, dtype, extras)?,
             ModelPath::File(file) => {
@@ -123,7 +124,7 @@ impl Engine<'_> {
             let t = Instant::now();
             let dir = control_folder(spec, &hub)?;
             let files = crate::models::component_files(&dir, ".", "config.json", "diffusion_pytorch_model", dtype)?;
-            let net = ControlNet::load(&files, dtype, &device)?;
+            let net = crate::models::nn::quantized(quantize, || ControlNet::load(&files, dtype, &device))?;
             if let Some(why) = net.mismatch(&model.unet.config) {
                 return Err(Error::usage(format!(
                     "ControlNet '{}' does not fit the model '{name}': {why} (a ControlNet works only with the model family it was trained for)",
@@ -178,7 +179,7 @@ impl Engine<'_> {
             .iter()
             .map(|l| LoraRecord { name: l.name.clone(), hash: file_sha256_10(&l.path), scale: l.scale })
             .collect();
-        let precision = crate::device::precision(&device, dtype);
+        let precision = crate::device::precision(&device, dtype, s.model.quantize);
         Ok(Loaded {
             model,
             record: ModelRecord { name: s.model.public_name(), hash, license },

@@ -106,6 +106,9 @@ pub struct ModelChoice {
     pub device: DevicePreference,
     /// The weights' dtype (`None`: f32 on the CPU, f16 on GPUs).
     pub dtype: Option<DType>,
+    /// `--dtype q8`: the UNet's, text encoder's and ControlNets' convolutions and linear layers
+    /// quantised to int8 per output channel as they load (the rest in `dtype`).
+    pub quantize: bool,
     /// LoRAs to merge: the preset's, then fast mode's, then the user's.
     pub loras: Vec<LoraSpec>,
     /// Another autoencoder.
@@ -137,7 +140,7 @@ impl ModelChoice {
             None => model_source(model_dir, model)?,
         };
         let loras = preset_loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<_>>()?;
-        Ok((Self { source, device, dtype, loras, vae: None, offline, prediction: None }, defaults))
+        Ok((Self { source, device, dtype, quantize: false, loras, vae: None, offline, prediction: None }, defaults))
     }
 
     /// Whether the model is one file in the LDM layout (`--prediction` applies).

@@ -382,6 +382,48 @@ fn half_precision_weight_storage_on_the_cpu() {
     assert!(!params.contains("Precision"), "{params}");
 }
 
+/// `--dtype q8` quantises the UNet and text encoder to int8 per output channel: the result moves
+/// by the quantisation (and, on a CPU with AVX512_BF16, the activations' bf16 rounding), on both
+/// kernel paths and candle's generic operations, and the picture says so.
+#[test]
+fn int8_weights_on_the_cpu() {
+    let case = Case::new();
+    let o = case.run(&["photo.png", "-o", "f32.png", "--trace", "f32.safetensors"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (want, _) = load_safetensors(&case.path("f32.safetensors"));
+    let fast_bf16 = ghiblify::models::kernels::bf16_arithmetic();
+    let mut finals = Vec::new();
+    for (name, env, label) in [
+        ("kernels", None, if fast_bf16 { "Precision: q8 weights, bf16 products, " } else { "Precision: q8 weights, " }),
+        ("f32", Some(("GHIBLIFY_BF16_ARITHMETIC", "0")), "Precision: q8 weights, "),
+        ("generic", Some(("GHIBLIFY_GENERIC_OPS", "1")), "Precision: q8 weights, "),
+    ] {
+        let trace = format!("{name}.safetensors");
+        let mut c = ghiblify();
+        c.current_dir(case.dir.path()).env("HF_HOME", case.path("hf-home"));
+        c.args(["--model-dir", fixtures().join("tiny-sd1").to_str().unwrap()]);
+        c.args(["--steps", "4", "--strength", "0.5", "--seed", "1", "-q"]);
+        c.args(["photo.png", "-o", &format!("{name}.png"), "--dtype", "q8", "--trace", &trace]);
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let (got, _) = load_safetensors(&case.path(&trace));
+        for key in ["prompt_embeds", "final_latents"] {
+            let err = crate::common::rel_err(&got[key], &want[key]);
+            // The tiny model's int8 rounding moves its latents by ~0.4 %; a wrong scale or sign
+            // moves them by the whole of their size.
+            assert!(err < 2e-2 && err > 1e-4, "{name}: {key} differs by {err:e} from f32");
+        }
+        let params = png_text(&case.path(&format!("{name}.png")), "parameters").unwrap();
+        assert!(params.contains(label), "{name}: {params}");
+        finals.push(got["final_latents"].clone());
+    }
+    // The f32 kernels and candle's generic ops compute the same dequantised products.
+    assert!(crate::common::rel_err(&finals[1], &finals[2]) < 1e-4);
+}
+
 #[test]
 fn noise_from_replays_a_diffusers_trace_through_the_binary() {
     // The binary with diffusers' recorded noise gives diffusers' latents, step by step (the parity

@@ -142,3 +142,27 @@ fn sharded_weights_are_followed() {
     let ctx = Tensor::zeros((1, 77, 16), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(unet.forward(&x, 500.0, &ctx).unwrap().dims(), &[1, 4, 8, 8]);
 }
+
+#[test]
+fn int8_quantisation_refuses_non_finite_weights_by_name() {
+    // --dtype q8 cannot give a NaN a scale: the load names the tensor and says why, instead of
+    // blaming the config; without q8 the same file loads (and a run then reports the NaN).
+    let tmp = tempfile::tempdir().unwrap();
+    copy_component("unet", tmp.path());
+    let src = fixtures().join("tiny-sd1/unet/diffusion_pytorch_model.safetensors");
+    let bad = "down_blocks.1.resnets.0.conv1.weight";
+    rewrite(&src, &tmp.path().join("unet/diffusion_pytorch_model.safetensors"), |k, v| {
+        if k != bad {
+            return (k.to_string(), v);
+        }
+        let mut x = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        x[3] = f32::NAN;
+        (k.to_string(), Tensor::from_vec(x, v.shape(), &Device::Cpu).unwrap())
+    });
+    let f = files(tmp.path(), "unet", "diffusion_pytorch_model", DType::F32);
+    let load =
+        |q8| ghiblify::models::nn::quantized(q8, || ghiblify::models::unet::UNet::load(&f, DType::F32, &Device::Cpu));
+    let e = load(true).unwrap_err().to_string();
+    assert!(e.contains(bad) && e.contains("NaN") && e.contains("q8") && !e.contains("do not match"), "{e}");
+    assert!(load(false).is_ok());
+}

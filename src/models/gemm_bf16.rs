@@ -91,8 +91,7 @@ impl Elem for f32 {
 }
 
 /// [`Elem::pack_pairs`] for f32, 32 values at a time: each value rounded to nearest even in its
-/// 32-bit lane (NaN kept quiet), then the upper 16 bits of every lane gathered in order by one
-/// two-source word permutation.
+/// 32-bit lane (NaN kept quiet), then the upper 16 bits of every lane gathered ([`pack_lanes`]).
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW.
@@ -100,21 +99,35 @@ impl Elem for f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_pairs_f32_avx512(src: &[f32], out: &mut [u32]) {
     use std::arch::x86_64::*;
-    let round = |v: __m512| -> __m512i {
+    pack_lanes(src, out, |p| {
+        let v = _mm512_loadu_ps(p);
         let b = _mm512_castps_si512(v);
         let odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
         let r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
         let nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)))
-    };
+    })
+}
+
+/// Packs `src` 32 values at a time: `lanes(p)` gives 16 values from `p` as 32-bit lanes whose upper
+/// halves are their bf16 bits, and one two-source word permutation gathers those halves in order;
+/// the tail goes one pair at a time.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW; `lanes` reads 16 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn pack_lanes<T: Elem>(src: &[T], out: &mut [u32], lanes: impl Fn(*const T) -> std::arch::x86_64::__m512i) {
+    use std::arch::x86_64::*;
     let idx = _mm512_set_epi16(
         63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9,
         7, 5, 3, 1,
     );
     let full = (src.len() / 32).min(out.len() / 16);
     for c in 0..full {
-        let lo = round(_mm512_loadu_ps(src.as_ptr().add(32 * c)));
-        let hi = round(_mm512_loadu_ps(src.as_ptr().add(32 * c + 16)));
+        let lo = lanes(src.as_ptr().add(32 * c));
+        let hi = lanes(src.as_ptr().add(32 * c + 16));
         _mm512_storeu_si512(out.as_mut_ptr().add(16 * c) as *mut _, _mm512_permutex2var_epi16(lo, idx, hi));
     }
     pack_pairs_scalar(&src[(32 * full).min(src.len())..], &mut out[16 * full..]);
@@ -124,6 +137,97 @@ impl Elem for bf16 {
     #[inline(always)]
     fn bf16_bits(self) -> u32 {
         self.to_bits() as u32
+    }
+
+    /// Already bf16: the pairs are the values' own bytes (little-endian words, low half first).
+    #[inline(always)]
+    fn pack_pairs(src: &[bf16], out: &mut [u32]) {
+        let whole = (src.len() / 2).min(out.len());
+        for (d, pair) in out[..whole].iter_mut().zip(src.chunks_exact(2)) {
+            *d = pair[0].to_bits() as u32 | ((pair[1].to_bits() as u32) << 16);
+        }
+        pack_pairs_scalar(&src[2 * whole..], &mut out[whole..]);
+    }
+}
+
+/// An int8 weight code stored offset by 128 (`code = q + 128`, q in [-127, 127]): the integer q is
+/// exact in bf16 (8 significant bits), so a quantised weight enters the product without rounding
+/// and its per-channel scale is applied to the f32 sums ([`Scale`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Q8(pub u8);
+
+impl Elem for Q8 {
+    #[inline(always)]
+    fn pack_pairs(src: &[Q8], out: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: the CPU has AVX-512 (and more).
+            unsafe { pack_pairs_q8_avx512(src, out) };
+            return;
+        }
+        pack_pairs_scalar(src, out)
+    }
+
+    #[inline(always)]
+    fn bf16_bits(self) -> u32 {
+        // Exact: |q| ≤ 128 has at most 8 significant bits, so truncating the f32 loses nothing.
+        ((self.0 as i32 - 128) as f32).to_bits() >> 16
+    }
+}
+
+/// [`Elem::pack_pairs`] for int8 codes, 32 at a time: widened to i32, offset removed, converted to
+/// f32 (exact), gathered as for f32 ([`pack_lanes`]).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_pairs_q8_avx512(src: &[Q8], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    pack_lanes(src, out, |p| {
+        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(128))))
+    })
+}
+
+/// What multiplies the product's f32 sums before they are stored: a constant, times a factor per
+/// row of C and/or per column of C when given (the per-channel scales of int8 weights: per row
+/// when the weight is A, per column when it is B).
+#[derive(Clone, Copy, Debug)]
+pub struct Scale<'a> {
+    pub all: f32,
+    pub rows: Option<&'a [f32]>,
+    pub cols: Option<&'a [f32]>,
+}
+
+impl Scale<'_> {
+    pub const ONE: Scale<'static> = Scale { all: 1.0, rows: None, cols: None };
+
+    pub fn all(all: f32) -> Scale<'static> {
+        Scale { all, rows: None, cols: None }
+    }
+}
+
+/// [`Scale`] as the micro-kernel reads it for one tile: the row and column factors from the tile's
+/// first row and column (null: none).
+#[derive(Clone, Copy)]
+struct TileScale {
+    all: f32,
+    rows: *const f32,
+    cols: *const f32,
+}
+
+impl Scale<'_> {
+    /// # Safety
+    /// Row i0 and column js lie inside the scaled matrix.
+    #[inline(always)]
+    unsafe fn tile(&self, i0: usize, js: usize) -> TileScale {
+        TileScale {
+            all: self.all,
+            rows: self.rows.map_or(std::ptr::null(), |r| unsafe { r.as_ptr().add(i0) }),
+            cols: self.cols.map_or(std::ptr::null(), |c| unsafe { c.as_ptr().add(js) }),
+        }
     }
 }
 
@@ -249,6 +353,7 @@ unsafe fn pack_b<T: Elem>(
 
 /// B packed once for several products with it (attention's keys and values, reused by every block
 /// of queries): [k block][sliver][pair][NR] words.
+#[derive(Default)]
 pub struct PackedB {
     data: Vec<u32>,
     k: usize,
@@ -271,10 +376,79 @@ impl PackedB {
         }
         Self { data, k, n }
     }
+
+    /// B built row by row straight into the packed layout, in parallel over pairs of rows:
+    /// `fill(r, row)` writes row r's n values (a convolution's im2col rows, produced here instead
+    /// of into an f32 patch matrix that packing would read again). Reuses `self`'s memory.
+    pub fn fill_rows(&mut self, (k, n): (usize, usize), fill: impl Fn(usize, &mut [f32]) + Sync) {
+        let kp = k.div_ceil(2);
+        let slivers = n.div_ceil(NR);
+        self.data.resize(kp * slivers * NR, 0);
+        (self.k, self.n) = (k, n);
+        // Pair p's words: block p / KC_PAIRS (whose pairs run KC_PAIRS long except the last), then
+        // sliver s at s·pairs·NR, then row p % KC_PAIRS of NR words.
+        let words = SendMut(self.data.as_mut_ptr());
+        thread_local! {
+            static ROWS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        (0..kp).into_par_iter().for_each(|p| {
+            ROWS.with_borrow_mut(|(lo, hi)| {
+                lo.resize(n, 0.0);
+                hi.resize(n, 0.0);
+                let (lo, hi) = (&mut lo[..n], &mut hi[..n]);
+                let words = &words;
+                fill(2 * p, lo);
+                if 2 * p + 1 < k {
+                    fill(2 * p + 1, hi);
+                } else {
+                    hi.fill(0.0);
+                }
+                let (kb, pi) = (p / KC_PAIRS, p % KC_PAIRS);
+                let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
+                let block = kb * KC_PAIRS * slivers * NR;
+                for s in 0..slivers {
+                    let (js, w) = (s * NR, NR.min(n - s * NR));
+                    // SAFETY: inside data (sized above); pair p's words belong to this task alone.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(words.0.add(block + s * pairs * NR + pi * NR), NR) };
+                    interleave_pairs(&lo[js..js + w], &hi[js..js + w], dst);
+                }
+            })
+        });
+    }
+}
+
+struct SendMut(*mut u32);
+// SAFETY: tasks write disjoint words (see `PackedB::fill_rows`).
+unsafe impl Send for SendMut {}
+unsafe impl Sync for SendMut {}
+
+/// `dst[j] = (lo[j], hi[j])` as bf16 bits rounded to nearest even, low half first; zero past the
+/// rows' length.
+fn interleave_pairs(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has AVX-512 (and more).
+        unsafe { interleave_pairs_avx512(lo, hi, dst) };
+        return;
+    }
+    for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
+        *d = l.bf16_bits() | (h.bf16_bits() << 16);
+    }
+    dst[lo.len()..].fill(0);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn interleave_pairs_avx512(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+    for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
+        *d = l.bf16_bits() | (h.bf16_bits() << 16);
+    }
+    dst[lo.len()..].fill(0);
 }
 
 /// `C (+)= scale · A · B` for a pre-packed B, on the calling thread (for callers that are already
-/// parallel).
+/// parallel); the scale per row and column as [`Scale`] says.
 ///
 /// # Safety
 /// As [`gemm`], with `a` covering m × b.k.
@@ -285,7 +459,7 @@ pub unsafe fn gemm_packed<TA: Elem>(
     accumulate: bool,
     a: View<TA>,
     b: &PackedB,
-    scale: f32,
+    scale: Scale,
 ) {
     let (n, k) = (b.n, b.k);
     if m == 0 || n == 0 || k == 0 {
@@ -308,7 +482,7 @@ pub unsafe fn gemm_packed<TA: Elem>(
                         block.as_ptr().add(s * pairs * NR),
                         (c.add(i0 * ldc + js), ldc),
                         (MR.min(m - i0), NR.min(n - js)),
-                        scale,
+                        scale.tile(i0, js),
                         accumulate || kb > 0,
                     )
                 };
@@ -337,7 +511,8 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// `C (+)= scale · A · B` with C row-major (row stride `ldc`), bf16 products, f32 sums.
+/// `C (+)= scale · A · B` with C row-major (row stride `ldc`), bf16 products, f32 sums; the scale
+/// per row and column as [`Scale`] says.
 /// `parallel`: spread over rayon's threads (false inside an already parallel caller).
 ///
 /// # Safety
@@ -351,9 +526,48 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
     accumulate: bool,
     a: Lhs<TA>,
     b: View<TB>,
-    scale: f32,
+    scale: Scale,
     parallel: bool,
 ) {
+    unsafe { gemm_impl((m, n, k), c, ldc, accumulate, a, Rhs::View(b), scale, parallel) }
+}
+
+/// [`gemm`] with B already packed ([`PackedB::fill_rows`], [`PackedB::new`]), on all threads.
+///
+/// # Safety
+/// As [`gemm`], with `a` covering m × b.k.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_prepacked<TA: Elem>(
+    m: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: Lhs<TA>,
+    b: &PackedB,
+    scale: Scale,
+) {
+    unsafe { gemm_impl::<TA, f32>((m, b.n, b.k), c, ldc, accumulate, a, Rhs::Packed(b), scale, true) }
+}
+
+/// The right operand: a view packed block by block as the jobs need it, or packed already.
+enum Rhs<'a, T> {
+    View(View<T>),
+    Packed(&'a PackedB),
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_impl<TA: Elem, TB: Elem>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: Lhs<TA>,
+    b: Rhs<TB>,
+    scale: Scale,
+    parallel: bool,
+) {
+    // The epilogue reads a factor for every row and column of C.
+    assert!(scale.rows.is_none_or(|r| r.len() >= m) && scale.cols.is_none_or(|c| c.len() >= n));
     if m == 0 || n == 0 {
         return;
     }
@@ -432,9 +646,18 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
         let (p_lo, p_hi) = (rg * per_group, ((rg + 1) * per_group).min(panels));
         for kb in 0..kblocks {
             let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
-            let need = cols.div_ceil(NR) * pairs * NR;
-            bbuf.resize(need.max(bbuf.len()), 0);
-            unsafe { pack_b(&b, (k, n), j0, cols, kb * 2 * KC_PAIRS, pairs, &mut bbuf[..need]) };
+            let bwords: *const u32 = match &b {
+                Rhs::View(b) => {
+                    let need = cols.div_ceil(NR) * pairs * NR;
+                    bbuf.resize(need.max(bbuf.len()), 0);
+                    unsafe { pack_b(b, (k, n), j0, cols, kb * 2 * KC_PAIRS, pairs, &mut bbuf[..need]) };
+                    bbuf.as_ptr()
+                }
+                // Block kb, from sliver j0 / NR (NC is a multiple of NR).
+                Rhs::Packed(pb) => unsafe {
+                    pb.data.as_ptr().add(kb * KC_PAIRS * n.div_ceil(NR) * NR + (j0 / NR) * pairs * NR)
+                },
+            };
             let load_c = accumulate || kb > 0;
             // The B sliver stays in L1 while A's panels stream past it from L2 (BLIS' order).
             for s in 0..cols.div_ceil(NR) {
@@ -455,10 +678,10 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
                         kernel(
                             pairs,
                             (ap, row),
-                            bbuf.as_ptr().add(s * pairs * NR),
+                            bwords.add(s * pairs * NR),
                             (out.0.add(i0 * ldc + js), ldc),
                             (MR.min(m - i0), NR.min(n - js)),
-                            scale,
+                            scale.tile(i0, js),
                             load_c,
                         )
                     };
@@ -475,7 +698,8 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
     }
 }
 
-/// One MR × NR tile: `C[..mr, ..nr] = scale · Σ_p A_pair(p) ⊗ B_pair(p) (+ C)`. A's pair for row r
+/// One MR × NR tile: `C[..mr, ..nr] = scale · Σ_p A_pair(p) ⊗ B_pair(p) (+ C)`, scale per row
+/// and column as [`TileScale`] says. A's pair for row r
 /// and pair p is the word at `a + r·a_row + p`; B's sliver is [pair][NR] words.
 ///
 /// # Safety
@@ -488,7 +712,7 @@ unsafe fn kernel(
     b: *const u32,
     (c, ldc): (*mut f32, usize),
     (mr, nr): (usize, usize),
-    scale: f32,
+    scale: TileScale,
     load_c: bool,
 ) {
     use std::arch::x86_64::*;
@@ -507,9 +731,10 @@ unsafe fn kernel(
             acc[2] = _mm512_dpbf16_ps(acc[2], b2, av);
         }
     }
-    let sc = _mm512_set1_ps(scale);
     for (r, acc) in acc.iter().enumerate().take(mr) {
         let row = c.add(r * ldc);
+        let sr = if scale.rows.is_null() { scale.all } else { scale.all * *scale.rows.add(r) };
+        let sc = _mm512_set1_ps(sr);
         for (v, &x) in acc.iter().enumerate() {
             let lanes = nr.saturating_sub(16 * v).min(16);
             if lanes == 0 {
@@ -517,6 +742,9 @@ unsafe fn kernel(
             }
             let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
             let mut y = _mm512_mul_ps(x, sc);
+            if !scale.cols.is_null() {
+                y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, scale.cols.add(16 * v)));
+            }
             if load_c {
                 y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row.add(16 * v)));
             }
@@ -532,7 +760,7 @@ unsafe fn kernel(
     _: *const u32,
     _: (*mut f32, usize),
     _: (usize, usize),
-    _: f32,
+    _: TileScale,
     _: bool,
 ) {
     unreachable!("gemm_bf16::available() is false off x86_64")
@@ -602,7 +830,7 @@ mod tests {
                 false,
                 Lhs::<bf16>::InPlace { ptr: a, rs: k },
                 View { ptr: b.as_ptr(), rs: n, cs: 1 },
-                1.0,
+                Scale::ONE,
                 false,
             );
             let want = reference(&av, &b, (m, n, k));
@@ -647,10 +875,10 @@ mod tests {
                 unsafe {
                     if k % 2 == 0 && variant >= 2 {
                         let lhs = Lhs::<bf16>::InPlace { ptr: a16.as_ptr(), rs: k };
-                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, 0.5, parallel);
+                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, Scale::all(0.5), parallel);
                     } else {
                         let lhs = Lhs::Packed(View { ptr: a.as_ptr(), rs: k, cs: 1 });
-                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, 0.5, parallel);
+                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, Scale::all(0.5), parallel);
                     }
                 }
                 for i in 0..m * n {
@@ -664,6 +892,78 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn int8_codes_enter_exactly_with_their_channel_scales() {
+        if !available() {
+            eprintln!("skipped: this CPU has no avx512_bf16");
+            return;
+        }
+        let mut r = rand::rngs::StdRng::seed_from_u64(7);
+        for &(m, n, k) in &[(3, 5, 1), (13, 50, 37), (70, 130, 401)] {
+            // Codes over the whole range, the ends included.
+            let mut codes = |len: usize| -> Vec<Q8> {
+                (0..len)
+                    .map(|i| {
+                        Q8(if i % 97 == 0 {
+                            1
+                        } else if i % 89 == 0 {
+                            255
+                        } else {
+                            r.random_range(1..=255)
+                        })
+                    })
+                    .collect()
+            };
+            let (qa, qb) = (codes(m * k), codes(n * k));
+            let row_s: Vec<f32> = (0..m).map(|i| 0.01 + i as f32 * 1e-3).collect();
+            let col_s: Vec<f32> = (0..n).map(|j| 0.02 - j as f32 * 1e-4).collect();
+            let val = |q: Q8| (q.0 as i32 - 128) as f64;
+            // The int8 weight as A (per-row scales) times f32 activations; and f32 activations
+            // times the int8 weight's transpose as B (per-column scales, a linear layer's Wᵀ).
+            let x = rnd(k * n, 8);
+            let mut c = vec![0f32; m * n];
+            let rows = Scale { all: 1.0, rows: Some(&row_s), cols: None };
+            unsafe {
+                let lhs = Lhs::Packed(View { ptr: qa.as_ptr(), rs: k, cs: 1 });
+                gemm((m, n, k), c.as_mut_ptr(), n, false, lhs, View { ptr: x.as_ptr(), rs: n, cs: 1 }, rows, true);
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let w: f64 = (0..k).map(|kk| val(qa[i * k + kk]) * round(x[kk * n + j]) as f64).sum::<f64>()
+                        * row_s[i] as f64;
+                    let got = c[i * n + j] as f64;
+                    assert!((got - w).abs() < 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt(), "A {i},{j}: {got} vs {w}");
+                }
+            }
+            let xa = rnd(m * k, 9);
+            let mut c = vec![0f32; m * n];
+            let cols = Scale { all: 1.0, rows: None, cols: Some(&col_s) };
+            unsafe {
+                let lhs = Lhs::Packed(View { ptr: xa.as_ptr(), rs: k, cs: 1 });
+                gemm((m, n, k), c.as_mut_ptr(), n, false, lhs, View { ptr: qb.as_ptr(), rs: 1, cs: k }, cols, false);
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let w: f64 = (0..k).map(|kk| round(xa[i * k + kk]) as f64 * val(qb[j * k + kk])).sum::<f64>()
+                        * col_s[j] as f64;
+                    let got = c[i * n + j] as f64;
+                    assert!((got - w).abs() < 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt(), "B {i},{j}: {got} vs {w}");
+                }
+            }
+        }
+        // Every code's bf16 is its integer, in the vector and scalar packers alike.
+        let all: Vec<Q8> = (0..=255u8).map(Q8).collect();
+        let mut fast = vec![0u32; 128];
+        Q8::pack_pairs(&all, &mut fast);
+        let mut slow = vec![0u32; 128];
+        pack_pairs_scalar(&all, &mut slow);
+        assert_eq!(fast, slow);
+        for (i, w) in fast.iter().enumerate() {
+            assert_eq!(bf16::from_bits(*w as u16).to_f32(), (2 * i) as f32 - 128.0);
+            assert_eq!(bf16::from_bits((*w >> 16) as u16).to_f32(), (2 * i + 1) as f32 - 128.0);
         }
     }
 }

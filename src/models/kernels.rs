@@ -86,29 +86,72 @@ fn weight_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borr
     })
 }
 
+/// Runs `$body` with a bf16 or int8 [`Wt`] as the bf16 products' left operand (`$lhs`: bf16 read in
+/// place when k is even, else packed; int8 codes packed) and the scales their sums take (`$scale`:
+/// int8 per row); the two element types make two instances of the body.
+macro_rules! with_bf16_lhs {
+    ($w:expr, $k:expr, |$lhs:ident, $scale:ident| $body:expr) => {{
+        use super::gemm_bf16::{Lhs, Scale, View};
+        let k = $k;
+        match $w {
+            Wt::Bf16(w) => {
+                let $lhs = if k.is_multiple_of(2) {
+                    Lhs::InPlace { ptr: w.as_ptr(), rs: k }
+                } else {
+                    Lhs::Packed(View { ptr: w.as_ptr(), rs: k, cs: 1 })
+                };
+                let $scale = Scale::ONE;
+                $body
+            }
+            Wt::Q8 { codes, scales } => {
+                let $lhs = Lhs::Packed(View { ptr: codes.as_ptr(), rs: k, cs: 1 });
+                let $scale = Scale { all: 1.0, rows: Some(scales), cols: None };
+                $body
+            }
+            Wt::F32(_) => unreachable!("f32 weights take the f32 product"),
+        }
+    }};
+}
+
 /// A weight matrix as the matrix products read it: f32 (borrowed, or widened from f16/bf16
-/// storage), or bf16 storage read in place by the bf16 products when the CPU has them
-/// ([`bf16_arithmetic`]).
+/// storage, or dequantised from int8), or bf16 storage read in place, or int8 codes packed as
+/// bf16, by the bf16 products when the CPU has them ([`bf16_arithmetic`]).
 enum Wt<'a> {
     F32(std::borrow::Cow<'a, [f32]>),
     Bf16(&'a [half::bf16]),
+    Q8 { codes: &'a [Q8], scales: &'a [f32] },
 }
 
 impl<'a> Wt<'a> {
-    fn new(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
-        match s {
-            CpuStorage::BF16(v) if bf16_arithmetic() => {
-                let (a, b) = l
-                    .contiguous_offsets()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("{what}: weight not contiguous")))?;
+    /// `scales`: the per-row scales when the storage holds int8 codes ([`Weight::Q8`]).
+    fn new(s: &'a CpuStorage, l: &Layout, scales: Option<&'a [f32]>, what: &str) -> Result<Self> {
+        let range =
+            || l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: weight not contiguous")));
+        match (s, scales) {
+            (CpuStorage::BF16(v), None) if bf16_arithmetic() => {
+                let (a, b) = range()?;
                 Ok(Wt::Bf16(&v[a..b]))
             }
-            _ => Ok(Wt::F32(weight_f32(s, l, what)?)),
+            (CpuStorage::U8(v), Some(scales)) => {
+                let (a, b) = range()?;
+                let codes = q8_codes(&v[a..b]);
+                if scales.is_empty() || !codes.len().is_multiple_of(scales.len()) {
+                    candle_core::bail!("{what}: {} int8 codes for {} channel scales", codes.len(), scales.len());
+                }
+                if bf16_arithmetic() {
+                    Ok(Wt::Q8 { codes, scales })
+                } else {
+                    Ok(Wt::F32(std::borrow::Cow::Owned(dequantize_rows(codes, scales))))
+                }
+            }
+            (_, None) => Ok(Wt::F32(weight_f32(s, l, what)?)),
+            (other, Some(_)) => candle_core::bail!("{what}: int8 scales with a {:?} weight", other.dtype()),
         }
     }
 
     /// `dst[m×n] (row stride dst_rs) (+)= W[m×k] · rhs[k×n]` (rhs row-major, row stride rhs_rs),
-    /// on all threads; bf16 weights are read in place when k is even, packed otherwise.
+    /// on all threads; bf16 weights are read in place when k is even, packed otherwise; int8 codes
+    /// are packed as bf16 integers and scaled per row in the product's epilogue.
     ///
     /// # Safety
     /// As [`sgemm`]; W holds m × k values.
@@ -120,7 +163,8 @@ impl<'a> Wt<'a> {
         accumulate: bool,
         (rhs, rhs_rs): (*const f32, usize),
     ) {
-        use super::gemm_bf16::{gemm, Lhs, View};
+        use super::gemm_bf16::gemm;
+        let b = super::gemm_bf16::View { ptr: rhs, rs: rhs_rs, cs: 1 };
         match self {
             Wt::F32(w) => unsafe {
                 sgemm(
@@ -134,17 +178,153 @@ impl<'a> Wt<'a> {
                     rayon_par(),
                 )
             },
-            Wt::Bf16(w) => {
-                let b = View { ptr: rhs, rs: rhs_rs, cs: 1 };
-                let lhs = if k.is_multiple_of(2) {
-                    Lhs::InPlace { ptr: w.as_ptr(), rs: k }
-                } else {
-                    Lhs::Packed(View { ptr: w.as_ptr(), rs: k, cs: 1 })
-                };
-                unsafe { gemm((m, n, k), dst, dst_rs, accumulate, lhs, b, 1.0, true) }
+            Wt::Bf16(_) | Wt::Q8 { .. } => with_bf16_lhs!(self, k, |lhs, scale| unsafe {
+                gemm((m, n, k), dst, dst_rs, accumulate, lhs, b, scale, true)
+            }),
+        }
+    }
+
+    /// [`Wt::times`] for a bf16 or int8 weight and a right operand packed already.
+    ///
+    /// # Safety
+    /// As [`Wt::times`], with `rhs` covering k × m's columns.
+    unsafe fn times_packed(
+        &self,
+        m: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        accumulate: bool,
+        rhs: &super::gemm_bf16::PackedB,
+        k: usize,
+    ) {
+        use super::gemm_bf16::gemm_prepacked;
+        with_bf16_lhs!(self, k, |lhs, scale| unsafe { gemm_prepacked(m, dst, dst_rs, accumulate, lhs, rhs, scale) })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Int8 weights
+
+/// A layer's weight: a tensor (f32, f16 or bf16), or per-output-channel int8 (`--dtype q8`): codes
+/// `q + 128` (u8, the tensor's shape) with one f32 scale per output channel, `w ≈ q · scale`.
+/// The products widen the codes inside their packing (exactly, as bf16 integers, on a CPU with
+/// AVX512_BF16) and apply the scales to the f32 sums; elsewhere they are dequantised per call.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Q8 { codes: Tensor, scales: std::sync::Arc<[f32]> },
+}
+
+impl Weight {
+    /// Quantises `w` (output channels first) to int8 per output channel: scale = max|w| / 127 over
+    /// the channel, q = round(w / scale) (symmetric, the zero point at 0; a channel of zeros gets
+    /// scale 0). Non-finite weights are refused.
+    pub fn quantize(w: &Tensor) -> Result<Self> {
+        let rows = w.dim(0)?;
+        let v = w.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let k = v.len() / rows.max(1);
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            candle_core::bail!("value {} at index {i} is not finite: {NOT_QUANTISABLE}", v[i]);
+        }
+        let mut codes = vec![0u8; v.len()];
+        let scales: Vec<f32> = codes
+            .par_chunks_mut(k.max(1))
+            .zip(v.par_chunks(k.max(1)))
+            .map(|(q, w)| {
+                let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let scale = max / 127.0;
+                let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+                for (q, &x) in q.iter_mut().zip(w) {
+                    *q = ((x * inv).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+                }
+                scale
+            })
+            .collect();
+        let codes = Tensor::from_vec(codes, w.shape(), w.device())?;
+        Ok(Weight::Q8 { codes, scales: scales.into() })
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Weight::Dense(w) => w.dims(),
+            Weight::Q8 { codes, .. } => codes.dims(),
+        }
+    }
+
+    /// Whether the products multiply in bf16 with this weight (bf16 or int8 storage on a CPU with
+    /// AVX512_BF16): the layer's neighbours (attention) then do too.
+    pub fn bf16_products(&self) -> bool {
+        match self {
+            Weight::Dense(w) => w.dtype() == DType::BF16 && bf16_arithmetic(),
+            Weight::Q8 { .. } => bf16_arithmetic(),
+        }
+    }
+
+    /// The weight as a `dtype` tensor: widened or narrowed, or dequantised (`q · scale`).
+    pub fn dense(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => w.to_dtype(dtype),
+            Weight::Q8 { codes, scales } => {
+                let rows = codes.dim(0)?;
+                if codes.device().is_cpu() && !crate::device::generic_ops() {
+                    let (storage, layout) = codes.storage_and_layout();
+                    let v = match (&*storage, layout.contiguous_offsets()) {
+                        (candle_core::Storage::Cpu(CpuStorage::U8(v)), Some((a, b))) => {
+                            dequantize_rows(q8_codes(&v[a..b]), scales)
+                        }
+                        _ => candle_core::bail!("int8 weight: codes are not contiguous u8"),
+                    };
+                    return Tensor::from_vec(v, codes.shape(), codes.device())?.to_dtype(dtype);
+                }
+                let mut shape = vec![rows];
+                shape.resize(codes.rank(), 1);
+                let s = Tensor::from_slice(scales, rows, codes.device())?.reshape(shape)?;
+                ((codes.to_dtype(DType::F32)? - 128.0)?.broadcast_mul(&s)?).to_dtype(dtype)
             }
         }
     }
+
+    fn scales(&self) -> Option<std::sync::Arc<[f32]>> {
+        match self {
+            Weight::Dense(_) => None,
+            Weight::Q8 { scales, .. } => Some(scales.clone()),
+        }
+    }
+
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Weight::Dense(w) => w,
+            Weight::Q8 { codes, .. } => codes,
+        }
+    }
+}
+
+use super::gemm_bf16::Q8;
+
+/// How [`Weight::quantize`]'s refusals end (`models::weights_err` tells them from shape errors).
+pub const NOT_QUANTISABLE: &str = "cannot be quantised to int8 (--dtype q8)";
+
+fn q8_codes(v: &[u8]) -> &[Q8] {
+    // SAFETY: Q8 is a transparent wrapper of u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const Q8, v.len()) }
+}
+
+/// `(code − 128) · scale[row]` as f32, row by row, on all threads.
+fn dequantize_rows(codes: &[Q8], scales: &[f32]) -> Vec<f32> {
+    let k = codes.len() / scales.len().max(1);
+    let mut out = vec![0f32; codes.len()];
+    out.par_chunks_mut(k.max(1)).zip(codes.par_chunks(k.max(1))).zip(scales.par_iter()).for_each(|((o, q), &s)| {
+        dequantize_row(q, o, s);
+    });
+    out
+}
+
+simd! {
+fn dequantize_row(q: &[Q8], out: &mut [f32], scale: f32) {
+    for (o, &q) in out.iter_mut().zip(q) {
+        *o = (q.0 as i32 - 128) as f32 * scale;
+    }
+}
 }
 
 /// Whether bf16-stored weights are multiplied in bf16 (AVX512_BF16 present, the kernels on, and
@@ -152,10 +332,25 @@ impl<'a> Wt<'a> {
 pub fn bf16_arithmetic() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     !crate::device::generic_ops()
+        && !NO_BF16.with(|o| o.get())
         && *ON.get_or_init(|| {
             super::gemm_bf16::available()
                 && !std::env::var("GHIBLIFY_BF16_ARITHMETIC").is_ok_and(|v| matches!(v.trim(), "0" | "off"))
         })
+}
+
+thread_local! {
+    static NO_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as on a CPU without bf16 arithmetic (the f32 paths every other CPU takes), on this
+/// thread: how the tests reach those paths here.
+#[cfg(test)]
+fn without_bf16_arithmetic<T>(f: impl FnOnce() -> T) -> T {
+    let before = NO_BF16.with(|o| o.replace(true));
+    let out = f();
+    NO_BF16.with(|o| o.set(before));
+    out
 }
 
 fn widen<T: Copy + Sync>(v: &[T], f: impl Fn(T) -> f32 + Sync) -> Vec<f32> {
@@ -198,8 +393,10 @@ fn rayon_par() -> Parallelism {
 // ---------------------------------------------------------------------------------------------
 // Convolution
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Conv {
+    /// The weight's per-output-channel scales when it is int8 ([`Weight::Q8`]).
+    scales: Option<std::sync::Arc<[f32]>>,
     stride: usize,
     padding: usize,
     /// Nearest-neighbour ×2 upsampling of the input first, read through the indices (diffusers'
@@ -245,7 +442,11 @@ impl Conv {
         let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0 && f == 1 && self.pad_end == 0;
         // Output rows per tile: the im2col buffer (k × tile pixels) stays within 4 Mi floats.
         let rows = ((1 << 22) / (k * ow).max(1)).clamp(1, oh);
-        let mut col = if pointwise { Vec::new() } else { vec![0f32; k * rows * ow] };
+        // bf16 products: the patch rows go straight into the packed bf16 operand (no f32 patch
+        // matrix for packing to read again).
+        let direct = !matches!(w, Wt::F32(_));
+        let mut col = if pointwise || direct { Vec::new() } else { vec![0f32; k * rows * ow] };
+        let mut packed = super::gemm_bf16::PackedB::default();
         for bi in 0..b {
             let xb = &x[bi * cin * plane..(bi + 1) * cin * plane];
             let ob = &mut out[bi * cout * oplane..(bi + 1) * cout * oplane];
@@ -257,9 +458,8 @@ impl Conv {
             for oy0 in (0..oh).step_by(rows) {
                 let tr = rows.min(oh - oy0);
                 let tp = tr * ow;
-                let col = &mut col[..k * tp];
                 // Row r = (ci, ky, kx) of the patch matrix: input plane ci shifted by (ky, kx).
-                col.par_chunks_mut(tp).enumerate().for_each(|(r, crow)| {
+                let fill = |r: usize, crow: &mut [f32]| {
                     let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
                     let src = &xb[ci * plane..(ci + 1) * plane];
                     for (ty, seg) in crow.chunks_mut(ow).enumerate() {
@@ -284,9 +484,18 @@ impl Conv {
                             }
                         }
                     }
-                });
-                // SAFETY: the destination is columns [oy0·ow, oy0·ow + tp) of ob's cout rows.
-                unsafe { w.times((cout, tp, k), ob.as_mut_ptr().add(oy0 * ow), oplane, acc, (col.as_ptr(), tp)) };
+                };
+                let dst = ob[oy0 * ow..].as_mut_ptr();
+                if direct {
+                    packed.fill_rows((k, tp), fill);
+                    // SAFETY: the destination is columns [oy0·ow, oy0·ow + tp) of ob's cout rows.
+                    unsafe { w.times_packed(cout, dst, oplane, acc, &packed, k) };
+                } else {
+                    let col = &mut col[..k * tp];
+                    col.par_chunks_mut(tp).enumerate().for_each(|(r, crow)| fill(r, crow));
+                    // SAFETY: as above.
+                    unsafe { w.times((cout, tp, k), dst, oplane, acc, (col.as_ptr(), tp)) };
+                }
             }
         }
         out
@@ -307,7 +516,7 @@ impl Conv {
         if ih + 2 * self.padding + self.pad_end < kh || iw + 2 * self.padding + self.pad_end < kw || self.stride == 0 {
             candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {ih}×{iw} input padded by {}", self.padding);
         }
-        let w = Wt::new(ws.0, ws.1, "conv2d weight")?;
+        let w = Wt::new(ws.0, ws.1, self.scales.as_deref(), "conv2d weight")?;
         let bias = bias.map(|(s, l)| weight_f32(s, l, "conv2d bias")).transpose()?;
         let out = self.run(x, (b, cin, ih, iw), &w, (cout, kh, kw), bias.as_deref());
         let (oh, ow) = self.out_size((ih, iw), (kh, kw));
@@ -343,23 +552,22 @@ impl CustomOp3 for Conv {
 
 /// 2-D convolution (NCHW, OIHW weight, square stride and zero padding, no dilation or groups),
 /// with the bias added: what `torch.nn.Conv2d` computes.
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+pub fn conv2d(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     if !is_cpu_f32(x) {
-        let w = weight.to_dtype(x.dtype())?;
+        let w = weight.dense(x.dtype())?;
         let cfg_out = x.conv2d(&w, padding, stride, 1, 1)?;
         return match bias {
             Some(b) => cfg_out.broadcast_add(&b.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?),
             None => Ok(cfg_out),
         };
     }
-    let op = Conv { stride, padding, upsample: false, pad_end: 0 };
-    apply_conv(x, weight, bias, op)
+    apply_conv(x, weight, bias, Conv { scales: weight.scales(), stride, padding, upsample: false, pad_end: 0 })
 }
 
 /// `conv2d(upsample_nearest2d(x, 2h, 2w), …)` without the upsampled copy.
 pub fn upsample2x_conv2d(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &Weight,
     bias: Option<&Tensor>,
     stride: usize,
     padding: usize,
@@ -368,21 +576,21 @@ pub fn upsample2x_conv2d(
         let (_, _, h, w) = x.dims4()?;
         return conv2d(&x.upsample_nearest2d(2 * h, 2 * w)?, weight, bias, stride, padding);
     }
-    apply_conv(x, weight, bias, Conv { stride, padding, upsample: true, pad_end: 0 })
+    apply_conv(x, weight, bias, Conv { scales: weight.scales(), stride, padding, upsample: true, pad_end: 0 })
 }
 
 /// `conv2d(x zero-padded by one row below and one column right, …)` without the padded copy.
-pub fn pad_end_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize) -> Result<Tensor> {
+pub fn pad_end_conv2d(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, stride: usize) -> Result<Tensor> {
     if !is_cpu_f32(x) {
         let x = x.pad_with_zeros(candle_core::D::Minus1, 0, 1)?.pad_with_zeros(candle_core::D::Minus2, 0, 1)?;
         return conv2d(&x, weight, bias, stride, 0);
     }
-    apply_conv(x, weight, bias, Conv { stride, padding: 0, upsample: false, pad_end: 1 })
+    apply_conv(x, weight, bias, Conv { scales: weight.scales(), stride, padding: 0, upsample: false, pad_end: 1 })
 }
 
-fn apply_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, op: Conv) -> Result<Tensor> {
+fn apply_conv(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, op: Conv) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
+    let weight = weight.tensor().contiguous()?;
     match bias {
         Some(b) => x.apply_op3_no_bwd(&weight, &b.contiguous()?, &op),
         None => x.apply_op2_no_bwd(&weight, &op),
@@ -392,8 +600,11 @@ fn apply_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, op: Conv) -> R
 // ---------------------------------------------------------------------------------------------
 // Linear layers in bf16 arithmetic
 
-#[derive(Debug, Clone, Copy)]
-struct LinearBf16;
+#[derive(Debug, Clone)]
+struct LinearBf16 {
+    /// The weight's per-output-channel scales when it is int8 ([`Weight::Q8`]).
+    scales: Option<std::sync::Arc<[f32]>>,
+}
 
 impl LinearBf16 {
     fn fwd(
@@ -402,11 +613,8 @@ impl LinearBf16 {
         (ws, wl): (&CpuStorage, &Layout),
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
+        use super::gemm_bf16::{gemm, Lhs, Scale, View};
         let x = f32_slice(xs, xl, "linear input")?;
-        let w = match (ws, wl.contiguous_offsets()) {
-            (CpuStorage::BF16(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("linear: expected a contiguous bf16 weight"),
-        };
         let (n, k) = wl.shape().dims2()?;
         let dims = xl.shape().dims();
         if dims.last() != Some(&k) {
@@ -418,21 +626,23 @@ impl LinearBf16 {
             let b = weight_f32(bs, bl, "linear bias")?;
             out.par_chunks_mut(n).for_each(|r| r.copy_from_slice(&b));
         }
-        use super::gemm_bf16::{gemm, Lhs, View};
-        // Y = X · Wᵀ: X's rows packed (rounded to bf16 once), Wᵀ read from W's rows.
-        // SAFETY: x is rows × k, w is n × k, out is rows × n.
-        unsafe {
-            gemm(
-                (rows, n, k),
-                out.as_mut_ptr(),
-                n,
-                bias.is_some(),
-                Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 }),
-                View { ptr: w.as_ptr(), rs: 1, cs: k },
-                1.0,
-                true,
-            )
-        };
+        // Y = X · Wᵀ: X's rows packed (rounded to bf16 once), Wᵀ read from W's rows; an int8 W's
+        // scales are per output channel, so per column of Y.
+        let lhs = Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
+        let acc = bias.is_some();
+        // SAFETY: x is rows × k, w is n × k, out is rows × n, scales (if any) n long.
+        match (Wt::new(ws, wl, self.scales.as_deref(), "linear weight")?, &self.scales) {
+            (Wt::Bf16(w), None) => unsafe {
+                let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
+                gemm((rows, n, k), out.as_mut_ptr(), n, acc, lhs, b, Scale::ONE, true)
+            },
+            (Wt::Q8 { codes, scales }, Some(_)) if scales.len() == n => unsafe {
+                let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
+                let scale = Scale { all: 1.0, rows: None, cols: Some(scales) };
+                gemm((rows, n, k), out.as_mut_ptr(), n, acc, lhs, b, scale, true)
+            },
+            _ => candle_core::bail!("linear: the weight is not bf16 or int8 on a CPU with AVX512_BF16"),
+        }
         let mut od = dims.to_vec();
         *od.last_mut().unwrap() = n;
         Ok((CpuStorage::F32(out), Shape::from(od)))
@@ -465,18 +675,33 @@ impl CustomOp3 for LinearBf16 {
     }
 }
 
-/// `x · Wᵀ + b` in bf16 products with f32 sums, for f32 activations and bf16-stored weights when
-/// the CPU multiplies bf16 ([`bf16_arithmetic`]); `None` when the caller's f32 path applies.
-pub fn linear_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    if !is_cpu_f32(x) || weight.dtype() != DType::BF16 || !bf16_arithmetic() {
-        return Ok(None);
+/// `torch.nn.Linear`: `x · Wᵀ + b` over the last dimension, any leading dimensions. In bf16
+/// products with f32 sums for f32 activations when the weight is bf16 or int8 and the CPU
+/// multiplies bf16 ([`Weight::bf16_products`]); otherwise one f32 (or the activations' dtype)
+/// matrix product on the weight widened or dequantised for the call.
+pub fn linear(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+    if is_cpu_f32(x) && weight.bf16_products() {
+        let x = x.contiguous()?;
+        let w = weight.tensor().contiguous()?;
+        let op = LinearBf16 { scales: weight.scales() };
+        return match bias {
+            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op),
+            None => x.apply_op2_no_bwd(&w, &op),
+        };
     }
-    let x = x.contiguous()?;
-    let w = weight.contiguous()?;
-    Ok(Some(match bias {
-        Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearBf16)?,
-        None => x.apply_op2_no_bwd(&w, &LinearBf16)?,
-    }))
+    let w = weight.dense(x.dtype())?;
+    let (n, k) = w.dims2()?;
+    let lead = &x.dims()[..x.rank() - 1];
+    // One (rows × k)·(k × n) product over all leading dimensions, on the transposed view.
+    let rows = lead.iter().product::<usize>();
+    let y = x.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
+        None => y,
+    };
+    let mut shape = lead.to_vec();
+    shape.push(n);
+    y.reshape(shape)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -689,6 +914,34 @@ fn softmax_rows(s: &mut [f32], lk: usize) -> () {
 }
 }
 
+// The softmax of `softmax_rows` without its last pass: each row's `exp(s − max)` rounded to bf16
+// into `p` (the operand the product with V reads), and `inv[r]` = 1 / the sum of the rounded row,
+// for that product to apply to its f32 sums (the rows of P·V are then those of softmax(S)·V).
+simd! {
+fn softmax_rows_bf16(s: &[f32], lk: usize, p: &mut [half::bf16], inv: &mut [f32]) -> () {
+    for ((row, prow), inv) in s.chunks(lk).zip(p.chunks_mut(lk)).zip(inv.iter_mut()) {
+        let mut mx = [f32::NEG_INFINITY; 16];
+        for c in row.chunks(16) {
+            for (m, &v) in mx.iter_mut().zip(c) {
+                *m = m.max(v);
+            }
+        }
+        let m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut acc = [0f32; 16];
+        for (c, pc) in row.chunks(16).zip(prow.chunks_mut(16)) {
+            for ((a, &v), o) in acc.iter_mut().zip(c).zip(pc.iter_mut()) {
+                // Round to nearest even (e is positive and finite, or NaN kept NaN by the add).
+                let b = exp(v - m).to_bits();
+                let r = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
+                *o = half::bf16::from_bits((r >> 16) as u16);
+                *a += f32::from_bits(r);
+            }
+        }
+        *inv = 1.0 / acc.iter().sum::<f32>();
+    }
+}
+}
+
 #[derive(Debug, Clone, Copy)]
 struct AttentionOp {
     heads: usize,
@@ -756,7 +1009,8 @@ impl AttentionOp {
 
 impl AttentionOp {
     /// [`AttentionOp::run`] with bf16 products: each head's Kᵀ and V packed once (bf16 pairs), then
-    /// per block of queries the scores, an f32 softmax, and the product with V.
+    /// per block of queries the scores, an f32 softmax written as bf16 (unnormalised), and the
+    /// product with V, divided by each row's sum in its epilogue (one pass over the scores fewer).
     fn run_bf16(
         &self,
         (q, k, v): (&[f32], &[f32], &[f32]),
@@ -764,7 +1018,7 @@ impl AttentionOp {
         block: usize,
         out: &mut [f32],
     ) {
-        use super::gemm_bf16::{gemm_packed, PackedB, View};
+        use super::gemm_bf16::{gemm_packed, PackedB, Scale, View};
         let h = self.heads;
         let d = c / h;
         let scale = 1.0 / (d as f32).sqrt();
@@ -784,21 +1038,23 @@ impl AttentionOp {
             .collect();
         let out_ptr = SendPtr(out.as_mut_ptr());
         (0..b * h * nblk).into_par_iter().for_each_init(
-            || vec![0f32; block * lk],
-            |scores, job| {
+            || (vec![0f32; block * lk], vec![half::bf16::ZERO; block * lk], vec![0f32; block]),
+            |(scores, probs, inv), job| {
                 let (bh, blk) = (job / nblk, job % nblk);
                 let (bi, hi) = (bh / h, bh % h);
                 let q0 = blk * block;
                 let rows = block.min(lq - q0);
                 let s = &mut scores[..rows * lk];
+                let (p, inv) = (&mut probs[..rows * lk], &mut inv[..rows]);
                 let (kt, vv) = &packed[bh];
                 let qv = View { ptr: q[(bi * lq + q0) * c + hi * d..].as_ptr(), rs: c, cs: 1 };
                 // SAFETY: as in `run`: reads inside q and the packs, this job's rows × d block of out.
                 unsafe {
-                    gemm_packed(rows, s.as_mut_ptr(), lk, false, qv, kt, scale);
-                    softmax_rows(s, lk);
+                    gemm_packed(rows, s.as_mut_ptr(), lk, false, qv, kt, Scale::all(scale));
+                    softmax_rows_bf16(s, lk, p, inv);
                     let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
-                    gemm_packed(rows, op, c, false, View { ptr: s.as_ptr(), rs: lk, cs: 1 }, vv, 1.0);
+                    let pv = View { ptr: p.as_ptr(), rs: lk, cs: 1 };
+                    gemm_packed(rows, op, c, false, pv, vv, Scale { all: 1.0, rows: Some(inv), cols: None });
                 }
             },
         );
@@ -902,6 +1158,10 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    fn dense(t: &Tensor) -> Weight {
+        Weight::Dense(t.clone())
+    }
+
     #[test]
     fn generic_ops_switch_takes_candles_own_path() {
         // With the switch on, each fused op is exactly candle's generic composition (what CUDA and
@@ -909,9 +1169,10 @@ mod tests {
         let x = randn(&[1, 8, 12, 10], 1);
         let wt = randn(&[6, 8, 3, 3], 2);
         let generic = x.upsample_nearest2d(24, 20).unwrap().conv2d(&wt, 1, 1, 1, 1).unwrap();
-        let switched = crate::device::with_generic_ops(true, || upsample2x_conv2d(&x, &wt, None, 1, 1).unwrap());
+        let switched =
+            crate::device::with_generic_ops(true, || upsample2x_conv2d(&x, &dense(&wt), None, 1, 1).unwrap());
         assert_eq!(max_rel(&switched, &generic), 0.0);
-        let ours = crate::device::with_generic_ops(false, || upsample2x_conv2d(&x, &wt, None, 1, 1).unwrap());
+        let ours = crate::device::with_generic_ops(false, || upsample2x_conv2d(&x, &dense(&wt), None, 1, 1).unwrap());
         assert!(max_rel(&ours, &generic) > 0.0, "the CPU kernel ran");
         assert!(crate::device::with_generic_ops(true, crate::device::generic_ops));
     }
@@ -933,25 +1194,25 @@ mod tests {
             let bias = randn(&[cout], 3);
             let want =
                 x.conv2d(&wt, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
-            let got = conv2d(&x, &wt, Some(&bias), s, p).unwrap();
+            let got = conv2d(&x, &dense(&wt), Some(&bias), s, p).unwrap();
             assert_eq!(got.dims(), want.dims());
             assert!(max_rel(&got, &want) < 1e-5, "conv {:?}: {}", (b, cin, cout, h, w, k, s, p), max_rel(&got, &want));
             let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wt, p, s, 1, 1).unwrap();
-            let got_up = upsample2x_conv2d(&x, &wt, None, s, p).unwrap();
+            let got_up = upsample2x_conv2d(&x, &dense(&wt), None, s, p).unwrap();
             assert!(max_rel(&got_up, &up) < 1e-5, "upsampled conv {:?}", (b, cin, cout, h, w, k, s, p));
             let padded = x.pad_with_zeros(3, 0, 1).unwrap().pad_with_zeros(2, 0, 1).unwrap();
             let want_end = padded.conv2d(&wt, 0, s, 1, 1).unwrap();
             assert!(
-                max_rel(&pad_end_conv2d(&x, &wt, None, s).unwrap(), &want_end) < 1e-5,
+                max_rel(&pad_end_conv2d(&x, &dense(&wt), None, s).unwrap(), &want_end) < 1e-5,
                 "pad-end conv {:?}",
                 (b, cin, cout, h, w, k, s)
             );
-            let nob = conv2d(&x, &wt, None, s, p).unwrap();
+            let nob = conv2d(&x, &dense(&wt), None, s, p).unwrap();
             assert!(max_rel(&nob, &x.conv2d(&wt, p, s, 1, 1).unwrap()) < 1e-5);
             // f16 weight storage computes in f32 on the widened weights.
             let w16 = wt.to_dtype(DType::F16).unwrap();
             let want16 = x.conv2d(&w16.to_dtype(DType::F32).unwrap(), p, s, 1, 1).unwrap();
-            assert!(max_rel(&conv2d(&x, &w16, None, s, p).unwrap(), &want16) < 1e-5);
+            assert!(max_rel(&conv2d(&x, &dense(&w16), None, s, p).unwrap(), &want16) < 1e-5);
         }
     }
 
@@ -974,6 +1235,8 @@ mod tests {
             (1, 3, 5, 10, 7, 3, 2, 1),
             (2, 40, 24, 8, 9, 1, 1, 0),
             (1, 64, 96, 33, 20, 3, 1, 1),
+            // Several im2col tiles, odd k.
+            (1, 97, 8, 300, 160, 3, 1, 1),
         ] {
             let x = randn(&[b, cin, h, w], 11);
             let wt = randn(&[cout, cin, k, k], 12).to_dtype(DType::BF16).unwrap();
@@ -984,20 +1247,19 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
-            let got = conv2d(&x, &wt, Some(&bias), s, p).unwrap();
+            let got = conv2d(&x, &dense(&wt), Some(&bias), s, p).unwrap();
             assert!(max_rel(&got, &want) < 1e-5, "bf16 conv {:?}: {}", (cin, cout, k, s), max_rel(&got, &want));
             let exact =
                 x.conv2d(&wf, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
             assert!(max_rel(&got, &exact) > 1e-4, "bf16 conv {:?} rounded its input", (cin, cout, k, s));
             let up = bf16_rounded(&x).upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wf, p, s, 1, 1).unwrap();
-            assert!(max_rel(&upsample2x_conv2d(&x, &wt, None, s, p).unwrap(), &up) < 1e-5);
+            assert!(max_rel(&upsample2x_conv2d(&x, &dense(&wt), None, s, p).unwrap(), &up) < 1e-5);
         }
         for &(rows, k, n, bias) in &[(5, 8, 3, true), (300, 320, 70, false), (1100, 96, 640, true), (7, 77, 9, true)] {
             let x = randn(&[1, rows, k], 14);
             let wt = randn(&[n, k], 15).to_dtype(DType::BF16).unwrap();
             let b = randn(&[n], 16);
-            let lin = super::super::nn::Linear::new(wt.clone(), bias.then(|| b.clone()));
-            let got = lin.forward(&x).unwrap();
+            let got = linear(&x, &dense(&wt), bias.then_some(&b)).unwrap();
             let mut want =
                 bf16_rounded(&x).matmul(&wt.to_dtype(DType::F32).unwrap().t().unwrap().unsqueeze(0).unwrap()).unwrap();
             if bias {
@@ -1024,6 +1286,105 @@ mod tests {
             assert!(e < 8e-3 && e > 0.0, "bf16 attention {:?}: {e}", (b, lq, lk, c, heads));
             let f32_path = attention(&q, &k, &v, heads, false).unwrap();
             assert!(max_rel(&f32_path, &reference_attention(&q, &k, &v, heads).unwrap()) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn int8_weights_quantize_per_channel_and_refuse_non_finite() {
+        // Channel 1 all zero, channel 2 with one large value: each channel its own scale.
+        let mut v = randn(&[4, 3, 3, 3], 20).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[27..54].fill(0.0);
+        v[60] = 40.0;
+        let w = Tensor::from_vec(v.clone(), (4, 3, 3, 3), &Device::Cpu).unwrap();
+        let Weight::Q8 { codes, scales } = Weight::quantize(&w).unwrap() else { panic!("not int8") };
+        assert_eq!((codes.dims(), codes.dtype()), (w.dims(), DType::U8));
+        let codes = codes.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        assert!(codes.iter().all(|&c| (1..=255).contains(&c)), "codes stay within ±127");
+        assert_eq!(scales[1], 0.0);
+        assert!((scales[2] - 40.0 / 127.0).abs() < 1e-7);
+        for row in 0..4 {
+            let max = v[row * 27..(row + 1) * 27].iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(codes[row * 27..(row + 1) * 27].iter().any(|&c| c == 1 || c == 255) || max == 0.0);
+        }
+        let q = Weight::quantize(&w).unwrap();
+        for generic in [false, true] {
+            let d = crate::device::with_generic_ops(generic, || q.dense(DType::F32).unwrap());
+            let d = d.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (i, (&a, &b)) in d.iter().zip(&v).enumerate() {
+                assert!((a - b).abs() <= scales[i / 27] / 2.0 + 1e-6, "{i}: {a} vs {b} (generic {generic})");
+            }
+        }
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut v = v.clone();
+            v[5] = bad;
+            let w = Tensor::from_vec(v, (4, 3, 3, 3), &Device::Cpu).unwrap();
+            let e = Weight::quantize(&w).unwrap_err().to_string();
+            assert!(e.contains("not finite") && e.contains("index 5"), "{e}");
+        }
+    }
+
+    #[test]
+    fn int8_products_match_f32_on_the_dequantised_weights() {
+        // Convolutions (3×3 even and odd k, strided, 1×1, upsampled, padded at the end) and linear
+        // layers with int8 weights: on this CPU's bf16 path the codes enter exactly, so the result
+        // is f32's on the dequantised weight and bf16-rounded input; on the f32 path (every other
+        // CPU) and candle's generic ops it is f32's on the dequantised weight.
+        type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
+        let paths: [(&str, Path, bool); 3] = [
+            ("kernels", |f| f(), true),
+            ("f32 kernels", |f| without_bf16_arithmetic(f), false),
+            ("generic", |f| crate::device::with_generic_ops(true, f), false),
+        ];
+        for &(b, cin, cout, h, w, k, s, p) in &[
+            (2, 6, 17, 9, 11, 3, 1, 1),
+            (1, 9, 20, 10, 7, 3, 2, 1),
+            (2, 70, 24, 8, 9, 1, 1, 0),
+            (1, 40, 16, 200, 120, 3, 1, 1),
+        ] {
+            let x = randn(&[b, cin, h, w], 21);
+            let q = Weight::quantize(&randn(&[cout, cin, k, k], 22)).unwrap();
+            let wf = q.dense(DType::F32).unwrap();
+            let bias = randn(&[cout], 23);
+            for (name, run, rounded) in paths {
+                let rounded = rounded && bf16_arithmetic();
+                let xr = if rounded { bf16_rounded(&x) } else { x.clone() };
+                let want =
+                    xr.conv2d(&wf, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+                let got = run(&|| conv2d(&x, &q, Some(&bias), s, p).unwrap());
+                assert!(
+                    max_rel(&got, &want) < 1e-5,
+                    "{name} int8 conv {:?}: {}",
+                    (cin, cout, k, s),
+                    max_rel(&got, &want)
+                );
+                if rounded {
+                    let exact = x.conv2d(&wf, p, s, 1, 1).unwrap();
+                    let exact = exact.broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+                    assert!(max_rel(&got, &exact) > 1e-4, "the bf16 path ran");
+                }
+                let up = xr.upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wf, p, s, 1, 1).unwrap();
+                let got = run(&|| upsample2x_conv2d(&x, &q, None, s, p).unwrap());
+                assert!(max_rel(&got, &up) < 1e-5, "{name} int8 upsampled conv");
+                let padded = xr.pad_with_zeros(3, 0, 1).unwrap().pad_with_zeros(2, 0, 1).unwrap();
+                let got = run(&|| pad_end_conv2d(&x, &q, None, s).unwrap());
+                assert!(max_rel(&got, &padded.conv2d(&wf, 0, s, 1, 1).unwrap()) < 1e-5, "{name} int8 pad-end conv");
+            }
+        }
+        for &(rows, k, n, bias) in &[(5, 8, 3, true), (300, 320, 70, false), (7, 77, 90, true)] {
+            let x = randn(&[1, rows, k], 24);
+            let q = Weight::quantize(&randn(&[n, k], 25)).unwrap();
+            let wf = q.dense(DType::F32).unwrap();
+            let bv = randn(&[n], 26);
+            for (name, run, rounded) in paths {
+                let xr = if rounded && bf16_arithmetic() { bf16_rounded(&x) } else { x.clone() };
+                let mut want = xr.matmul(&wf.t().unwrap().unsqueeze(0).unwrap()).unwrap();
+                if bias {
+                    want = want.broadcast_add(&bv).unwrap();
+                }
+                let got = run(&|| linear(&x, &q, bias.then_some(&bv)).unwrap());
+                assert_eq!(got.dims(), &[1, rows, n]);
+                assert!(max_rel(&got, &want) < 1e-5, "{name} int8 linear {:?}: {}", (rows, k, n), max_rel(&got, &want));
+            }
         }
     }
 

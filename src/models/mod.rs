@@ -306,9 +306,10 @@ pub fn weights_err(files: &ComponentFiles) -> impl Fn(candle_core::Error) -> Err
             }
             None => files.config.display().to_string(),
         };
-        Error::Weights {
-            path: files.weights_path(),
-            msg: format!("weights do not match {against}: {}", crate::error::candle_message(&e)),
-        }
+        let msg = crate::error::candle_message(&e);
+        // A weight --dtype q8 cannot quantise is a fault of the values, not of the shapes.
+        let msg =
+            if msg.contains(kernels::NOT_QUANTISABLE) { msg } else { format!("weights do not match {against}: {msg}") };
+        Error::Weights { path: files.weights_path(), msg }
     }
 }

@@ -1,14 +1,53 @@
 //! Layers shared by the UNet and the VAE, following diffusers' `models/resnet.py`,
 //! `models/attention_processor.py`, `models/upsampling.py` and `models/downsampling.py`.
 
-use super::kernels;
+use super::kernels::{self, Weight};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+thread_local! {
+    static QUANTIZE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Builds the layers made inside `f` with int8 weights (`--dtype q8`) when `on`: every
+/// convolution and linear layer with at least [`Q8_MIN_INPUTS`] inputs per output and
+/// [`Q8_MIN_OUTPUTS`] outputs; norms, biases, embeddings and the tiny last layers stay in the
+/// load's dtype. (A scope rather than a parameter: the models build their layers through many
+/// nested constructors, and loads run on the calling thread.)
+pub fn quantized<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let before = QUANTIZE.with(|q| q.replace(on));
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            QUANTIZE.with(|q| q.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
+/// Inputs per output below which a layer keeps its dtype: a handful of values per channel saves
+/// less than its scale costs, and such a layer costs nothing to run.
+const Q8_MIN_INPUTS: usize = 16;
+/// Outputs below which a layer keeps its dtype (the UNet's and VAE's last convolutions, 4 or 3
+/// outputs: the layer every pixel of the result goes through, and it costs nothing).
+const Q8_MIN_OUTPUTS: usize = 16;
+
+/// A loaded weight as the layer keeps it: quantised inside a [`quantized`] scope when big enough.
+fn layer_weight(vb: &VarBuilder, w: Tensor) -> Result<Weight> {
+    let outputs = w.dim(0)?;
+    let inputs = w.elem_count() / outputs.max(1);
+    if QUANTIZE.with(|q| q.get()) && inputs >= Q8_MIN_INPUTS && outputs >= Q8_MIN_OUTPUTS {
+        Weight::quantize(&w).map_err(|e| candle_core::Error::Msg(format!("{}.weight: {e}", vb.prefix())))
+    } else {
+        Ok(Weight::Dense(w))
+    }
+}
 
 /// `torch.nn.Conv2d` (square kernel, stride and zero padding), run by [`kernels::conv2d`].
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
@@ -48,7 +87,7 @@ pub fn conv2d_with(
     padding: usize,
     bias: bool,
 ) -> Result<Conv2d> {
-    let weight = vb.get((cout, cin, k, k), "weight")?;
+    let weight = layer_weight(&vb, vb.get((cout, cin, k, k), "weight")?)?;
     let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
     Ok(Conv2d { weight, bias, stride, padding })
 }
@@ -93,51 +132,37 @@ fn widened(w: &Tensor, like: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `torch.nn.Linear`: y = x·Wᵀ + b over the last dimension, any leading dimensions.
+/// `torch.nn.Linear`: y = x·Wᵀ + b over the last dimension, any leading dimensions, run by
+/// [`kernels::linear`].
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    fn new(vb: &VarBuilder, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self { weight: layer_weight(vb, weight)?, bias })
     }
 
-    /// Whether the weight is stored as bf16 (the layer's neighbours then compute in bf16 too).
-    pub fn is_bf16(&self) -> bool {
-        self.weight.dtype() == candle_core::DType::BF16
+    /// Whether the products multiply in bf16 (the layer's neighbours then do too).
+    pub fn bf16_products(&self) -> bool {
+        self.weight.bf16_products()
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(y) = kernels::linear_bf16(xs, &self.weight, self.bias.as_ref())? {
-            return Ok(y);
-        }
-        let w = widened(&self.weight, xs)?;
-        let (n, k) = w.dims2()?;
-        let lead = &xs.dims()[..xs.rank() - 1];
-        // One (rows × k)·(k × n) product over all leading dimensions, on the transposed view.
-        let rows = lead.iter().product::<usize>();
-        let y = xs.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&widened(b, xs)?)?,
-            None => y,
-        };
-        let mut shape = lead.to_vec();
-        shape.push(n);
-        y.reshape(shape)
+        kernels::linear(xs, &self.weight, self.bias.as_ref())
     }
 }
 
 pub fn linear(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear> {
-    Ok(Linear::new(vb.get((cout, cin), "weight")?, Some(vb.get(cout, "bias")?)))
+    Linear::new(&vb, vb.get((cout, cin), "weight")?, Some(vb.get(cout, "bias")?))
 }
 
 pub fn linear_no_bias(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear> {
-    Ok(Linear::new(vb.get((cout, cin), "weight")?, None))
+    Linear::new(&vb, vb.get((cout, cin), "weight")?, None)
 }
 
 /// `torch.nn.LayerNorm` over the last dimension (candle's fused kernel), weights widened.
@@ -177,7 +202,7 @@ pub fn linear_maybe_conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) ->
         candle_core::bail!("{} has shape {:?}, expected [{cout}, {cin}]", vb.prefix(), w.dims());
     }
     let b = if bias { Some(vb.get(cout, "bias")?) } else { None };
-    Ok(Linear::new(w, b))
+    Linear::new(&vb, w, b)
 }
 
 /// diffusers `ResnetBlock2D` (pre-norm, "default" time-scale-shift, optional 1×1 shortcut).

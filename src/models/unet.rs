@@ -428,7 +428,7 @@ impl Attention {
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        self.to_out.forward(&attention(&q, &k, &v, self.heads, self.to_q.is_bf16())?)
+        self.to_out.forward(&attention(&q, &k, &v, self.heads, self.to_q.bf16_products())?)
     }
 }
 

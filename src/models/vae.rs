@@ -178,7 +178,7 @@ impl VaeAttention {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let t = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let o = attention(&self.q.forward(&t)?, &self.k.forward(&t)?, &self.v.forward(&t)?, 1, self.q.is_bf16())?;
+        let o = attention(&self.q.forward(&t)?, &self.k.forward(&t)?, &self.v.forward(&t)?, 1, self.q.bf16_products())?;
         let o = self.out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + xs
     }
