@@ -1,7 +1,7 @@
 //! Time and peak memory of the hot operations on the full-size SD1.5 architecture with random
 //! weights (compute does not depend on weight values): median of N runs after one warm-up.
 //!
-//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|matmul|conv|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
+//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|matmul|conv|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
 //!
 //! `controlnet` times one SD1.5 ControlNet call at the CFG batch, `controlnet-b1` without CFG (as
 //! with `--fast`): the added cost per step of `--control`; compare with `unet` / `unet-b1`.
@@ -37,9 +37,9 @@ fn main() -> anyhow::Result<()> {
         Some("bf16") => DType::BF16,
         _ => DType::F32,
     };
-    // q8: f32 weights quantised to int8 as the layers are built (`--dtype q8`); the VAE stays f32
-    // under q8, as in the pipeline.
-    let q8 = args.get(2).map(String::as_str) == Some("q8") && !what.starts_with("vae");
+    // q8: f32 weights quantised to int8 as the layers are built (`--dtype q8`); the autoencoders
+    // stay f32 under q8, as in the pipeline.
+    let q8 = args.get(2).map(String::as_str) == Some("q8") && !what.starts_with("vae") && what != "taesd";
     if what == "gemm-shapes" {
         gemm_shapes(n);
         return Ok(());
@@ -81,6 +81,13 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     Box::new(move || Ok(vae.encode(&image)?.mean))
                 }
+            }
+            "taesd" => {
+                // A fast run's autoencoder work: one TAESD encode and one decode at 512².
+                let cfg: ghiblify::models::taesd::TinyConfig = serde_json::from_str("{}")?;
+                let tiny = ghiblify::models::taesd::TinyVae::from_config(cfg, vb, Path::new("taesd"))?;
+                let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev)?.to_dtype(act)?;
+                Box::new(move || tiny.decode(&tiny.encode(&image)?))
             }
             "matmul" => {
                 let a = Tensor::randn(0f32, 1.0, (4096, 4096), &dev)?;

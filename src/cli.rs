@@ -300,9 +300,10 @@ pub struct Args {
     /// softmax and the sampler stay f32, as under PyTorch's bf16 autocast — about twice as fast,
     /// the picture within autocast's own distance of f32. Elsewhere, and with f16, the arithmetic
     /// stays f32 (~10 % slower than f32). q8 quantises the UNet's, text encoder's and ControlNets'
-    /// weights to int8 per output channel as they load (a quarter of f32's memory; the VAE stays
-    /// f32), multiplied in bf16 where the CPU has AVX512_BF16, else dequantised per layer. f32 is
-    /// the default because it is the same picture on every CPU and matches diffusers f32
+    /// weights to int8 per output channel as they load (a 512² run in ~2 GB, 40 % of f32's; the
+    /// VAE stays f32), multiplied in bf16 where the CPU has AVX512_BF16, else dequantised per
+    /// layer. f32 is the default because it is the same picture on every CPU and matches
+    /// diffusers f32
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
 

@@ -88,10 +88,6 @@ impl Engine<'_> {
             }
         }
         let dtype = crate::device::default_dtype(&device, s.model.dtype);
-        if device.is_cpu() && (dtype != DType::F32 || s.model.quantize) {
-            // Half-precision or int8 weights on the CPU are asked for to save memory: keep it low.
-            crate::alloc::set_purge_delay(crate::alloc::LOW_MEMORY_PURGE_DELAY_MS);
-        }
         self.printer.verbose(crate::device::describe(&device, dtype, s.model.quantize));
         let hub = LazyHub::new(s, self.printer);
         let location = model_path(s, &hub, dtype)?;
@@ -133,6 +129,12 @@ impl Engine<'_> {
             }
             self.printer.verbose(format!("loaded ControlNet '{}' in {:.1} s", spec.name(), t.elapsed().as_secs_f64()));
             controlnets.push(net);
+        }
+        if device.is_cpu() && (dtype != DType::F32 || s.model.quantize) {
+            // Half-precision or int8 weights on the CPU are asked for to save memory: keep it low
+            // from here on. (Not during the load: it frees one converted tensor per weight, and
+            // handing each back to the OS only for the next to fault in again doubled q8's load.)
+            crate::alloc::set_purge_delay(crate::alloc::LOW_MEMORY_PURGE_DELAY_MS);
         }
         for r in &outcome.reports {
             self.printer.info(r.line());

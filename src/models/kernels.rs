@@ -221,25 +221,22 @@ impl Weight {
     /// scale 0). Non-finite weights are refused.
     pub fn quantize(w: &Tensor) -> Result<Self> {
         let rows = w.dim(0)?;
-        let v = w.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let w32 = w.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = w32.storage_and_layout();
+        let v = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("quantize: expected a contiguous f32 weight"),
+        };
         let k = v.len() / rows.max(1);
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        let mut codes = vec![0u8; v.len()];
+        let scales: Vec<f32> =
+            codes.par_chunks_mut(k.max(1)).zip(v.par_chunks(k.max(1))).map(|(q, w)| quantize_row(w, q)).collect();
+        // A non-finite weight makes its channel's scale NaN (found here, after the fast pass).
+        if scales.iter().any(|s| !s.is_finite()) {
+            let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
             candle_core::bail!("value {} at index {i} is not finite: {NOT_QUANTISABLE}", v[i]);
         }
-        let mut codes = vec![0u8; v.len()];
-        let scales: Vec<f32> = codes
-            .par_chunks_mut(k.max(1))
-            .zip(v.par_chunks(k.max(1)))
-            .map(|(q, w)| {
-                let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let scale = max / 127.0;
-                let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-                for (q, &x) in q.iter_mut().zip(w) {
-                    *q = ((x * inv).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
-                }
-                scale
-            })
-            .collect();
+        drop(storage);
         let codes = Tensor::from_vec(codes, w.shape(), w.device())?;
         Ok(Weight::Q8 { codes, scales: scales.into() })
     }
@@ -307,6 +304,33 @@ pub const NOT_QUANTISABLE: &str = "cannot be quantised to int8 (--dtype q8)";
 fn q8_codes(v: &[u8]) -> &[Q8] {
     // SAFETY: Q8 is a transparent wrapper of u8.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const Q8, v.len()) }
+}
+
+// One output channel to int8 codes (`q + 128`, q = w / scale rounded to nearest even); returns
+// the scale, max|w| / 127, or NaN when a weight is not finite.
+simd! {
+fn quantize_row(w: &[f32], q: &mut [u8]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut finite = [true; 16];
+    for c in w.chunks(16) {
+        for ((m, f), &x) in lanes.iter_mut().zip(finite.iter_mut()).zip(c) {
+            *m = if x.abs() > *m { x.abs() } else { *m };
+            *f &= x.is_finite();
+        }
+    }
+    if finite.contains(&false) {
+        return f32::NAN;
+    }
+    let max = lanes.iter().fold(0f32, |a, &b| if b > a { b } else { a });
+    let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+    for (q, &x) in q.iter_mut().zip(w) {
+        // 1.5·2^23 added to a value in [1, 255] leaves it rounded to an integer in the low
+        // mantissa bits (no float → int conversion, which does not vectorise).
+        let y = (x * inv + 128.0).clamp(1.0, 255.0) + 12_582_912.0;
+        *q = y.to_bits() as u8;
+    }
+    max / 127.0
+}
 }
 
 /// `(code − 128) · scale[row]` as f32, row by row, on all threads.
