@@ -186,6 +186,14 @@ fn the_binary_runs_controlnets_from_folders_and_refuses_what_does_not_fit() {
         params.contains(r#"ControlNet 0: "Module: none, Model: tiny-controlnet-sd1, Weight: 0.9, Guidance Start: 0, Guidance End: 0.5""#),
         "{params}"
     );
+    // With int8 weights (the ControlNet's too) the same run still works and says so.
+    let o = run(
+        &["--controlnet", &canny_cn, "--control-image", photo_s, "--control-end", "0.5", "--dtype", "q8"],
+        "q8.png",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let params = crate::cli::png_text(&case.path("q8.png"), "parameters").unwrap();
+    assert!(params.contains("ControlNet 0: ") && params.contains("Precision: q8 weights"), "{params}");
     let o = run(&[], "without.png");
     assert!(o.status.success());
     let a = image::open(case.path("with.png")).unwrap().to_rgb8();
