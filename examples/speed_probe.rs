@@ -1,7 +1,7 @@
 //! Time and peak memory of the hot operations on the full-size SD1.5 architecture with random
 //! weights (compute does not depend on weight values): median of N runs after one warm-up.
 //!
-//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|matmul|conv|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
+//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
 //!
 //! `controlnet` times one SD1.5 ControlNet call at the CFG batch, `controlnet-b1` without CFG (as
 //! with `--fast`): the added cost per step of `--control`; compare with `unet` / `unet-b1`.
@@ -88,6 +88,13 @@ fn main() -> anyhow::Result<()> {
                 let tiny = ghiblify::models::taesd::TinyVae::from_config(cfg, vb, Path::new("taesd"))?;
                 let image = Tensor::randn(0f32, 0.5, (1, 3, 512, 512), &dev)?.to_dtype(act)?;
                 Box::new(move || tiny.decode(&tiny.encode(&image)?))
+            }
+            "attention" => {
+                // The UNet's largest attention at 512² with CFG: 4096 tokens, 8 heads of 40.
+                let t = || Tensor::randn(0f32, 1.0, (2, 4096, 320), &dev);
+                let (q, k, v) = (t()?, t()?, t()?);
+                let bf16 = dtype == DType::BF16 && ghiblify::models::kernels::bf16_arithmetic();
+                Box::new(move || ghiblify::models::kernels::attention(&q, &k, &v, 8, bf16))
             }
             "matmul" => {
                 let a = Tensor::randn(0f32, 1.0, (4096, 4096), &dev)?;

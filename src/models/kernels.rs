@@ -916,19 +916,18 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
 simd! {
 fn softmax_rows(s: &mut [f32], lk: usize) -> () {
     for row in s.chunks_mut(lk) {
-        let mut mx = [f32::NEG_INFINITY; 16];
-        for c in row.chunks(16) {
-            for (m, &v) in mx.iter_mut().zip(c) {
-                *m = m.max(v);
-            }
-        }
-        let m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let m = row_max(row);
         let mut acc = [0f32; 16];
-        for c in row.chunks_mut(16) {
+        let mut it = row.chunks_exact_mut(16);
+        for c in &mut it {
             for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
                 *v = exp(*v - m);
                 *a += *v;
             }
+        }
+        for (a, v) in acc.iter_mut().zip(it.into_remainder()) {
+            *v = exp(*v - m);
+            *a += *v;
         }
         let inv = 1.0 / acc.iter().sum::<f32>();
         for v in row.iter_mut() {
@@ -938,32 +937,63 @@ fn softmax_rows(s: &mut [f32], lk: usize) -> () {
 }
 }
 
-// The softmax of `softmax_rows` without its last pass: each row's `exp(s − max)` rounded to bf16
-// into `p` (the operand the product with V reads), and `inv[r]` = 1 / the sum of the rounded row,
-// for that product to apply to its f32 sums (the rows of P·V are then those of softmax(S)·V).
-simd! {
-fn softmax_rows_bf16(s: &[f32], lk: usize, p: &mut [half::bf16], inv: &mut [f32]) -> () {
+/// The largest value of a row, 16 lanes at a time. Whole chunks first and the tail apart (here and
+/// in the softmaxes): a loop over `chunks(16)`, whose last chunk may be short, kept the 16 lanes in
+/// memory, a store-to-load round trip per 16 values that made the softmax half of the attention.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut mx = [f32::NEG_INFINITY; 16];
+    let mut it = row.chunks_exact(16);
+    for c in &mut it {
+        for (m, &v) in mx.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    for (m, &v) in mx.iter_mut().zip(it.remainder()) {
+        *m = m.max(v);
+    }
+    mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// The softmax of `softmax_rows` without its last pass: each row's `exp(s − max)` rounded to bf16
+/// (`vcvtneps2bf16`, nearest even) into `p`, the operand the product with V reads, and `inv[r]` =
+/// 1 / the row's f32 sum, for that product to apply to its f32 sums (the rows of P·V are then those
+/// of softmax(S)·V, the probabilities rounded as autocast rounds them).
+///
+/// # Safety
+/// The CPU has AVX512_BF16 (the bf16 attention runs only then).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn softmax_rows_bf16(s: &[f32], lk: usize, p: &mut [half::bf16], inv: &mut [f32]) {
+    use super::gemm_bf16::Elem;
+    use std::arch::x86_64::*;
     for ((row, prow), inv) in s.chunks(lk).zip(p.chunks_mut(lk)).zip(inv.iter_mut()) {
-        let mut mx = [f32::NEG_INFINITY; 16];
-        for c in row.chunks(16) {
-            for (m, &v) in mx.iter_mut().zip(c) {
-                *m = m.max(v);
+        let m = row_max(row);
+        let mut acc = _mm512_setzero_ps();
+        let (mut it, mut pit) = (row.chunks_exact(16), prow.chunks_exact_mut(16));
+        for (c, pc) in (&mut it).zip(&mut pit) {
+            let mut e = [0f32; 16];
+            for (e, &v) in e.iter_mut().zip(c) {
+                *e = exp(v - m);
             }
+            let e = _mm512_loadu_ps(e.as_ptr());
+            acc = _mm512_add_ps(acc, e);
+            let rounded: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_storeu_si256(pc.as_mut_ptr() as *mut __m256i, rounded);
         }
-        let m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut acc = [0f32; 16];
-        for (c, pc) in row.chunks(16).zip(prow.chunks_mut(16)) {
-            for ((a, &v), o) in acc.iter_mut().zip(c).zip(pc.iter_mut()) {
-                // Round to nearest even (e is positive and finite, or NaN kept NaN by the add).
-                let b = exp(v - m).to_bits();
-                let r = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
-                *o = half::bf16::from_bits((r >> 16) as u16);
-                *a += f32::from_bits(r);
-            }
+        let mut sum = _mm512_reduce_add_ps(acc);
+        for (&v, o) in it.remainder().iter().zip(pit.into_remainder()) {
+            let e = exp(v - m);
+            sum += e;
+            *o = half::bf16::from_bits(e.bf16_bits() as u16);
         }
-        *inv = 1.0 / acc.iter().sum::<f32>();
+        *inv = 1.0 / sum;
     }
 }
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn softmax_rows_bf16(_: &[f32], _: usize, _: &mut [half::bf16], _: &mut [f32]) {
+    unreachable!("bf16 arithmetic needs x86_64's AVX512_BF16")
 }
 
 #[derive(Debug, Clone, Copy)]
