@@ -312,11 +312,18 @@ simd! {
 fn quantize_row(w: &[f32], q: &mut [u8]) -> f32 {
     let mut lanes = [0f32; 16];
     let mut finite = [true; 16];
-    for c in w.chunks(16) {
+    let mut it = w.chunks_exact(16);
+    let lane = |m: &mut f32, f: &mut bool, x: f32| {
+        *m = if x.abs() > *m { x.abs() } else { *m };
+        *f &= x.is_finite();
+    };
+    for c in &mut it {
         for ((m, f), &x) in lanes.iter_mut().zip(finite.iter_mut()).zip(c) {
-            *m = if x.abs() > *m { x.abs() } else { *m };
-            *f &= x.is_finite();
+            lane(m, f, x);
         }
+    }
+    for ((m, f), &x) in lanes.iter_mut().zip(finite.iter_mut()).zip(it.remainder()) {
+        lane(m, f, x);
     }
     if finite.contains(&false) {
         return f32::NAN;
@@ -745,14 +752,10 @@ fn norm_chunk(x: &[f32], out: &mut [f32], per: usize, gamma: &[f32], beta: &[f32
     let n = x.len() as f64;
     let mean = lane_sum(x) / n;
     let m = mean as f32;
-    let mut acc = [0f64; 8];
-    for c in x.chunks(8) {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            let d = (v - m) as f64;
-            *a += d * d;
-        }
-    }
-    let var = acc.iter().sum::<f64>() / n;
+    let var = lane_sum_by(x, |v| {
+        let d = (v - m) as f64;
+        d * d
+    }) / n;
     let rstd = (1.0 / (var + eps).sqrt()) as f32;
     for ((xc, oc), (&g, &b)) in x.chunks(per).zip(out.chunks_mut(per)).zip(gamma.iter().zip(beta)) {
         // (v − mean)·a + b, not v·a + (b − mean·a): the latter cancels badly when |mean| ≫ std.
@@ -774,11 +777,22 @@ fn norm_chunk(x: &[f32], out: &mut [f32], per: usize, gamma: &[f32], beta: &[f32
 /// Sum in f64 over 8 interleaved lanes (vectorisable; the order is fixed, so results repeat).
 #[inline(always)]
 fn lane_sum(x: &[f32]) -> f64 {
+    lane_sum_by(x, |v| v as f64)
+}
+
+/// Σ f(x) in f64 over 8 interleaved lanes: whole chunks, then the tail into the first lanes (see
+/// [`row_max`] for why the tail is apart).
+#[inline(always)]
+fn lane_sum_by(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut acc = [0f64; 8];
-    for c in x.chunks(8) {
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v as f64;
+            *a += f(v);
         }
+    }
+    for (a, &v) in acc.iter_mut().zip(it.remainder()) {
+        *a += f(v);
     }
     acc.iter().sum()
 }
