@@ -971,8 +971,8 @@ fn row_max(row: &[f32]) -> f32 {
 
 /// The softmax of `softmax_rows` without its last pass: each row's `exp(s − max)` rounded to bf16
 /// (`vcvtneps2bf16`, nearest even) into `p`, the operand the product with V reads, and `inv[r]` =
-/// 1 / the row's f32 sum, for that product to apply to its f32 sums (the rows of P·V are then those
-/// of softmax(S)·V, the probabilities rounded as autocast rounds them).
+/// 1 / the sum of the rounded row, for that product to apply to its f32 sums (the rows of P·V are
+/// then weighted means of V's rows, with the probabilities rounded to bf16).
 ///
 /// # Safety
 /// The CPU has AVX512_BF16 (the bf16 attention runs only then).
@@ -990,16 +990,16 @@ unsafe fn softmax_rows_bf16(s: &[f32], lk: usize, p: &mut [half::bf16], inv: &mu
             for (e, &v) in e.iter_mut().zip(c) {
                 *e = exp(v - m);
             }
-            let e = _mm512_loadu_ps(e.as_ptr());
-            acc = _mm512_add_ps(acc, e);
-            let rounded: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            let rounded: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(e.as_ptr())));
             _mm256_storeu_si256(pc.as_mut_ptr() as *mut __m256i, rounded);
+            // Summed as rounded, so that the weights P·V applies sum to exactly one.
+            acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
         }
         let mut sum = _mm512_reduce_add_ps(acc);
         for (&v, o) in it.remainder().iter().zip(pit.into_remainder()) {
-            let e = exp(v - m);
-            sum += e;
-            *o = half::bf16::from_bits(e.bf16_bits() as u16);
+            let r = exp(v - m).bf16_bits();
+            sum += f32::from_bits(r << 16);
+            *o = half::bf16::from_bits(r as u16);
         }
         *inv = 1.0 / sum;
     }
