@@ -426,25 +426,26 @@ unsafe impl Sync for SendMut {}
 /// `dst[j] = (lo[j], hi[j])` as bf16 bits rounded to nearest even, low half first; zero past the
 /// rows' length.
 fn interleave_pairs(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+    #[inline(always)]
+    fn body(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+        for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
+            *d = l.bf16_bits() | (h.bf16_bits() << 16);
+        }
+        dst[lo.len()..].fill(0);
+    }
+    // The same loop compiled for AVX-512, where LLVM vectorises the rounding.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn avx512(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+        body(lo, hi, dst)
+    }
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the CPU has AVX-512 (and more).
-        unsafe { interleave_pairs_avx512(lo, hi, dst) };
+        unsafe { avx512(lo, hi, dst) };
         return;
     }
-    for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
-        *d = l.bf16_bits() | (h.bf16_bits() << 16);
-    }
-    dst[lo.len()..].fill(0);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn interleave_pairs_avx512(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
-    for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
-        *d = l.bf16_bits() | (h.bf16_bits() << 16);
-    }
-    dst[lo.len()..].fill(0);
+    body(lo, hi, dst)
 }
 
 /// `C (+)= scale · A · B` for a pre-packed B, on the calling thread (for callers that are already

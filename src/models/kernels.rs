@@ -57,6 +57,44 @@ macro_rules! simd {
     };
 }
 
+/// The candle forms of an op on (input, weight, optional bias) whose
+/// `fwd((x, xl), (w, wl), bias)` does the work: `CustomOp2` without the bias, `CustomOp3` with it.
+macro_rules! weighted_op {
+    ($ty:ty, $name:literal, $name_bias:literal) => {
+        impl CustomOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                self.fwd((s1, l1), (s2, l2), None)
+            }
+        }
+
+        impl CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name_bias
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+            }
+        }
+    };
+}
+
 fn threads() -> usize {
     rayon::current_num_threads()
 }
@@ -223,9 +261,9 @@ impl Weight {
         let rows = w.dim(0)?;
         let w32 = w.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
         let (storage, layout) = w32.storage_and_layout();
-        let v = match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("quantize: expected a contiguous f32 weight"),
+        let v = match &*storage {
+            candle_core::Storage::Cpu(s) => f32_slice(s, layout, "quantize")?,
+            _ => candle_core::bail!("quantize: the weight is not on the CPU"),
         };
         let k = v.len() / rows.max(1);
         let mut codes = vec![0u8; v.len()];
@@ -555,31 +593,7 @@ impl Conv {
     }
 }
 
-impl CustomOp2 for Conv {
-    fn name(&self) -> &'static str {
-        "ghiblify-conv2d"
-    }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), None)
-    }
-}
-
-impl CustomOp3 for Conv {
-    fn name(&self) -> &'static str {
-        "ghiblify-conv2d-bias"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-}
+weighted_op!(Conv, "ghiblify-conv2d", "ghiblify-conv2d-bias");
 
 /// 2-D convolution (NCHW, OIHW weight, square stride and zero padding, no dilation or groups),
 /// with the bias added: what `torch.nn.Conv2d` computes.
@@ -592,7 +606,7 @@ pub fn conv2d(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, stride: usize,
             None => Ok(cfg_out),
         };
     }
-    apply_conv(x, weight, bias, Conv { scales: weight.scales(), stride, padding, upsample: false, pad_end: 0 })
+    apply_weighted(x, weight, bias, Conv { scales: weight.scales(), stride, padding, upsample: false, pad_end: 0 })
 }
 
 /// `conv2d(upsample_nearest2d(x, 2h, 2w), …)` without the upsampled copy.
@@ -607,7 +621,7 @@ pub fn upsample2x_conv2d(
         let (_, _, h, w) = x.dims4()?;
         return conv2d(&x.upsample_nearest2d(2 * h, 2 * w)?, weight, bias, stride, padding);
     }
-    apply_conv(x, weight, bias, Conv { scales: weight.scales(), stride, padding, upsample: true, pad_end: 0 })
+    apply_weighted(x, weight, bias, Conv { scales: weight.scales(), stride, padding, upsample: true, pad_end: 0 })
 }
 
 /// `conv2d(x zero-padded by one row below and one column right, …)` without the padded copy.
@@ -616,10 +630,17 @@ pub fn pad_end_conv2d(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, stride
         let x = x.pad_with_zeros(candle_core::D::Minus1, 0, 1)?.pad_with_zeros(candle_core::D::Minus2, 0, 1)?;
         return conv2d(&x, weight, bias, stride, 0);
     }
-    apply_conv(x, weight, bias, Conv { scales: weight.scales(), stride, padding: 0, upsample: false, pad_end: 1 })
+    apply_weighted(x, weight, bias, Conv { scales: weight.scales(), stride, padding: 0, upsample: false, pad_end: 1 })
 }
 
-fn apply_conv(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, op: Conv) -> Result<Tensor> {
+/// Runs a [`weighted_op!`] on contiguous operands: its two-operand form without a bias, its
+/// three-operand form with one.
+fn apply_weighted<Op: CustomOp2 + CustomOp3>(
+    x: &Tensor,
+    weight: &Weight,
+    bias: Option<&Tensor>,
+    op: Op,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let weight = weight.tensor().contiguous()?;
     match bias {
@@ -662,12 +683,12 @@ impl LinearBf16 {
         let lhs = Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
         let acc = bias.is_some();
         // SAFETY: x is rows × k, w is n × k, out is rows × n, scales (if any) n long.
-        match (Wt::new(ws, wl, self.scales.as_deref(), "linear weight")?, &self.scales) {
-            (Wt::Bf16(w), None) => unsafe {
+        match Wt::new(ws, wl, self.scales.as_deref(), "linear weight")? {
+            Wt::Bf16(w) => unsafe {
                 let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
                 gemm((rows, n, k), out.as_mut_ptr(), n, acc, lhs, b, Scale::ONE, true)
             },
-            (Wt::Q8 { codes, scales }, Some(_)) if scales.len() == n => unsafe {
+            Wt::Q8 { codes, scales } if scales.len() == n => unsafe {
                 let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
                 let scale = Scale { all: 1.0, rows: None, cols: Some(scales) };
                 gemm((rows, n, k), out.as_mut_ptr(), n, acc, lhs, b, scale, true)
@@ -680,31 +701,7 @@ impl LinearBf16 {
     }
 }
 
-impl CustomOp2 for LinearBf16 {
-    fn name(&self) -> &'static str {
-        "ghiblify-linear-bf16"
-    }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), None)
-    }
-}
-
-impl CustomOp3 for LinearBf16 {
-    fn name(&self) -> &'static str {
-        "ghiblify-linear-bf16-bias"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-}
+weighted_op!(LinearBf16, "ghiblify-linear-bf16", "ghiblify-linear-bf16-bias");
 
 /// `torch.nn.Linear`: `x · Wᵀ + b` over the last dimension, any leading dimensions. In bf16
 /// products with f32 sums for f32 activations when the weight is bf16 or int8 and the CPU
@@ -712,13 +709,7 @@ impl CustomOp3 for LinearBf16 {
 /// matrix product on the weight widened or dequantised for the call.
 pub fn linear(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
     if is_cpu_f32(x) && weight.bf16_products() {
-        let x = x.contiguous()?;
-        let w = weight.tensor().contiguous()?;
-        let op = LinearBf16 { scales: weight.scales() };
-        return match bias {
-            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op),
-            None => x.apply_op2_no_bwd(&w, &op),
-        };
+        return apply_weighted(x, weight, bias, LinearBf16 { scales: weight.scales() });
     }
     let w = weight.dense(x.dtype())?;
     let (n, k) = w.dims2()?;
