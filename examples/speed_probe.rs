@@ -1,7 +1,7 @@
 //! Time and peak memory of the hot operations on the full-size SD1.5 architecture with random
 //! weights (compute does not depend on weight values): median of N runs after one warm-up.
 //!
-//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
+//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|conv-shapes|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
 //!
 //! `controlnet` times one SD1.5 ControlNet call at the CFG batch, `controlnet-b1` without CFG (as
 //! with `--fast`): the added cost per step of `--control`; compare with `unet` / `unet-b1`.
@@ -43,6 +43,9 @@ fn main() -> anyhow::Result<()> {
     if what == "gemm-shapes" {
         gemm_shapes(n);
         return Ok(());
+    }
+    if what == "conv-shapes" {
+        return conv_shapes(n, args.get(2).map(String::as_str) == Some("bf16"));
     }
     let dev = match args.get(3).map(String::as_str) {
         Some("cuda") => Device::new_cuda(0)?,
@@ -138,6 +141,54 @@ fn main() -> anyhow::Result<()> {
 
 /// The UNet's typical matrix products (conv as im2col: cout × cin·9 · pixels; linear; attention),
 /// f32 (the gemm crate, as the kernels call it) against bf16 (`gemm_bf16`), in GFLOP/s.
+/// Every 3×3 stride-1 convolution shape of a 512² run (UNet at the CFG batch, KL VAE decoder,
+/// TAESD), best of `n`: run once with `GHIBLIFY_WINOGRAD=0` and once without to compare the two
+/// algorithms layer by layer.
+fn conv_shapes(n: usize, bf16: bool) -> anyhow::Result<()> {
+    use ghiblify::models::kernels::{conv2d, Weight};
+    let shapes: &[(&str, usize, usize, usize, usize)] = &[
+        ("unet", 2, 320, 320, 64),
+        ("unet", 2, 640, 320, 64),
+        ("unet", 2, 320, 640, 32),
+        ("unet", 2, 640, 640, 32),
+        ("unet", 2, 1280, 640, 32),
+        ("unet", 2, 640, 1280, 16),
+        ("unet", 2, 1280, 1280, 16),
+        ("unet", 2, 2560, 1280, 16),
+        ("unet", 2, 1280, 1280, 8),
+        ("unet b1", 1, 640, 640, 32),
+        ("unet b1", 1, 1280, 640, 32),
+        ("vae", 1, 512, 512, 64),
+        ("vae", 1, 512, 512, 128),
+        ("vae", 1, 512, 512, 256),
+        ("vae", 1, 256, 256, 256),
+        ("vae", 1, 256, 128, 512),
+        ("vae", 1, 128, 128, 512),
+        ("taesd", 1, 64, 64, 64),
+        ("taesd", 1, 64, 64, 128),
+        ("taesd", 1, 64, 64, 256),
+        ("taesd", 1, 64, 64, 512),
+    ];
+    let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+    let mut total = 0.0;
+    for &(model, b, cin, cout, hw) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &Device::Cpu)?;
+        let w = Weight::Dense(Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &Device::Cpu)?.to_dtype(dtype)?);
+        let bias = Tensor::randn(0f32, 1.0, cout, &Device::Cpu)?;
+        conv2d(&x, &w, Some(&bias), 1, 1)?;
+        let mut best = f64::MAX;
+        for _ in 0..n {
+            let t = Instant::now();
+            conv2d(&x, &w, Some(&bias), 1, 1)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        total += best;
+        println!("{model} {b}x{cin}->{cout} @{hw}²: {:.1} ms", best * 1e3);
+    }
+    println!("total {:.3} s", total);
+    Ok(())
+}
+
 fn gemm_shapes(n: usize) {
     use ghiblify::models::gemm_bf16::{self, Lhs, View};
     let shapes = [

@@ -210,7 +210,12 @@ pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
         other => format!("{:?}", other.location()),
     };
     let dtype = if quantize { format!("q8 (rest {dtype:?})") } else { format!("{dtype:?}") };
-    format!("device {what}, dtype {dtype}, {ops}")
+    let winograd = if device.is_cpu() && !generic_ops() && crate::models::kernels::winograd_enabled() {
+        ", large 3×3 convolutions by Winograd F(4,3) in f32"
+    } else {
+        ""
+    };
+    format!("device {what}, dtype {dtype}, {ops}{winograd}")
 }
 
 fn cpu_features() -> &'static str {

@@ -127,6 +127,17 @@ fn sd2_vprediction_strength_100_square() {
     check("tiny-sd2", "sd2_s100.safetensors");
 }
 
+/// Winograd F(4×4, 3×3) for every 3×3 stride-1 convolution (by default only layers large enough
+/// to gain take it, which in the tiny fixtures is the VAE's full-resolution ones): the whole
+/// pipeline at the same tolerances.
+#[test]
+fn winograd_everywhere_sd1_and_sd2() {
+    for (model, trace) in [("tiny-sd1", "sd1_s060.safetensors"), ("tiny-sd2", "sd2_s055.safetensors")] {
+        let sd = StableDiffusion::load(&fixtures().join(model), &Device::Cpu, DType::F32).unwrap();
+        ghiblify::models::kernels::with_winograd(true, || check_path(&sd, trace, "cpu kernels, winograd"));
+    }
+}
+
 macro_rules! sampler_parity {
     ($($name:ident: $model:literal, $trace:literal;)*) => {$(
         #[test]

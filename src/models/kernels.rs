@@ -30,6 +30,18 @@ use candle_core::{
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// Runs `f` with every 3×3 stride-1 convolution on this thread computed by Winograd F(4×4, 3×3)
+/// (`true`) or by im2col (`false`) whatever its size (by default the size decides; see
+/// `kernels/winograd.rs`): lets the parity tests run the tiny fixtures' small layers through it.
+pub fn with_winograd<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    winograd::forced(on, f)
+}
+
+/// Whether large 3×3 convolutions run Winograd F(4×4, 3×3) (unless `GHIBLIFY_WINOGRAD=0`).
+pub fn winograd_enabled() -> bool {
+    winograd::enabled()
+}
+
 /// Runs `$body` (an expression over `$args`) compiled for AVX-512 or AVX2+FMA when the CPU has them
 /// (detected once, at run time), else for the baseline target: the loops are written so LLVM
 /// vectorises them at whatever width the features allow.
@@ -94,6 +106,8 @@ macro_rules! weighted_op {
         }
     };
 }
+
+mod winograd;
 
 fn threads() -> usize {
     rayon::current_num_threads()
@@ -184,6 +198,16 @@ impl<'a> Wt<'a> {
             }
             (_, None) => Ok(Wt::F32(weight_f32(s, l, what)?)),
             (other, Some(_)) => candle_core::bail!("{what}: int8 scales with a {:?} weight", other.dtype()),
+        }
+    }
+
+    /// The weight as f32: borrowed, or widened from bf16, or dequantised from int8.
+    fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        use std::borrow::Cow;
+        match self {
+            Wt::F32(w) => Cow::Borrowed(w),
+            Wt::Bf16(w) => Cow::Owned(widen(w, |x| x.to_f32())),
+            Wt::Q8 { codes, scales } => Cow::Owned(dequantize_rows(codes, scales)),
         }
     }
 
@@ -501,6 +525,16 @@ impl Conv {
         // Sizes of the (virtual, if upsampled) input the convolution sees.
         let f = if self.upsample { 2 } else { 1 };
         let (oh, ow) = self.out_size((ih, iw), (kh, kw));
+        // Large 3×3 convolutions: Winograd in f32 whatever the weight's storage. Its products are
+        // always f32 (rounding its transformed operands to bf16 costs too much accuracy), and it is
+        // still faster than the bf16 im2col path on every layer where it applies (a quarter of the
+        // multiplications against twice the rate; docs/PERFORMANCE.md), and closer to f32.
+        if (kh, kw, s, self.pad_end) == (3, 3, 1, 0)
+            && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4))
+        {
+            let shape = winograd::Shape { batch: b, cin, ih, iw, up: f, pad: p, cout };
+            return winograd::conv(x, shape, &w.to_f32(), bias);
+        }
         let (ih, iw) = (ih * f, iw * f);
         let (oplane, k) = (oh * ow, cin * kh * kw);
         let mut out = vec![0f32; b * cout * oplane];
@@ -1238,40 +1272,139 @@ mod tests {
 
     #[test]
     fn conv2d_matches_candle() {
-        // 3×3 stride 1 pad 1, stride 2 pad 1, stride 2 pad 0 (VAE downsample after its own pad),
-        // 1×1, odd sizes, and a tall input that needs several im2col tiles.
-        for &(b, cin, cout, h, w, k, s, p) in &[
-            (2, 5, 7, 9, 11, 3, 1, 1),
-            (1, 4, 6, 10, 7, 3, 2, 1),
-            (1, 3, 4, 9, 9, 3, 2, 0),
-            (2, 6, 5, 8, 3, 1, 1, 0),
-            (1, 2, 3, 5, 6, 3, 1, 0),
-            (1, 96, 8, 300, 160, 3, 1, 1),
+        // The im2col path (small shapes would take it anyway; Winograd has its own test).
+        winograd::forced(false, || {
+            // 3×3 stride 1 pad 1, stride 2 pad 1, stride 2 pad 0 (VAE downsample after its own pad),
+            // 1×1, odd sizes, and a tall input that needs several im2col tiles.
+            for &(b, cin, cout, h, w, k, s, p) in &[
+                (2, 5, 7, 9, 11, 3, 1, 1),
+                (1, 4, 6, 10, 7, 3, 2, 1),
+                (1, 3, 4, 9, 9, 3, 2, 0),
+                (2, 6, 5, 8, 3, 1, 1, 0),
+                (1, 2, 3, 5, 6, 3, 1, 0),
+                (1, 96, 8, 300, 160, 3, 1, 1),
+            ] {
+                let x = randn(&[b, cin, h, w], 1);
+                let wt = randn(&[cout, cin, k, k], 2);
+                let bias = randn(&[cout], 3);
+                let want =
+                    x.conv2d(&wt, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+                let got = conv2d(&x, &dense(&wt), Some(&bias), s, p).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert!(
+                    max_rel(&got, &want) < 1e-5,
+                    "conv {:?}: {}",
+                    (b, cin, cout, h, w, k, s, p),
+                    max_rel(&got, &want)
+                );
+                let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wt, p, s, 1, 1).unwrap();
+                let got_up = upsample2x_conv2d(&x, &dense(&wt), None, s, p).unwrap();
+                assert!(max_rel(&got_up, &up) < 1e-5, "upsampled conv {:?}", (b, cin, cout, h, w, k, s, p));
+                let padded = x.pad_with_zeros(3, 0, 1).unwrap().pad_with_zeros(2, 0, 1).unwrap();
+                let want_end = padded.conv2d(&wt, 0, s, 1, 1).unwrap();
+                assert!(
+                    max_rel(&pad_end_conv2d(&x, &dense(&wt), None, s).unwrap(), &want_end) < 1e-5,
+                    "pad-end conv {:?}",
+                    (b, cin, cout, h, w, k, s)
+                );
+                let nob = conv2d(&x, &dense(&wt), None, s, p).unwrap();
+                assert!(max_rel(&nob, &x.conv2d(&wt, p, s, 1, 1).unwrap()) < 1e-5);
+                // f16 weight storage computes in f32 on the widened weights.
+                let w16 = wt.to_dtype(DType::F16).unwrap();
+                let want16 = x.conv2d(&w16.to_dtype(DType::F32).unwrap(), p, s, 1, 1).unwrap();
+                assert!(max_rel(&conv2d(&x, &dense(&w16), None, s, p).unwrap(), &want16) < 1e-5);
+            }
+        })
+    }
+
+    /// Direct convolution in f64 (3×3, stride 1, `up`× nearest upsampling first), bias added.
+    fn conv3x3_f64(
+        x: &[f32],
+        (b, cin, h, w): (usize, usize, usize, usize),
+        wt: &[f32],
+        bias: &[f32],
+        up: usize,
+        p: usize,
+    ) -> Vec<f64> {
+        let cout = bias.len();
+        let (vh, vw) = (h * up, w * up);
+        let (oh, ow) = (vh + 2 * p - 2, vw + 2 * p - 2);
+        let mut out = vec![0f64; b * cout * oh * ow];
+        for bi in 0..b {
+            for co in 0..cout {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = bias[co] as f64;
+                        for ci in 0..cin {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (y, xx) = ((oy + ky) as isize - p as isize, (ox + kx) as isize - p as isize);
+                                    if y < 0 || xx < 0 || y >= vh as isize || xx >= vw as isize {
+                                        continue;
+                                    }
+                                    let v = x[((bi * cin + ci) * h + y as usize / up) * w + xx as usize / up];
+                                    acc += v as f64 * wt[((co * cin + ci) * 3 + ky) * 3 + kx] as f64;
+                                }
+                            }
+                        }
+                        out[((bi * cout + co) * oh + oy) * ow + ox] = acc;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn winograd_matches_f64_direct_convolution() {
+        // Partial tiles at the right and bottom edges, padding 0 and 1, upsampled input, batch 2,
+        // several tile-row chunks (many tile rows) and output-channel blocks (many channels), with
+        // f32, bf16 and int8 weights; against the convolution in f64 on the weights as stored,
+        // next to the im2col path's distance from it (printed).
+        type Make = fn(&Tensor) -> Weight;
+        let kinds: [(&str, Make); 3] = [
+            ("f32", |w| Weight::Dense(w.clone())),
+            ("bf16", |w| Weight::Dense(w.to_dtype(DType::BF16).unwrap())),
+            ("q8", |w| Weight::quantize(w).unwrap()),
+        ];
+        for &(b, cin, cout, h, w, up, p) in &[
+            (2, 5, 7, 9, 11, 1, 1),
+            (1, 3, 4, 8, 8, 1, 0),
+            (1, 4, 6, 5, 7, 2, 1),
+            (1, 16, 3, 1, 2, 1, 1),
+            (2, 8, 9, 130, 70, 1, 1),
+            (1, 1200, 70, 6, 5, 1, 1),
         ] {
-            let x = randn(&[b, cin, h, w], 1);
-            let wt = randn(&[cout, cin, k, k], 2);
-            let bias = randn(&[cout], 3);
-            let want =
-                x.conv2d(&wt, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
-            let got = conv2d(&x, &dense(&wt), Some(&bias), s, p).unwrap();
-            assert_eq!(got.dims(), want.dims());
-            assert!(max_rel(&got, &want) < 1e-5, "conv {:?}: {}", (b, cin, cout, h, w, k, s, p), max_rel(&got, &want));
-            let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wt, p, s, 1, 1).unwrap();
-            let got_up = upsample2x_conv2d(&x, &dense(&wt), None, s, p).unwrap();
-            assert!(max_rel(&got_up, &up) < 1e-5, "upsampled conv {:?}", (b, cin, cout, h, w, k, s, p));
-            let padded = x.pad_with_zeros(3, 0, 1).unwrap().pad_with_zeros(2, 0, 1).unwrap();
-            let want_end = padded.conv2d(&wt, 0, s, 1, 1).unwrap();
-            assert!(
-                max_rel(&pad_end_conv2d(&x, &dense(&wt), None, s).unwrap(), &want_end) < 1e-5,
-                "pad-end conv {:?}",
-                (b, cin, cout, h, w, k, s)
-            );
-            let nob = conv2d(&x, &dense(&wt), None, s, p).unwrap();
-            assert!(max_rel(&nob, &x.conv2d(&wt, p, s, 1, 1).unwrap()) < 1e-5);
-            // f16 weight storage computes in f32 on the widened weights.
-            let w16 = wt.to_dtype(DType::F16).unwrap();
-            let want16 = x.conv2d(&w16.to_dtype(DType::F32).unwrap(), p, s, 1, 1).unwrap();
-            assert!(max_rel(&conv2d(&x, &dense(&w16), None, s, p).unwrap(), &want16) < 1e-5);
+            let x = randn(&[b, cin, h, w], 21);
+            let bias = randn(&[cout], 23);
+            let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bv = bias.to_vec1::<f32>().unwrap();
+            for (kind, make) in kinds {
+                let weight = make(&randn(&[cout, cin, 3, 3], 22));
+                let wv = weight.dense(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want = conv3x3_f64(&xv, (b, cin, h, w), &wv, &bv, up, p);
+                let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+                let err = |t: Tensor| {
+                    let got = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(got.len(), want.len());
+                    got.iter().zip(&want).fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs())) / scale
+                };
+                let run = |wino: bool| {
+                    winograd::forced(wino, || {
+                        if up == 1 {
+                            conv2d(&x, &weight, Some(&bias), 1, p)
+                        } else {
+                            upsample2x_conv2d(&x, &weight, Some(&bias), 1, p)
+                        }
+                        .unwrap()
+                    })
+                };
+                let (wino, direct) = (err(run(true)), err(run(false)));
+                eprintln!("winograd {kind} {:?}: {wino:.2e} (im2col {direct:.2e})", (b, cin, cout, h, w, up, p));
+                // Measured up to 8.4e-6 (1200 input channels; im2col in f32 4e-7 there). Products
+                // stay f32 for half-precision and int8 weights too (bf16 im2col: ~1.5e-3).
+                assert!(wino < 2e-5, "winograd {kind} {:?}: {wino:.2e} from f64", (b, cin, cout, h, w, up, p));
+            }
         }
     }
 
@@ -1282,51 +1415,57 @@ mod tests {
 
     #[test]
     fn bf16_products_match_f32_on_rounded_operands() {
-        if !bf16_arithmetic() {
-            eprintln!("skipped: no bf16 arithmetic on this CPU");
-            return;
-        }
-        // Convolutions (3×3 with even and odd k, strided, 1×1, upsampled), linear layers with and
-        // without bias: the same sums as f32 on the bf16-rounded operands, up to summation order;
-        // and visibly not the f32 result on the unrounded ones (the bf16 path ran).
-        for &(b, cin, cout, h, w, k, s, p) in &[
-            (2, 6, 7, 9, 11, 3, 1, 1),
-            (1, 3, 5, 10, 7, 3, 2, 1),
-            (2, 40, 24, 8, 9, 1, 1, 0),
-            (1, 64, 96, 33, 20, 3, 1, 1),
-            // Several im2col tiles, odd k.
-            (1, 97, 8, 300, 160, 3, 1, 1),
-        ] {
-            let x = randn(&[b, cin, h, w], 11);
-            let wt = randn(&[cout, cin, k, k], 12).to_dtype(DType::BF16).unwrap();
-            let bias = randn(&[cout], 13);
-            let wf = wt.to_dtype(DType::F32).unwrap();
-            let want = bf16_rounded(&x)
-                .conv2d(&wf, p, s, 1, 1)
-                .unwrap()
-                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
-                .unwrap();
-            let got = conv2d(&x, &dense(&wt), Some(&bias), s, p).unwrap();
-            assert!(max_rel(&got, &want) < 1e-5, "bf16 conv {:?}: {}", (cin, cout, k, s), max_rel(&got, &want));
-            let exact =
-                x.conv2d(&wf, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
-            assert!(max_rel(&got, &exact) > 1e-4, "bf16 conv {:?} rounded its input", (cin, cout, k, s));
-            let up = bf16_rounded(&x).upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wf, p, s, 1, 1).unwrap();
-            assert!(max_rel(&upsample2x_conv2d(&x, &dense(&wt), None, s, p).unwrap(), &up) < 1e-5);
-        }
-        for &(rows, k, n, bias) in &[(5, 8, 3, true), (300, 320, 70, false), (1100, 96, 640, true), (7, 77, 9, true)] {
-            let x = randn(&[1, rows, k], 14);
-            let wt = randn(&[n, k], 15).to_dtype(DType::BF16).unwrap();
-            let b = randn(&[n], 16);
-            let got = linear(&x, &dense(&wt), bias.then_some(&b)).unwrap();
-            let mut want =
-                bf16_rounded(&x).matmul(&wt.to_dtype(DType::F32).unwrap().t().unwrap().unsqueeze(0).unwrap()).unwrap();
-            if bias {
-                want = want.broadcast_add(&b).unwrap();
+        // The im2col path (small shapes would take it anyway; Winograd has its own test).
+        winograd::forced(false, || {
+            if !bf16_arithmetic() {
+                eprintln!("skipped: no bf16 arithmetic on this CPU");
+                return;
             }
-            assert_eq!(got.dims(), &[1, rows, n]);
-            assert!(max_rel(&got, &want) < 1e-5, "bf16 linear {:?}: {}", (rows, k, n), max_rel(&got, &want));
-        }
+            // Convolutions (3×3 with even and odd k, strided, 1×1, upsampled), linear layers with and
+            // without bias: the same sums as f32 on the bf16-rounded operands, up to summation order;
+            // and visibly not the f32 result on the unrounded ones (the bf16 path ran).
+            for &(b, cin, cout, h, w, k, s, p) in &[
+                (2, 6, 7, 9, 11, 3, 1, 1),
+                (1, 3, 5, 10, 7, 3, 2, 1),
+                (2, 40, 24, 8, 9, 1, 1, 0),
+                (1, 64, 96, 33, 20, 3, 1, 1),
+                // Several im2col tiles, odd k.
+                (1, 97, 8, 300, 160, 3, 1, 1),
+            ] {
+                let x = randn(&[b, cin, h, w], 11);
+                let wt = randn(&[cout, cin, k, k], 12).to_dtype(DType::BF16).unwrap();
+                let bias = randn(&[cout], 13);
+                let wf = wt.to_dtype(DType::F32).unwrap();
+                let want = bf16_rounded(&x)
+                    .conv2d(&wf, p, s, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap();
+                let got = conv2d(&x, &dense(&wt), Some(&bias), s, p).unwrap();
+                assert!(max_rel(&got, &want) < 1e-5, "bf16 conv {:?}: {}", (cin, cout, k, s), max_rel(&got, &want));
+                let exact =
+                    x.conv2d(&wf, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+                assert!(max_rel(&got, &exact) > 1e-4, "bf16 conv {:?} rounded its input", (cin, cout, k, s));
+                let up = bf16_rounded(&x).upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wf, p, s, 1, 1).unwrap();
+                assert!(max_rel(&upsample2x_conv2d(&x, &dense(&wt), None, s, p).unwrap(), &up) < 1e-5);
+            }
+            for &(rows, k, n, bias) in
+                &[(5, 8, 3, true), (300, 320, 70, false), (1100, 96, 640, true), (7, 77, 9, true)]
+            {
+                let x = randn(&[1, rows, k], 14);
+                let wt = randn(&[n, k], 15).to_dtype(DType::BF16).unwrap();
+                let b = randn(&[n], 16);
+                let got = linear(&x, &dense(&wt), bias.then_some(&b)).unwrap();
+                let mut want = bf16_rounded(&x)
+                    .matmul(&wt.to_dtype(DType::F32).unwrap().t().unwrap().unsqueeze(0).unwrap())
+                    .unwrap();
+                if bias {
+                    want = want.broadcast_add(&b).unwrap();
+                }
+                assert_eq!(got.dims(), &[1, rows, n]);
+                assert!(max_rel(&got, &want) < 1e-5, "bf16 linear {:?}: {}", (rows, k, n), max_rel(&got, &want));
+            }
+        })
     }
 
     #[test]
@@ -1384,67 +1523,78 @@ mod tests {
 
     #[test]
     fn int8_products_match_f32_on_the_dequantised_weights() {
-        // Convolutions (3×3 even and odd k, strided, 1×1, upsampled, padded at the end) and linear
-        // layers with int8 weights: on this CPU's bf16 path the codes enter exactly, so the result
-        // is f32's on the dequantised weight and bf16-rounded input; on the f32 path (every other
-        // CPU) and candle's generic ops it is f32's on the dequantised weight.
-        type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
-        let paths: [(&str, Path, bool); 3] = [
-            ("kernels", |f| f(), true),
-            ("f32 kernels", |f| without_bf16_arithmetic(f), false),
-            ("generic", |f| crate::device::with_generic_ops(true, f), false),
-        ];
-        for &(b, cin, cout, h, w, k, s, p) in &[
-            (2, 6, 17, 9, 11, 3, 1, 1),
-            (1, 9, 20, 10, 7, 3, 2, 1),
-            (2, 70, 24, 8, 9, 1, 1, 0),
-            (1, 40, 16, 200, 120, 3, 1, 1),
-        ] {
-            let x = randn(&[b, cin, h, w], 21);
-            let q = Weight::quantize(&randn(&[cout, cin, k, k], 22)).unwrap();
-            let wf = q.dense(DType::F32).unwrap();
-            let bias = randn(&[cout], 23);
-            for (name, run, rounded) in paths {
-                let rounded = rounded && bf16_arithmetic();
-                let xr = if rounded { bf16_rounded(&x) } else { x.clone() };
-                let want =
-                    xr.conv2d(&wf, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
-                let got = run(&|| conv2d(&x, &q, Some(&bias), s, p).unwrap());
-                assert!(
-                    max_rel(&got, &want) < 1e-5,
-                    "{name} int8 conv {:?}: {}",
-                    (cin, cout, k, s),
-                    max_rel(&got, &want)
-                );
-                if rounded {
-                    let exact = x.conv2d(&wf, p, s, 1, 1).unwrap();
-                    let exact = exact.broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
-                    assert!(max_rel(&got, &exact) > 1e-4, "the bf16 path ran");
+        // The im2col path (small shapes would take it anyway; Winograd has its own test).
+        winograd::forced(false, || {
+            // Convolutions (3×3 even and odd k, strided, 1×1, upsampled, padded at the end) and linear
+            // layers with int8 weights: on this CPU's bf16 path the codes enter exactly, so the result
+            // is f32's on the dequantised weight and bf16-rounded input; on the f32 path (every other
+            // CPU) and candle's generic ops it is f32's on the dequantised weight.
+            type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
+            let paths: [(&str, Path, bool); 3] = [
+                ("kernels", |f| f(), true),
+                ("f32 kernels", |f| without_bf16_arithmetic(f), false),
+                ("generic", |f| crate::device::with_generic_ops(true, f), false),
+            ];
+            for &(b, cin, cout, h, w, k, s, p) in &[
+                (2, 6, 17, 9, 11, 3, 1, 1),
+                (1, 9, 20, 10, 7, 3, 2, 1),
+                (2, 70, 24, 8, 9, 1, 1, 0),
+                (1, 40, 16, 200, 120, 3, 1, 1),
+            ] {
+                let x = randn(&[b, cin, h, w], 21);
+                let q = Weight::quantize(&randn(&[cout, cin, k, k], 22)).unwrap();
+                let wf = q.dense(DType::F32).unwrap();
+                let bias = randn(&[cout], 23);
+                for (name, run, rounded) in paths {
+                    let rounded = rounded && bf16_arithmetic();
+                    let xr = if rounded { bf16_rounded(&x) } else { x.clone() };
+                    let want = xr
+                        .conv2d(&wf, p, s, 1, 1)
+                        .unwrap()
+                        .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                        .unwrap();
+                    let got = run(&|| conv2d(&x, &q, Some(&bias), s, p).unwrap());
+                    assert!(
+                        max_rel(&got, &want) < 1e-5,
+                        "{name} int8 conv {:?}: {}",
+                        (cin, cout, k, s),
+                        max_rel(&got, &want)
+                    );
+                    if rounded {
+                        let exact = x.conv2d(&wf, p, s, 1, 1).unwrap();
+                        let exact = exact.broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+                        assert!(max_rel(&got, &exact) > 1e-4, "the bf16 path ran");
+                    }
+                    let up = xr.upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wf, p, s, 1, 1).unwrap();
+                    let got = run(&|| upsample2x_conv2d(&x, &q, None, s, p).unwrap());
+                    assert!(max_rel(&got, &up) < 1e-5, "{name} int8 upsampled conv");
+                    let padded = xr.pad_with_zeros(3, 0, 1).unwrap().pad_with_zeros(2, 0, 1).unwrap();
+                    let got = run(&|| pad_end_conv2d(&x, &q, None, s).unwrap());
+                    assert!(max_rel(&got, &padded.conv2d(&wf, 0, s, 1, 1).unwrap()) < 1e-5, "{name} int8 pad-end conv");
                 }
-                let up = xr.upsample_nearest2d(2 * h, 2 * w).unwrap().conv2d(&wf, p, s, 1, 1).unwrap();
-                let got = run(&|| upsample2x_conv2d(&x, &q, None, s, p).unwrap());
-                assert!(max_rel(&got, &up) < 1e-5, "{name} int8 upsampled conv");
-                let padded = xr.pad_with_zeros(3, 0, 1).unwrap().pad_with_zeros(2, 0, 1).unwrap();
-                let got = run(&|| pad_end_conv2d(&x, &q, None, s).unwrap());
-                assert!(max_rel(&got, &padded.conv2d(&wf, 0, s, 1, 1).unwrap()) < 1e-5, "{name} int8 pad-end conv");
             }
-        }
-        for &(rows, k, n, bias) in &[(5, 8, 3, true), (300, 320, 70, false), (7, 77, 90, true)] {
-            let x = randn(&[1, rows, k], 24);
-            let q = Weight::quantize(&randn(&[n, k], 25)).unwrap();
-            let wf = q.dense(DType::F32).unwrap();
-            let bv = randn(&[n], 26);
-            for (name, run, rounded) in paths {
-                let xr = if rounded && bf16_arithmetic() { bf16_rounded(&x) } else { x.clone() };
-                let mut want = xr.matmul(&wf.t().unwrap().unsqueeze(0).unwrap()).unwrap();
-                if bias {
-                    want = want.broadcast_add(&bv).unwrap();
+            for &(rows, k, n, bias) in &[(5, 8, 3, true), (300, 320, 70, false), (7, 77, 90, true)] {
+                let x = randn(&[1, rows, k], 24);
+                let q = Weight::quantize(&randn(&[n, k], 25)).unwrap();
+                let wf = q.dense(DType::F32).unwrap();
+                let bv = randn(&[n], 26);
+                for (name, run, rounded) in paths {
+                    let xr = if rounded && bf16_arithmetic() { bf16_rounded(&x) } else { x.clone() };
+                    let mut want = xr.matmul(&wf.t().unwrap().unsqueeze(0).unwrap()).unwrap();
+                    if bias {
+                        want = want.broadcast_add(&bv).unwrap();
+                    }
+                    let got = run(&|| linear(&x, &q, bias.then_some(&bv)).unwrap());
+                    assert_eq!(got.dims(), &[1, rows, n]);
+                    assert!(
+                        max_rel(&got, &want) < 1e-5,
+                        "{name} int8 linear {:?}: {}",
+                        (rows, k, n),
+                        max_rel(&got, &want)
+                    );
                 }
-                let got = run(&|| linear(&x, &q, bias.then_some(&bv)).unwrap());
-                assert_eq!(got.dims(), &[1, rows, n]);
-                assert!(max_rel(&got, &want) < 1e-5, "{name} int8 linear {:?}: {}", (rows, k, n), max_rel(&got, &want));
             }
-        }
+        })
     }
 
     #[test]

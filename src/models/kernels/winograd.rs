@@ -1,0 +1,422 @@
+//! Winograd minimal filtering F(4×4, 3×3) for 3×3 stride-1 convolutions (Lavin & Gray 2016, "Fast
+//! Algorithms for Convolutional Neural Networks", §4–5; the interpolation points 0, ±1, ±2, ∞ that
+//! oneDNN, NNPACK and ncnn use for F(4, 3)).
+//!
+//! Each 4×4 output tile is computed from its 6×6 input tile: per input channel the tile becomes
+//! V = Bᵀ d B, per filter U = G g Gᵀ, then for each of the 36 positions ξ of a transformed tile one
+//! matrix product M_ξ[cout × tiles] = U_ξ[cout × cin] · V_ξ[cin × tiles] sums over the input
+//! channels, and Y = Aᵀ M A gives the outputs: 36 multiply-adds per channel pair and 16 outputs
+//! instead of 144. The transforms cost a pass over the input and the output per layer and are
+//! linear in the channel count, so the products dominate for the UNet's and VAE's layers.
+//!
+//! The filters are transformed per call (4× the weight's size would have to stay resident
+//! otherwise); the caller keeps small convolutions, where that transform would cost more than it
+//! saves, on the im2col path ([`worthwhile`]).
+//!
+//! Accuracy: the transforms add and subtract values up to 8× apart, so f32 results differ from a
+//! direct convolution by a few units in the 6th digit (the unit test bounds it against f64).
+
+use super::{sgemm, SendPtr};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Positions of a transformed tile.
+const XI: usize = 36;
+/// Floats each of the input, filter and product buffers may hold (16 MB), like the im2col tiles.
+const BUDGET: usize = 1 << 22;
+
+/// Whether a 3×3 stride-1 convolution runs faster this way: enough tiles for the 36 products to
+/// be efficient and to pay for transforming the filters, enough channels for the products to
+/// dominate the transforms. Measured on the UNet's, VAE's and TAESD's layers (docs/PERFORMANCE.md);
+/// `GHIBLIFY_WINOGRAD=0` turns it off (the im2col path everywhere, as before).
+pub(super) fn worthwhile(cin: usize, cout: usize, tiles: usize) -> bool {
+    if let Some(forced) = FORCED.get() {
+        return forced;
+    }
+    enabled() && cin >= 16 && cout >= 16 && tiles >= 64
+}
+
+/// Unless `GHIBLIFY_WINOGRAD=0` (read once).
+pub(super) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GHIBLIFY_WINOGRAD").map_or(true, |v| v != "0"))
+}
+
+thread_local! {
+    static FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every 3×3 stride-1 convolution on this thread taking (`true`) or not taking
+/// (`false`) this path whatever its size: for tests of either path on small shapes.
+pub(super) fn forced<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.set(self.0);
+        }
+    }
+    let _restore = Restore(FORCED.replace(Some(on)));
+    f()
+}
+
+/// Bᵀ d for one column (or row) of an input tile.
+#[inline(always)]
+fn input_1d(d: [f32; 6]) -> [f32; 6] {
+    [
+        4.0 * d[0] - 5.0 * d[2] + d[4],
+        -4.0 * (d[1] + d[2]) + d[3] + d[4],
+        4.0 * (d[1] - d[2]) - d[3] + d[4],
+        2.0 * (d[3] - d[1]) - d[2] + d[4],
+        2.0 * (d[1] - d[3]) - d[2] + d[4],
+        4.0 * d[1] - 5.0 * d[3] + d[5],
+    ]
+}
+
+/// G g for one column (or row) of a filter (multiplying by the reciprocals: a division would not
+/// vectorise as well, and the rounding differs only in the last bit).
+#[inline(always)]
+fn filter_1d(g: [f32; 3]) -> [f32; 6] {
+    const SIXTH: f32 = 1.0 / 6.0;
+    let (even, odd) = (g[0] + g[2], g[1]);
+    let (quarter, g2_6) = (g[0] * 0.25, g[2] * SIXTH);
+    [
+        quarter,
+        -(even + odd) * SIXTH,
+        (odd - even) * SIXTH,
+        quarter * SIXTH + odd * (0.5 * SIXTH) + g2_6,
+        quarter * SIXTH - odd * (0.5 * SIXTH) + g2_6,
+        g[2],
+    ]
+}
+
+/// Aᵀ m for one column (or row) of a product tile.
+#[inline(always)]
+fn output_1d(m: [f32; 6]) -> [f32; 4] {
+    let (s12, d12, s34, d34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
+    [m[0] + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m[5]]
+}
+
+/// The convolution's shape as the transforms see it.
+#[derive(Clone, Copy)]
+pub(super) struct Shape {
+    pub batch: usize,
+    pub cin: usize,
+    /// The stored input plane (before upsampling).
+    pub ih: usize,
+    pub iw: usize,
+    /// Nearest-neighbour upsampling factor read through the indices (1 or 2).
+    pub up: usize,
+    pub pad: usize,
+    pub cout: usize,
+}
+
+impl Shape {
+    pub fn out_size(&self) -> (usize, usize) {
+        (self.ih * self.up + 2 * self.pad - 2, self.iw * self.up + 2 * self.pad - 2)
+    }
+
+    /// Tiles per (image) row and column.
+    fn tiles(&self) -> (usize, usize) {
+        let (oh, ow) = self.out_size();
+        (oh.div_ceil(4), ow.div_ceil(4))
+    }
+}
+
+/// The convolution of `x` (NCHW) by the 3×3 filters `w` (OIHW, f32), bias added, output NCHW.
+///
+/// The products are f32 also for bf16 and int8 weights (widened first): rounding the transformed
+/// operands to bf16 put a bf16 version's results 3–10 % (of the largest value) from the exact
+/// ones, 30–60× the bf16 im2col path's error, while f32 Winograd is faster than bf16 im2col on
+/// every layer where it applies.
+pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (oh, ow) = sh.out_size();
+    let (ty, tx) = sh.tiles();
+    let (cin, cout) = (sh.cin, sh.cout);
+    let mut out = vec![0f32; sh.batch * cout * oh * ow];
+    // Output channels per block (the transformed filters within the budget), tile rows per chunk
+    // (transformed inputs and products within it).
+    let blk = (BUDGET / (XI * cin)).clamp(1, cout);
+    let rows_total = sh.batch * ty;
+    // Twice the budget when the filters come in blocks: each chunk transforms them again.
+    let budget = if blk < cout { 2 * BUDGET } else { BUDGET };
+    let chunk = (budget / (XI * tx * cin.max(blk))).clamp(1, rows_total);
+    // The calling thread's buffers, kept between calls: fresh ones fault their pages in (zeroed
+    // by the kernel) on every call, 25-35 % of a UNet layer's time. Their capacity is set once at
+    // its largest (pages are only touched as far as a layer needs them): growing by steps left
+    // the outgrown blocks resident and raised a VAE encode's peak by 0.35 GB.
+    thread_local! {
+        static BUFFERS: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    }
+    BUFFERS.with_borrow_mut(|[u, v, m]| {
+        for (buf, len, cap) in [
+            (&mut *u, blk * XI * cin, BUDGET),
+            (&mut *v, cin * XI * chunk * tx, 2 * BUDGET),
+            (&mut *m, blk * XI * chunk * tx, 2 * BUDGET),
+        ] {
+            if buf.capacity() < len {
+                *buf = Vec::with_capacity(len.max(cap));
+            }
+            buf.resize(buf.len().max(len), 0.0);
+        }
+        let once = blk == cout;
+        if once {
+            transform_filters(w, cin, 0..cout, u);
+        }
+        for r0 in (0..rows_total).step_by(chunk) {
+            let rows = r0..(r0 + chunk).min(rows_total);
+            let nt = rows.len() * tx;
+            let v = &mut v[..cin * XI * nt];
+            transform_input(x, sh, rows.clone(), v);
+            for co0 in (0..cout).step_by(blk) {
+                let nb = blk.min(cout - co0);
+                if !once {
+                    transform_filters(w, cin, co0..co0 + nb, u);
+                }
+                let m = &mut m[..nb * XI * nt];
+                products(&u[..nb * XI * cin], v, m, (nb, cin, nt));
+                transform_output(m, sh, rows.clone(), co0..co0 + nb, bias, &mut out);
+            }
+        }
+    });
+    out
+}
+
+/// `u[co][ξ][ci]` = (G g Gᵀ)_ξ for the filters of output channels `cos`.
+fn transform_filters(w: &[f32], cin: usize, cos: std::ops::Range<usize>, u: &mut [f32]) {
+    let per = 9 * cin;
+    let w = &w[cos.start * per..cos.end * per];
+    u[..cos.len() * XI * cin]
+        .par_chunks_mut(XI * cin)
+        .zip(w.par_chunks(per))
+        .for_each(|(dst, g)| filters_of(g, dst, cin));
+}
+
+/// One value per vector lane: 16 input channels at a time.
+type Lanes = [f32; 16];
+
+/// [`filter_1d`] lane by lane.
+#[inline(always)]
+fn filter_1d_lanes(g0: &Lanes, g1: &Lanes, g2: &Lanes) -> [Lanes; 6] {
+    let mut o = [[0f32; 16]; 6];
+    for l in 0..16 {
+        let r = filter_1d([g0[l], g1[l], g2[l]]);
+        for (o, r) in o.iter_mut().zip(r) {
+            o[l] = r;
+        }
+    }
+    o
+}
+
+simd! {
+fn filters_of(g: &[f32], dst: &mut [f32], cin: usize) {
+    // One output channel's filters (cin × 3 × 3) → 36 runs of cin, 16 input channels at a time
+    // (transposed first so that the arithmetic runs across channels, in vector lanes).
+    for ci0 in (0..cin).step_by(16) {
+        let n = (cin - ci0).min(16);
+        let mut gt = [[0f32; 16]; 9];
+        for l in 0..n {
+            for (k, row) in gt.iter_mut().enumerate() {
+                row[l] = g[(ci0 + l) * 9 + k];
+            }
+        }
+        // Columns first (G g), then rows ((G g) Gᵀ).
+        let [c0, c1, c2] = [0, 1, 2].map(|kx| filter_1d_lanes(&gt[kx], &gt[3 + kx], &gt[6 + kx]));
+        for (a, ((c0, c1), c2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
+            for (b, row) in filter_1d_lanes(c0, c1, c2).iter().enumerate() {
+                let at = (a * 6 + b) * cin + ci0;
+                dst[at..at + n].copy_from_slice(&row[..n]);
+            }
+        }
+    }
+}
+}
+
+/// `v[ci][ξ][t]` = (Bᵀ d B)_ξ for the input tiles of tile rows `rows` (row r: image r / ty, tile
+/// row r % ty), t counting tiles along those rows.
+fn transform_input(x: &[f32], sh: Shape, rows: std::ops::Range<usize>, v: &mut [f32]) {
+    let (ty, tx) = sh.tiles();
+    let (vh, vw) = (sh.ih * sh.up, sh.iw * sh.up);
+    let plane = sh.ih * sh.iw;
+    let nt = rows.len() * tx;
+    v.par_chunks_mut(XI * nt).enumerate().for_each_init(
+        || (vec![0f32; 4 * tx + 2], vec![0f32; 36 * tx]),
+        |(line, cols), (ci, dst)| {
+            for (ri, r) in rows.clone().enumerate() {
+                let (bi, ty0) = (r / ty, r % ty);
+                let src = &x[(bi * sh.cin + ci) * plane..(bi * sh.cin + ci + 1) * plane];
+                // Rows of the tile: each input line padded and transformed along x (d B).
+                for i in 0..6 {
+                    let y = (4 * ty0 + i) as isize - sh.pad as isize;
+                    let dst_i = &mut cols[i * 6 * tx..(i + 1) * 6 * tx];
+                    if y < 0 || y >= vh as isize {
+                        dst_i.fill(0.0);
+                        continue;
+                    }
+                    let src_line = &src[(y as usize / sh.up) * sh.iw..(y as usize / sh.up + 1) * sh.iw];
+                    fill_line(line, src_line, sh.pad, vw, sh.up);
+                    rows_1d(line, dst_i, tx);
+                }
+                // Columns: Bᵀ (d B), written as 36 runs of tx tiles.
+                let base = ri * tx;
+                cols_1d(cols, dst, tx, nt, base);
+            }
+        },
+    );
+}
+
+/// `line[q]` = the (upsampled) input at x = q − pad, zero outside.
+fn fill_line(line: &mut [f32], src: &[f32], pad: usize, vw: usize, up: usize) {
+    let lo = pad.min(line.len());
+    let hi = (pad + vw).min(line.len());
+    line[..lo].fill(0.0);
+    line[hi..].fill(0.0);
+    if up == 1 {
+        line[lo..hi].copy_from_slice(&src[..hi - lo]);
+    } else {
+        for (q, d) in line[lo..hi].iter_mut().enumerate() {
+            *d = src[q / up];
+        }
+    }
+}
+
+simd! {
+fn rows_1d(line: &[f32], dst: &mut [f32], tx: usize) {
+    // dst[ν][t] = (d B)_ν of the tile starting at 4t.
+    let (d0, rest) = dst.split_at_mut(tx);
+    let (d1, rest) = rest.split_at_mut(tx);
+    let (d2, rest) = rest.split_at_mut(tx);
+    let (d3, rest) = rest.split_at_mut(tx);
+    let (d4, d5) = rest.split_at_mut(tx);
+    let (d0, d1, d2, d3, d4, d5) = (&mut d0[..tx], &mut d1[..tx], &mut d2[..tx], &mut d3[..tx], &mut d4[..tx], &mut d5[..tx]);
+    let line = &line[..4 * tx + 2];
+    for t in 0..tx {
+        let s = &line[4 * t..4 * t + 6];
+        let o = input_1d([s[0], s[1], s[2], s[3], s[4], s[5]]);
+        d0[t] = o[0];
+        d1[t] = o[1];
+        d2[t] = o[2];
+        d3[t] = o[3];
+        d4[t] = o[4];
+        d5[t] = o[5];
+    }
+}
+}
+
+simd! {
+fn cols_1d(cols: &[f32], dst: &mut [f32], tx: usize, nt: usize, base: usize) {
+    // cols[i][ν][t] → dst[(μ·6 + ν)][base + t] = Σ_i Bᵀ[μ][i] cols[i][ν][t].
+    for nu in 0..6 {
+        let c = |i: usize| &cols[(i * 6 + nu) * tx..(i * 6 + nu + 1) * tx];
+        let (c0, c1, c2, c3, c4, c5) = (c(0), c(1), c(2), c(3), c(4), c(5));
+        let run = |mu: usize| ((mu * 6 + nu) * nt + base)..((mu * 6 + nu) * nt + base + tx);
+        let [o0, o1, o2, o3, o4, o5] = dst.get_disjoint_mut([run(0), run(1), run(2), run(3), run(4), run(5)]).expect("disjoint rows");
+        // Lengths the compiler can see (no bounds checks in the loop, so it vectorises).
+        let (c0, c1, c2, c3, c4, c5) = (&c0[..tx], &c1[..tx], &c2[..tx], &c3[..tx], &c4[..tx], &c5[..tx]);
+        let (o0, o1, o2, o3, o4, o5) = (&mut o0[..tx], &mut o1[..tx], &mut o2[..tx], &mut o3[..tx], &mut o4[..tx], &mut o5[..tx]);
+        for t in 0..tx {
+            let o = input_1d([c0[t], c1[t], c2[t], c3[t], c4[t], c5[t]]);
+            (o0[t], o1[t], o2[t], o3[t], o4[t], o5[t]) = (o[0], o[1], o[2], o[3], o[4], o[5]);
+        }
+    }
+}
+}
+
+/// `m[co][ξ][t] = Σ_ci u[co][ξ][ci] · v[ci][ξ][t]` for each ξ, in parallel over ξ.
+fn products(u: &[f32], v: &[f32], m: &mut [f32], (nb, cin, nt): (usize, usize, usize)) {
+    assert!(u.len() >= nb * XI * cin && v.len() >= cin * XI * nt && m.len() >= nb * XI * nt);
+    let (up, vp, mp) = (u.as_ptr() as usize, v.as_ptr() as usize, SendPtr(m.as_mut_ptr()));
+    (0..XI).into_par_iter().for_each(|xi| {
+        let (u, v) = ((up as *const f32).wrapping_add(xi * cin), (vp as *const f32).wrapping_add(xi * nt));
+        // SAFETY: rows co < nb of u (stride 36·cin), rows ci < cin of v and rows co of m (stride
+        // 36·nt) hold cin, nt and nt values from these offsets (the lengths asserted above); each
+        // ξ writes its own columns of m.
+        unsafe {
+            sgemm(
+                (nb, nt, cin),
+                mp.get().wrapping_add(xi * nt),
+                (XI * nt) as isize,
+                false,
+                (u, 1, (XI * cin) as isize),
+                (v, 1, (XI * nt) as isize),
+                1.0,
+                Parallelism::None,
+            )
+        }
+    });
+}
+
+/// Output channels `cos`, tile rows `rows`: Aᵀ M A plus the bias, written into `out` (NCHW).
+fn transform_output(
+    m: &[f32],
+    sh: Shape,
+    rows: std::ops::Range<usize>,
+    cos: std::ops::Range<usize>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (oh, ow) = sh.out_size();
+    let (ty, tx) = sh.tiles();
+    let nt = rows.len() * tx;
+    let oplane = oh * ow;
+    let outp = SendPtr(out.as_mut_ptr());
+    let cout = sh.cout;
+    m.par_chunks(XI * nt).enumerate().for_each_init(
+        || (vec![0f32; 24 * tx], vec![0f32; 4 * tx]),
+        |(cols, line), (i, mc)| {
+            let co = cos.start + i;
+            let b = bias.map_or(0.0, |b| b[co]);
+            for (ri, r) in rows.clone().enumerate() {
+                let (bi, ty0) = (r / ty, r % ty);
+                out_cols_1d(mc, cols, tx, nt, ri * tx);
+                for a in 0..4 {
+                    let y = 4 * ty0 + a;
+                    if y >= oh {
+                        break;
+                    }
+                    out_rows_1d(&cols[a * 6 * tx..(a + 1) * 6 * tx], line, tx, b);
+                    // SAFETY: row y of plane (bi, co) is ow floats inside out, written by this
+                    // output channel only.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(outp.get().add((bi * cout + co) * oplane + y * ow), ow)
+                    };
+                    dst.copy_from_slice(&line[..ow]);
+                }
+            }
+        },
+    );
+}
+
+simd! {
+fn out_cols_1d(mc: &[f32], cols: &mut [f32], tx: usize, nt: usize, base: usize) {
+    // cols[a][ν][t] = Σ_μ Aᵀ[a][μ] m[(μ·6 + ν)][base + t].
+    for nu in 0..6 {
+        let r = |mu: usize| &mc[(mu * 6 + nu) * nt + base..(mu * 6 + nu) * nt + base + tx];
+        let (r0, r1, r2, r3, r4, r5) = (r(0), r(1), r(2), r(3), r(4), r(5));
+        let run = |a: usize| ((a * 6 + nu) * tx)..((a * 6 + nu + 1) * tx);
+        let [o0, o1, o2, o3] = cols.get_disjoint_mut([run(0), run(1), run(2), run(3)]).expect("disjoint rows");
+        let (r0, r1, r2, r3, r4, r5) = (&r0[..tx], &r1[..tx], &r2[..tx], &r3[..tx], &r4[..tx], &r5[..tx]);
+        let (o0, o1, o2, o3) = (&mut o0[..tx], &mut o1[..tx], &mut o2[..tx], &mut o3[..tx]);
+        for t in 0..tx {
+            let o = output_1d([r0[t], r1[t], r2[t], r3[t], r4[t], r5[t]]);
+            (o0[t], o1[t], o2[t], o3[t]) = (o[0], o[1], o[2], o[3]);
+        }
+    }
+}
+}
+
+simd! {
+fn out_rows_1d(cols: &[f32], line: &mut [f32], tx: usize, bias: f32) {
+    // line[4t + b] = Σ_ν cols[ν][t] A[ν][b] + bias.
+    let c = |nu: usize| &cols[nu * tx..(nu + 1) * tx];
+    let (c0, c1, c2, c3, c4, c5) = (c(0), c(1), c(2), c(3), c(4), c(5));
+    let line = &mut line[..4 * tx];
+    for t in 0..tx {
+        let o = output_1d([c0[t], c1[t], c2[t], c3[t], c4[t], c5[t]]);
+        let l = &mut line[4 * t..4 * t + 4];
+        l[0] = o[0] + bias;
+        l[1] = o[1] + bias;
+        l[2] = o[2] + bias;
+        l[3] = o[3] + bias;
+    }
+}
+}
