@@ -63,8 +63,10 @@ def theirs(a, draws_trace, bf16):
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
     from PIL import Image
     torch.set_num_threads(a.threads)
+    t_load = time.perf_counter()
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(a.model, safety_checker=None, feature_extractor=None,
                                                           requires_safety_checker=False)
+    t_load = time.perf_counter() - t_load
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     ref = load_file(draws_trace)
@@ -84,7 +86,8 @@ def theirs(a, draws_trace, bf16):
         lat = out.images
         dec = pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0]
         img = (dec.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-    print(f"diffusers {'bf16 autocast' if bf16 else 'f32'}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"diffusers {'bf16 autocast' if bf16 else 'f32'}: {time.perf_counter() - t0:.1f} s (load {t_load:.1f} s)",
+          file=sys.stderr)
     t = {f"step{i:02d}_latents": s for i, s in enumerate(steps)}
     t["output_float"] = img
     return t
