@@ -6,7 +6,12 @@ so its peak resident memory is its own. Prints one Markdown table: time (peak RS
 
     . VENV/bin/activate      # ../shared/tools/install-reference-env.sh VENV
     python benches/compare_torch.py [--runs 3] [--only unet,unet-b1,vae-decode,vae-encode]
-        [--ours f32,bf16,q8] [--torch f32,bf16,autocast]
+        [--ours f32,bf16,q8] [--torch f32,bf16,autocast,ov-f32,ov]
+
+OpenVINO (`--torch ov-f32,ov`, after `pip install openvino` in the same environment) runs the same
+diffusers models converted with `openvino.convert_model`, with the f32 precision hint and with its
+default precision (bf16 on CPUs with AVX512_BF16 or AMX; what FastSD CPU runs), latency hint, same
+threads. `--only taesd` times a TAESD encode + decode at 512² (diffusers' AutoencoderTiny).
 
 Ours is `cargo run --release --example speed_probe` in each dtype asked (bf16: bf16 weights and, on a
 CPU with AVX512_BF16, bf16 products; q8: int8 weights per output channel, `--dtype q8`, the UNet
@@ -31,10 +36,13 @@ VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDeco
 
 def torch_one(what, runs, mode):
     """Runs in a child process: prints {"median": s, "times": [...], "peak_gb": x}. mode: f32, bf16
-    (weights and activations bf16) or autocast (f32 weights, torch.autocast("cpu", torch.bfloat16))."""
+    (weights and activations bf16) or autocast (f32 weights, torch.autocast("cpu", torch.bfloat16));
+    ov-f32 / ov: the same f32 model converted to OpenVINO (`pip install openvino`) and compiled with
+    the f32 inference precision hint / with its default precision (bf16 on a CPU with AVX512_BF16
+    or AMX), latency hint, the same thread count (peak RSS includes the PyTorch model it came from)."""
     import contextlib
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     torch.manual_seed(0)
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
@@ -46,14 +54,41 @@ def torch_one(what, runs, mode):
             ctx = torch.randn(b, 77, 768, dtype=dtype)
             t = torch.tensor(500)
             fn = lambda: model(x, t, encoder_hidden_states=ctx).sample
+            module, args = (lambda x, t, ctx: model(x, t, encoder_hidden_states=ctx).sample), (x, t, ctx)
+        elif what == "taesd":
+            model = AutoencoderTiny().to(dtype).eval()
+            img = torch.randn(1, 3, 512, 512, dtype=dtype) * 0.5
+            fn = lambda: model.decode(model.encode(img).latents).sample
+            module, args = (lambda img: model.decode(model.encode(img).latents).sample), (img,)
         else:
             model = AutoencoderKL(**VAE).to(dtype).eval()
             if what == "vae-decode":
                 z = torch.randn(1, 4, 64, 64, dtype=dtype)
                 fn = lambda: model.decode(z).sample
+                module, args = (lambda z: model.decode(z).sample), (z,)
             else:
                 img = torch.randn(1, 3, 512, 512, dtype=dtype) * 0.5
                 fn = lambda: model.encode(img).latent_dist.mean
+                module, args = (lambda img: model.encode(img).latent_dist.mean), (img,)
+    if mode.startswith("ov"):
+        import openvino as ov
+
+        class Wrap(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model.requires_grad_(False)  # its weights are the wrapper's own
+
+            def forward(self, *a):
+                return module(*a)
+        ov_model = ov.convert_model(Wrap(), example_input=args)
+        config = {"INFERENCE_NUM_THREADS": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
+                  "PERFORMANCE_HINT": "LATENCY"}
+        if mode == "ov-f32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        request = ov.Core().compile_model(ov_model, "CPU", config).create_infer_request()
+        inputs = [a.numpy() for a in args]
+        fn = lambda: request.infer(inputs)
+    with torch.inference_mode(), amp:
         fn()
         times = []
         for _ in range(runs):
@@ -76,10 +111,11 @@ def ours(what, runs, mode):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="unet,unet-b1,vae-decode,vae-encode")
+    ap.add_argument("--only", default="unet,unet-b1,vae-decode,vae-encode", help="also: taesd (encode + decode)")
     ap.add_argument("--ours", default="f32,bf16", help="our dtypes to time (f32, f16, bf16, q8, q8-f32)")
     ap.add_argument("--torch", default="f32,bf16,autocast",
-                    help="PyTorch modes: f32, bf16 (bf16 weights), autocast (f32 weights, bf16 autocast)")
+                    help="PyTorch modes: f32, bf16 (bf16 weights), autocast (f32 weights, bf16 autocast); "
+                         "OpenVINO: ov-f32 (f32 hint), ov (its default precision)")
     ap.add_argument("--torch-one", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="f32", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -90,7 +126,8 @@ def main():
     subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "speed_probe"], check=True)
     ours_dt, torch_modes = a.ours.split(","), a.torch.split(",")
     print(f"threads {threads}, median of {a.runs} after a warm-up, 512x512; time (peak RSS)\n")
-    print("| | " + " | ".join([f"ours {d}" for d in ours_dt] + [f"PyTorch {m}" for m in torch_modes]) + " |")
+    names = {"ov-f32": "OpenVINO f32", "ov": "OpenVINO default"}
+    print("| | " + " | ".join([f"ours {d}" for d in ours_dt] + [names.get(m, f"PyTorch {m}") for m in torch_modes]) + " |")
     print("|---|" + "---|" * (len(ours_dt) + len(torch_modes)))
     for what in a.only.split(","):
         cells = []

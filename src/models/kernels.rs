@@ -499,9 +499,17 @@ struct Conv {
     /// Extra zero rows/columns after the input (bottom, right): diffusers' VAE `Downsample2D` pads
     /// (0, 1, 0, 1) before its stride-2 convolution; read as zeros instead of copying the input.
     pad_end: usize,
+    /// ReLU applied to the output (TAESD's conv + ReLU pairs): in Winograd's output transform, or
+    /// one parallel pass, instead of candle's separate single-threaded pass and copy.
+    relu: bool,
 }
 
 impl Conv {
+    /// A plain convolution by `weight` (no upsampling, end padding or ReLU).
+    fn plain(weight: &Weight, stride: usize, padding: usize) -> Self {
+        Conv { scales: weight.scales(), stride, padding, upsample: false, pad_end: 0, relu: false }
+    }
+
     /// Output (height, width) for an input of (ih, iw) before upsampling.
     fn out_size(&self, (ih, iw): (usize, usize), (kh, kw): (usize, usize)) -> (usize, usize) {
         let f = if self.upsample { 2 } else { 1 };
@@ -533,7 +541,7 @@ impl Conv {
             && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4))
         {
             let shape = winograd::Shape { batch: b, cin, ih, iw, up: f, pad: p, cout };
-            return winograd::conv(x, shape, &w.to_f32(), bias);
+            return winograd::conv(x, shape, &w.to_f32(), bias, self.relu);
         }
         let (ih, iw) = (ih * f, iw * f);
         let (oplane, k) = (oh * ow, cin * kh * kw);
@@ -601,6 +609,9 @@ impl Conv {
                 }
             }
         }
+        if self.relu {
+            out.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+        }
         out
     }
 
@@ -640,7 +651,7 @@ pub fn conv2d(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, stride: usize,
             None => Ok(cfg_out),
         };
     }
-    apply_weighted(x, weight, bias, Conv { scales: weight.scales(), stride, padding, upsample: false, pad_end: 0 })
+    apply_weighted(x, weight, bias, Conv::plain(weight, stride, padding))
 }
 
 /// `conv2d(upsample_nearest2d(x, 2h, 2w), …)` without the upsampled copy.
@@ -655,7 +666,48 @@ pub fn upsample2x_conv2d(
         let (_, _, h, w) = x.dims4()?;
         return conv2d(&x.upsample_nearest2d(2 * h, 2 * w)?, weight, bias, stride, padding);
     }
-    apply_weighted(x, weight, bias, Conv { scales: weight.scales(), stride, padding, upsample: true, pad_end: 0 })
+    apply_weighted(x, weight, bias, Conv { upsample: true, ..Conv::plain(weight, stride, padding) })
+}
+
+/// `relu(conv2d(x, …))` with the ReLU in the convolution's last pass.
+pub fn conv2d_relu(
+    x: &Tensor,
+    weight: &Weight,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if !is_cpu_f32(x) {
+        return conv2d(x, weight, bias, stride, padding)?.relu();
+    }
+    apply_weighted(x, weight, bias, Conv { relu: true, ..Conv::plain(weight, stride, padding) })
+}
+
+/// `relu(a + b)` (same shapes) in one parallel pass: TAESD's residual join.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !is_cpu_f32(a) || !is_cpu_f32(b) || a.dims() != b.dims() {
+        return (a + b)?.relu();
+    }
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddRelu)
+}
+
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "ghiblify-add-relu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (f32_slice(s1, l1, "add_relu")?, f32_slice(s2, l2, "add_relu")?);
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(1 << 16).zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16))).for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = (a + b).max(0.0);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
 }
 
 /// `conv2d(x zero-padded by one row below and one column right, …)` without the padded copy.
@@ -664,7 +716,7 @@ pub fn pad_end_conv2d(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, stride
         let x = x.pad_with_zeros(candle_core::D::Minus1, 0, 1)?.pad_with_zeros(candle_core::D::Minus2, 0, 1)?;
         return conv2d(&x, weight, bias, stride, 0);
     }
-    apply_weighted(x, weight, bias, Conv { scales: weight.scales(), stride, padding: 0, upsample: false, pad_end: 1 })
+    apply_weighted(x, weight, bias, Conv { pad_end: 1, ..Conv::plain(weight, stride, 0) })
 }
 
 /// Runs a [`weighted_op!`] on contiguous operands: its two-operand form without a bias, its
@@ -1406,6 +1458,34 @@ mod tests {
                 assert!(wino < 2e-5, "winograd {kind} {:?}: {wino:.2e} from f64", (b, cin, cout, h, w, up, p));
             }
         }
+    }
+
+    #[test]
+    fn fused_relu_and_residual_join_match_candle() {
+        // conv + ReLU through both convolution paths (its ReLU in Winograd's output transform or
+        // in the im2col path's last pass), and relu(a + b); a NaN stays NaN without the ReLU.
+        let x = randn(&[1, 16, 20, 18], 31);
+        let wt = randn(&[16, 16, 3, 3], 32);
+        let bias = randn(&[16], 33);
+        let want = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&bias.reshape((1, 16, 1, 1)).unwrap()).unwrap();
+        for wino in [false, true] {
+            let got = winograd::forced(wino, || conv2d_relu(&x, &dense(&wt), Some(&bias), 1, 1).unwrap());
+            assert!(max_rel(&got, &want.relu().unwrap()) < 2e-5, "conv + relu (winograd {wino})");
+            let plain = winograd::forced(wino, || conv2d(&x, &dense(&wt), Some(&bias), 1, 1).unwrap());
+            let negatives = plain.lt(0f32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap();
+            assert!(negatives.to_scalar::<f32>().unwrap() > 0.0, "without the ReLU, negatives stay");
+        }
+        let mut nan = vec![0f32; 16 * 16 * 9];
+        nan[0] = f32::NAN;
+        let wn = Tensor::from_vec(nan, (16, 16, 3, 3), &Device::Cpu).unwrap();
+        for wino in [false, true] {
+            let got = winograd::forced(wino, || conv2d(&x, &dense(&wn), None, 1, 1).unwrap());
+            let v = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().any(|v| v.is_nan()), "NaN propagates (winograd {wino})");
+        }
+        let (a, b) = (randn(&[2, 3, 70, 300], 34), randn(&[2, 3, 70, 300], 35));
+        let got = add_relu(&a, &b).unwrap();
+        assert_eq!(max_rel(&got, &(&a + &b).unwrap().relu().unwrap()), 0.0);
     }
 
     /// `t` rounded to bf16 and back: the operands the bf16 products see.

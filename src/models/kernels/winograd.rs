@@ -128,7 +128,7 @@ impl Shape {
 /// operands to bf16 put a bf16 version's results 3–10 % (of the largest value) from the exact
 /// ones, 30–60× the bf16 im2col path's error, while f32 Winograd is faster than bf16 im2col on
 /// every layer where it applies.
-pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>, relu: bool) -> Vec<f32> {
     let (oh, ow) = sh.out_size();
     let (ty, tx) = sh.tiles();
     let (cin, cout) = (sh.cin, sh.cout);
@@ -174,7 +174,7 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>) -> Vec
                 }
                 let m = &mut m[..nb * XI * nt];
                 products(&u[..nb * XI * cin], v, m, (nb, cin, nt));
-                transform_output(m, sh, rows.clone(), co0..co0 + nb, bias, &mut out);
+                transform_output(m, sh, rows.clone(), co0..co0 + nb, (bias, relu), &mut out);
             }
         }
     });
@@ -351,7 +351,7 @@ fn transform_output(
     sh: Shape,
     rows: std::ops::Range<usize>,
     cos: std::ops::Range<usize>,
-    bias: Option<&[f32]>,
+    (bias, relu): (Option<&[f32]>, bool),
     out: &mut [f32],
 ) {
     let (oh, ow) = sh.out_size();
@@ -373,7 +373,7 @@ fn transform_output(
                     if y >= oh {
                         break;
                     }
-                    out_rows_1d(&cols[a * 6 * tx..(a + 1) * 6 * tx], line, tx, b);
+                    out_rows_1d(&cols[a * 6 * tx..(a + 1) * 6 * tx], line, tx, b, relu);
                     // SAFETY: row y of plane (bi, co) is ow floats inside out, written by this
                     // output channel only.
                     let dst = unsafe {
@@ -405,18 +405,20 @@ fn out_cols_1d(mc: &[f32], cols: &mut [f32], tx: usize, nt: usize, base: usize) 
 }
 
 simd! {
-fn out_rows_1d(cols: &[f32], line: &mut [f32], tx: usize, bias: f32) {
-    // line[4t + b] = Σ_ν cols[ν][t] A[ν][b] + bias.
+fn out_rows_1d(cols: &[f32], line: &mut [f32], tx: usize, bias: f32, relu: bool) {
+    // line[4t + b] = Σ_ν cols[ν][t] A[ν][b] + bias (then max(·, 0) under `relu`).
     let c = |nu: usize| &cols[nu * tx..(nu + 1) * tx];
     let (c0, c1, c2, c3, c4, c5) = (c(0), c(1), c(2), c(3), c(4), c(5));
     let line = &mut line[..4 * tx];
+    // (A branch, not max with −∞: NaN must stay NaN without the ReLU.)
+    let act = |v: f32| if relu { v.max(0.0) } else { v };
     for t in 0..tx {
         let o = output_1d([c0[t], c1[t], c2[t], c3[t], c4[t], c5[t]]);
         let l = &mut line[4 * t..4 * t + 4];
-        l[0] = o[0] + bias;
-        l[1] = o[1] + bias;
-        l[2] = o[2] + bias;
-        l[3] = o[3] + bias;
+        l[0] = act(o[0] + bias);
+        l[1] = act(o[1] + bias);
+        l[2] = act(o[2] + bias);
+        l[3] = act(o[3] + bias);
     }
 }
 }
