@@ -7,7 +7,9 @@
 //! attention softmax over 4096 × 4096 scores runs glibc's scalar `expf`. Here:
 //! - [`conv2d`]: im2col straight from NCHW (each row a shifted copy of one input plane), tiled so the
 //!   buffer stays ≤ 16 MB, and one GEMM per tile writing NCHW output in place, bias included.
-//!   PyTorch/oneDNN and stable-diffusion.cpp (ggml_conv_2d = im2col + mul_mat) do the same.
+//!   PyTorch/oneDNN and stable-diffusion.cpp (ggml_conv_2d = im2col + mul_mat) do the same. The
+//!   large 3×3 stride-1 ones take Winograd F(4×4, 3×3) instead (`kernels/winograd.rs`: a quarter
+//!   of the multiplications, as oneDNN and OpenVINO do on CPUs), in f32 whatever the weights.
 //! - [`group_norm`]: one read for the statistics (f64 sums, two-pass like PyTorch's) and one write,
 //!   SiLU fused, in parallel over (batch, group).
 //! - [`attention`]: memory-efficient attention (Rabe & Staats 2021, "Self-attention Does Not Need

@@ -239,7 +239,7 @@ fn transform_input(x: &[f32], sh: Shape, rows: std::ops::Range<usize>, v: &mut [
     let plane = sh.ih * sh.iw;
     let nt = rows.len() * tx;
     v.par_chunks_mut(XI * nt).enumerate().for_each_init(
-        || (vec![0f32; 4 * tx + 2], vec![0f32; 36 * tx]),
+        || (vec![0f32; 4 * tx + 4], vec![0f32; 36 * tx]),
         |(line, cols), (ci, dst)| {
             for (ri, r) in rows.clone().enumerate() {
                 let (bi, ty0) = (r / ty, r % ty);
@@ -288,10 +288,13 @@ fn rows_1d(line: &[f32], dst: &mut [f32], tx: usize) {
     let (d3, rest) = rest.split_at_mut(tx);
     let (d4, d5) = rest.split_at_mut(tx);
     let (d0, d1, d2, d3, d4, d5) = (&mut d0[..tx], &mut d1[..tx], &mut d2[..tx], &mut d3[..tx], &mut d4[..tx], &mut d5[..tx]);
-    let line = &line[..4 * tx + 2];
+    // As groups of four (tile t's first four values, then the next group's first two): the
+    // compiler vectorises loads of whole groups with shuffles, not single strided ones.
+    let (quads, _) = line[..4 * tx + 4].as_chunks::<4>();
+    let (cur, next) = (&quads[..tx], &quads[1..tx + 1]);
     for t in 0..tx {
-        let s = &line[4 * t..4 * t + 6];
-        let o = input_1d([s[0], s[1], s[2], s[3], s[4], s[5]]);
+        let (a, b) = (cur[t], next[t]);
+        let o = input_1d([a[0], a[1], a[2], a[3], b[0], b[1]]);
         d0[t] = o[0];
         d1[t] = o[1];
         d2[t] = o[2];
@@ -409,16 +412,12 @@ fn out_rows_1d(cols: &[f32], line: &mut [f32], tx: usize, bias: f32, relu: bool)
     // line[4t + b] = Σ_ν cols[ν][t] A[ν][b] + bias (then max(·, 0) under `relu`).
     let c = |nu: usize| &cols[nu * tx..(nu + 1) * tx];
     let (c0, c1, c2, c3, c4, c5) = (c(0), c(1), c(2), c(3), c(4), c(5));
-    let line = &mut line[..4 * tx];
+    let (quads, _) = line[..4 * tx].as_chunks_mut::<4>();
     // (A branch, not max with −∞: NaN must stay NaN without the ReLU.)
     let act = |v: f32| if relu { v.max(0.0) } else { v };
-    for t in 0..tx {
+    for (t, q) in quads.iter_mut().enumerate() {
         let o = output_1d([c0[t], c1[t], c2[t], c3[t], c4[t], c5[t]]);
-        let l = &mut line[4 * t..4 * t + 4];
-        l[0] = act(o[0] + bias);
-        l[1] = act(o[1] + bias);
-        l[2] = act(o[2] + bias);
-        l[3] = act(o[3] + bias);
+        *q = o.map(|v| act(v + bias));
     }
 }
 }
