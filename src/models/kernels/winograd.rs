@@ -122,6 +122,12 @@ impl Shape {
     }
 }
 
+thread_local! {
+    /// [`conv`]'s transformed filters, inputs and products.
+    static BUFFERS: std::cell::RefCell<[Vec<f32>; 3]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
 /// The convolution of `x` (NCHW) by the 3×3 filters `w` (OIHW, f32), bias added, output NCHW.
 ///
 /// The products are f32 also for bf16 and int8 weights (widened first): rounding the transformed
@@ -144,10 +150,15 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>, relu: 
     // by the kernel) on every call, 25-35 % of a UNet layer's time. Their capacity is set once at
     // its largest (pages are only touched as far as a layer needs them): growing by steps left
     // the outgrown blocks resident and raised a VAE encode's peak by 0.35 GB.
-    thread_local! {
-        static BUFFERS: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
-    }
-    BUFFERS.with_borrow_mut(|[u, v, m]| {
+    // A thread that re-enters while its buffers are in use (a rayon worker that, waiting inside
+    // one convolution, steals a job running another) takes fresh ones.
+    let mut fresh = None;
+    BUFFERS.with(|cell| {
+        let mut kept = cell.try_borrow_mut().ok();
+        let [u, v, m] = match kept.as_deref_mut() {
+            Some(bufs) => bufs,
+            None => fresh.insert([Vec::new(), Vec::new(), Vec::new()]),
+        };
         for (buf, len, cap) in [
             (&mut *u, blk * XI * cin, BUDGET),
             (&mut *v, cin * XI * chunk * tx, 2 * BUDGET),
@@ -420,4 +431,20 @@ fn out_rows_1d(cols: &[f32], line: &mut [f32], tx: usize, bias: f32, relu: bool)
         *q = o.map(|v| act(v + bias));
     }
 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reentry_takes_fresh_buffers() {
+        // As if a stolen job ran a convolution while this thread's buffers were in use.
+        let sh = Shape { batch: 1, cin: 3, ih: 9, iw: 7, up: 1, pad: 1, cout: 2 };
+        let x: Vec<f32> = (0..3 * 9 * 7).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..2 * 3 * 9).map(|i| (i as f32 * 0.11).cos()).collect();
+        let free = conv(&x, sh, &w, None, false);
+        let held = BUFFERS.with_borrow_mut(|_| conv(&x, sh, &w, None, false));
+        assert_eq!(free, held);
+    }
 }
