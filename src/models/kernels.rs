@@ -462,7 +462,7 @@ fn widen<T: Copy + Sync>(v: &[T], f: impl Fn(T) -> f32 + Sync) -> Vec<f32> {
 /// # Safety
 /// Pointers and strides must describe valid, non-overlapping (dst) memory.
 #[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(
+pub(crate) unsafe fn sgemm(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: isize,
@@ -478,7 +478,7 @@ unsafe fn sgemm(
     )
 }
 
-fn rayon_par() -> Parallelism {
+pub(crate) fn rayon_par() -> Parallelism {
     match threads() {
         1 => Parallelism::None,
         n => Parallelism::Rayon(n),
