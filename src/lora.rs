@@ -225,19 +225,16 @@ impl candle_core::InplaceOp3 for AddProduct {
         down: &candle_core::CpuStorage,
         down_l: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage::F32;
-        let (F32(acc), F32(up), F32(down)) = (acc, up, down) else {
-            candle_core::bail!("LoRA merge: expected f32 weights and updates");
+        use crate::models::kernels::f32_slice;
+        let (up, down) = (f32_slice(up, up_l, "LoRA up")?, f32_slice(down, down_l, "LoRA down")?);
+        let (candle_core::CpuStorage::F32(acc), Some((a0, a1))) = (acc, acc_l.contiguous_offsets()) else {
+            candle_core::bail!("LoRA merge: expected a contiguous f32 weight");
         };
-        let range = |l: &candle_core::Layout| {
-            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("LoRA merge: not contiguous".into()))
-        };
-        let ((a0, a1), (u0, u1), (d0, d1)) = (range(acc_l)?, range(up_l)?, range(down_l)?);
         let ((m, r), (r2, n)) = (up_l.shape().dims2()?, down_l.shape().dims2()?);
-        if r != r2 || a1 - a0 != m * n || u1 - u0 != m * r || d1 - d0 != r * n {
+        if r != r2 || a1 - a0 != m * n || up.len() != m * r || down.len() != r * n {
             candle_core::bail!("LoRA merge: {m}×{r} · {r2}×{n} does not fit {} values", a1 - a0);
         }
-        // SAFETY: the three ranges hold m·n, m·r and r·n values (checked above); acc is the
+        // SAFETY: the three slices hold m·n, m·r and r·n values (checked above); acc is the
         // destination only.
         unsafe {
             crate::models::kernels::sgemm(
@@ -245,8 +242,8 @@ impl candle_core::InplaceOp3 for AddProduct {
                 acc[a0..a1].as_mut_ptr(),
                 n as isize,
                 true,
-                (up[u0..u1].as_ptr(), 1, r as isize),
-                (down[d0..d1].as_ptr(), 1, n as isize),
+                (up.as_ptr(), 1, r as isize),
+                (down.as_ptr(), 1, n as isize),
                 self.0,
                 crate::models::kernels::rayon_par(),
             )

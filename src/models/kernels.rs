@@ -120,7 +120,7 @@ fn is_cpu_f32(t: &Tensor) -> bool {
 }
 
 /// The data of a contiguous f32 storage.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("{what}: expected contiguous f32, got {:?}", s.dtype()),
