@@ -170,6 +170,11 @@ impl Merge {
         self.updates.is_empty()
     }
 
+    /// Whether a LoRA changes the model weight `name` (which must then be copied to merge into).
+    pub fn touches(&self, name: &str) -> bool {
+        self.updates.contains_key(name)
+    }
+
     /// The model weights a LoRA touched that the model never loaded.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,8 +199,9 @@ impl Merge {
                 // One product added into the weight's own buffer: the three weight-sized
                 // temporaries of `acc + (up·down) · factor` cost a --fast load ~4 s of page
                 // zeroing (LCM-LoRA touches 272 layers, most of the UNet). The buffer is this
-                // load's own: the loaders copy each tensor out of its file (models/weights.rs),
-                // and a dtype conversion above made a fresh one.
+                // load's own: a weight a LoRA touches is never read in place (`Merge::touches`,
+                // `nn::InPlace`) but copied out of its file (models/weights.rs), and a dtype
+                // conversion above made a fresh one.
                 let (up2, down2) = (up2.to_dtype(DType::F32)?.contiguous()?, down2.to_dtype(DType::F32)?.contiguous()?);
                 acc.inplace_op3(&up2, &down2, &AddProduct(u.factor as f32))?;
             } else {

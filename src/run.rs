@@ -98,6 +98,7 @@ impl Engine<'_> {
             None => None,
         };
         let t = Instant::now();
+        let in_place = crate::models::nn::in_place_bytes();
         let quantize = s.model.quantize;
         let extras = crate::pipeline::Extras { loras: &loras, vae: vae_dir.as_deref(), single_file: None, quantize };
         let (model, outcome) = match &location {
@@ -114,7 +115,14 @@ impl Engine<'_> {
             self.preview = Some(crate::models::Autoencoder::load_folder(&p, dtype, &device)?);
         }
         let name = s.model.name();
-        self.printer.verbose(format!("loaded model '{name}' in {:.1} s", t.elapsed().as_secs_f64()));
+        // Weights read where they lie in the files cost no copy (models/weights.rs).
+        let mapped = crate::models::nn::in_place_bytes() - in_place;
+        let mapped = match mapped {
+            0 => String::new(),
+            b if b >= 1 << 30 => format!(" ({:.2} GB of weights read in place from the files)", b as f64 / 1e9),
+            b => format!(" ({:.1} MB of weights read in place from the files)", b as f64 / 1e6),
+        };
+        self.printer.verbose(format!("loaded model '{name}' in {:.1} s{mapped}", t.elapsed().as_secs_f64()));
         let mut controlnets = Vec::with_capacity(s.controls.specs.len());
         for spec in &s.controls.specs {
             let t = Instant::now();

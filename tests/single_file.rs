@@ -66,6 +66,41 @@ fn the_ckpt_and_the_safetensors_give_identical_tensors() {
         .any(|k| k.contains("ema") || k.contains("position_ids")));
 }
 
+/// What a run reads in place from a single file (the f32 runs of these f32 fixtures) is exactly
+/// what it would have copied, under diffusers' names: plain keys, `.ckpt` storages, and the rows
+/// of OpenCLIP's fused `in_proj` (q, k, v).
+#[test]
+fn weights_read_in_place_are_the_values_a_load_copies() {
+    for file in ["sd1.safetensors", "sd1.ckpt", "sd2.safetensors"] {
+        let sf = ghiblify::models::single_file::open(&single(file)).unwrap();
+        let (mut viewed, mut total) = (0, 0);
+        for part in [&sf.unet, &sf.vae, &sf.text_encoder] {
+            for name in part.names() {
+                let t = part.load(&name, &Device::Cpu).unwrap();
+                total += 1;
+                let Some(v) = part.view(&name, t.dtype()) else { continue };
+                viewed += 1;
+                assert_eq!(v.dims(), t.dims(), "{file}: {name}");
+                let a = v.to_tensor(DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let b = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(a, b, "{file}: {name}");
+                // Never lent as another dtype (that needs a conversion, so a copy).
+                let other = if t.dtype() == DType::BF16 { DType::F32 } else { DType::BF16 };
+                assert!(part.view(&name, other).is_none(), "{file}: {name}");
+            }
+        }
+        // torch's writers align every tensor, so every one can be read in place.
+        assert_eq!(viewed, total, "{file}: {viewed} of {total} tensors lent in place");
+        if file == "sd2.safetensors" {
+            for part in ["q_proj", "k_proj", "v_proj"] {
+                let name = format!("text_model.encoder.layers.0.self_attn.{part}.weight");
+                let stored = sf.text_encoder.load(&name, &Device::Cpu).unwrap().dtype();
+                assert!(sf.text_encoder.view(&name, stored).is_some(), "OpenCLIP's {part} rows in place");
+            }
+        }
+    }
+}
+
 #[test]
 fn the_architecture_comes_from_the_shapes_and_the_family() {
     let sd2 = ghiblify::models::single_file::open(&single("sd2.safetensors")).unwrap();

@@ -54,6 +54,20 @@ struct TensorRef {
     stride: Vec<usize>,
 }
 
+impl TensorRef {
+    /// Whether its elements lie in row-major order (dimensions of one may have any stride).
+    fn contiguous(&self) -> bool {
+        let mut expect = 1;
+        for (&d, &s) in self.shape.iter().zip(&self.stride).rev() {
+            if d != 1 && s != expect {
+                return false;
+            }
+            expect *= d;
+        }
+        true
+    }
+}
+
 #[derive(Debug)]
 enum Obj {
     None,
@@ -448,7 +462,7 @@ impl Unpickler<'_> {
 
 /// A `.ckpt` file's tensors, read from its memory-mapped zip entries.
 pub struct Ckpt {
-    map: Mmap,
+    map: std::sync::Arc<Mmap>,
     tensors: HashMap<String, TensorRef>,
     /// Storage key → (byte offset in the file, byte length).
     storages: HashMap<String, (usize, usize)>,
@@ -539,7 +553,7 @@ impl Ckpt {
         if tensors.is_empty() {
             return Err(bad("no tensors in its state dict".into()));
         }
-        Ok(Self { map, tensors, storages, path: path.to_path_buf() })
+        Ok(Self { map: std::sync::Arc::new(map), tensors, storages, path: path.to_path_buf() })
     }
 }
 
@@ -562,17 +576,7 @@ impl TensorSource for Ckpt {
         let (start, len) = self.storages[&t.storage];
         let bytes = &self.map[start..start + len];
         let es = t.dtype.size_in_bytes();
-        let contiguous = {
-            let mut expect = 1;
-            let mut ok = true;
-            for (&d, &s) in t.shape.iter().zip(&t.stride).rev() {
-                if d != 1 && s != expect {
-                    ok = false;
-                }
-                expect *= d;
-            }
-            ok
-        };
+        let contiguous = t.contiguous();
         let count: usize = t.shape.iter().product();
         // Each tensor's pages go back to the page cache once copied out, as in `weights::Weights`:
         // otherwise the whole archive stays resident beside the loaded weights (+2.1 GB peak for
@@ -604,6 +608,17 @@ impl TensorSource for Ckpt {
         }
         release(0, len);
         tensor_from_bytes(&out, t.dtype, &t.shape, dtype, device)
+    }
+    fn view(&self, name: &str, dtype: DType) -> Option<super::weights::View> {
+        let t = self.tensors.get(name)?;
+        if t.dtype != dtype || !t.contiguous() {
+            return None;
+        }
+        let (start, _) = self.storages.get(&t.storage)?;
+        // In bounds: `open` checked that every tensor's elements lie inside its storage.
+        let from = start + t.offset * t.dtype.size_in_bytes();
+        let len = t.shape.iter().product::<usize>() * t.dtype.size_in_bytes();
+        super::weights::View::new(&self.map, (from, from + len), dtype, &t.shape)
     }
 }
 

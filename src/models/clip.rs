@@ -133,7 +133,7 @@ impl ClipTextEncoder {
                 ),
             ));
         }
-        let vb = super::var_builder(files, dtype, device)?;
+        let (vb, _in_place) = super::var_builder(files, dtype, device)?;
         // Real SD repos prefix keys with `text_model.`; transformers 5 saves them without it.
         let vb =
             if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };

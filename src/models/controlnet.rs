@@ -136,7 +136,7 @@ impl ControlNet {
     pub fn load(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<Self> {
         let mut config: ControlNetConfig = read_json(&files.config)?;
         let plan = config.check(&files.config)?;
-        let vb = super::var_builder(files, dtype, device)?;
+        let (vb, _in_place) = super::var_builder(files, dtype, device)?;
         Self::build(config, &plan, vb).map_err(weights_err(files))
     }
 

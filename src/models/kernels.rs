@@ -71,42 +71,79 @@ macro_rules! simd {
     };
 }
 
-/// The candle forms of an op on (input, weight, optional bias) whose
-/// `fwd((x, xl), (w, wl), bias)` does the work: `CustomOp2` without the bias, `CustomOp3` with it.
-macro_rules! weighted_op {
-    ($ty:ty, $name:literal, $name_bias:literal) => {
-        impl CustomOp2 for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-            fn cpu_fwd(
-                &self,
-                s1: &CpuStorage,
-                l1: &Layout,
-                s2: &CpuStorage,
-                l2: &Layout,
-            ) -> Result<(CpuStorage, Shape)> {
-                self.fwd((s1, l1), (s2, l2), None)
-            }
-        }
+/// An op on (input, weight, optional bias): `fwd` does the work on the weight as the matrix
+/// products read it. [`Stored`] runs it with the weight as a tensor operand, [`InPlaceOp`] with a
+/// weight read in place from its file (carried by the op; candle tensors own their memory).
+trait WeightedOp: Send + Sync {
+    const NAME: &'static str;
+    const NAME_BIAS: &'static str;
+    /// Names the weight in errors.
+    const WHAT: &'static str;
+    /// The weight's per-output-channel scales when it is int8 ([`Weight::Q8`]).
+    fn scales(&self) -> Option<&[f32]>;
+    fn fwd(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: &Wt,
+        wdims: &[usize],
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)>;
+}
 
-        impl CustomOp3 for $ty {
-            fn name(&self) -> &'static str {
-                $name_bias
-            }
-            fn cpu_fwd(
-                &self,
-                s1: &CpuStorage,
-                l1: &Layout,
-                s2: &CpuStorage,
-                l2: &Layout,
-                s3: &CpuStorage,
-                l3: &Layout,
-            ) -> Result<(CpuStorage, Shape)> {
-                self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
-            }
-        }
-    };
+/// A [`WeightedOp`] on (input, weight tensor): `CustomOp2` without the bias, `CustomOp3` with it.
+struct Stored<Op>(Op);
+
+impl<Op: WeightedOp> CustomOp2 for Stored<Op> {
+    fn name(&self) -> &'static str {
+        Op::NAME
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = Wt::new(s2, l2, self.0.scales(), Op::WHAT)?;
+        self.0.fwd((s1, l1), &w, l2.shape().dims(), None)
+    }
+}
+
+impl<Op: WeightedOp> CustomOp3 for Stored<Op> {
+    fn name(&self) -> &'static str {
+        Op::NAME_BIAS
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = Wt::new(s2, l2, self.0.scales(), Op::WHAT)?;
+        self.0.fwd((s1, l1), &w, l2.shape().dims(), Some((s3, l3)))
+    }
+}
+
+/// A [`WeightedOp`] with its weight read in place ([`Weight::InPlace`]): `CustomOp1` on the
+/// input, `CustomOp2` on (input, bias).
+struct InPlaceOp<'a, Op> {
+    op: Op,
+    view: &'a super::weights::View,
+}
+
+impl<Op: WeightedOp> CustomOp1 for InPlaceOp<'_, Op> {
+    fn name(&self) -> &'static str {
+        Op::NAME
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.op.fwd((s1, l1), &Wt::from_view(self.view, Op::WHAT)?, self.view.dims(), None)
+    }
+}
+
+impl<Op: WeightedOp> CustomOp2 for InPlaceOp<'_, Op> {
+    fn name(&self) -> &'static str {
+        Op::NAME_BIAS
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.op.fwd((s1, l1), &Wt::from_view(self.view, Op::WHAT)?, self.view.dims(), Some((s2, l2)))
+    }
 }
 
 mod winograd;
@@ -203,6 +240,22 @@ impl<'a> Wt<'a> {
         }
     }
 
+    /// A weight read in place: bf16 read as it lies for the bf16 products, f32 borrowed, half
+    /// precision otherwise widened for the call (as from a tensor's storage).
+    fn from_view(v: &'a super::weights::View, what: &str) -> Result<Self> {
+        use std::borrow::Cow;
+        if let Some(w) = v.f32s() {
+            return Ok(Wt::F32(Cow::Borrowed(w)));
+        }
+        if let Some(w) = v.bf16s() {
+            return Ok(if bf16_arithmetic() { Wt::Bf16(w) } else { Wt::F32(Cow::Owned(widen(w, |x| x.to_f32()))) });
+        }
+        match v.f16s() {
+            Some(w) => Ok(Wt::F32(Cow::Owned(widen(w, |x| x.to_f32())))),
+            None => candle_core::bail!("{what}: unsupported weight dtype {:?}", v.dtype()),
+        }
+    }
+
     /// The weight as f32: borrowed, or widened from bf16, or dequantised from int8.
     fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         use std::borrow::Cow;
@@ -273,10 +326,13 @@ impl<'a> Wt<'a> {
 /// `q + 128` (u8, the tensor's shape) with one f32 scale per output channel, `w ≈ q · scale`.
 /// The products widen the codes inside their packing (exactly, as bf16 integers, on a CPU with
 /// AVX512_BF16) and apply the scales to the f32 sums; elsewhere they are dequantised per call.
+/// Or (CPU) read in place from the model file (`weights::View`, f32/f16/bf16 as stored): the
+/// kernels read it there; other paths copy it out per call.
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
     Q8 { codes: Tensor, scales: std::sync::Arc<[f32]> },
+    InPlace(Box<super::weights::View>),
 }
 
 impl Weight {
@@ -309,6 +365,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => w.dims(),
             Weight::Q8 { codes, .. } => codes.dims(),
+            Weight::InPlace(v) => v.dims(),
         }
     }
 
@@ -318,13 +375,16 @@ impl Weight {
         match self {
             Weight::Dense(w) => w.dtype() == DType::BF16 && bf16_arithmetic(),
             Weight::Q8 { .. } => bf16_arithmetic(),
+            Weight::InPlace(v) => v.dtype() == DType::BF16 && bf16_arithmetic(),
         }
     }
 
-    /// The weight as a `dtype` tensor: widened or narrowed, or dequantised (`q · scale`).
+    /// The weight as a `dtype` tensor: widened or narrowed, or dequantised (`q · scale`), or
+    /// copied out of its file.
     pub fn dense(&self, dtype: DType) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => w.to_dtype(dtype),
+            Weight::InPlace(v) => v.to_tensor(dtype, &candle_core::Device::Cpu),
             Weight::Q8 { codes, scales } => {
                 let rows = codes.dim(0)?;
                 if codes.device().is_cpu() && !crate::device::generic_ops() {
@@ -347,15 +407,8 @@ impl Weight {
 
     fn scales(&self) -> Option<std::sync::Arc<[f32]>> {
         match self {
-            Weight::Dense(_) => None,
+            Weight::Dense(_) | Weight::InPlace(_) => None,
             Weight::Q8 { scales, .. } => Some(scales.clone()),
-        }
-    }
-
-    fn tensor(&self) -> &Tensor {
-        match self {
-            Weight::Dense(w) => w,
-            Weight::Q8 { codes, .. } => codes,
         }
     }
 }
@@ -616,31 +669,39 @@ impl Conv {
         }
         out
     }
+}
+
+impl WeightedOp for Conv {
+    const NAME: &'static str = "ghiblify-conv2d";
+    const NAME_BIAS: &'static str = "ghiblify-conv2d-bias";
+    const WHAT: &'static str = "conv2d weight";
+
+    fn scales(&self) -> Option<&[f32]> {
+        self.scales.as_deref()
+    }
 
     fn fwd(
         &self,
         xs: (&CpuStorage, &Layout),
-        ws: (&CpuStorage, &Layout),
+        w: &Wt,
+        wdims: &[usize],
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(xs.0, xs.1, "conv2d input")?;
         let (b, cin, ih, iw) = xs.1.shape().dims4()?;
-        let (cout, wcin, kh, kw) = ws.1.shape().dims4()?;
+        let &[cout, wcin, kh, kw] = wdims else { candle_core::bail!("conv2d: weight of shape {wdims:?}") };
         if wcin != cin {
             candle_core::bail!("conv2d: input has {cin} channels, weight expects {wcin}");
         }
         if ih + 2 * self.padding + self.pad_end < kh || iw + 2 * self.padding + self.pad_end < kw || self.stride == 0 {
             candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {ih}×{iw} input padded by {}", self.padding);
         }
-        let w = Wt::new(ws.0, ws.1, self.scales.as_deref(), "conv2d weight")?;
         let bias = bias.map(|(s, l)| weight_f32(s, l, "conv2d bias")).transpose()?;
-        let out = self.run(x, (b, cin, ih, iw), &w, (cout, kh, kw), bias.as_deref());
+        let out = self.run(x, (b, cin, ih, iw), w, (cout, kh, kw), bias.as_deref());
         let (oh, ow) = self.out_size((ih, iw), (kh, kw));
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
     }
 }
-
-weighted_op!(Conv, "ghiblify-conv2d", "ghiblify-conv2d-bias");
 
 /// 2-D convolution (NCHW, OIHW weight, square stride and zero padding, no dilation or groups),
 /// with the bias added: what `torch.nn.Conv2d` computes.
@@ -721,41 +782,57 @@ pub fn pad_end_conv2d(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, stride
     apply_weighted(x, weight, bias, Conv { pad_end: 1, ..Conv::plain(weight, stride, 0) })
 }
 
-/// Runs a [`weighted_op!`] on contiguous operands: its two-operand form without a bias, its
-/// three-operand form with one.
-fn apply_weighted<Op: CustomOp2 + CustomOp3>(
-    x: &Tensor,
-    weight: &Weight,
-    bias: Option<&Tensor>,
-    op: Op,
-) -> Result<Tensor> {
+/// Runs a [`WeightedOp`] on contiguous operands: a weight tensor as an operand ([`Stored`]), a
+/// weight read in place carried by the op ([`InPlaceOp`]); the bias as the last operand if any.
+fn apply_weighted<Op: WeightedOp>(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, op: Op) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let weight = weight.tensor().contiguous()?;
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let w = match weight {
+        Weight::Dense(w) | Weight::Q8 { codes: w, .. } => w.contiguous()?,
+        Weight::InPlace(view) => {
+            let op = InPlaceOp { op, view };
+            return match bias {
+                Some(b) => x.apply_op2_no_bwd(&b, &op),
+                None => x.apply_op1_no_bwd(&op),
+            };
+        }
+    };
     match bias {
-        Some(b) => x.apply_op3_no_bwd(&weight, &b.contiguous()?, &op),
-        None => x.apply_op2_no_bwd(&weight, &op),
+        Some(b) => x.apply_op3_no_bwd(&w, &b, &Stored(op)),
+        None => x.apply_op2_no_bwd(&w, &Stored(op)),
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Linear layers in bf16 arithmetic
+// Linear layers
 
+/// `x · Wᵀ + b` on the CPU: bf16 products for a bf16 or int8 weight on a CPU with AVX512_BF16, one
+/// f32 product otherwise (a weight read in place, f32 or widened for the call).
 #[derive(Debug, Clone)]
-struct LinearBf16 {
+struct LinearOp {
     /// The weight's per-output-channel scales when it is int8 ([`Weight::Q8`]).
     scales: Option<std::sync::Arc<[f32]>>,
 }
 
-impl LinearBf16 {
+impl WeightedOp for LinearOp {
+    const NAME: &'static str = "ghiblify-linear";
+    const NAME_BIAS: &'static str = "ghiblify-linear-bias";
+    const WHAT: &'static str = "linear weight";
+
+    fn scales(&self) -> Option<&[f32]> {
+        self.scales.as_deref()
+    }
+
     fn fwd(
         &self,
         (xs, xl): (&CpuStorage, &Layout),
-        (ws, wl): (&CpuStorage, &Layout),
+        w: &Wt,
+        wdims: &[usize],
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         use super::gemm_bf16::{gemm, Lhs, Scale, View};
         let x = f32_slice(xs, xl, "linear input")?;
-        let (n, k) = wl.shape().dims2()?;
+        let &[n, k] = wdims else { candle_core::bail!("linear: weight of shape {wdims:?}") };
         let dims = xl.shape().dims();
         if dims.last() != Some(&k) {
             candle_core::bail!("linear: input {dims:?} for a weight of {n}×{k}");
@@ -764,6 +841,9 @@ impl LinearBf16 {
         let mut out = vec![0f32; rows * n];
         if let Some((bs, bl)) = bias {
             let b = weight_f32(bs, bl, "linear bias")?;
+            if b.len() != n {
+                candle_core::bail!("linear: {} bias values for {n} outputs", b.len());
+            }
             out.par_chunks_mut(n).for_each(|r| r.copy_from_slice(&b));
         }
         // Y = X · Wᵀ: X's rows packed (rounded to bf16 once), Wᵀ read from W's rows; an int8 W's
@@ -771,17 +851,29 @@ impl LinearBf16 {
         let lhs = Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
         let acc = bias.is_some();
         // SAFETY: x is rows × k, w is n × k, out is rows × n, scales (if any) n long.
-        match Wt::new(ws, wl, self.scales.as_deref(), "linear weight")? {
-            Wt::Bf16(w) => unsafe {
+        match w {
+            Wt::F32(w) if w.len() == n * k => unsafe {
+                sgemm(
+                    (rows, n, k),
+                    out.as_mut_ptr(),
+                    n as isize,
+                    acc,
+                    (x.as_ptr(), 1, k as isize),
+                    (w.as_ptr(), k as isize, 1),
+                    1.0,
+                    rayon_par(),
+                )
+            },
+            Wt::Bf16(w) if w.len() == n * k => unsafe {
                 let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
                 gemm((rows, n, k), out.as_mut_ptr(), n, acc, lhs, b, Scale::ONE, true)
             },
-            Wt::Q8 { codes, scales } if scales.len() == n => unsafe {
+            Wt::Q8 { codes, scales } if scales.len() == n && codes.len() == n * k => unsafe {
                 let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
                 let scale = Scale { all: 1.0, rows: None, cols: Some(scales) };
                 gemm((rows, n, k), out.as_mut_ptr(), n, acc, lhs, b, scale, true)
             },
-            _ => candle_core::bail!("linear: the weight is not bf16 or int8 on a CPU with AVX512_BF16"),
+            _ => candle_core::bail!("linear: the weight does not hold {n}×{k} values"),
         }
         let mut od = dims.to_vec();
         *od.last_mut().unwrap() = n;
@@ -789,15 +881,14 @@ impl LinearBf16 {
     }
 }
 
-weighted_op!(LinearBf16, "ghiblify-linear-bf16", "ghiblify-linear-bf16-bias");
-
 /// `torch.nn.Linear`: `x · Wᵀ + b` over the last dimension, any leading dimensions. In bf16
 /// products with f32 sums for f32 activations when the weight is bf16 or int8 and the CPU
 /// multiplies bf16 ([`Weight::bf16_products`]); otherwise one f32 (or the activations' dtype)
-/// matrix product on the weight widened or dequantised for the call.
+/// matrix product on the weight as it lies in its file ([`Weight::InPlace`]), or as a tensor
+/// widened or dequantised for the call.
 pub fn linear(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
-    if is_cpu_f32(x) && weight.bf16_products() {
-        return apply_weighted(x, weight, bias, LinearBf16 { scales: weight.scales() });
+    if is_cpu_f32(x) && (weight.bf16_products() || matches!(weight, Weight::InPlace(_))) {
+        return apply_weighted(x, weight, bias, LinearOp { scales: weight.scales() });
     }
     let w = weight.dense(x.dtype())?;
     let (n, k) = w.dims2()?;

@@ -281,9 +281,16 @@ pub fn compute_dtype(device: &Device, storage: DType) -> DType {
 }
 
 /// A VarBuilder over the component's tensors ([`ComponentFiles::open`]), with any LoRA merged as
-/// each weight loads; tensors are converted to `dtype` as they are fetched.
-pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+/// each weight loads; tensors are converted to `dtype` as they are fetched. The scope that comes
+/// with it lets the layers built while it lives read their weights in place
+/// ([`nn::InPlaceScope`]): keep it until the model is built.
+pub fn var_builder(
+    files: &ComponentFiles,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, nn::InPlaceScope)> {
     let source = files.open()?;
+    let scope = nn::InPlaceScope::new(Some(nn::InPlace { source: source.clone(), merge: files.merge.clone() }));
     let vb = match &files.merge {
         None => VarBuilder::from_backend(Box::new(weights::SourceBackend(source)), dtype, device.clone()),
         Some(merge) => {
@@ -291,7 +298,7 @@ pub fn var_builder(files: &ComponentFiles, dtype: DType, device: &Device) -> Res
             VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
         }
     };
-    Ok(vb)
+    Ok((vb, scope))
 }
 
 /// Wraps a candle error raised while building a component from its weights.

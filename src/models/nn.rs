@@ -2,11 +2,79 @@
 //! `models/attention_processor.py`, `models/upsampling.py` and `models/downsampling.py`.
 
 use super::kernels::{self, Weight};
+use super::weights::{TensorSource, View};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
 
 thread_local! {
     static QUANTIZE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static IN_PLACE: std::cell::RefCell<Option<InPlace>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Where the layers being built may read their weights in place ([`View`]): the component's
+/// tensors, less those a LoRA merge changes (they are copied and merged).
+#[derive(Clone)]
+pub struct InPlace {
+    pub source: Arc<dyn TensorSource>,
+    pub merge: Option<Arc<crate::lora::Merge>>,
+}
+
+/// While alive, convolutions and linear layers built on this thread take their weights from
+/// [`InPlace`] where it lends them (`models::var_builder` returns one with its VarBuilder: the
+/// models build their layers through many nested constructors, on the loading thread).
+pub struct InPlaceScope(Option<InPlace>);
+
+impl InPlaceScope {
+    pub fn new(with: Option<InPlace>) -> Self {
+        InPlaceScope(IN_PLACE.with(|c| c.replace(with)))
+    }
+}
+
+impl Drop for InPlaceScope {
+    fn drop(&mut self) {
+        let before = self.0.take();
+        IN_PLACE.with(|c| *c.borrow_mut() = before);
+    }
+}
+
+/// Bytes of weights this process has read in place so far (for `-v`).
+static IN_PLACE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes of layer weights read in place from their files by the loads so far in this process.
+pub fn in_place_bytes() -> u64 {
+    IN_PLACE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether weights may be read in place (unless `GHIBLIFY_IN_PLACE=0`, for comparisons).
+pub fn in_place_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GHIBLIFY_IN_PLACE").map_or(true, |v| v != "0"))
+}
+
+/// `vb`'s tensor `name` read in place when the scope lends it with `shape` (trailing 1s of the
+/// stored shape dropped: a linear weight stored as a 1×1 convolution) in the load's dtype, on
+/// the CPU.
+fn in_place_view(vb: &VarBuilder, name: &str, shape: &[usize]) -> Option<View> {
+    if !vb.device().is_cpu() || !in_place_enabled() {
+        return None;
+    }
+    IN_PLACE.with(|c| {
+        let c = c.borrow();
+        let ip = c.as_ref()?;
+        let full = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
+        if ip.merge.as_ref().is_some_and(|m| m.touches(&full)) {
+            return None;
+        }
+        let v = ip.source.view(&full, vb.dtype())?;
+        let stored = v.dims();
+        let extra = stored.get(shape.len()..)?;
+        if stored[..shape.len()] != *shape || extra.iter().any(|&d| d != 1) {
+            return None;
+        }
+        IN_PLACE_BYTES.fetch_add(v.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+        Some(v.reshaped(shape))
+    })
 }
 
 /// Builds the layers made inside `f` with int8 weights (`--dtype q8`) when `on`: every
@@ -33,11 +101,28 @@ const Q8_MIN_INPUTS: usize = 16;
 /// outputs: the layer every pixel of the result goes through, and it costs nothing).
 const Q8_MIN_OUTPUTS: usize = 16;
 
+/// A layer's weight `vb["weight"]` of `shape` as the layer keeps it: quantised inside a
+/// [`quantized`] scope when big enough, else read in place inside an [`InPlaceScope`] that lends
+/// it, else loaded.
+fn layer_weight(vb: &VarBuilder, shape: &[usize]) -> Result<Weight> {
+    if !quantizes(shape) {
+        if let Some(v) = in_place_view(vb, "weight", shape) {
+            return Ok(Weight::InPlace(Box::new(v)));
+        }
+    }
+    loaded_weight(vb, vb.get(shape, "weight")?)
+}
+
+/// Whether a weight of `shape` is quantised here (inside a [`quantized`] scope, big enough).
+fn quantizes(shape: &[usize]) -> bool {
+    let outputs = shape.first().copied().unwrap_or(1);
+    let inputs = shape.iter().product::<usize>() / outputs.max(1);
+    QUANTIZE.with(|q| q.get()) && inputs >= Q8_MIN_INPUTS && outputs >= Q8_MIN_OUTPUTS
+}
+
 /// A loaded weight as the layer keeps it: quantised inside a [`quantized`] scope when big enough.
-fn layer_weight(vb: &VarBuilder, w: Tensor) -> Result<Weight> {
-    let outputs = w.dim(0)?;
-    let inputs = w.elem_count() / outputs.max(1);
-    if QUANTIZE.with(|q| q.get()) && inputs >= Q8_MIN_INPUTS && outputs >= Q8_MIN_OUTPUTS {
+fn loaded_weight(vb: &VarBuilder, w: Tensor) -> Result<Weight> {
+    if quantizes(w.dims()) {
         Weight::quantize(&w).map_err(|e| candle_core::Error::Msg(format!("{}.weight: {e}", vb.prefix())))
     } else {
         Ok(Weight::Dense(w))
@@ -92,7 +177,7 @@ pub fn conv2d_with(
     padding: usize,
     bias: bool,
 ) -> Result<Conv2d> {
-    let weight = layer_weight(&vb, vb.get((cout, cin, k, k), "weight")?)?;
+    let weight = layer_weight(&vb, &[cout, cin, k, k])?;
     let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
     Ok(Conv2d { weight, bias, stride, padding })
 }
@@ -146,8 +231,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn new(vb: &VarBuilder, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self { weight: layer_weight(vb, weight)?, bias })
+    fn new(vb: &VarBuilder, (cout, cin): (usize, usize), bias: bool) -> Result<Self> {
+        let weight = layer_weight(vb, &[cout, cin])?;
+        let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
+        Ok(Self { weight, bias })
     }
 
     /// Whether the products multiply in bf16 (the layer's neighbours then do too).
@@ -163,11 +250,11 @@ impl Module for Linear {
 }
 
 pub fn linear(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear> {
-    Linear::new(&vb, vb.get((cout, cin), "weight")?, Some(vb.get(cout, "bias")?))
+    Linear::new(&vb, (cout, cin), true)
 }
 
 pub fn linear_no_bias(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear> {
-    Linear::new(&vb, vb.get((cout, cin), "weight")?, None)
+    Linear::new(&vb, (cout, cin), false)
 }
 
 /// `torch.nn.LayerNorm` over the last dimension (candle's fused kernel), weights widened.
@@ -191,6 +278,12 @@ pub fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
 
 /// A linear layer whose weight may be stored as a 1×1 convolution (old VAE checkpoints).
 pub fn linear_maybe_conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> Result<Linear> {
+    if !quantizes(&[cout, cin]) {
+        if let Some(v) = in_place_view(&vb, "weight", &[cout, cin]) {
+            let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
+            return Ok(Linear { weight: Weight::InPlace(Box::new(v)), bias });
+        }
+    }
     // The (out, in) shape first (also what random-weight backends need), else the stored one.
     let w = match vb.get((cout, cin), "weight") {
         Ok(w) => w,
@@ -207,7 +300,7 @@ pub fn linear_maybe_conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) ->
         candle_core::bail!("{} has shape {:?}, expected [{cout}, {cin}]", vb.prefix(), w.dims());
     }
     let b = if bias { Some(vb.get(cout, "bias")?) } else { None };
-    Linear::new(&vb, w, b)
+    Ok(Linear { weight: loaded_weight(&vb, w)?, bias: b })
 }
 
 /// diffusers `ResnetBlock2D` (pre-norm, "default" time-scale-shift, optional 1×1 shortcut).
@@ -322,5 +415,180 @@ impl Upsample2D {
         }
         let xs = xs.upsample_nearest2d(oh, ow)?;
         self.conv.forward(&xs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::weights::{SourceBackend, Weights};
+    use candle_core::{DType, Device, IndexOp};
+    use candle_nn::VarBuilder;
+
+    /// A safetensors file of `tensors` (written by candle, laid out as torch's writer does:
+    /// the data 8-byte aligned).
+    fn write(dir: &std::path::Path, name: &str, tensors: &[(&str, &Tensor)]) -> std::path::PathBuf {
+        let p = dir.join(name);
+        let map: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.to_string(), (*t).clone())).collect();
+        candle_core::safetensors::save(&map.into_iter().collect(), &p).unwrap();
+        p
+    }
+
+    fn open(paths: &[std::path::PathBuf]) -> Arc<dyn TensorSource> {
+        // SAFETY: the test's own files, not changed while mapped.
+        Arc::new(unsafe { Weights::open(paths) }.unwrap())
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Builds a conv and a linear layer from `source` as `dtype` inside an in-place scope.
+    fn build(source: &Arc<dyn TensorSource>, dtype: DType, merge: Option<Arc<crate::lora::Merge>>) -> (Conv2d, Linear) {
+        let _scope = InPlaceScope::new(Some(InPlace { source: source.clone(), merge }));
+        let vb = VarBuilder::from_backend(Box::new(SourceBackend(source.clone())), dtype, Device::Cpu);
+        let conv = conv2d(vb.pp("conv"), 8, 16, 3, 1, 1).unwrap();
+        let lin = linear(vb.pp("lin"), 24, 12).unwrap();
+        (conv, lin)
+    }
+
+    #[test]
+    fn weights_read_in_place_compute_what_copies_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cw, cb, lw, lb) = (randn(&[16, 8, 3, 3], 1), randn(&[16], 2), randn(&[12, 24], 3), randn(&[12], 4));
+        let f32_file = write(
+            dir.path(),
+            "f32.safetensors",
+            &[("conv.weight", &cw), ("conv.bias", &cb), ("lin.weight", &lw), ("lin.bias", &lb)],
+        );
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let bf16_file = write(
+            dir.path(),
+            "bf16.safetensors",
+            &[
+                ("conv.weight", &bf16(&cw)),
+                ("conv.bias", &bf16(&cb)),
+                ("lin.weight", &bf16(&lw)),
+                ("lin.bias", &bf16(&lb)),
+            ],
+        );
+        let x = randn(&[2, 8, 9, 7], 5);
+        let h = randn(&[3, 5, 24], 6);
+        for (file, dtype) in [(&f32_file, DType::F32), (&bf16_file, DType::BF16), (&bf16_file, DType::F32)] {
+            let source = open(std::slice::from_ref(file));
+            let (conv, lin) = build(&source, dtype, None);
+            // Only a weight stored as the load's dtype is read in place; converting copies.
+            let in_place = file == &f32_file || dtype == DType::BF16;
+            assert_eq!(matches!(conv.weight, Weight::InPlace(_)), in_place, "{dtype:?} from {file:?}");
+            assert_eq!(matches!(lin.weight, Weight::InPlace(_)), in_place, "{dtype:?} from {file:?}");
+            // The same layers from copies of the same values.
+            let copied = Conv2d { weight: Weight::Dense(conv.weight.dense(dtype).unwrap()), ..conv.clone() };
+            let copied_lin = Linear { weight: Weight::Dense(lin.weight.dense(dtype).unwrap()), ..lin.clone() };
+            for (a, b) in [
+                (conv.forward(&x).unwrap(), copied.forward(&x).unwrap()),
+                (lin.forward(&h).unwrap(), copied_lin.forward(&h).unwrap()),
+            ] {
+                assert_eq!(a.dims(), b.dims());
+                let d = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let m = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d <= 1e-6 * m, "{dtype:?} from {file:?}: in place differs by {d} (max {m})");
+            }
+        }
+        // The f32 linear layer in place against the definition, x · Wᵀ + b.
+        let (_, lin) = build(&open(std::slice::from_ref(&f32_file)), DType::F32, None);
+        let want = h.broadcast_matmul(&lw.t().unwrap()).unwrap().broadcast_add(&lb).unwrap();
+        let got = lin.forward(&h).unwrap();
+        let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "linear in place off by {d}");
+    }
+
+    #[test]
+    fn unaligned_or_mismatched_weights_are_copied_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cw, cb, lw, lb) = (randn(&[16, 8, 3, 3], 1), randn(&[16], 2), randn(&[12, 24], 3), randn(&[12], 4));
+        // A one-byte tensor first shifts every f32 tensor after it off 4-byte alignment: a file
+        // torch's writer would not make, but a valid one (written by hand below).
+        let f32_bytes = |t: &Tensor| -> Vec<u8> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+        };
+        let parts: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = vec![
+            ("a.pad", "U8", vec![1], vec![7]),
+            ("conv.weight", "F32", cw.dims().to_vec(), f32_bytes(&cw)),
+            ("conv.bias", "F32", vec![16], f32_bytes(&cb)),
+            ("lin.weight", "F32", vec![12, 24], f32_bytes(&lw)),
+            ("lin.bias", "F32", vec![12], f32_bytes(&lb)),
+        ];
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, dt, shape, bytes) in &parts {
+            let start = data.len();
+            data.extend_from_slice(bytes);
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let mut h = serde_json::to_vec(&header).unwrap();
+        while !(8 + h.len()).is_multiple_of(8) {
+            h.push(b' ');
+        }
+        let mut file = (h.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&h);
+        file.extend_from_slice(&data);
+        let p = dir.path().join("odd.safetensors");
+        std::fs::write(&p, file).unwrap();
+        let source = open(std::slice::from_ref(&p));
+        let (conv, lin) = build(&source, DType::F32, None);
+        assert!(matches!(conv.weight, Weight::Dense(_)) && matches!(lin.weight, Weight::Dense(_)));
+        assert_eq!(
+            conv.weight.dense(DType::F32).unwrap().flatten_all().unwrap().i(5).unwrap().to_scalar::<f32>().unwrap(),
+            cw.flatten_all().unwrap().i(5).unwrap().to_scalar::<f32>().unwrap()
+        );
+
+        // A stored shape that is not the one the model asks for is refused with both shapes, in
+        // place or not.
+        let good = write(
+            dir.path(),
+            "good.safetensors",
+            &[("conv.weight", &cw), ("conv.bias", &cb), ("lin.weight", &randn(&[12, 25], 3)), ("lin.bias", &lb)],
+        );
+        let source = open(std::slice::from_ref(&good));
+        let _scope = InPlaceScope::new(Some(InPlace { source: source.clone(), merge: None }));
+        let vb = VarBuilder::from_backend(Box::new(SourceBackend(source.clone())), DType::F32, Device::Cpu);
+        let e = linear(vb.pp("lin"), 24, 12).unwrap_err().to_string();
+        assert!(e.contains("lin.weight") && e.contains("[12, 24]") && e.contains("[12, 25]"), "{e}");
+    }
+
+    #[test]
+    fn scopes_nest_and_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "w.safetensors",
+            &[("conv.weight", &randn(&[16, 8, 3, 3], 1)), ("conv.bias", &randn(&[16], 2))],
+        );
+        let source = open(std::slice::from_ref(&f));
+        let vb = VarBuilder::from_backend(Box::new(SourceBackend(source.clone())), DType::F32, Device::Cpu);
+        let conv = || conv2d(vb.pp("conv"), 8, 16, 3, 1, 1).unwrap();
+        assert!(matches!(conv().weight, Weight::Dense(_)), "no scope: loaded");
+        {
+            let _outer = InPlaceScope::new(Some(InPlace { source: source.clone(), merge: None }));
+            {
+                let _inner = InPlaceScope::new(None);
+                assert!(matches!(conv().weight, Weight::Dense(_)), "inner scope lends nothing");
+            }
+            assert!(matches!(conv().weight, Weight::InPlace(_)), "outer scope restored");
+            // Inside a q8 scope the weight is quantised (a copy), not read in place.
+            assert!(matches!(quantized(true, conv).weight, Weight::Q8 { .. }));
+        }
+        assert!(matches!(conv().weight, Weight::Dense(_)), "scope ended");
     }
 }

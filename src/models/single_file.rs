@@ -94,6 +94,12 @@ impl TensorSource for Mapped {
             None => Err(candle_core::Error::CannotFindTensor { path: name.to_string() }.bt()),
         }
     }
+    fn view(&self, name: &str, dtype: DType) -> Option<super::weights::View> {
+        match self.map.get(name)? {
+            Target::Key(k) => self.raw.view(k, dtype),
+            Target::Rows(k, start, len) => self.raw.view(k, dtype)?.rows(*start, *len),
+        }
+    }
 }
 
 impl std::fmt::Debug for SingleFile {

@@ -742,7 +742,7 @@ impl UNet {
     pub fn load(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<Self> {
         let config: UNetConfig = read_json(&files.config)?;
         let plan = config.plan(&files.config)?;
-        let vb = super::var_builder(files, dtype, device)?;
+        let (vb, _in_place) = super::var_builder(files, dtype, device)?;
         Self::build(config, &plan, vb).map_err(weights_err(files))
     }
 

@@ -254,7 +254,7 @@ impl Vae {
     pub fn load(files: &ComponentFiles, dtype: DType, device: &Device) -> Result<Self> {
         let config: VaeConfig = read_json(&files.config)?;
         config.validate(&files.config)?;
-        let vb = super::var_builder(files, dtype, device)?;
+        let (vb, _in_place) = super::var_builder(files, dtype, device)?;
         Self::build(config, vb).map_err(weights_err(files))
     }
 

@@ -1,16 +1,124 @@
-//! safetensors weights read through a memory map, one tensor at a time, each tensor's pages handed
-//! back to the page cache once it is copied out.
+//! safetensors weights read through a memory map: the large layer weights used where they lie in
+//! the file when the run keeps their stored dtype ([`View`]), everything else copied out one
+//! tensor at a time, each tensor's pages handed back to the page cache once it is copied.
 //!
-//! candle's `MmapedSafetensors` leaves every page it touched resident until the map is dropped, so
-//! loading a component costs its file size *plus* the loaded copy (5.8 GB peak for SD1.5 stored
-//! in f16 from f32 files). Releasing each tensor's range after the copy keeps the peak at the
-//! loaded weights plus one tensor; the page cache still holds the file for the next run.
+//! A [`View`] costs no copy and no fresh memory: the page cache holds the file once for every
+//! process that maps it (a folder of photos converted by parallel jobs, a Slurm array on one node),
+//! and the kernel can drop clean file pages under memory pressure instead of swapping them. It is
+//! what diffusers gets from safetensors' `safe_open` (tensors stay in the map) and what
+//! stable-diffusion.cpp and llama.cpp do with `mmap`.
+//!
+//! For the tensors that are copied, candle's `MmapedSafetensors` leaves every page it touched
+//! resident until the map is dropped, so loading a component costs its file size *plus* the loaded
+//! copy (5.8 GB peak for SD1.5 stored in f16 from f32 files). Releasing each tensor's range after
+//! the copy keeps the peak at the loaded weights plus one tensor; the page cache still holds the
+//! file for the next run.
 
 use crate::error::Error;
 use candle_core::{DType, Device, Result, Tensor};
 use memmap2::{Mmap, UncheckedAdvice};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+
+/// A tensor read in place from a read-only memory map: little-endian f32, f16 or bf16, aligned to
+/// its element size (checked when made). Keeps the map alive.
+#[derive(Clone)]
+pub struct View {
+    map: Arc<Mmap>,
+    start: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "View({:?}, {:?})", self.dtype, self.shape)
+    }
+}
+
+impl View {
+    /// A view of `bytes` of `map` holding `shape` as `dtype`, if the kernels can read it there:
+    /// a CPU with the file's byte order, f32/f16/bf16, the exact length, aligned.
+    pub(crate) fn new(map: &Arc<Mmap>, (start, end): (usize, usize), dtype: DType, shape: &[usize]) -> Option<Self> {
+        let es = dtype.size_in_bytes();
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        let ok = cfg!(target_endian = "little")
+            && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+            && end <= map.len()
+            && end.checked_sub(start) == n.checked_mul(es)
+            && (map.as_ptr() as usize + start).is_multiple_of(es);
+        ok.then(|| View { map: map.clone(), start, dtype, shape: shape.to_vec() })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn elems(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn ptr(&self) -> *const u8 {
+        // SAFETY: start ≤ map.len(), checked in `new`.
+        unsafe { self.map.as_ptr().add(self.start) }
+    }
+
+    /// The values when stored as f32.
+    pub fn f32s(&self) -> Option<&[f32]> {
+        // SAFETY: length, alignment and byte order checked in `new`; the map lives as long as self.
+        (self.dtype == DType::F32)
+            .then(|| unsafe { std::slice::from_raw_parts(self.ptr() as *const f32, self.elems()) })
+    }
+
+    /// The values when stored as bf16.
+    pub fn bf16s(&self) -> Option<&[half::bf16]> {
+        // SAFETY: as `f32s`; bf16 is a plain 16-bit value.
+        (self.dtype == DType::BF16)
+            .then(|| unsafe { std::slice::from_raw_parts(self.ptr() as *const half::bf16, self.elems()) })
+    }
+
+    /// The values when stored as f16.
+    pub fn f16s(&self) -> Option<&[half::f16]> {
+        // SAFETY: as `f32s`.
+        (self.dtype == DType::F16)
+            .then(|| unsafe { std::slice::from_raw_parts(self.ptr() as *const half::f16, self.elems()) })
+    }
+
+    /// The tensor copied out as `dtype` onto `device` (the generic, non-CPU paths).
+    pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let bytes = &self.map[self.start..self.start + self.elems() * self.dtype.size_in_bytes()];
+        tensor_from_bytes(bytes, self.dtype, &self.shape, dtype, device)
+    }
+
+    /// The same values seen as `shape` (as many elements).
+    pub fn reshaped(mut self, shape: &[usize]) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), self.elems());
+        self.shape = shape.to_vec();
+        self
+    }
+
+    /// Rows `[start, start + len)` along the first dimension (a contiguous slice of the values).
+    pub fn rows(&self, start: usize, len: usize) -> Option<Self> {
+        let (&rows, rest) = self.shape.split_first()?;
+        if start.checked_add(len)? > rows {
+            return None;
+        }
+        let row_bytes = rest.iter().product::<usize>() * self.dtype.size_in_bytes();
+        let mut shape = self.shape.clone();
+        shape[0] = len;
+        Some(View { map: self.map.clone(), start: self.start + start * row_bytes, dtype: self.dtype, shape })
+    }
+
+    /// Bytes of the file this view reads.
+    pub fn bytes(&self) -> usize {
+        self.elems() * self.dtype.size_in_bytes()
+    }
+}
 
 struct Entry {
     file: usize,
@@ -21,7 +129,7 @@ struct Entry {
 }
 
 pub struct Weights {
-    maps: Vec<Mmap>,
+    maps: Vec<Arc<Mmap>>,
     index: HashMap<String, Entry>,
 }
 
@@ -48,7 +156,7 @@ impl Weights {
                 let range = (base + info.data_offsets.0, base + info.data_offsets.1);
                 index.insert(name, Entry { file: i, dtype: info.dtype, shape: info.shape.clone(), range });
             }
-            maps.push(map);
+            maps.push(Arc::new(map));
         }
         Ok(Self { maps, index })
     }
@@ -61,24 +169,19 @@ impl Weights {
         self.index.keys().map(String::as_str)
     }
 
+    /// The tensor read in place, if stored as `dtype` in a form the kernels read ([`View`]).
+    pub fn view(&self, name: &str, dtype: DType) -> Option<View> {
+        let e = self.index.get(name)?;
+        (stored_dtype(e.dtype) == Some(dtype)).then(|| View::new(&self.maps[e.file], e.range, dtype, &e.shape))?
+    }
+
     /// The tensor as `dtype`, copied (and converted) out of the map.
     pub fn load_as(&self, name: &str, dtype: Option<DType>, device: &Device) -> Result<Tensor> {
         let e =
             self.index.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
         let map = &self.maps[e.file];
         let bytes = &map[e.range.0..e.range.1];
-        use safetensors::Dtype as S;
-        let stored = match e.dtype {
-            S::F32 => DType::F32,
-            S::F16 => DType::F16,
-            S::BF16 => DType::BF16,
-            S::F64 => DType::F64,
-            S::I64 => DType::I64,
-            S::I32 => DType::I32,
-            S::U32 => DType::U32,
-            S::U8 => DType::U8,
-            other => candle_core::bail!("{name}: unsupported dtype {other:?}"),
-        };
+        let Some(stored) = stored_dtype(e.dtype) else { candle_core::bail!("{name}: unsupported dtype {:?}", e.dtype) };
         let elems = e.shape.iter().product::<usize>();
         if elems * stored.size_in_bytes() != bytes.len() {
             candle_core::bail!("{name}: {} bytes for shape {:?} of {stored:?}", bytes.len(), e.shape);
@@ -89,6 +192,22 @@ impl Weights {
         let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.range.0, e.range.1 - e.range.0) };
         Ok(t)
     }
+}
+
+/// candle's name for a safetensors dtype it can hold.
+fn stored_dtype(d: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match d {
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F64 => DType::F64,
+        S::I64 => DType::I64,
+        S::I32 => DType::I32,
+        S::U32 => DType::U32,
+        S::U8 => DType::U8,
+        _ => return None,
+    })
 }
 
 /// A tensor stored as `stored` in `bytes` (little-endian, as safetensors and torch write), as
@@ -153,6 +272,11 @@ pub trait TensorSource: Send + Sync {
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         self.load_as(name, None, device)
     }
+    /// The tensor read in place where it is stored as `dtype` in a form the CPU kernels read
+    /// ([`View`]); `None` where it must be copied (another dtype, a packed or converted tensor).
+    fn view(&self, _name: &str, _dtype: DType) -> Option<View> {
+        None
+    }
 }
 
 impl TensorSource for Weights {
@@ -167,6 +291,9 @@ impl TensorSource for Weights {
     }
     fn load_as(&self, name: &str, dtype: Option<DType>, device: &Device) -> Result<Tensor> {
         Weights::load_as(self, name, dtype, device)
+    }
+    fn view(&self, name: &str, dtype: DType) -> Option<View> {
+        Weights::view(self, name, dtype)
     }
 }
 
