@@ -12,6 +12,9 @@ OpenVINO (`--torch ov-f32,ov`, after `pip install openvino` in the same environm
 diffusers models converted with `openvino.convert_model`, with the f32 precision hint and with its
 default precision (bf16 on CPUs with AVX512_BF16 or AMX; what FastSD CPU runs), latency hint, same
 threads. `--only taesd` times a TAESD encode + decode at 512² (diffusers' AutoencoderTiny).
+`--only load --model DIR` times loading a diffusers SD1.x folder (text encoder, UNet, VAE; ours
+`speed_probe load`, diffusers `StableDiffusionImg2ImgPipeline.from_pretrained` with the mode's
+dtype; warm page cache; not OpenVINO, whose conversion is not a load).
 
 Ours is `cargo run --release --example speed_probe` in each dtype asked (bf16: bf16 weights and, on a
 CPU with AVX512_BF16, bf16 products; q8: int8 weights per output channel, `--dtype q8`, the UNet
@@ -34,7 +37,7 @@ VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDeco
            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512)
 
 
-def torch_one(what, runs, mode):
+def torch_one(what, runs, mode, model_dir=None):
     """Runs in a child process: prints {"median": s, "times": [...], "peak_gb": x}. mode: f32, bf16
     (weights and activations bf16) or autocast (f32 weights, torch.autocast("cpu", torch.bfloat16));
     ov-f32 / ov: the same f32 model converted to OpenVINO (`pip install openvino`) and compiled with
@@ -46,6 +49,18 @@ def torch_one(what, runs, mode):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
+    if what == "load":
+        from diffusers import StableDiffusionImg2ImgPipeline
+        load = lambda: StableDiffusionImg2ImgPipeline.from_pretrained(model_dir, torch_dtype=dtype, safety_checker=None)
+        load()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            load()
+            times.append(time.perf_counter() - t0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        print(json.dumps({"median": statistics.median(times), "times": times, "peak_gb": peak}))
+        return
     with torch.inference_mode(), amp:
         if what in ("unet", "unet-b1"):
             b = 2 if what == "unet" else 1
@@ -97,10 +112,12 @@ def torch_one(what, runs, mode):
     print(json.dumps({"median": statistics.median(times), "times": times, "peak_gb": peak}))
 
 
-def ours(what, runs, mode):
+def ours(what, runs, mode, model_dir=None):
     dtype = mode.split("-")[0]
     env = dict(os.environ, GHIBLIFY_BF16_ARITHMETIC="0") if mode.endswith("-f32") else None
     cmd = ["cargo", "run", "--quiet", "--release", "--example", "speed_probe", "--", what, str(runs), dtype]
+    if what == "load":
+        cmd.append(model_dir)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     m = re.search(r"median ([0-9.]+) s .* peak RSS ([0-9.]+) GB", out)
     return float(m.group(1)), float(m.group(2))
@@ -114,11 +131,14 @@ def main():
     ap.add_argument("--torch", default="f32,bf16,autocast",
                     help="PyTorch modes: f32, bf16 (bf16 weights), autocast (f32 weights, bf16 autocast); "
                          "OpenVINO: ov-f32 (f32 hint), ov (its default precision)")
+    ap.add_argument("--model", help="a diffusers SD1.x folder, for --only load (benches/make_random_sd15.py)")
     ap.add_argument("--torch-one", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="f32", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.torch_one:
-        return torch_one(a.torch_one, a.runs, a.mode)
+        return torch_one(a.torch_one, a.runs, a.mode, a.model)
+    if "load" in a.only.split(",") and not a.model:
+        ap.error("--only load needs --model DIR")
     threads = os.environ.get("RAYON_NUM_THREADS") or str(os.cpu_count())
     env = dict(os.environ, RAYON_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
     subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "speed_probe"], check=True)
@@ -130,10 +150,15 @@ def main():
     for what in a.only.split(","):
         cells = []
         for d in ours_dt:
-            s_, gb = ours(what, a.runs, d)
+            s_, gb = ours(what, a.runs, d, a.model)
             cells.append(f"{s_:.2f} s ({gb:.2f} GB)")
         for m in torch_modes:
+            if what == "load" and (m.startswith("ov") or m == "autocast"):
+                cells.append("–")  # OpenVINO converts rather than loads; autocast loads as f32
+                continue
             cmd = [sys.executable, __file__, "--torch-one", what, "--runs", str(a.runs), "--mode", m]
+            if a.model:
+                cmd += ["--model", a.model]
             t = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
             cells.append(f"{t['median']:.2f} s ({t['peak_gb']:.2f} GB)")
         print(f"| {what} | " + " | ".join(cells) + " |", flush=True)

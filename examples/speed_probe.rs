@@ -2,6 +2,11 @@
 //! weights (compute does not depend on weight values): median of N runs after one warm-up.
 //!
 //!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|conv-shapes|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
+//!     cargo run --release --example speed_probe -- load [N] [f32|f16|bf16|q8] DIR
+//!
+//! `load` times loading the diffusers folder DIR (text encoder, UNet, VAE, as a run does; warm page
+//! cache after the warm-up): weights read in place where stored as the run keeps them
+//! (`GHIBLIFY_IN_PLACE=0` copies them, as before).
 //!
 //! `controlnet` times one SD1.5 ControlNet call at the CFG batch, `controlnet-b1` without CFG (as
 //! with `--fast`): the added cost per step of `--control`; compare with `unet` / `unet-b1`.
@@ -46,6 +51,18 @@ fn main() -> anyhow::Result<()> {
     }
     if what == "conv-shapes" {
         return conv_shapes(n, args.get(2).map(String::as_str) == Some("bf16"));
+    }
+    if what == "load" {
+        let dir = args.get(3).ok_or_else(|| anyhow::anyhow!("load needs a model folder: load N DTYPE DIR"))?;
+        let q8 = args.get(2).map(String::as_str) == Some("q8");
+        let dtype = if q8 { DType::F32 } else { dtype };
+        let extras = ghiblify::pipeline::Extras { quantize: q8, ..Default::default() };
+        let load = || ghiblify::pipeline::StableDiffusion::load_with(Path::new(dir), &Device::Cpu, dtype, extras);
+        let label = if q8 { "q8".to_string() } else { format!("{dtype:?}") };
+        return report(what, &label, n, &Device::Cpu, &mut || {
+            drop(load().map_err(|e| candle_core::Error::Msg(e.to_string()))?);
+            Tensor::zeros(1, DType::F32, &Device::Cpu)
+        });
     }
     let dev = match args.get(3).map(String::as_str) {
         Some("cuda") => Device::new_cuda(0)?,
@@ -112,6 +129,18 @@ fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown probe {other}"),
         })
     })?;
+    let label = if q8 { "q8".to_string() } else { format!("{dtype:?}") };
+    report(what, &label, n, &dev, &mut run)
+}
+
+/// Times `run` once to warm up, then `n` times, and prints the median and the peak RSS.
+fn report(
+    what: &str,
+    label: &str,
+    n: usize,
+    dev: &Device,
+    run: &mut dyn FnMut() -> candle_core::Result<Tensor>,
+) -> anyhow::Result<()> {
     let loaded_kb = status_kb("VmRSS:");
     // A GPU queues work: the clock is read once the device has finished it.
     let mut timed = || -> anyhow::Result<f64> {
@@ -124,14 +153,14 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!("{what}: warm-up {:.2} s", timed()?);
     let mut times = Vec::new();
-    for _ in 0..n {
+    for _ in 0..n.max(1) {
         times.push(timed()?);
     }
     times.sort_by(f64::total_cmp);
     println!(
-        "{what} {}: median {:.3} s of {n} ({:?}), peak RSS {:.2} GB (loaded {:.2} GB)",
-        if q8 { "q8".to_string() } else { format!("{dtype:?}") },
-        times[n / 2],
+        "{what} {label}: median {:.3} s of {} ({:?}), peak RSS {:.2} GB (loaded {:.2} GB)",
+        times[times.len() / 2],
+        times.len(),
         times.iter().map(|t| format!("{t:.3}")).collect::<Vec<_>>(),
         status_kb("VmHWM:") as f64 / 1e6,
         loaded_kb as f64 / 1e6
