@@ -51,16 +51,8 @@ def torch_one(what, runs, mode, model_dir=None):
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
     if what == "load":
         from diffusers import StableDiffusionImg2ImgPipeline
-        load = lambda: StableDiffusionImg2ImgPipeline.from_pretrained(model_dir, torch_dtype=dtype, safety_checker=None)
-        load()
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            load()
-            times.append(time.perf_counter() - t0)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        print(json.dumps({"median": statistics.median(times), "times": times, "peak_gb": peak}))
-        return
+        return report(lambda: StableDiffusionImg2ImgPipeline.from_pretrained(
+            model_dir, torch_dtype=dtype, safety_checker=None), runs, contextlib.nullcontext())
     with torch.inference_mode(), amp:
         if what in ("unet", "unet-b1"):
             b = 2 if what == "unet" else 1
@@ -101,6 +93,13 @@ def torch_one(what, runs, mode, model_dir=None):
         request = ov.Core().compile_model(ov_model, "CPU", config).create_infer_request()
         inputs = [a.numpy() for a in args]
         fn = lambda: request.infer(inputs)
+    report(fn, runs, amp)
+
+
+def report(fn, runs, amp):
+    """Times fn() once to warm up, then `runs` times (inside inference mode and `amp`), and prints
+    {"median": s, "times": [...], "peak_gb": x} for the parent."""
+    import torch
     with torch.inference_mode(), amp:
         fn()
         times = []

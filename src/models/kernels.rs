@@ -26,6 +26,7 @@
 //!
 //! Non-CPU devices and other dtypes fall back to the plain candle ops these are tested against.
 
+use super::weights::Values;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
@@ -133,7 +134,7 @@ impl<Op: WeightedOp> CustomOp1 for InPlaceOp<'_, Op> {
         Op::NAME
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.op.fwd((s1, l1), &Wt::from_view(self.view, Op::WHAT)?, self.view.dims(), None)
+        self.op.fwd((s1, l1), &Wt::dense(self.view.values()), self.view.dims(), None)
     }
 }
 
@@ -142,7 +143,7 @@ impl<Op: WeightedOp> CustomOp2 for InPlaceOp<'_, Op> {
         Op::NAME_BIAS
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.op.fwd((s1, l1), &Wt::from_view(self.view, Op::WHAT)?, self.view.dims(), Some((s2, l2)))
+        self.op.fwd((s1, l1), &Wt::dense(self.view.values()), self.view.dims(), Some((s2, l2)))
     }
 }
 
@@ -164,17 +165,34 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     }
 }
 
-/// A contiguous weight as f32: borrowed when stored as f32, widened once per call from f16/bf16
-/// storage (half the resident memory; the copy is small next to the GEMM it feeds).
-fn weight_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
+/// A contiguous f32, f16 or bf16 storage's values.
+fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Values<'a>> {
     let (a, b) =
         l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: weight not contiguous")))?;
     Ok(match s {
-        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
-        CpuStorage::F16(v) => std::borrow::Cow::Owned(widen(&v[a..b], |x| x.to_f32())),
-        CpuStorage::BF16(v) => std::borrow::Cow::Owned(widen(&v[a..b], |x| x.to_f32())),
+        CpuStorage::F32(v) => Values::F32(&v[a..b]),
+        CpuStorage::F16(v) => Values::F16(&v[a..b]),
+        CpuStorage::BF16(v) => Values::Bf16(&v[a..b]),
         other => candle_core::bail!("{what}: unsupported weight dtype {:?}", other.dtype()),
     })
+}
+
+impl<'a> Values<'a> {
+    /// As f32: borrowed when stored as f32, widened once per call from f16/bf16 storage (half the
+    /// resident memory; the copy is small next to the GEMM it feeds).
+    fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
+        use std::borrow::Cow;
+        match self {
+            Values::F32(v) => Cow::Borrowed(v),
+            Values::F16(v) => Cow::Owned(widen(v, |x| x.to_f32())),
+            Values::Bf16(v) => Cow::Owned(widen(v, |x| x.to_f32())),
+        }
+    }
+}
+
+/// A contiguous weight (or bias, or norm parameter) as f32 ([`Values::to_f32`]).
+fn weight_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
+    Ok(values(s, l, what)?.to_f32())
 }
 
 /// Runs `$body` with a bf16 or int8 [`Wt`] as the bf16 products' left operand (`$lhs`: bf16 read in
@@ -219,10 +237,6 @@ impl<'a> Wt<'a> {
         let range =
             || l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: weight not contiguous")));
         match (s, scales) {
-            (CpuStorage::BF16(v), None) if bf16_arithmetic() => {
-                let (a, b) = range()?;
-                Ok(Wt::Bf16(&v[a..b]))
-            }
             (CpuStorage::U8(v), Some(scales)) => {
                 let (a, b) = range()?;
                 let codes = q8_codes(&v[a..b]);
@@ -235,24 +249,17 @@ impl<'a> Wt<'a> {
                     Ok(Wt::F32(std::borrow::Cow::Owned(dequantize_rows(codes, scales))))
                 }
             }
-            (_, None) => Ok(Wt::F32(weight_f32(s, l, what)?)),
+            (_, None) => Ok(Wt::dense(values(s, l, what)?)),
             (other, Some(_)) => candle_core::bail!("{what}: int8 scales with a {:?} weight", other.dtype()),
         }
     }
 
-    /// A weight read in place: bf16 read as it lies for the bf16 products, f32 borrowed, half
-    /// precision otherwise widened for the call (as from a tensor's storage).
-    fn from_view(v: &'a super::weights::View, what: &str) -> Result<Self> {
-        use std::borrow::Cow;
-        if let Some(w) = v.f32s() {
-            return Ok(Wt::F32(Cow::Borrowed(w)));
-        }
-        if let Some(w) = v.bf16s() {
-            return Ok(if bf16_arithmetic() { Wt::Bf16(w) } else { Wt::F32(Cow::Owned(widen(w, |x| x.to_f32()))) });
-        }
-        match v.f16s() {
-            Some(w) => Ok(Wt::F32(Cow::Owned(widen(w, |x| x.to_f32())))),
-            None => candle_core::bail!("{what}: unsupported weight dtype {:?}", v.dtype()),
+    /// Stored values (a tensor's storage, or a weight read in place from its file): bf16 read as
+    /// it lies by the bf16 products when the CPU has them, else f32 (borrowed or widened).
+    fn dense(v: Values<'a>) -> Self {
+        match v {
+            Values::Bf16(w) if bf16_arithmetic() => Wt::Bf16(w),
+            v => Wt::F32(v.to_f32()),
         }
     }
 
@@ -1378,7 +1385,7 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Module};
 
@@ -1388,7 +1395,8 @@ mod tests {
         diff / scale
     }
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    /// Standard-normal values from `seed` (the layer tests in `nn` use them too).
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n = shape.iter().product::<usize>();

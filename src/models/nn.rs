@@ -105,12 +105,19 @@ const Q8_MIN_OUTPUTS: usize = 16;
 /// [`quantized`] scope when big enough, else read in place inside an [`InPlaceScope`] that lends
 /// it, else loaded.
 fn layer_weight(vb: &VarBuilder, shape: &[usize]) -> Result<Weight> {
-    if !quantizes(shape) {
-        if let Some(v) = in_place_view(vb, "weight", shape) {
-            return Ok(Weight::InPlace(Box::new(v)));
-        }
+    match in_place_weight(vb, shape) {
+        Some(w) => Ok(w),
+        None => loaded_weight(vb, vb.get(shape, "weight")?),
     }
-    loaded_weight(vb, vb.get(shape, "weight")?)
+}
+
+/// `vb["weight"]` of `shape` read in place, unless it is to be quantised or the scope does not
+/// lend it.
+fn in_place_weight(vb: &VarBuilder, shape: &[usize]) -> Option<Weight> {
+    if quantizes(shape) {
+        return None;
+    }
+    in_place_view(vb, "weight", shape).map(|v| Weight::InPlace(Box::new(v)))
 }
 
 /// Whether a weight of `shape` is quantised here (inside a [`quantized`] scope, big enough).
@@ -278,29 +285,29 @@ pub fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
 
 /// A linear layer whose weight may be stored as a 1×1 convolution (old VAE checkpoints).
 pub fn linear_maybe_conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> Result<Linear> {
-    if !quantizes(&[cout, cin]) {
-        if let Some(v) = in_place_view(&vb, "weight", &[cout, cin]) {
-            let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
-            return Ok(Linear { weight: Weight::InPlace(Box::new(v)), bias });
-        }
-    }
-    // The (out, in) shape first (also what random-weight backends need), else the stored one.
-    let w = match vb.get((cout, cin), "weight") {
-        Ok(w) => w,
-        Err(_) if vb.contains_tensor("weight") => {
-            let w = vb.get_unchecked("weight")?;
-            match w.rank() {
-                4 => w.squeeze(3)?.squeeze(2)?,
-                _ => w,
+    let weight = match in_place_weight(&vb, &[cout, cin]) {
+        Some(w) => w,
+        None => {
+            // The (out, in) shape first (also what random-weight backends need), else the stored one.
+            let w = match vb.get((cout, cin), "weight") {
+                Ok(w) => w,
+                Err(_) if vb.contains_tensor("weight") => {
+                    let w = vb.get_unchecked("weight")?;
+                    match w.rank() {
+                        4 => w.squeeze(3)?.squeeze(2)?,
+                        _ => w,
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            if w.dims() != [cout, cin] {
+                candle_core::bail!("{} has shape {:?}, expected [{cout}, {cin}]", vb.prefix(), w.dims());
             }
+            loaded_weight(&vb, w)?
         }
-        Err(e) => return Err(e),
     };
-    if w.dims() != [cout, cin] {
-        candle_core::bail!("{} has shape {:?}, expected [{cout}, {cin}]", vb.prefix(), w.dims());
-    }
-    let b = if bias { Some(vb.get(cout, "bias")?) } else { None };
-    Ok(Linear { weight: loaded_weight(&vb, w)?, bias: b })
+    let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
+    Ok(Linear { weight, bias })
 }
 
 /// diffusers `ResnetBlock2D` (pre-norm, "default" time-scale-shift, optional 1×1 shortcut).
@@ -421,6 +428,7 @@ impl Upsample2D {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::kernels::tests::randn;
     use crate::models::weights::{SourceBackend, Weights};
     use candle_core::{DType, Device, IndexOp};
     use candle_nn::VarBuilder;
@@ -437,18 +445,6 @@ mod tests {
     fn open(paths: &[std::path::PathBuf]) -> Arc<dyn TensorSource> {
         // SAFETY: the test's own files, not changed while mapped.
         Arc::new(unsafe { Weights::open(paths) }.unwrap())
-    }
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
     /// Builds a conv and a linear layer from `source` as `dtype` inside an in-place scope.

@@ -21,6 +21,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+/// Contiguous float values as stored: a [`View`]'s, or a CPU tensor's storage (`kernels`).
+#[derive(Clone, Copy)]
+pub enum Values<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    Bf16(&'a [half::bf16]),
+}
+
 /// A tensor read in place from a read-only memory map: little-endian f32, f16 or bf16, aligned to
 /// its element size (checked when made). Keeps the map alive.
 #[derive(Clone)]
@@ -68,25 +76,18 @@ impl View {
         unsafe { self.map.as_ptr().add(self.start) }
     }
 
-    /// The values when stored as f32.
-    pub fn f32s(&self) -> Option<&[f32]> {
-        // SAFETY: length, alignment and byte order checked in `new`; the map lives as long as self.
-        (self.dtype == DType::F32)
-            .then(|| unsafe { std::slice::from_raw_parts(self.ptr() as *const f32, self.elems()) })
-    }
-
-    /// The values when stored as bf16.
-    pub fn bf16s(&self) -> Option<&[half::bf16]> {
-        // SAFETY: as `f32s`; bf16 is a plain 16-bit value.
-        (self.dtype == DType::BF16)
-            .then(|| unsafe { std::slice::from_raw_parts(self.ptr() as *const half::bf16, self.elems()) })
-    }
-
-    /// The values when stored as f16.
-    pub fn f16s(&self) -> Option<&[half::f16]> {
-        // SAFETY: as `f32s`.
-        (self.dtype == DType::F16)
-            .then(|| unsafe { std::slice::from_raw_parts(self.ptr() as *const half::f16, self.elems()) })
+    /// The values as they lie in the file.
+    pub fn values(&self) -> Values<'_> {
+        let (p, n) = (self.ptr(), self.elems());
+        // SAFETY: length, alignment, byte order and dtype checked in `new`; the map lives as long
+        // as self; f16 and bf16 are plain 16-bit values.
+        unsafe {
+            match self.dtype {
+                DType::F32 => Values::F32(std::slice::from_raw_parts(p as *const f32, n)),
+                DType::F16 => Values::F16(std::slice::from_raw_parts(p as *const half::f16, n)),
+                _ => Values::Bf16(std::slice::from_raw_parts(p as *const half::bf16, n)),
+            }
+        }
     }
 
     /// The tensor copied out as `dtype` onto `device` (the generic, non-CPU paths).
