@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if what == "conv-shapes" {
-        return conv_shapes(n, args.get(2).map(String::as_str) == Some("bf16"));
+        return conv_shapes(n, args.get(2).map(String::as_str) == Some("bf16"), args.get(3).map_or("", String::as_str));
     }
     if what == "load" {
         let dir = args.get(3).ok_or_else(|| anyhow::anyhow!("load needs a model folder: load N DTYPE DIR"))?;
@@ -172,8 +172,8 @@ fn report(
 /// f32 (the gemm crate, as the kernels call it) against bf16 (`gemm_bf16`), in GFLOP/s.
 /// Every 3×3 stride-1 convolution shape of a 512² run (UNet at the CFG batch, KL VAE decoder,
 /// TAESD), best of `n`: run once with `GHIBLIFY_WINOGRAD=0` and once without to compare the two
-/// algorithms layer by layer.
-fn conv_shapes(n: usize, bf16: bool) -> anyhow::Result<()> {
+/// algorithms layer by layer. `only`: the shapes of one model (unet, vae, taesd).
+fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
     use ghiblify::models::kernels::{conv2d, Weight};
     let shapes: &[(&str, usize, usize, usize, usize)] = &[
         ("unet", 2, 320, 320, 64),
@@ -197,10 +197,18 @@ fn conv_shapes(n: usize, bf16: bool) -> anyhow::Result<()> {
         ("taesd", 1, 64, 64, 128),
         ("taesd", 1, 64, 64, 256),
         ("taesd", 1, 64, 64, 512),
+        ("taesd", 1, 3, 64, 512),
+        ("taesd", 1, 64, 3, 512),
+        ("unet in/out", 2, 4, 320, 64),
+        ("unet in/out", 2, 320, 4, 64),
+        ("vae in/out", 1, 3, 128, 512),
+        ("vae in/out", 1, 128, 3, 512),
+        ("vae in/out", 1, 4, 512, 64),
+        ("vae in/out", 1, 512, 8, 64),
     ];
     let dtype = if bf16 { DType::BF16 } else { DType::F32 };
     let mut total = 0.0;
-    for &(model, b, cin, cout, hw) in shapes {
+    for &(model, b, cin, cout, hw) in shapes.iter().filter(|s| s.0.starts_with(only)) {
         let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &Device::Cpu)?;
         let w = Weight::Dense(Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &Device::Cpu)?.to_dtype(dtype)?);
         let bias = Tensor::randn(0f32, 1.0, cout, &Device::Cpu)?;

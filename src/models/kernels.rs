@@ -650,6 +650,21 @@ impl Conv {
                             seg[..lo].fill(0.0);
                             seg[lo..hi].copy_from_slice(&line[lo + kx - p..hi + kx - p]);
                             seg[hi..].fill(0.0);
+                        } else if s == 2 && f == 1 {
+                            // ix = 2·ox + kx − p: a strided copy between the zero edges (the
+                            // general loop below divides per value; TAESD's and the VAE's
+                            // downsampling convolutions spent as long here as in their products).
+                            let lo = p.saturating_sub(kx).div_ceil(2).min(ow);
+                            let hi = ((iw + p).saturating_sub(kx).div_ceil(2)).clamp(lo, ow);
+                            seg[..lo].fill(0.0);
+                            seg[hi..].fill(0.0);
+                            if hi > lo {
+                                let first = 2 * lo + kx - p;
+                                let src = &line[first..first + 2 * (hi - lo) - 1];
+                                for (v, x) in seg[lo..hi].iter_mut().zip(src.iter().step_by(2)) {
+                                    *v = *x;
+                                }
+                            }
                         } else {
                             for (ox, v) in seg.iter_mut().enumerate() {
                                 let ix = (ox * s + kx) as isize - p as isize;
@@ -1527,6 +1542,13 @@ pub(crate) mod tests {
             (1, 16, 3, 1, 2, 1, 1),
             (2, 8, 9, 130, 70, 1, 1),
             (1, 1200, 70, 6, 5, 1, 1),
+            // The fused path's jobs of 32 tiles: runs across tile rows and images, both edges
+            // padded within one job, partial last tiles, more channels than a micro-tile, an
+            // upsampled input, one input or output channel (TAESD's first and last layers).
+            (2, 20, 29, 37, 141, 1, 1),
+            (1, 13, 12, 21, 9, 2, 1),
+            (1, 1, 25, 33, 35, 1, 1),
+            (1, 64, 3, 30, 30, 1, 0),
         ] {
             let x = randn(&[b, cin, h, w], 21);
             let bias = randn(&[cout], 23);
@@ -1542,21 +1564,23 @@ pub(crate) mod tests {
                     assert_eq!(got.len(), want.len());
                     got.iter().zip(&want).fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs())) / scale
                 };
-                let run = |wino: bool| {
-                    winograd::forced(wino, || {
-                        if up == 1 {
-                            conv2d(&x, &weight, Some(&bias), 1, p)
-                        } else {
-                            upsample2x_conv2d(&x, &weight, Some(&bias), 1, p)
-                        }
-                        .unwrap()
-                    })
+                let conv = || {
+                    if up == 1 {
+                        conv2d(&x, &weight, Some(&bias), 1, p)
+                    } else {
+                        upsample2x_conv2d(&x, &weight, Some(&bias), 1, p)
+                    }
+                    .unwrap()
                 };
-                let (wino, direct) = (err(run(true)), err(run(false)));
-                eprintln!("winograd {kind} {:?}: {wino:.2e} (im2col {direct:.2e})", (b, cin, cout, h, w, up, p));
+                let run = |wino: bool| winograd::forced(wino, conv);
+                // The fused path where it applies (few channels, AVX-512), and the split one.
+                let (wino, split, direct) = (err(run(true)), err(winograd::split(|| run(true))), err(run(false)));
+                let at = (b, cin, cout, h, w, up, p);
+                eprintln!("winograd {kind} {at:?}: {wino:.2e}, split {split:.2e} (im2col {direct:.2e})");
                 // Measured up to 8.4e-6 (1200 input channels; im2col in f32 4e-7 there). Products
                 // stay f32 for half-precision and int8 weights too (bf16 im2col: ~1.5e-3).
-                assert!(wino < 2e-5, "winograd {kind} {:?}: {wino:.2e} from f64", (b, cin, cout, h, w, up, p));
+                assert!(wino < 2e-5, "winograd {kind} {at:?}: {wino:.2e} from f64");
+                assert!(split < 2e-5, "split winograd {kind} {at:?}: {split:.2e} from f64");
             }
         }
     }
