@@ -351,13 +351,23 @@ fn rows_1d(line: &[f32], dst: &mut [f32], stride: usize, n: usize) {
 /// `line[4t + b]` = Σ_ν cols[ν·stride + t] A[ν][b] + bias (then the ReLU), t < n: as
 /// [`rows_1d`], whole groups of 16 tiles with AVX-512 permutes.
 fn out_rows_1d(cols: &[f32], line: &mut [f32], stride: usize, n: usize, bias: f32, relu: bool) {
+    out_rows_1d_to(cols, line, stride, n, (bias, relu), false)
+}
+
+/// [`out_rows_1d`], the whole groups written around the caches when `stream` (and `line` is
+/// 64-byte aligned): for outputs larger than the L3 cache, which the next layer reads from
+/// memory anyway, so that their lines are not first read in to be overwritten. The caller fences
+/// (`_mm_sfence`) before others read them.
+fn out_rows_1d_to(cols: &[f32], line: &mut [f32], stride: usize, n: usize, (bias, relu): (f32, bool), stream: bool) {
     assert!(line.len() >= 4 * n && n <= stride && cols.len() >= 5 * stride + n);
     let whole = if fused::available() { n / 16 } else { 0 };
     #[cfg(target_arch = "x86_64")]
     if whole > 0 {
+        let stream = stream && (line.as_ptr() as usize).is_multiple_of(64);
         // SAFETY: 16·whole ≤ n tiles read cols[ν·stride ..][..16·whole] and write
-        // line[..64·whole] (asserted); available() said the CPU has AVX-512F.
-        unsafe { avx512::out_rows16(cols.as_ptr(), stride, line.as_mut_ptr(), whole, bias, relu) };
+        // line[..64·whole] (asserted), aligned to 64 bytes when streamed; available() said the
+        // CPU has AVX-512F.
+        unsafe { avx512::out_rows16(cols.as_ptr(), stride, line.as_mut_ptr(), whole, (bias, relu), stream) };
     }
     if 16 * whole < n {
         out_rows_1d_any(&cols[16 * whole..], &mut line[64 * whole..], stride, n - 16 * whole, bias, relu);
@@ -416,15 +426,16 @@ mod avx512 {
     /// See [`super::out_rows_1d`].
     ///
     /// # Safety
-    /// cols[ν·stride + 16·blocks] readable for ν < 6, line[..64·blocks] writable; AVX-512F.
+    /// cols[ν·stride + 16·blocks] readable for ν < 6, line[..64·blocks] writable (64-byte
+    /// aligned if `stream`); AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn out_rows16(
         cols: *const f32,
         stride: usize,
         line: *mut f32,
         blocks: usize,
-        bias: f32,
-        relu: bool,
+        (bias, relu): (f32, bool),
+        stream: bool,
     ) {
         // Pairs (o0, o1) and (o2, o3) of tiles 0-7 (and 8-15), then the pairs of pairs.
         let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -450,8 +461,14 @@ mod avx512 {
                     let p01 = _mm512_castps_pd(_mm512_permutex2var_ps(o[0], idx, o[1]));
                     let p23 = _mm512_castps_pd(_mm512_permutex2var_ps(o[2], idx, o[3]));
                     let at = line.add(64 * b + 32 * h);
-                    _mm512_storeu_pd(at as *mut f64, _mm512_permutex2var_pd(p01, k0, p23));
-                    _mm512_storeu_pd(at.add(16) as *mut f64, _mm512_permutex2var_pd(p01, k1, p23));
+                    let (q0, q1) = (_mm512_permutex2var_pd(p01, k0, p23), _mm512_permutex2var_pd(p01, k1, p23));
+                    if stream {
+                        _mm512_stream_pd(at as *mut f64, q0);
+                        _mm512_stream_pd(at.add(16) as *mut f64, q1);
+                    } else {
+                        _mm512_storeu_pd(at as *mut f64, q0);
+                        _mm512_storeu_pd(at.add(16) as *mut f64, q1);
+                    }
                 }
             }
         }
@@ -603,7 +620,7 @@ mod tests {
     fn vector_row_transforms_equal_the_compilers() {
         // The AVX-512 groups of 16 tiles against the plain loops on the same values, bit for bit
         // (same operations in the same order), for counts with and without a remainder, with and
-        // without the ReLU, a NaN kept without it.
+        // without the ReLU (a NaN kept without it), through the caches and streamed.
         let values = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * seed).sin() * 3.0).collect() };
         for n in [1, 15, 16, 17, 32, 40] {
             let stride = n + 3;
@@ -614,12 +631,16 @@ mod tests {
             assert_eq!(fast, plain, "rows_1d, {n} tiles");
             let mut cols = values(6 * stride, 0.71);
             cols[0] = f32::NAN;
-            for relu in [false, true] {
-                let (mut fast, mut plain) = (vec![0f32; 4 * n], vec![0f32; 4 * n]);
-                out_rows_1d(&cols, &mut fast, stride, n, 0.25, relu);
+            for (relu, stream) in [(false, false), (true, false), (false, true), (true, true)] {
+                // Streamed stores need a line on a 64-byte boundary: one inside a larger buffer.
+                let mut buf = vec![0f32; 4 * n + 16];
+                let skip = buf.as_ptr().align_offset(64);
+                let fast = &mut buf[skip..skip + 4 * n];
+                let mut plain = vec![0f32; 4 * n];
+                out_rows_1d_to(&cols, fast, stride, n, (0.25, relu), stream);
                 out_rows_1d_any(&cols, &mut plain, stride, n, 0.25, relu);
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&fast), bits(&plain), "out_rows_1d, {n} tiles, relu {relu}");
+                assert_eq!(bits(fast), bits(&plain), "out_rows_1d, {n} tiles, relu {relu}, streamed {stream}");
                 assert_eq!(fast[..4].iter().any(|v| v.is_nan()), !relu, "NaN in tile 0");
             }
         }

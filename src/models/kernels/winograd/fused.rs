@@ -13,9 +13,12 @@
 //!
 //! Only with AVX-512 (the micro-kernel's registers); other CPUs take the split path.
 
-use super::{cols_1d, fill_line, out_cols_1d, out_rows_1d, rows_1d, transform_filters, Shape, XI};
+use super::{cols_1d, fill_line, out_cols_1d, out_rows_1d, out_rows_1d_to, rows_1d, transform_filters, Shape, XI};
 use crate::models::kernels::SendPtr;
 use rayon::prelude::*;
+
+/// Outputs above this size (bytes; this machine's L3 is 32 MB) are streamed to memory.
+const STREAM_BYTES: usize = 32 << 20;
 
 /// Tiles per job: two vectors of 16 lanes.
 const T: usize = 32;
@@ -42,9 +45,11 @@ pub(super) fn available() -> bool {
 
 /// Whether a layer of these channel counts gains from it: its transformed filters small enough to
 /// stay in a core's L2 cache next to a job's operands (measured on TAESD's, the VAE's and the
-/// UNet's layers, docs/PERFORMANCE.md).
+/// UNet's layers, docs/PERFORMANCE.md; taking the UNet's wide layers too made them up to 1.5×
+/// slower: 36 × 320 × 320 filters and a job's operands overflow the L2).
 pub(super) fn suits(cin: usize, cout: usize) -> bool {
-    cin * cout <= 128 * 128
+    // (And a job's operands within a few MB: 36 × 32 tiles × the wider side.)
+    cin * cout <= 128 * 128 && cin.max(cout) <= 1024
 }
 
 thread_local! {
@@ -88,6 +93,12 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>, relu: 
         transform_inputs(x, sh, tiles.clone(), v, rows, line);
         products(&u, v, m, cin, cout);
         transform_outputs(m, sh, tiles, (bias, relu), rows, line, outp);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a fence has no preconditions; it orders the job's streamed stores before the
+        // pool's signal that the job is done.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
+        };
     };
     (0..total.div_ceil(T)).into_par_iter().for_each(|j| {
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
@@ -188,6 +199,7 @@ const AHEAD: usize = 2;
 /// run): a job reads 6 short pieces of line per channel, hundreds of streams in all, more than
 /// the hardware prefetchers follow, so without this the first load of each piece waited on
 /// memory (a third of the input transform's time at TAESD's 512² layers).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn prefetch_lines(x: &[f32], sh: Shape, runs: &Runs, ci: usize) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -229,6 +241,8 @@ fn transform_outputs(
     let (oh, ow) = sh.out_size();
     let cout = sh.cout;
     let runs = runs_of(tiles, sh.tiles());
+    // Outputs larger than the L3 cache are written around it (see out_rows_1d_to).
+    let stream = sh.batch * cout * oh * ow * 4 > STREAM_BYTES;
     for co in 0..cout {
         let b = bias.map_or(0.0, |b| b[co]);
         out_cols_1d(m, cols, T, stride(cout), co * T);
@@ -247,7 +261,7 @@ fn transform_outputs(
                     std::slice::from_raw_parts_mut(out.get().add(((bi * cout + co) * oh + y) * ow + x0), width)
                 };
                 let cols = &cols[a * 6 * T + slot..];
-                out_rows_1d(cols, &mut dst[..4 * whole], T, whole, b, relu);
+                out_rows_1d_to(cols, &mut dst[..4 * whole], T, whole, (b, relu), stream);
                 if whole < n {
                     out_rows_1d(&cols[whole..], line, T, 1, b, relu);
                     dst[4 * whole..].copy_from_slice(&line[..width - 4 * whole]);
@@ -276,6 +290,7 @@ fn products(u: &[f32], v: &[f32], m: &mut [f32], cin: usize, cout: usize) {
 ///
 /// # Safety
 /// As in [`products`]; the CPU has AVX-512F.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_macros))]
 unsafe fn tile(rest: usize, u: *const f32, ustride: usize, v: *const f32, cin: usize, m: *mut f32) {
     macro_rules! by_rows {
         ($($r:literal)*) => {
