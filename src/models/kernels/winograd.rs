@@ -28,15 +28,17 @@ const XI: usize = 36;
 const BUDGET: usize = 1 << 22;
 
 /// Whether a 3×3 stride-1 convolution runs faster this way: enough tiles for the 36 products to
-/// be efficient and to pay for transforming the filters, enough channels for the products to
-/// dominate the transforms. Measured on the UNet's, VAE's and TAESD's layers (docs/PERFORMANCE.md);
+/// be efficient and to pay for transforming the filters, and, on the split path, enough channels
+/// for the products to dominate the transforms. Measured on the UNet's, VAE's and TAESD's layers
+/// (docs/PERFORMANCE.md);
 /// `GHIBLIFY_WINOGRAD=0` turns it off (the im2col path everywhere, as before).
 pub(super) fn worthwhile(cin: usize, cout: usize, tiles: usize) -> bool {
     if let Some(forced) = FORCED.get() {
         return forced;
     }
     // The fused path also pays on layers with one side narrow (TAESD's 3 → 64 and 64 → 3 at the
-    // full image: 13.9 → 5.5 and 17.6 → 6.1 ms against im2col, whose patch matrix is 9 × the input).
+    // full image: 13.9 → 4.1 and 17.6 → 8.2–9.9 ms against im2col, whose patch matrix is 9 × the
+    // input).
     let narrow_ok = fused::available() && fused::suits(cin, cout);
     enabled() && tiles >= 64 && (narrow_ok || (cin >= 16 && cout >= 16))
 }
