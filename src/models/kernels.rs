@@ -564,12 +564,15 @@ struct Conv {
     /// ReLU applied to the output (TAESD's conv + ReLU pairs): in Winograd's output transform, or
     /// one parallel pass, instead of candle's separate single-threaded pass and copy.
     relu: bool,
+    /// A tensor of the output's shape added before the ReLU (TAESD's residual join,
+    /// `relu(conv(h) + x)`): in Winograd's output transform, or the im2col path's last pass.
+    residual: Option<Tensor>,
 }
 
 impl Conv {
     /// A plain convolution by `weight` (no upsampling, end padding or ReLU).
     fn plain(weight: &Weight, stride: usize, padding: usize) -> Self {
-        Conv { scales: weight.scales(), stride, padding, upsample: false, pad_end: 0, relu: false }
+        Conv { scales: weight.scales(), stride, padding, upsample: false, pad_end: 0, relu: false, residual: None }
     }
 
     /// Output (height, width) for an input of (ih, iw) before upsampling.
@@ -589,6 +592,7 @@ impl Conv {
         w: &Wt,
         (cout, kh, kw): (usize, usize, usize),
         bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
     ) -> Vec<f32> {
         let (s, p) = (self.stride, self.padding);
         let (plane, src_w) = (ih * iw, iw);
@@ -603,7 +607,7 @@ impl Conv {
             && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4))
         {
             let shape = winograd::Shape { batch: b, cin, ih, iw, up: f, pad: p, cout };
-            return winograd::conv(x, shape, &w.to_f32(), bias, self.relu);
+            return winograd::conv(x, shape, &w.to_f32(), winograd::Tail { bias, residual, relu: self.relu });
         }
         let (ih, iw) = (ih * f, iw * f);
         let (oplane, k) = (oh * ow, cin * kh * kw);
@@ -686,8 +690,17 @@ impl Conv {
                 }
             }
         }
-        if self.relu {
-            out.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+        match residual {
+            Some(r) => {
+                let relu = self.relu;
+                out.par_chunks_mut(1 << 16).zip(r.par_chunks(1 << 16)).for_each(|(c, r)| {
+                    for (v, r) in c.iter_mut().zip(r) {
+                        *v = if relu { (*v + r).max(0.0) } else { *v + r };
+                    }
+                });
+            }
+            None if self.relu => out.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0))),
+            None => {}
         }
         out
     }
@@ -719,8 +732,20 @@ impl WeightedOp for Conv {
             candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {ih}×{iw} input padded by {}", self.padding);
         }
         let bias = bias.map(|(s, l)| weight_f32(s, l, "conv2d bias")).transpose()?;
-        let out = self.run(x, (b, cin, ih, iw), w, (cout, kh, kw), bias.as_deref());
         let (oh, ow) = self.out_size((ih, iw), (kh, kw));
+        // (A read lock on the residual's storage beside the one candle holds on the input's: the
+        // callers pass a different tensor, and nothing writes either while the op runs.)
+        let guard = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let residual = match &guard {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(s) if layout.shape().dims() == [b, cout, oh, ow] => {
+                    Some(f32_slice(s, layout, "conv2d residual")?)
+                }
+                _ => candle_core::bail!("conv2d residual: expected a CPU f32 tensor of {:?}", (b, cout, oh, ow)),
+            },
+            None => None,
+        };
+        let out = self.run(x, (b, cin, ih, iw), w, (cout, kh, kw), bias.as_deref(), residual);
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
     }
 }
@@ -766,6 +791,22 @@ pub fn conv2d_relu(
         return conv2d(x, weight, bias, stride, padding)?.relu();
     }
     apply_weighted(x, weight, bias, Conv { relu: true, ..Conv::plain(weight, stride, padding) })
+}
+
+/// `relu(conv2d(x, …) + residual)`, the sum and the ReLU inside the convolution's last pass:
+/// TAESD's residual join without a pass of its own over three tensors.
+pub fn conv2d_add_relu(
+    x: &Tensor,
+    weight: &Weight,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    (stride, padding): (usize, usize),
+) -> Result<Tensor> {
+    if !is_cpu_f32(x) || !is_cpu_f32(residual) {
+        return add_relu(&conv2d(x, weight, bias, stride, padding)?, residual);
+    }
+    let conv = Conv { relu: true, residual: Some(residual.contiguous()?), ..Conv::plain(weight, stride, padding) };
+    apply_weighted(x, weight, bias, conv)
 }
 
 /// `relu(a + b)` (same shapes) in one parallel pass: TAESD's residual join.
@@ -1611,6 +1652,36 @@ pub(crate) mod tests {
         let (a, b) = (randn(&[2, 3, 70, 300], 34), randn(&[2, 3, 70, 300], 35));
         let got = add_relu(&a, &b).unwrap();
         assert_eq!(max_rel(&got, &(&a + &b).unwrap().relu().unwrap()), 0.0);
+    }
+
+    #[test]
+    fn residual_join_in_the_convolution_equals_the_separate_pass() {
+        // relu(conv(x) + r) inside the convolution's last pass, through the fused and the split
+        // Winograd paths and im2col, against the convolution then add_relu: the same operations
+        // in the same order, so bit for bit. Widths with whole groups of 16 tiles, a remainder and
+        // a cut last tile; batch 2; NaN and −∞ in the residual.
+        let x = randn(&[2, 16, 21, 70], 41);
+        let wt = dense(&randn(&[12, 16, 3, 3], 42));
+        let bias = randn(&[12], 43);
+        let mut r = randn(&[2, 12, 21, 70], 44).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (r[5], r[300]) = (f32::NAN, f32::NEG_INFINITY);
+        let r = Tensor::from_vec(r, (2, 12, 21, 70), &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        for path in ["fused", "split", "im2col"] {
+            let run = |f: &dyn Fn() -> Tensor| match path {
+                "fused" => winograd::forced(true, f),
+                "split" => winograd::split(|| winograd::forced(true, f)),
+                _ => winograd::forced(false, f),
+            };
+            let want = run(&|| add_relu(&conv2d(&x, &wt, Some(&bias), 1, 1).unwrap(), &r).unwrap());
+            let got = run(&|| conv2d_add_relu(&x, &wt, Some(&bias), &r, (1, 1)).unwrap());
+            assert_eq!(bits(&got), bits(&want), "{path}");
+        }
+        let wrong = randn(&[2, 12, 21, 69], 45);
+        let err = conv2d_add_relu(&x, &wt, Some(&bias), &wrong, (1, 1)).unwrap_err().to_string();
+        assert!(err.contains("residual"), "{err}");
     }
 
     /// `t` rounded to bf16 and back: the operands the bf16 products see.

@@ -158,6 +158,11 @@ impl Conv2d {
         kernels::conv2d_relu(xs, &self.weight, self.bias.as_ref(), self.stride, self.padding)
     }
 
+    /// `relu(forward(xs) + residual)`, the sum and the ReLU inside the convolution's last pass.
+    pub fn forward_add_relu(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        kernels::conv2d_add_relu(xs, &self.weight, self.bias.as_ref(), residual, (self.stride, self.padding))
+    }
+
     /// The convolution of the input zero-padded by one row below and one column right (the VAE
     /// encoder's downsampling), without the padded copy. Padding is the asymmetric pad's alone.
     pub fn forward_pad_end(&self, xs: &Tensor) -> Result<Tensor> {

@@ -157,9 +157,9 @@ thread_local! {
 /// operands to bf16 put a bf16 version's results 3–10 % (of the largest value) from the exact
 /// ones, 30–60× the bf16 im2col path's error, while f32 Winograd is faster than bf16 im2col on
 /// every layer where it applies.
-pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>, relu: bool) -> Vec<f32> {
+pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], tail: Tail) -> Vec<f32> {
     if fused::available() && fused::suits(sh.cin, sh.cout) && !SPLIT.get() {
-        return fused::conv(x, sh, w, bias, relu);
+        return fused::conv(x, sh, w, tail);
     }
     let (oh, ow) = sh.out_size();
     let (ty, tx) = sh.tiles();
@@ -211,7 +211,7 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>, relu: 
                 }
                 let m = &mut m[..nb * XI * nt];
                 products(&u[..nb * XI * cin], v, m, (nb, cin, nt));
-                transform_output(m, sh, rows.clone(), co0..co0 + nb, (bias, relu), &mut out);
+                transform_output(m, sh, rows.clone(), co0..co0 + nb, tail, &mut out);
             }
         }
     });
@@ -350,29 +350,70 @@ fn rows_1d(line: &[f32], dst: &mut [f32], stride: usize, n: usize) {
     }
 }
 
-/// `line[4t + b]` = Σ_ν cols[ν·stride + t] A[ν][b] + bias (then the ReLU), t < n: as
-/// [`rows_1d`], whole groups of 16 tiles with AVX-512 permutes.
-fn out_rows_1d(cols: &[f32], line: &mut [f32], stride: usize, n: usize, bias: f32, relu: bool) {
-    out_rows_1d_to(cols, line, stride, n, (bias, relu), false)
+/// What each output value gets after the output transform: the bias, then (when given) the value
+/// at the same place of a residual tensor, then (under `relu`) max(·, 0) — TAESD's
+/// `relu(conv(h) + x)` without a pass of its own.
+#[derive(Clone, Copy)]
+pub(super) struct Tail<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+/// A [`Tail`] for one output row: the channel's bias and the residual's values of that row.
+#[derive(Clone, Copy)]
+struct RowTail<'a> {
+    bias: f32,
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
+impl<'a> Tail<'a> {
+    /// For the output row starting at `at` (NCHW index) of channel `co`, `len` values.
+    fn row(&self, co: usize, at: usize, len: usize) -> RowTail<'a> {
+        RowTail {
+            bias: self.bias.map_or(0.0, |b| b[co]),
+            residual: self.residual.map(|r| &r[at..at + len]),
+            relu: self.relu,
+        }
+    }
+}
+
+/// `line[4t + b]` = Σ_ν cols[ν·stride + t] A[ν][b], then its [`RowTail`], t < n: as [`rows_1d`],
+/// whole groups of 16 tiles with AVX-512 permutes.
+fn out_rows_1d(cols: &[f32], line: &mut [f32], stride: usize, n: usize, tail: RowTail) {
+    out_rows_1d_to(cols, line, stride, n, tail, false)
 }
 
 /// [`out_rows_1d`], the whole groups written around the caches when `stream` (and `line` is
-/// 64-byte aligned): for outputs larger than the L3 cache, which the next layer reads from
-/// memory anyway, so that their lines are not first read in to be overwritten. The caller fences
+/// 64-byte aligned): for outputs too large to stay in the caches until the next layer reads them,
+/// so that their lines are not first read in to be overwritten. The caller fences
 /// (`_mm_sfence`) before others read them.
-fn out_rows_1d_to(cols: &[f32], line: &mut [f32], stride: usize, n: usize, (bias, relu): (f32, bool), stream: bool) {
+fn out_rows_1d_to(cols: &[f32], line: &mut [f32], stride: usize, n: usize, tail: RowTail, stream: bool) {
     assert!(line.len() >= 4 * n && n <= stride && cols.len() >= 5 * stride + n);
+    assert!(tail.residual.is_none_or(|r| r.len() >= 4 * n));
     let whole = if fused::available() { n / 16 } else { 0 };
     #[cfg(target_arch = "x86_64")]
     if whole > 0 {
         let stream = stream && (line.as_ptr() as usize).is_multiple_of(64);
-        // SAFETY: 16·whole ≤ n tiles read cols[ν·stride ..][..16·whole] and write
-        // line[..64·whole] (asserted), aligned to 64 bytes when streamed; available() said the
-        // CPU has AVX-512F.
-        unsafe { avx512::out_rows16(cols.as_ptr(), stride, line.as_mut_ptr(), whole, (bias, relu), stream) };
+        let residual = tail.residual.map_or(std::ptr::null(), <[f32]>::as_ptr);
+        // SAFETY: 16·whole ≤ n tiles read cols[ν·stride ..][..16·whole] and the residual's
+        // [..64·whole] (when given) and write line[..64·whole] (asserted), aligned to 64 bytes
+        // when streamed; available() said the CPU has AVX-512F.
+        unsafe {
+            avx512::out_rows16(
+                cols.as_ptr(),
+                stride,
+                line.as_mut_ptr(),
+                whole,
+                (tail.bias, residual, tail.relu),
+                stream,
+            )
+        };
     }
     if 16 * whole < n {
-        out_rows_1d_any(&cols[16 * whole..], &mut line[64 * whole..], stride, n - 16 * whole, bias, relu);
+        let rest = RowTail { residual: tail.residual.map(|r| &r[64 * whole..]), ..tail };
+        out_rows_1d_any(&cols[16 * whole..], &mut line[64 * whole..], stride, n - 16 * whole, rest);
     }
 }
 
@@ -428,15 +469,15 @@ mod avx512 {
     /// See [`super::out_rows_1d`].
     ///
     /// # Safety
-    /// cols[ν·stride + 16·blocks] readable for ν < 6, line[..64·blocks] writable (64-byte
-    /// aligned if `stream`); AVX-512F.
+    /// cols[ν·stride + 16·blocks] readable for ν < 6, residual[..64·blocks] readable unless
+    /// null, line[..64·blocks] writable (64-byte aligned if `stream`); AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn out_rows16(
         cols: *const f32,
         stride: usize,
         line: *mut f32,
         blocks: usize,
-        (bias, relu): (f32, bool),
+        (bias, residual, relu): (f32, *const f32, bool),
         stream: bool,
     ) {
         // Pairs (o0, o1) and (o2, o3) of tiles 0-7 (and 8-15), then the pairs of pairs.
@@ -457,13 +498,21 @@ mod avx512 {
                     add(s12, mul(c4, s34)),
                     add(add(d12, mul(c8, d34)), c(5)),
                 ]
+                .map(|v| add(v, bias));
+                // The residual and the ReLU on the values in line order.
                 // (max(NaN, 0) is 0 here as in f32::max: the second operand when one is NaN.)
-                .map(|v| if relu { _mm512_max_ps(add(v, bias), zero) } else { add(v, bias) });
+                let tail = |q: __m512d, at: usize| {
+                    let q = _mm512_castpd_ps(q);
+                    let q = if residual.is_null() { q } else { add(q, _mm512_loadu_ps(residual.add(at))) };
+                    _mm512_castps_pd(if relu { _mm512_max_ps(q, zero) } else { q })
+                };
                 for (h, idx) in [(0, lo), (1, hi)] {
                     let p01 = _mm512_castps_pd(_mm512_permutex2var_ps(o[0], idx, o[1]));
                     let p23 = _mm512_castps_pd(_mm512_permutex2var_ps(o[2], idx, o[3]));
-                    let at = line.add(64 * b + 32 * h);
-                    let (q0, q1) = (_mm512_permutex2var_pd(p01, k0, p23), _mm512_permutex2var_pd(p01, k1, p23));
+                    let off = 64 * b + 32 * h;
+                    let at = line.add(off);
+                    let q0 = tail(_mm512_permutex2var_pd(p01, k0, p23), off);
+                    let q1 = tail(_mm512_permutex2var_pd(p01, k1, p23), off + 16);
                     if stream {
                         _mm512_stream_pd(at as *mut f64, q0);
                         _mm512_stream_pd(at.add(16) as *mut f64, q1);
@@ -547,7 +596,7 @@ fn transform_output(
     sh: Shape,
     rows: std::ops::Range<usize>,
     cos: std::ops::Range<usize>,
-    (bias, relu): (Option<&[f32]>, bool),
+    tail: Tail,
     out: &mut [f32],
 ) {
     let (oh, ow) = sh.out_size();
@@ -560,7 +609,6 @@ fn transform_output(
         || (vec![0f32; 24 * tx], vec![0f32; 4 * tx]),
         |(cols, line), (i, mc)| {
             let co = cos.start + i;
-            let b = bias.map_or(0.0, |b| b[co]);
             for (ri, r) in rows.clone().enumerate() {
                 let (bi, ty0) = (r / ty, r % ty);
                 out_cols_1d(mc, cols, tx, nt, ri * tx);
@@ -569,12 +617,22 @@ fn transform_output(
                     if y >= oh {
                         break;
                     }
-                    out_rows_1d(&cols[a * 6 * tx..(a + 1) * 6 * tx], line, tx, tx, b, relu);
+                    let at = (bi * cout + co) * oplane + y * ow;
+                    let row = tail.row(co, at, ow);
+                    match row.residual {
+                        None => out_rows_1d(&cols[a * 6 * tx..(a + 1) * 6 * tx], line, tx, tx, row),
+                        // (The line is 4·tx ≥ ow values: the residual, ow of them, added after.)
+                        Some(r) => {
+                            let plain = RowTail { residual: None, relu: false, ..row };
+                            out_rows_1d(&cols[a * 6 * tx..(a + 1) * 6 * tx], line, tx, tx, plain);
+                            for (v, r) in line[..ow].iter_mut().zip(r) {
+                                *v = if row.relu { (*v + r).max(0.0) } else { *v + r };
+                            }
+                        }
+                    }
                     // SAFETY: row y of plane (bi, co) is ow floats inside out, written by this
                     // output channel only.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(outp.get().add((bi * cout + co) * oplane + y * ow), ow)
-                    };
+                    let dst = unsafe { std::slice::from_raw_parts_mut(outp.get().add(at), ow) };
                     dst.copy_from_slice(&line[..ow]);
                 }
             }
@@ -600,16 +658,29 @@ fn out_cols_1d(mc: &[f32], cols: &mut [f32], tx: usize, nt: usize, base: usize) 
 }
 
 simd! {
-fn out_rows_1d_any(cols: &[f32], line: &mut [f32], stride: usize, n: usize, bias: f32, relu: bool) {
-    // line[4t + b] = Σ_ν cols[ν·stride + t] A[ν][b] + bias (then max(·, 0) under `relu`), t < n.
+fn out_rows_1d_any(cols: &[f32], line: &mut [f32], stride: usize, n: usize, tail: RowTail) {
+    // line[4t + b] = Σ_ν cols[ν·stride + t] A[ν][b] + bias (+ the residual, then max(·, 0) under
+    // `relu`), t < n.
     let c = |nu: usize| &cols[nu * stride..nu * stride + n];
     let (c0, c1, c2, c3, c4, c5) = (c(0), c(1), c(2), c(3), c(4), c(5));
     let (quads, _) = line[..4 * n].as_chunks_mut::<4>();
+    let (bias, relu) = (tail.bias, tail.relu);
     // (A branch, not max with −∞: NaN must stay NaN without the ReLU.)
     let act = |v: f32| if relu { v.max(0.0) } else { v };
-    for (t, q) in quads.iter_mut().enumerate() {
-        let o = output_1d([c0[t], c1[t], c2[t], c3[t], c4[t], c5[t]]);
-        *q = o.map(|v| act(v + bias));
+    match tail.residual {
+        None => {
+            for (t, q) in quads.iter_mut().enumerate() {
+                let o = output_1d([c0[t], c1[t], c2[t], c3[t], c4[t], c5[t]]);
+                *q = o.map(|v| act(v + bias));
+            }
+        }
+        Some(r) => {
+            let (rq, _) = r[..4 * n].as_chunks::<4>();
+            for (t, (q, r)) in quads.iter_mut().zip(rq).enumerate() {
+                let o = output_1d([c0[t], c1[t], c2[t], c3[t], c4[t], c5[t]]);
+                *q = [0, 1, 2, 3].map(|b| act(o[b] + bias + r[b]));
+            }
+        }
     }
 }
 }
@@ -622,7 +693,8 @@ mod tests {
     fn vector_row_transforms_equal_the_compilers() {
         // The AVX-512 groups of 16 tiles against the plain loops on the same values, bit for bit
         // (same operations in the same order), for counts with and without a remainder, with and
-        // without the ReLU (a NaN kept without it), through the caches and streamed.
+        // without the ReLU (a NaN kept without it), with and without a residual, through the
+        // caches and streamed.
         let values = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * seed).sin() * 3.0).collect() };
         for n in [1, 15, 16, 17, 32, 40] {
             let stride = n + 3;
@@ -633,17 +705,20 @@ mod tests {
             assert_eq!(fast, plain, "rows_1d, {n} tiles");
             let mut cols = values(6 * stride, 0.71);
             cols[0] = f32::NAN;
-            for (relu, stream) in [(false, false), (true, false), (false, true), (true, true)] {
+            let residual = values(4 * n, 0.53);
+            for (relu, stream, res) in (0..8).map(|i| (i & 1 == 1, i & 2 == 2, i & 4 == 4)) {
                 // Streamed stores need a line on a 64-byte boundary: one inside a larger buffer.
                 let mut buf = vec![0f32; 4 * n + 16];
                 let skip = buf.as_ptr().align_offset(64);
                 let fast = &mut buf[skip..skip + 4 * n];
                 let mut plain = vec![0f32; 4 * n];
-                out_rows_1d_to(&cols, fast, stride, n, (0.25, relu), stream);
-                out_rows_1d_any(&cols, &mut plain, stride, n, 0.25, relu);
+                let tail = RowTail { bias: 0.25, residual: res.then_some(&residual[..]), relu };
+                out_rows_1d_to(&cols, fast, stride, n, tail, stream);
+                out_rows_1d_any(&cols, &mut plain, stride, n, tail);
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(fast), bits(&plain), "out_rows_1d, {n} tiles, relu {relu}, streamed {stream}");
-                assert_eq!(fast[..4].iter().any(|v| v.is_nan()), !relu, "NaN in tile 0");
+                let at = format!("out_rows_1d, {n} tiles, relu {relu}, streamed {stream}, residual {res}");
+                assert_eq!(bits(fast), bits(&plain), "{at}");
+                assert_eq!(fast[..4].iter().any(|v| v.is_nan()), !relu, "NaN in tile 0, {at}");
             }
         }
     }
@@ -654,8 +729,9 @@ mod tests {
         let sh = Shape { batch: 1, cin: 3, ih: 9, iw: 7, up: 1, pad: 1, cout: 2 };
         let x: Vec<f32> = (0..3 * 9 * 7).map(|i| (i as f32 * 0.37).sin()).collect();
         let w: Vec<f32> = (0..2 * 3 * 9).map(|i| (i as f32 * 0.11).cos()).collect();
-        let free = conv(&x, sh, &w, None, false);
-        let held = BUFFERS.with_borrow_mut(|_| conv(&x, sh, &w, None, false));
+        let tail = Tail { bias: None, residual: None, relu: false };
+        let free = conv(&x, sh, &w, tail);
+        let held = BUFFERS.with_borrow_mut(|_| conv(&x, sh, &w, tail));
         assert_eq!(free, held);
     }
 }

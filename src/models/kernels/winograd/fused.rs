@@ -13,12 +13,17 @@
 //!
 //! Only with AVX-512 (the micro-kernel's registers); other CPUs take the split path.
 
-use super::{cols_1d, fill_line, out_cols_1d, out_rows_1d, out_rows_1d_to, rows_1d, transform_filters, Shape, XI};
+use super::{
+    cols_1d, fill_line, out_cols_1d, out_rows_1d, out_rows_1d_to, rows_1d, transform_filters, RowTail, Shape, Tail, XI,
+};
 use crate::models::kernels::SendPtr;
 use rayon::prelude::*;
 
-/// Outputs above this size (bytes; this machine's L3 is 32 MB) are streamed to memory.
-const STREAM_BYTES: usize = 32 << 20;
+/// Outputs above this size (bytes) are streamed to memory: a layer's input and output together
+/// then pass the L3 cache of most laptop and desktop CPUs (8–32 MB), so the next layer reads them
+/// from memory anyway. Measured here (32 MB L3): TAESD's 256² layers (16 MB out) 9.0–9.4 →
+/// 8.0–8.2 ms streamed (its 512² ones gain too; its 128² ones, 4 MB, stay in the cache).
+const STREAM_BYTES: usize = 8 << 20;
 
 /// Tiles per job: two vectors of 16 lanes.
 const T: usize = 32;
@@ -59,7 +64,7 @@ thread_local! {
 
 /// The convolution of `x` (NCHW) by the 3×3 filters `w` (OIHW, f32), bias added, output NCHW: the
 /// same result as the split path's up to the summation order of the products.
-pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>, relu: bool) -> Vec<f32> {
+pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], tail: Tail) -> Vec<f32> {
     let (oh, ow) = sh.out_size();
     let (ty, tx) = sh.tiles();
     let (cin, cout) = (sh.cin, sh.cout);
@@ -92,7 +97,7 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], bias: Option<&[f32]>, relu: 
         let tiles = first..(first + T).min(total);
         transform_inputs(x, sh, tiles.clone(), v, rows, line);
         products(&u, v, m, cin, cout);
-        transform_outputs(m, sh, tiles, (bias, relu), rows, line, outp);
+        transform_outputs(m, sh, tiles, tail, rows, line, outp);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a fence has no preconditions; it orders the job's streamed stores before the
         // pool's signal that the job is done.
@@ -233,7 +238,7 @@ fn transform_outputs(
     m: &[f32],
     sh: Shape,
     tiles: std::ops::Range<usize>,
-    (bias, relu): (Option<&[f32]>, bool),
+    tail: Tail,
     cols: &mut [f32],
     line: &mut [f32],
     out: SendPtr,
@@ -241,10 +246,9 @@ fn transform_outputs(
     let (oh, ow) = sh.out_size();
     let cout = sh.cout;
     let runs = runs_of(tiles, sh.tiles());
-    // Outputs larger than the L3 cache are written around it (see out_rows_1d_to).
+    // Large outputs are written around the caches (see STREAM_BYTES and out_rows_1d_to).
     let stream = sh.batch * cout * oh * ow * 4 > STREAM_BYTES;
     for co in 0..cout {
-        let b = bias.map_or(0.0, |b| b[co]);
         out_cols_1d(m, cols, T, stride(cout), co * T);
         for [bi, ty0, c0, n, slot] in runs.iter() {
             // Whole tiles are written in place; a last one cut by the right edge through `line`.
@@ -255,16 +259,23 @@ fn transform_outputs(
                 if y >= oh {
                     break;
                 }
+                let at = ((bi * cout + co) * oh + y) * ow + x0;
                 // SAFETY: columns x0 .. x0 + width of row y of plane (bi, co) lie inside the
                 // output (x0 + width ≤ ow) and belong to this job's tiles only.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out.get().add(((bi * cout + co) * oh + y) * ow + x0), width)
-                };
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), width) };
                 let cols = &cols[a * 6 * T + slot..];
-                out_rows_1d_to(cols, &mut dst[..4 * whole], T, whole, (b, relu), stream);
+                let row = tail.row(co, at, width);
+                out_rows_1d_to(cols, &mut dst[..4 * whole], T, whole, row, stream);
                 if whole < n {
-                    out_rows_1d(&cols[whole..], line, T, 1, b, relu);
-                    dst[4 * whole..].copy_from_slice(&line[..width - 4 * whole]);
+                    // (The cut tile's residual values are fewer than its four: added after.)
+                    out_rows_1d(&cols[whole..], line, T, 1, RowTail { residual: None, relu: false, ..row });
+                    for (q, v) in line[..width - 4 * whole].iter_mut().enumerate() {
+                        let v = match row.residual {
+                            Some(r) => *v + r[4 * whole + q],
+                            None => *v,
+                        };
+                        dst[4 * whole + q] = if row.relu { v.max(0.0) } else { v };
+                    }
                 }
             }
         }
