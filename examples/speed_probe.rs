@@ -3,6 +3,7 @@
 //!
 //!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|conv-shapes|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
 //!     cargo run --release --example speed_probe -- load [N] [f32|f16|bf16|q8] DIR
+//!     cargo run --release --example speed_probe -- conv-shapes [N] [f32|bf16] [unet|vae|taesd]
 //!
 //! `load` times loading the diffusers folder DIR (text encoder, UNet, VAE, as a run does; warm page
 //! cache after the warm-up): weights read in place where stored as the run keeps them
