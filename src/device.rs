@@ -146,14 +146,23 @@ thread_local! {
 /// Runs `f` with the generic operations on or off on this thread (the model code runs on the
 /// calling thread; only the inside of a kernel is parallel), whatever the environment says.
 pub fn with_generic_ops<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    let before = GENERIC_OVERRIDE.with(|o| o.replace(Some(on)));
-    struct Restore(Option<bool>);
-    impl Drop for Restore {
+    with_thread_switch(&GENERIC_OVERRIDE, Some(on), f)
+}
+
+/// Runs `f` with the thread-local `switch` set to `value`, and puts the value before back after
+/// it, also when `f` panics: the scoped switches of the kernels, the loads and the tests.
+pub(crate) fn with_thread_switch<V: Copy + 'static, T>(
+    switch: &'static std::thread::LocalKey<std::cell::Cell<V>>,
+    value: V,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Restore<V: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<V>>, V);
+    impl<V: Copy + 'static> Drop for Restore<V> {
         fn drop(&mut self) {
-            GENERIC_OVERRIDE.with(|o| o.set(self.0));
+            self.0.set(self.1);
         }
     }
-    let _restore = Restore(before);
+    let _restore = Restore(switch, switch.replace(value));
     f()
 }
 

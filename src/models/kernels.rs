@@ -690,16 +690,12 @@ impl Conv {
                 }
             }
         }
+        let relu = self.relu;
         match residual {
-            Some(r) => {
-                let relu = self.relu;
-                out.par_chunks_mut(1 << 16).zip(r.par_chunks(1 << 16)).for_each(|(c, r)| {
-                    for (v, r) in c.iter_mut().zip(r) {
-                        *v = if relu { (*v + r).max(0.0) } else { *v + r };
-                    }
-                });
-            }
-            None if self.relu => out.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0))),
+            Some(r) => out.par_chunks_mut(1 << 16).zip(r.par_chunks(1 << 16)).for_each(|(c, r)| {
+                c.iter_mut().zip(r).for_each(|(v, r)| *v = join(*v, *r, relu));
+            }),
+            None if relu => out.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v = relu_if(*v, true))),
             None => {}
         }
         out
@@ -809,6 +805,24 @@ pub fn conv2d_add_relu(
     apply_weighted(x, weight, bias, conv)
 }
 
+/// max(v, 0) under `relu` (f32::max: a NaN becomes 0 under it), v unchanged otherwise (a branch,
+/// not a max with −∞: a NaN must stay NaN without the ReLU).
+#[inline(always)]
+fn relu_if(v: f32, relu: bool) -> f32 {
+    if relu {
+        v.max(0.0)
+    } else {
+        v
+    }
+}
+
+/// A residual join: `v + r`, then the ReLU under `relu` — the one rule of add_relu, the
+/// convolutions' last pass and Winograd's output transforms.
+#[inline(always)]
+fn join(v: f32, r: f32, relu: bool) -> f32 {
+    relu_if(v + r, relu)
+}
+
 /// `relu(a + b)` (same shapes) in one parallel pass: TAESD's residual join.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(a) || !is_cpu_f32(b) || a.dims() != b.dims() {
@@ -829,7 +843,7 @@ impl CustomOp2 for AddRelu {
         let mut out = vec![0f32; a.len()];
         out.par_chunks_mut(1 << 16).zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16))).for_each(|(o, (a, b))| {
             for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = (a + b).max(0.0);
+                *o = join(*a, *b, true);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

@@ -83,15 +83,7 @@ fn in_place_view(vb: &VarBuilder, name: &str, shape: &[usize]) -> Option<View> {
 /// load's dtype. (A scope rather than a parameter: the models build their layers through many
 /// nested constructors, and loads run on the calling thread.)
 pub fn quantized<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    let before = QUANTIZE.with(|q| q.replace(on));
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            QUANTIZE.with(|q| q.set(self.0));
-        }
-    }
-    let _restore = Restore(before);
-    f()
+    crate::device::with_thread_switch(&QUANTIZE, on, f)
 }
 
 /// Inputs per output below which a layer keeps its dtype: a handful of values per channel saves

@@ -18,7 +18,7 @@
 
 mod fused;
 
-use super::{sgemm, SendPtr};
+use super::{join, relu_if, sgemm, SendPtr};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -59,27 +59,13 @@ thread_local! {
 /// passes over the whole layer) even where [`fused`] would run: tests compare both.
 #[cfg(test)]
 pub(super) fn split<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SPLIT.set(self.0);
-        }
-    }
-    let _restore = Restore(SPLIT.replace(true));
-    f()
+    crate::device::with_thread_switch(&SPLIT, true, f)
 }
 
 /// Runs `f` with every 3×3 stride-1 convolution on this thread taking (`true`) or not taking
 /// (`false`) this path whatever its size: for tests of either path on small shapes.
 pub(super) fn forced<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    struct Restore(Option<bool>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED.set(self.0);
-        }
-    }
-    let _restore = Restore(FORCED.replace(Some(on)));
-    f()
+    crate::device::with_thread_switch(&FORCED, Some(on), f)
 }
 
 /// Bᵀ d for one column (or row) of an input tile.
@@ -368,6 +354,17 @@ struct RowTail<'a> {
     relu: bool,
 }
 
+impl RowTail<'_> {
+    /// The residual (this row's values from `from` on) and the ReLU, on values that got the bias
+    /// only: where a row or a tile is cut short of the vector code's whole groups.
+    fn finish(&self, values: &mut [f32], from: usize) {
+        match self.residual {
+            Some(r) => values.iter_mut().zip(&r[from..]).for_each(|(v, r)| *v = join(*v, *r, self.relu)),
+            None => values.iter_mut().for_each(|v| *v = relu_if(*v, self.relu)),
+        }
+    }
+}
+
 impl<'a> Tail<'a> {
     /// For the output row starting at `at` (NCHW index) of channel `co`, `len` values.
     fn row(&self, co: usize, at: usize, len: usize) -> RowTail<'a> {
@@ -622,12 +619,10 @@ fn transform_output(
                     match row.residual {
                         None => out_rows_1d(&cols[a * 6 * tx..(a + 1) * 6 * tx], line, tx, tx, row),
                         // (The line is 4·tx ≥ ow values: the residual, ow of them, added after.)
-                        Some(r) => {
+                        Some(_) => {
                             let plain = RowTail { residual: None, relu: false, ..row };
                             out_rows_1d(&cols[a * 6 * tx..(a + 1) * 6 * tx], line, tx, tx, plain);
-                            for (v, r) in line[..ow].iter_mut().zip(r) {
-                                *v = if row.relu { (*v + r).max(0.0) } else { *v + r };
-                            }
+                            row.finish(&mut line[..ow], 0);
                         }
                     }
                     // SAFETY: row y of plane (bi, co) is ow floats inside out, written by this
@@ -665,20 +660,18 @@ fn out_rows_1d_any(cols: &[f32], line: &mut [f32], stride: usize, n: usize, tail
     let (c0, c1, c2, c3, c4, c5) = (c(0), c(1), c(2), c(3), c(4), c(5));
     let (quads, _) = line[..4 * n].as_chunks_mut::<4>();
     let (bias, relu) = (tail.bias, tail.relu);
-    // (A branch, not max with −∞: NaN must stay NaN without the ReLU.)
-    let act = |v: f32| if relu { v.max(0.0) } else { v };
     match tail.residual {
         None => {
             for (t, q) in quads.iter_mut().enumerate() {
                 let o = output_1d([c0[t], c1[t], c2[t], c3[t], c4[t], c5[t]]);
-                *q = o.map(|v| act(v + bias));
+                *q = o.map(|v| relu_if(v + bias, relu));
             }
         }
         Some(r) => {
             let (rq, _) = r[..4 * n].as_chunks::<4>();
             for (t, (q, r)) in quads.iter_mut().zip(rq).enumerate() {
                 let o = output_1d([c0[t], c1[t], c2[t], c3[t], c4[t], c5[t]]);
-                *q = [0, 1, 2, 3].map(|b| act(o[b] + bias + r[b]));
+                *q = [0, 1, 2, 3].map(|b| join(o[b] + bias, r[b], relu));
             }
         }
     }

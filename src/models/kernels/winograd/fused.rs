@@ -269,13 +269,9 @@ fn transform_outputs(
                 if whole < n {
                     // (The cut tile's residual values are fewer than its four: added after.)
                     out_rows_1d(&cols[whole..], line, T, 1, RowTail { residual: None, relu: false, ..row });
-                    for (q, v) in line[..width - 4 * whole].iter_mut().enumerate() {
-                        let v = match row.residual {
-                            Some(r) => *v + r[4 * whole + q],
-                            None => *v,
-                        };
-                        dst[4 * whole + q] = if row.relu { v.max(0.0) } else { v };
-                    }
+                    let cut = &mut line[..width - 4 * whole];
+                    row.finish(cut, 4 * whole);
+                    dst[4 * whole..].copy_from_slice(cut);
                 }
             }
         }
