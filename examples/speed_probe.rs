@@ -1,7 +1,7 @@
 //! Time and peak memory of the hot operations on the full-size SD1.5 architecture with random
 //! weights (compute does not depend on weight values): median of N runs after one warm-up.
 //!
-//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|conv-shapes|gemm-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
+//!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|conv-shapes|gemm-shapes|linear-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
 //!     cargo run --release --example speed_probe -- load [N] [f32|f16|bf16|q8] DIR
 //!     cargo run --release --example speed_probe -- conv-shapes [N] [f32|bf16] [unet|vae|taesd]
 //!
@@ -49,6 +49,9 @@ fn main() -> anyhow::Result<()> {
     if what == "gemm-shapes" {
         gemm_shapes(n);
         return Ok(());
+    }
+    if what == "linear-shapes" {
+        return linear_shapes(n, args.get(2).map(String::as_str) == Some("bf16"));
     }
     if what == "conv-shapes" {
         return conv_shapes(n, args.get(2).map(String::as_str) == Some("bf16"), args.get(3).map_or("", String::as_str));
@@ -188,6 +191,12 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
         ("unet", 2, 1280, 1280, 8),
         ("unet b1", 1, 640, 640, 32),
         ("unet b1", 1, 1280, 640, 32),
+        ("unet b1", 1, 1280, 1280, 32),
+        ("unet b1", 1, 1920, 640, 32),
+        ("unet b1", 1, 960, 320, 64),
+        ("unet b1", 1, 1280, 1280, 16),
+        ("unet b1", 1, 2560, 1280, 16),
+        ("unet b1", 1, 1280, 1280, 8),
         ("vae", 1, 512, 512, 64),
         ("vae", 1, 512, 512, 128),
         ("vae", 1, 512, 512, 256),
@@ -224,6 +233,44 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
         println!("{model} {b}x{cin}->{cout} @{hw}²: {:.1} ms", best * 1e3);
     }
     println!("total {:.3} s", total);
+    Ok(())
+}
+
+/// Each linear layer shape of the UNet's transformers at 512² without CFG (tokens, in, out, count
+/// per call), timed through `kernels::linear` with a bias as the model calls it, f32 activations,
+/// f32 or bf16 weights; the rate and the whole call's linear time.
+fn linear_shapes(n: usize, bf16: bool) -> anyhow::Result<()> {
+    use ghiblify::models::kernels::{linear, Weight};
+    let shapes: &[(usize, usize, usize, usize)] = &[
+        // (tokens, in, out, layers per call): q/k/v/out + cross q/out + proj_in/out, GEGLU in, ff out
+        (4096, 320, 320, 40),
+        (4096, 320, 2560, 5),
+        (4096, 1280, 320, 5),
+        (1024, 640, 640, 40),
+        (1024, 640, 5120, 5),
+        (1024, 2560, 640, 5),
+        (256, 1280, 1280, 48),
+        (256, 1280, 10240, 6),
+        (256, 5120, 1280, 6),
+    ];
+    let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+    let mut total = 0.0;
+    for &(t, k, o, count) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (1, t, k), &Device::Cpu)?;
+        let w = Weight::Dense(Tensor::randn(0f32, 0.05, (o, k), &Device::Cpu)?.to_dtype(dtype)?);
+        let bias = Tensor::randn(0f32, 1.0, o, &Device::Cpu)?;
+        linear(&x, &w, Some(&bias))?;
+        let mut best = f64::MAX;
+        for _ in 0..n {
+            let s = Instant::now();
+            linear(&x, &w, Some(&bias))?;
+            best = best.min(s.elapsed().as_secs_f64());
+        }
+        total += best * count as f64;
+        let rate = 2.0 * (t * k * o) as f64 / best / 1e9;
+        println!("{t}x{k}->{o} (x{count}): {:.2} ms, {rate:.0} GFLOP/s", best * 1e3);
+    }
+    println!("per call {:.3} s", total);
     Ok(())
 }
 

@@ -14,6 +14,7 @@
 //!
 //! [`available`] says whether the CPU has the instructions; callers fall back to f32 otherwise.
 
+use super::kernels::with_kept;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -45,6 +46,10 @@ pub fn available() -> bool {
 
 /// An element a matrix can be read from, rounded to bf16 bits.
 pub trait Elem: Copy + Send + Sync {
+    /// Whether a pair of consecutive values is already the word the products read (bf16: its two
+    /// values' bits, low half first), so a pair-aligned run can be read as words.
+    const WORDS: bool = false;
+
     fn bf16_bits(self) -> u32;
 
     /// `out[p] = (src[2p], src[2p + 1])` as bf16 bits, low half first; a missing last half is 0.
@@ -134,6 +139,8 @@ unsafe fn pack_lanes<T: Elem>(src: &[T], out: &mut [u32], lanes: impl Fn(*const 
 }
 
 impl Elem for bf16 {
+    const WORDS: bool = true;
+
     #[inline(always)]
     fn bf16_bits(self) -> u32 {
         self.to_bits() as u32
@@ -193,29 +200,34 @@ unsafe fn pack_pairs_q8_avx512(src: &[Q8], out: &mut [u32]) {
 
 /// What multiplies the product's f32 sums before they are stored: a constant, times a factor per
 /// row of C and/or per column of C when given (the per-channel scales of int8 weights: per row
-/// when the weight is A, per column when it is B).
+/// when the weight is A, per column when it is B); then a bias per column of C (a linear layer's),
+/// added when the product writes C rather than accumulating into it: the output need not be
+/// filled with the bias first and read back (two passes over an output of up to 42 MB in the
+/// UNet's feed-forward layers).
 #[derive(Clone, Copy, Debug)]
 pub struct Scale<'a> {
     pub all: f32,
     pub rows: Option<&'a [f32]>,
     pub cols: Option<&'a [f32]>,
+    pub bias: Option<&'a [f32]>,
 }
 
 impl Scale<'_> {
-    pub const ONE: Scale<'static> = Scale { all: 1.0, rows: None, cols: None };
+    pub const ONE: Scale<'static> = Scale { all: 1.0, rows: None, cols: None, bias: None };
 
     pub fn all(all: f32) -> Scale<'static> {
-        Scale { all, rows: None, cols: None }
+        Scale { all, ..Scale::ONE }
     }
 }
 
-/// [`Scale`] as the micro-kernel reads it for one tile: the row and column factors from the tile's
-/// first row and column (null: none).
+/// [`Scale`] as the micro-kernel reads it for one tile: the row and column factors and the bias
+/// from the tile's first row and column (null: none).
 #[derive(Clone, Copy)]
 struct TileScale {
     all: f32,
     rows: *const f32,
     cols: *const f32,
+    bias: *const f32,
 }
 
 impl Scale<'_> {
@@ -223,11 +235,8 @@ impl Scale<'_> {
     /// Row i0 and column js lie inside the scaled matrix.
     #[inline(always)]
     unsafe fn tile(&self, i0: usize, js: usize) -> TileScale {
-        TileScale {
-            all: self.all,
-            rows: self.rows.map_or(std::ptr::null(), |r| unsafe { r.as_ptr().add(i0) }),
-            cols: self.cols.map_or(std::ptr::null(), |c| unsafe { c.as_ptr().add(js) }),
-        }
+        let at = |v: Option<&[f32]>, i: usize| v.map_or(std::ptr::null(), |v| unsafe { v.as_ptr().add(i) });
+        TileScale { all: self.all, rows: at(self.rows, i0), cols: at(self.cols, js), bias: at(self.bias, js) }
     }
 }
 
@@ -321,6 +330,15 @@ unsafe fn pack_b<T: Elem>(
                 }
                 dst[w..].fill(0);
             }
+        } else if T::WORDS && b.rs == 1 && b.cs.is_multiple_of(2) && k0 + 2 * pairs <= k {
+            // Columns contiguous, already pairs of bf16 (a linear layer's weight rows read in
+            // place): the sliver is the transpose of the columns' words, 16 × 16 at a time
+            // (converting each column into a buffer and spreading it word by word was 7 % of
+            // the UNet's linear layers).
+            let words = b.ptr as *const u32;
+            // SAFETY: columns js.. js + w of the view hold pairs k0/2 .. k0/2 + pairs (k0 is
+            // even, cs even, no half pair in this block); the CPU has AVX-512F.
+            unsafe { transpose_words(|c| words.add((k0 + (js + c) * b.cs) / 2), w, pairs, sliver) };
         } else {
             // Columns contiguous (a transposed operand): each column's pairs converted in one run
             // (vectorised for f32), then spread into the sliver.
@@ -347,6 +365,72 @@ unsafe fn pack_b<T: Elem>(
                     sliver[p * NR + c] = v;
                 }
             }
+        }
+    }
+}
+
+/// `sliver[p·NR + c]` = word p of column c (from `column(c)`, read unaligned) for c < w, zero for
+/// w ≤ c < NR, for p < pairs: 16 × 16 blocks transposed in registers (two rounds of 32- and
+/// 64-bit interleaves within 128-bit lanes, two of lane shuffles), partial blocks through masks.
+///
+/// # Safety
+/// `column(c)` points at `pairs` readable words for c < w; the sliver holds pairs × NR words; the
+/// CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_words(column: impl Fn(usize) -> *const u32, w: usize, pairs: usize, sliver: &mut [u32]) {
+    use std::arch::x86_64::*;
+    assert!(w <= NR && sliver.len() >= pairs * NR);
+    for p0 in (0..pairs).step_by(16) {
+        let np = (pairs - p0).min(16);
+        let mask: __mmask16 = if np == 16 { 0xFFFF } else { (1u16 << np) - 1 };
+        for c0 in (0..NR).step_by(16) {
+            // r[i] = words p0.. of column c0 + i (zero past w).
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, ri) in r.iter_mut().enumerate() {
+                if c0 + i < w {
+                    *ri = unsafe { _mm512_maskz_loadu_epi32(mask, column(c0 + i).add(p0) as *const i32) };
+                }
+            }
+            // u[4g + q], lane L = rows 4g .. 4g + 4 at word 4L + q.
+            let mut u = [_mm512_setzero_si512(); 16];
+            for g in 0..4 {
+                let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+                let (t0, t1) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+                let (t2, t3) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+                u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+                u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+                u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+                u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+            }
+            // Word j = 4L + q of every row: lane L of u[q], u[4 + q], u[8 + q], u[12 + q].
+            for q in 0..4 {
+                let x = _mm512_shuffle_i32x4::<0x44>(u[q], u[4 + q]);
+                let y = _mm512_shuffle_i32x4::<0xEE>(u[q], u[4 + q]);
+                let x2 = _mm512_shuffle_i32x4::<0x44>(u[8 + q], u[12 + q]);
+                let y2 = _mm512_shuffle_i32x4::<0xEE>(u[8 + q], u[12 + q]);
+                let out = [
+                    _mm512_shuffle_i32x4::<0x88>(x, x2),
+                    _mm512_shuffle_i32x4::<0xDD>(x, x2),
+                    _mm512_shuffle_i32x4::<0x88>(y, y2),
+                    _mm512_shuffle_i32x4::<0xDD>(y, y2),
+                ];
+                for (l, o) in out.into_iter().enumerate() {
+                    let j = 4 * l + q;
+                    if j < np {
+                        unsafe { _mm512_storeu_si512(sliver.as_mut_ptr().add((p0 + j) * NR + c0) as *mut _, o) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose_words(column: impl Fn(usize) -> *const u32, w: usize, pairs: usize, sliver: &mut [u32]) {
+    for p in 0..pairs {
+        for c in 0..NR {
+            sliver[p * NR + c] = if c < w { unsafe { column(c).add(p).read_unaligned() } } else { 0 };
         }
     }
 }
@@ -463,6 +547,9 @@ pub unsafe fn gemm_packed<TA: Elem>(
     scale: Scale,
 ) {
     let (n, k) = (b.n, b.k);
+    // The epilogue reads a factor for every row and column of C, and the bias only when writing.
+    assert!(scale.rows.is_none_or(|r| r.len() >= m) && scale.cols.is_none_or(|c| c.len() >= n));
+    assert!(scale.bias.is_none_or(|b| b.len() >= n && !accumulate));
     if m == 0 || n == 0 || k == 0 {
         return;
     }
@@ -556,6 +643,37 @@ enum Rhs<'a, T> {
     Packed(&'a PackedB),
 }
 
+thread_local! {
+    /// Each thread's packed block of B, kept between jobs and calls (rayon's `for_each_init` made
+    /// one anew, zero-filled, for every piece it split the jobs into).
+    static B_BLOCK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+thread_local! {
+    /// The calling thread's packed copy of A for parallel products, kept between calls: taken out
+    /// for a product (empty if a product on this thread holds it: that one grows its own) and
+    /// given back by [`ReturnOnDrop`]. Taken rather than borrowed, as it must outlive the match
+    /// arm that packs it.
+    static A_BUFFER: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A packed A that goes back to its thread's slot when the product ends (a panic included) if it
+/// was taken from there (the flag), unless the slot holds a larger one by then.
+struct ReturnOnDrop(Vec<u32>, bool);
+
+impl Drop for ReturnOnDrop {
+    fn drop(&mut self) {
+        if !self.1 {
+            return;
+        }
+        let buf = std::mem::take(&mut self.0);
+        A_BUFFER.with(|cell| {
+            let kept = cell.take();
+            cell.set(if kept.capacity() >= buf.capacity() { kept } else { buf });
+        });
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     (m, n, k): (usize, usize, usize),
@@ -569,6 +687,8 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
 ) {
     // The epilogue reads a factor for every row and column of C.
     assert!(scale.rows.is_none_or(|r| r.len() >= m) && scale.cols.is_none_or(|c| c.len() >= n));
+    // The bias is for products that write C (added once, in the first k block's epilogue).
+    assert!(scale.bias.is_none_or(|b| b.len() >= n && !accumulate));
     if m == 0 || n == 0 {
         return;
     }
@@ -576,7 +696,10 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
         for i in 0..m {
             let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
             if !accumulate {
-                row.fill(0.0);
+                match scale.bias {
+                    None => row.fill(0.0),
+                    Some(b) => row.copy_from_slice(&b[..n]),
+                }
             }
         }
         return;
@@ -586,7 +709,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     let panels = m.div_ceil(MR);
     // A as the micro-kernel reads it: the word of (row r, pair p) of the tile at row i0 and k
     // block kb is at base + (i0 + r)·row + kb·KC_PAIRS + p (in place) or in the packed blocks.
-    let packed_a: Vec<u32>;
+    let packed_a: ReturnOnDrop;
     let packed_tail: Vec<u32>;
     let a_in: AWords = match &a {
         Lhs::InPlace { ptr, rs } => {
@@ -606,8 +729,16 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
             AWords { base: *ptr as *const u32, row: rs / 2, packed: false, tail: packed_tail.as_ptr() }
         }
         Lhs::Packed(view) => {
-            // [k block][panel][row][pair]; blocks are KC_PAIRS long except the last.
-            let mut buf = vec![0u32; panels * MR * kp];
+            // [k block][panel][row][pair]; blocks are KC_PAIRS long except the last. The calling
+            // thread's kept buffer when parallel (not zero-filled per call: the pieces below
+            // cover it and pack_a writes every word of its piece; the fill was 3.5 % of the UNet's
+            // linear layers); a fresh one inside an already parallel caller, where many threads
+            // would each keep one.
+            let mut buf = if parallel { A_BUFFER.take() } else { Vec::new() };
+            if buf.len() < panels * MR * kp {
+                buf.resize(panels * MR * kp, 0);
+            }
+            let buf = &mut buf;
             let mut pieces = Vec::with_capacity(kblocks * panels);
             let mut rest = buf.as_mut_slice();
             for kb in 0..kblocks {
@@ -628,13 +759,21 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
             } else {
                 pieces.into_iter().for_each(pack);
             }
-            packed_a = buf;
-            AWords { base: packed_a.as_ptr(), row: 0, packed: true, tail: std::ptr::null() }
+            packed_a = ReturnOnDrop(std::mem::take(buf), parallel);
+            AWords { base: packed_a.0.as_ptr(), row: 0, packed: true, tail: std::ptr::null() }
         }
     };
-    // Jobs: column blocks × row groups, enough for every thread when n is small.
-    let cblocks = n.div_ceil(NC);
+    // Jobs: column blocks × row groups, enough for every thread when n is small. The slivers are
+    // shared evenly among the column blocks, and with at least as many blocks as threads their
+    // number is a multiple of the threads': blocks of NC columns and a short last one left a
+    // thread idle for up to a block (4 jobs of 8, 8, 8 and 3 slivers on 2 threads for the UNet's
+    // 1280 → 1280 layers at 256 tokens: 83 % of the time busy).
+    let slivers = n.div_ceil(NR);
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let mut cblocks = slivers.div_ceil(NC / NR);
+    if cblocks >= threads {
+        cblocks = cblocks.next_multiple_of(threads).min(slivers);
+    }
     let rgroups = (2 * threads).div_ceil(cblocks).clamp(1, panels);
     let per_group = panels.div_ceil(rgroups);
     let out = Out(c);
@@ -642,8 +781,9 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
         // Whole values, not their raw-pointer fields (which closures would capture on their own).
         let (a_in, out) = (&a_in, &out);
         let (cb, rg) = (jid / rgroups, jid % rgroups);
-        let j0 = cb * NC;
-        let cols = NC.min(n - j0);
+        let (s_lo, s_hi) = (cb * slivers / cblocks, (cb + 1) * slivers / cblocks);
+        let j0 = s_lo * NR;
+        let cols = (s_hi * NR).min(n) - j0;
         let (p_lo, p_hi) = (rg * per_group, ((rg + 1) * per_group).min(panels));
         for kb in 0..kblocks {
             let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
@@ -692,10 +832,9 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     };
     let jobs = cblocks * rgroups;
     if parallel && jobs > 1 {
-        (0..jobs).into_par_iter().for_each_init(Vec::new, |buf, j| job(j, buf));
+        (0..jobs).into_par_iter().for_each(|j| with_kept(&B_BLOCK, |buf| job(j, buf)));
     } else {
-        let mut buf = Vec::new();
-        (0..jobs).for_each(|j| job(j, &mut buf));
+        with_kept(&B_BLOCK, |buf| (0..jobs).for_each(|j| job(j, buf)));
     }
 }
 
@@ -732,6 +871,11 @@ unsafe fn kernel(
             acc[2] = _mm512_dpbf16_ps(acc[2], b2, av);
         }
     }
+    // What the scaled sums are added to: C itself (row stride ldc) when accumulating, else the
+    // bias (the same values for every row), else nothing. One pointer for both keeps the
+    // epilogue small enough that the 24 sums stay in registers (a branch for each made LLVM keep
+    // them on the stack, a memset and loads in the main loop).
+    let (add, add_rs) = if load_c { (c as *const f32, ldc) } else { (scale.bias, 0) };
     for (r, acc) in acc.iter().enumerate().take(mr) {
         let row = c.add(r * ldc);
         let sr = if scale.rows.is_null() { scale.all } else { scale.all * *scale.rows.add(r) };
@@ -746,8 +890,8 @@ unsafe fn kernel(
             if !scale.cols.is_null() {
                 y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, scale.cols.add(16 * v)));
             }
-            if load_c {
-                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row.add(16 * v)));
+            if !add.is_null() {
+                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, add.add(r * add_rs + 16 * v)));
             }
             _mm512_mask_storeu_ps(row.add(16 * v), mask, y);
         }
@@ -850,6 +994,19 @@ mod tests {
     }
 
     #[test]
+    fn a_nested_product_takes_a_fresh_b_block() {
+        // The kept block is lent once; a second borrower on the thread gets its own, no panic.
+        let inner = with_kept(&B_BLOCK, |outer| {
+            outer.push(7);
+            with_kept(&B_BLOCK, |inner| {
+                inner.push(1);
+                inner.clone()
+            })
+        });
+        assert_eq!(inner, vec![1]);
+    }
+
+    #[test]
     fn products_match_the_rounded_reference() {
         if !available() {
             eprintln!("skipped: this CPU has no avx512_bf16");
@@ -857,16 +1014,33 @@ mod tests {
         }
         // Tails in every direction, several k blocks, odd k, both B layouts, A packed from f32 and
         // in place from bf16, accumulate and scale, serial and parallel.
-        for &(m, n, k) in &[(1, 1, 1), (8, 48, 2), (13, 50, 7), (17, 100, 400), (70, 500, 390), (9, 1000, 1024)] {
+        for &(m, n, k) in
+            &[(1, 1, 1), (8, 48, 2), (13, 50, 7), (17, 100, 400), (70, 500, 390), (9, 1000, 1024), (40, 1281, 34)]
+        {
             let a = rnd(m * k, 2);
             let b = rnd(k * n, 3);
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let a16: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
             let want = reference(&a, &b, (m, n, k));
             let c0 = rnd(m * n, 4);
+            let bias = rnd(n, 5);
+            let check = |c: &[f32], accumulate: bool, variant: usize| {
+                for i in 0..m * n {
+                    let w = 0.5 * want[i] + if accumulate { c0[i] as f64 } else { bias[i % n] as f64 };
+                    let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6 * w.abs();
+                    assert!(
+                        ((c[i] as f64) - w).abs() < tol,
+                        "{:?} variant {variant} at {i}: {} vs {w}",
+                        (m, n, k),
+                        c[i]
+                    );
+                }
+            };
             for variant in 0..4 {
                 let mut c = c0.clone();
                 let accumulate = variant % 2 == 1;
+                // Writing variants add a bias per column in the epilogue.
+                let scale = Scale { bias: (!accumulate).then_some(&bias[..]), ..Scale::all(0.5) };
                 let bview = if variant < 2 {
                     View { ptr: b.as_ptr(), rs: n, cs: 1 }
                 } else {
@@ -876,22 +1050,24 @@ mod tests {
                 unsafe {
                     if k % 2 == 0 && variant >= 2 {
                         let lhs = Lhs::<bf16>::InPlace { ptr: a16.as_ptr(), rs: k };
-                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, Scale::all(0.5), parallel);
+                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, scale, parallel);
                     } else {
                         let lhs = Lhs::Packed(View { ptr: a.as_ptr(), rs: k, cs: 1 });
-                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, Scale::all(0.5), parallel);
+                        gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, scale, parallel);
                     }
                 }
-                for i in 0..m * n {
-                    let w = 0.5 * want[i] + if accumulate { c0[i] as f64 } else { 0.0 };
-                    let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6 * w.abs();
-                    assert!(
-                        ((c[i] as f64) - w).abs() < tol,
-                        "{:?} variant {variant} at {i}: {} vs {w}",
-                        (m, n, k),
-                        c[i]
-                    );
-                }
+                check(&c, accumulate, variant);
+            }
+            // B as bf16 columns (a linear layer's weight rows in place): read as words where a
+            // block holds whole pairs, transposed 16 × 16 (odd k: one value at a time).
+            let bt16: Vec<bf16> = bt.iter().map(|&x| bf16::from_f32(x)).collect();
+            for (variant, accumulate) in [(4, false), (5, true)] {
+                let mut c = c0.clone();
+                let scale = Scale { bias: (!accumulate).then_some(&bias[..]), ..Scale::all(0.5) };
+                let bview = View { ptr: bt16.as_ptr(), rs: 1, cs: k };
+                let lhs = Lhs::Packed(View { ptr: a.as_ptr(), rs: k, cs: 1 });
+                unsafe { gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, scale, variant == 4) };
+                check(&c, accumulate, variant);
             }
         }
     }
@@ -926,7 +1102,7 @@ mod tests {
             // times the int8 weight's transpose as B (per-column scales, a linear layer's Wᵀ).
             let x = rnd(k * n, 8);
             let mut c = vec![0f32; m * n];
-            let rows = Scale { all: 1.0, rows: Some(&row_s), cols: None };
+            let rows = Scale { rows: Some(&row_s), ..Scale::ONE };
             unsafe {
                 let lhs = Lhs::Packed(View { ptr: qa.as_ptr(), rs: k, cs: 1 });
                 gemm((m, n, k), c.as_mut_ptr(), n, false, lhs, View { ptr: x.as_ptr(), rs: n, cs: 1 }, rows, true);
@@ -941,7 +1117,7 @@ mod tests {
             }
             let xa = rnd(m * k, 9);
             let mut c = vec![0f32; m * n];
-            let cols = Scale { all: 1.0, rows: None, cols: Some(&col_s) };
+            let cols = Scale { cols: Some(&col_s), ..Scale::ONE };
             unsafe {
                 let lhs = Lhs::Packed(View { ptr: xa.as_ptr(), rs: k, cs: 1 });
                 gemm((m, n, k), c.as_mut_ptr(), n, false, lhs, View { ptr: qb.as_ptr(), rs: 1, cs: k }, cols, false);

@@ -214,7 +214,7 @@ macro_rules! with_bf16_lhs {
             }
             Wt::Q8 { codes, scales } => {
                 let $lhs = Lhs::Packed(View { ptr: codes.as_ptr(), rs: k, cs: 1 });
-                let $scale = Scale { all: 1.0, rows: Some(scales), cols: None };
+                let $scale = Scale { rows: Some(scales), ..Scale::ONE };
                 $body
             }
             Wt::F32(_) => unreachable!("f32 weights take the f32 product"),
@@ -260,16 +260,6 @@ impl<'a> Wt<'a> {
         match v {
             Values::Bf16(w) if bf16_arithmetic() => Wt::Bf16(w),
             v => Wt::F32(v.to_f32()),
-        }
-    }
-
-    /// The weight as f32: borrowed, or widened from bf16, or dequantised from int8.
-    fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
-        use std::borrow::Cow;
-        match self {
-            Wt::F32(w) => Cow::Borrowed(w),
-            Wt::Bf16(w) => Cow::Owned(widen(w, |x| x.to_f32())),
-            Wt::Q8 { codes, scales } => Cow::Owned(dequantize_rows(codes, scales)),
         }
     }
 
@@ -607,7 +597,12 @@ impl Conv {
             && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4))
         {
             let shape = winograd::Shape { batch: b, cin, ih, iw, up: f, pad: p, cout };
-            return winograd::conv(x, shape, &w.to_f32(), winograd::Tail { bias, residual, relu: self.relu });
+            let filters = match w {
+                Wt::F32(w) => winograd::Filters::F32(w),
+                Wt::Bf16(w) => winograd::Filters::Bf16(w),
+                Wt::Q8 { codes, scales } => winograd::Filters::Q8 { codes, scales },
+            };
+            return winograd::conv(x, shape, filters, winograd::Tail { bias, residual, relu: self.relu });
         }
         let (ih, iw) = (ih * f, iw * f);
         let (oplane, k) = (oh * ow, cin * kh * kw);
@@ -915,43 +910,60 @@ impl WeightedOp for LinearOp {
             candle_core::bail!("linear: input {dims:?} for a weight of {n}×{k}");
         }
         let rows = x.len() / k.max(1);
-        let mut out = vec![0f32; rows * n];
-        if let Some((bs, bl)) = bias {
-            let b = weight_f32(bs, bl, "linear bias")?;
+        let bias = bias.map(|(bs, bl)| weight_f32(bs, bl, "linear bias")).transpose()?;
+        if let Some(b) = &bias {
             if b.len() != n {
                 candle_core::bail!("linear: {} bias values for {n} outputs", b.len());
             }
-            out.par_chunks_mut(n).for_each(|r| r.copy_from_slice(&b));
         }
         // Y = X · Wᵀ: X's rows packed (rounded to bf16 once), Wᵀ read from W's rows; an int8 W's
-        // scales are per output channel, so per column of Y.
-        let lhs = Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
-        let acc = bias.is_some();
-        // SAFETY: x is rows × k, w is n × k, out is rows × n, scales (if any) n long.
-        match w {
-            Wt::F32(w) if w.len() == n * k => unsafe {
-                sgemm(
-                    (rows, n, k),
-                    out.as_mut_ptr(),
-                    n as isize,
-                    acc,
-                    (x.as_ptr(), 1, k as isize),
-                    (w.as_ptr(), k as isize, 1),
-                    1.0,
-                    rayon_par(),
-                )
-            },
-            Wt::Bf16(w) if w.len() == n * k => unsafe {
+        // scales are per output channel, so per column of Y, and so is the bias, which the bf16
+        // products add in their epilogue (the output is written once, not zeroed, filled with the
+        // bias and read back).
+        let lhs = || Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
+        // The bf16 products write every one of the rows × n values (not accumulating): the output
+        // is not filled first, its length set after.
+        let written = |product: &dyn Fn(*mut f32)| {
+            let mut out = Vec::<f32>::with_capacity(rows * n);
+            product(out.as_mut_ptr());
+            // SAFETY: the product wrote all rows × n values.
+            unsafe { out.set_len(rows * n) };
+            out
+        };
+        // SAFETY (all three): x is rows × k, w is n × k, the output rows × n, scales and bias (if
+        // any) n long.
+        let out = match w {
+            Wt::F32(w) if w.len() == n * k => {
+                // The f32 product (the gemm crate) accumulates onto the bias filled in first.
+                let mut out = vec![0f32; rows * n];
+                if let Some(b) = &bias {
+                    out.par_chunks_mut(n).for_each(|r| r.copy_from_slice(b));
+                }
+                unsafe {
+                    sgemm(
+                        (rows, n, k),
+                        out.as_mut_ptr(),
+                        n as isize,
+                        bias.is_some(),
+                        (x.as_ptr(), 1, k as isize),
+                        (w.as_ptr(), k as isize, 1),
+                        1.0,
+                        rayon_par(),
+                    )
+                };
+                out
+            }
+            Wt::Bf16(w) if w.len() == n * k => written(&|o| unsafe {
                 let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
-                gemm((rows, n, k), out.as_mut_ptr(), n, acc, lhs, b, Scale::ONE, true)
-            },
-            Wt::Q8 { codes, scales } if scales.len() == n && codes.len() == n * k => unsafe {
+                gemm((rows, n, k), o, n, false, lhs(), b, Scale { bias: bias.as_deref(), ..Scale::ONE }, true)
+            }),
+            Wt::Q8 { codes, scales } if scales.len() == n && codes.len() == n * k => written(&|o| unsafe {
                 let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
-                let scale = Scale { all: 1.0, rows: None, cols: Some(scales) };
-                gemm((rows, n, k), out.as_mut_ptr(), n, acc, lhs, b, scale, true)
-            },
+                let scale = Scale { cols: Some(scales), bias: bias.as_deref(), ..Scale::ONE };
+                gemm((rows, n, k), o, n, false, lhs(), b, scale, true)
+            }),
             _ => candle_core::bail!("linear: the weight does not hold {n}×{k} values"),
-        }
+        };
         let mut od = dims.to_vec();
         *od.last_mut().unwrap() = n;
         Ok((CpuStorage::F32(out), Shape::from(od)))
@@ -1004,6 +1016,13 @@ fn norm_chunk(x: &[f32], out: &mut [f32], per: usize, gamma: &[f32], beta: &[f32
         d * d
     }) / n;
     let rstd = (1.0 / (var + eps).sqrt()) as f32;
+    if per == 1 && !silu {
+        // A LayerNorm row (`layer_norm`): a factor per value, one vectorisable loop.
+        for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+            *o = (v - m) * (g * rstd) + b;
+        }
+        return;
+    }
     for ((xc, oc), (&g, &b)) in x.chunks(per).zip(out.chunks_mut(per)).zip(gamma.iter().zip(beta)) {
         // (v − mean)·a + b, not v·a + (b − mean·a): the latter cancels badly when |mean| ≫ std.
         let a = g * rstd;
@@ -1087,6 +1106,20 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
     x.contiguous()?.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &GroupNormOp { groups, eps, silu })
 }
 
+/// `torch.nn.LayerNorm` over the last dimension (weight and bias of that length): on the CPU the
+/// group norm's kernel with each row one group of one-value channels (two passes in f64, as
+/// there; candle's kernel took 0.80 ms for the UNet's 4096 × 320 rows, this one 0.34 ms).
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let dims = x.dims();
+    let c = *dims.last().ok_or_else(|| candle_core::Error::Msg("layer_norm: a 0-D input".into()))?;
+    if !is_cpu_f32(x) {
+        let x = x.contiguous()?;
+        return candle_nn::ops::layer_norm(&x, &gamma.to_dtype(x.dtype())?, &beta.to_dtype(x.dtype())?, eps as f32);
+    }
+    let rows = x.elem_count() / c.max(1);
+    group_norm(&x.reshape((rows, c, 1))?, gamma, beta, 1, eps, false)?.reshape(dims)
+}
+
 // ---------------------------------------------------------------------------------------------
 // exp and erf, branch-free so the loops above vectorise.
 
@@ -1124,6 +1157,58 @@ fn erf(x: f32) -> f32 {
                             + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     let erfc = t * exp(-z * z + poly);
     (1.0 - erfc).copysign(x)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token layout
+
+#[derive(Debug, Clone, Copy)]
+struct SwapLastTwoOp;
+
+impl CustomOp1 for SwapLastTwoOp {
+    fn name(&self) -> &'static str {
+        "ghiblify-swap-last-two"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "transpose input")?;
+        let &[b, m, n] = l.shape().dims() else { candle_core::bail!("transpose: {:?} is not 3-D", l.shape()) };
+        // Blocks of 32 × 32 through a local tile: each input row piece read once, in order, and
+        // each output row piece written once (candle's strided copy reads one value per input
+        // line; reading 32 lines 4096 floats apart straight from the input put them all in one L1
+        // set).
+        const T: usize = 32;
+        let mut out = vec![0f32; x.len()];
+        if m * n > 0 {
+            out.par_chunks_mut(m * n).zip(x.par_chunks(m * n)).for_each(|(o, x)| {
+                o.par_chunks_mut(T * m).enumerate().for_each(|(jb, o)| {
+                    let j0 = jb * T;
+                    let jn = T.min(n - j0);
+                    let mut tile = [[0f32; T]; T];
+                    for i0 in (0..m).step_by(T) {
+                        let im = T.min(m - i0);
+                        for (i, t) in tile.iter_mut().enumerate().take(im) {
+                            t[..jn].copy_from_slice(&x[(i0 + i) * n + j0..(i0 + i) * n + j0 + jn]);
+                        }
+                        for j in 0..jn {
+                            for (i, v) in o[j * m + i0..j * m + i0 + im].iter_mut().enumerate() {
+                                *v = tile[i][j];
+                            }
+                        }
+                    }
+                })
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, n, m))))
+    }
+}
+
+/// `x` (b, m, n) as (b, n, m), contiguous: the UNet's transformers between image layout (b, c, h·w)
+/// and token layout (b, h·w, c), both ways.
+pub fn swap_last_two(x: &Tensor) -> Result<Tensor> {
+    if !is_cpu_f32(x) {
+        return x.transpose(1, 2)?.contiguous();
+    }
+    x.contiguous()?.apply_op1_no_bwd(&SwapLastTwoOp)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1175,8 +1260,8 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
 // Attention
 
 simd! {
-fn softmax_rows(s: &mut [f32], lk: usize) -> () {
-    for row in s.chunks_mut(lk) {
+fn softmax_rows_generic(s: &mut [f32], lk: usize, inv: &mut [f32]) -> () {
+    for (row, inv) in s.chunks_mut(lk).zip(inv.iter_mut()) {
         let m = row_max(row);
         let mut acc = [0f32; 16];
         let mut it = row.chunks_exact_mut(16);
@@ -1190,12 +1275,90 @@ fn softmax_rows(s: &mut [f32], lk: usize) -> () {
             *v = exp(*v - m);
             *a += *v;
         }
-        let inv = 1.0 / acc.iter().sum::<f32>();
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
+        *inv = 1.0 / acc.iter().sum::<f32>();
     }
 }
+}
+
+/// Each row of `s` (rows of `lk` scores) replaced by `exp(s − max)`, unnormalised, and `inv[r]` =
+/// 1 / the row's sum: the product with V divides its rows × d result instead of the rows × lk
+/// probabilities (one pass over the scores fewer), as flash attention does.
+fn softmax_rows(s: &mut [f32], lk: usize, inv: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { softmax_rows_avx512(s, lk, inv) };
+    }
+    softmax_rows_generic(s, lk, inv)
+}
+
+/// `exp(x − max)` for 16 scores as 2^t, t = (x − max)·log₂e: `vscalefps(2^f, n)` with n = round(t)
+/// and 2^f from Cephes' exp2f polynomial on |f| ≤ ½ (relative error ~2e-7, as the scalar
+/// [`exp`]'s), a third of `exp`'s instructions: `vscalefps` does its clamp and its exponent bit
+/// work (2^n below the f32 range is 0). The difference first, then the product: x·log₂e −
+/// max·log₂e in one FMA put max·log₂e's rounding (4e-6 at max = 80) into every value. t is held at
+/// −200 or above, where every result is 0 already, so that −∞ − max gives 0, not NaN; a NaN stays
+/// NaN.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp_shifted_avx512(
+    x: std::arch::x86_64::__m512,
+    log2e: std::arch::x86_64::__m512,
+    max: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let t = _mm512_max_ps(_mm512_set1_ps(-200.0), _mm512_mul_ps(_mm512_sub_ps(x, max), log2e));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+    let f = _mm512_sub_ps(t, n);
+    let mut y = _mm512_set1_ps(1.535_336_2e-4);
+    for c in [1.339_887_4e-3, 9.618_437e-3, 5.550_332_5e-2, 2.402_264_8e-1, 6.931_472e-1, 1.0] {
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(y, n)
+}
+
+/// The last `len` (≤ 16) values of a row at `p` and their lanes' mask; −∞ in the other lanes (an
+/// exponential of 0, no effect on a maximum).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_tail(p: *const f32, len: usize) -> (u16, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    let k = ((1u32 << len.min(16)) - 1) as u16;
+    (k, _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), k, p))
+}
+
+/// [`softmax_rows`] on AVX-512: [`row_max_avx512`], then [`exp_shifted_avx512`] in place with two
+/// sums in flight.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_rows_avx512(s: &mut [f32], lk: usize, inv: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    for (row, inv) in s.chunks_mut(lk).zip(inv.iter_mut()) {
+        let max = _mm512_set1_ps(row_max_avx512(row));
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let rp = row.as_mut_ptr();
+        for i in 0..lk / 32 {
+            let lo = exp_shifted_avx512(_mm512_loadu_ps(rp.add(32 * i)), log2e, max);
+            let hi = exp_shifted_avx512(_mm512_loadu_ps(rp.add(32 * i + 16)), log2e, max);
+            _mm512_storeu_ps(rp.add(32 * i), lo);
+            _mm512_storeu_ps(rp.add(32 * i + 16), hi);
+            acc0 = _mm512_add_ps(acc0, lo);
+            acc1 = _mm512_add_ps(acc1, hi);
+        }
+        let mut at = lk / 32 * 32;
+        while at < lk {
+            let (k, x) = load_tail(rp.add(at), lk - at);
+            let e = exp_shifted_avx512(x, log2e, max);
+            _mm512_mask_storeu_ps(rp.add(at), k, e);
+            acc0 = _mm512_add_ps(acc0, e);
+            at += 16;
+        }
+        *inv = 1.0 / _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    }
 }
 
 /// The largest value of a row, 16 lanes at a time. Whole chunks first and the tail apart (here and
@@ -1216,40 +1379,70 @@ fn row_max(row: &[f32]) -> f32 {
     mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
-/// The softmax of `softmax_rows` without its last pass: each row's `exp(s − max)` rounded to bf16
-/// (`vcvtneps2bf16`, nearest even) into `p`, the operand the product with V reads, and `inv[r]` =
+/// The bf16 attention's [`softmax_rows`]: each row's `exp(s − max)` rounded to bf16
+/// (`vcvtne2ps2bf16`, nearest even) into `p`, the operand the product with V reads, and `inv[r]` =
 /// 1 / the sum of the rounded row, for that product to apply to its f32 sums (the rows of P·V are
-/// then weighted means of V's rows, with the probabilities rounded to bf16).
+/// then weighted means of V's rows, with the probabilities rounded to bf16). The sum is taken on
+/// the rounded pairs by `vdpbf16ps` against ones, the instruction the product with V multiplies
+/// them with (it reads values below f32's normal range as 0, as that product does).
 ///
 /// # Safety
 /// The CPU has AVX512_BF16 (the bf16 attention runs only then).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn softmax_rows_bf16(s: &[f32], lk: usize, p: &mut [half::bf16], inv: &mut [f32]) {
-    use super::gemm_bf16::Elem;
     use std::arch::x86_64::*;
+    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    let ones: __m512bh = std::mem::transmute(_mm512_set1_epi16(half::bf16::ONE.to_bits() as i16));
     for ((row, prow), inv) in s.chunks(lk).zip(p.chunks_mut(lk)).zip(inv.iter_mut()) {
-        let m = row_max(row);
-        let mut acc = _mm512_setzero_ps();
-        let (mut it, mut pit) = (row.chunks_exact(16), prow.chunks_exact_mut(16));
-        for (c, pc) in (&mut it).zip(&mut pit) {
-            let mut e = [0f32; 16];
-            for (e, &v) in e.iter_mut().zip(c) {
-                *e = exp(v - m);
+        let max = _mm512_set1_ps(row_max_avx512(row));
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (rp, pp) = (row.as_ptr(), prow.as_mut_ptr());
+        for i in 0..lk / 32 {
+            let lo = exp_shifted_avx512(_mm512_loadu_ps(rp.add(32 * i)), log2e, max);
+            let hi = exp_shifted_avx512(_mm512_loadu_ps(rp.add(32 * i + 16)), log2e, max);
+            let r = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_si512(pp.add(32 * i) as *mut _, std::mem::transmute::<__m512bh, __m512i>(r));
+            // Summed as rounded, so that the weights P·V applies sum to one; two sums for two
+            // chains of additions in flight.
+            if i % 2 == 0 {
+                acc0 = _mm512_dpbf16_ps(acc0, r, ones);
+            } else {
+                acc1 = _mm512_dpbf16_ps(acc1, r, ones);
             }
-            let rounded: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(e.as_ptr())));
-            _mm256_storeu_si256(pc.as_mut_ptr() as *mut __m256i, rounded);
-            // Summed as rounded, so that the weights P·V applies sum to exactly one.
-            acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
         }
-        let mut sum = _mm512_reduce_add_ps(acc);
-        for (&v, o) in it.remainder().iter().zip(pit.into_remainder()) {
-            let r = exp(v - m).bf16_bits();
-            sum += f32::from_bits(r << 16);
-            *o = half::bf16::from_bits(r as u16);
+        let mut at = lk / 32 * 32;
+        while at < lk {
+            let (k, x) = load_tail(rp.add(at), lk - at);
+            let e = exp_shifted_avx512(x, log2e, max);
+            let r: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_mask_storeu_epi16(pp.add(at) as *mut i16, k, r);
+            acc0 = _mm512_add_ps(acc0, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16)));
+            at += 16;
         }
-        *inv = 1.0 / sum;
+        *inv = 1.0 / _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     }
+}
+
+/// [`row_max`] on four vectors in flight (`vmaxps`, whose chain of one vector was the softmax's
+/// slowest part); a NaN in the row may or may not be the result, the row's output is NaN either way.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_max_avx512(row: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut m = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    let mut it = row.chunks_exact(64);
+    for c in &mut it {
+        for (j, m) in m.iter_mut().enumerate() {
+            *m = _mm512_max_ps(*m, _mm512_loadu_ps(c.as_ptr().add(16 * j)));
+        }
+    }
+    let mut rest = it.remainder();
+    while !rest.is_empty() {
+        m[0] = _mm512_max_ps(m[0], load_tail(rest.as_ptr(), rest.len()).1);
+        rest = &rest[rest.len().min(16)..];
+    }
+    _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])))
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -1278,14 +1471,13 @@ impl AttentionOp {
             self.run_bf16((q, k, v), (b, lq, lk, c), block, &mut out);
             return out;
         }
-        (0..b * h * nblk).into_par_iter().for_each_init(
-            || vec![0f32; block * lk],
-            |scores, job| {
+        (0..b * h * nblk).into_par_iter().for_each(|job| {
+            with_kept(&SCRATCH, |(scores, _, inv)| {
                 let (bh, blk) = (job / nblk, job % nblk);
                 let (bi, hi) = (bh / h, bh % h);
                 let q0 = blk * block;
                 let rows = block.min(lq - q0);
-                let s = &mut scores[..rows * lk];
+                let (s, inv) = (grown(scores, rows * lk), grown(inv, rows));
                 let qp = q[(bi * lq + q0) * c + hi * d..].as_ptr();
                 let kp = k[bi * lk * c + hi * d..].as_ptr();
                 let vp = v[bi * lk * c + hi * d..].as_ptr();
@@ -1303,7 +1495,7 @@ impl AttentionOp {
                         scale,
                         Parallelism::None,
                     );
-                    softmax_rows(s, lk);
+                    softmax_rows(s, lk, inv);
                     let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
                     sgemm(
                         (rows, d, lk),
@@ -1315,9 +1507,13 @@ impl AttentionOp {
                         1.0,
                         Parallelism::None,
                     );
+                    // The rows of the unnormalised product divided by their sums.
+                    for (r, &inv) in inv.iter().enumerate() {
+                        std::slice::from_raw_parts_mut(op.add(r * c), d).iter_mut().for_each(|v| *v *= inv);
+                    }
                 }
-            },
-        );
+            })
+        });
         out
     }
 }
@@ -1352,15 +1548,13 @@ impl AttentionOp {
             })
             .collect();
         let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..b * h * nblk).into_par_iter().for_each_init(
-            || (vec![0f32; block * lk], vec![half::bf16::ZERO; block * lk], vec![0f32; block]),
-            |(scores, probs, inv), job| {
+        (0..b * h * nblk).into_par_iter().for_each(|job| {
+            with_kept(&SCRATCH, |(scores, probs, inv)| {
                 let (bh, blk) = (job / nblk, job % nblk);
                 let (bi, hi) = (bh / h, bh % h);
                 let q0 = blk * block;
                 let rows = block.min(lq - q0);
-                let s = &mut scores[..rows * lk];
-                let (p, inv) = (&mut probs[..rows * lk], &mut inv[..rows]);
+                let (s, p, inv) = (grown(scores, rows * lk), grown(probs, rows * lk), grown(inv, rows));
                 let (kt, vv) = &packed[bh];
                 let qv = View { ptr: q[(bi * lq + q0) * c + hi * d..].as_ptr(), rs: c, cs: 1 };
                 // SAFETY: as in `run`: reads inside q and the packs, this job's rows × d block of out.
@@ -1369,11 +1563,43 @@ impl AttentionOp {
                     softmax_rows_bf16(s, lk, p, inv);
                     let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
                     let pv = View { ptr: p.as_ptr(), rs: lk, cs: 1 };
-                    gemm_packed(rows, op, c, false, pv, vv, Scale { all: 1.0, rows: Some(inv), cols: None });
+                    gemm_packed(rows, op, c, false, pv, vv, Scale { rows: Some(inv), ..Scale::ONE });
                 }
-            },
-        );
+            })
+        });
     }
+}
+
+thread_local! {
+    /// The attention's per-thread scores, bf16 probabilities and row factors, kept between jobs and
+    /// calls (rayon's `for_each_init` made them anew for every piece it split the jobs into: a
+    /// zeroed 1.5 MB per piece, 8 % of a bf16 attention in `memset` and page clearing).
+    static SCRATCH: std::cell::RefCell<Scratch> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+type Scratch = (Vec<f32>, Vec<half::bf16>, Vec<f32>);
+
+/// Runs `f` with this thread's kept buffers from `key` (the attention's scratch, the Winograd
+/// buffers, the bf16 product's B block), or fresh ones if they are in use: a rayon worker that,
+/// waiting inside one job, steals another running the same code would otherwise hit the
+/// `RefCell`'s panic.
+pub(crate) fn with_kept<T: Default + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut kept) => f(&mut kept),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
+/// The first `len` elements of `v`, grown (zero-filled) to that length first if shorter.
+fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
 }
 
 #[derive(Clone, Copy)]
@@ -1774,6 +2000,138 @@ pub(crate) mod tests {
             assert!(e < 8e-3 && e > 0.0, "bf16 attention {:?}: {e}", (b, lq, lk, c, heads));
             let f32_path = attention(&q, &k, &v, heads, false).unwrap();
             assert!(max_rel(&f32_path, &reference_attention(&q, &k, &v, heads).unwrap()) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn attention_inside_a_job_holding_the_scratch_takes_its_own() {
+        // As if an attention job started another attention: the inner one gets fresh scratch and
+        // the same result.
+        let (q, k, v) = (randn(&[1, 40, 16], 50), randn(&[1, 24, 16], 51), randn(&[1, 24, 16], 52));
+        let free = attention(&q, &k, &v, 2, false).unwrap();
+        // One worker: the thread holding the scratch runs the inner attention's jobs itself.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let nested = pool.install(|| with_kept(&SCRATCH, |_| attention(&q, &k, &v, 2, false).unwrap()));
+        assert_eq!(max_rel(&nested, &free), 0.0);
+    }
+
+    #[test]
+    fn swap_last_two_is_candles_transpose() {
+        // Blocks of 32 cut short in either direction, one row or column, two batches.
+        for &(b, m, n) in &[(2, 33, 70), (1, 320, 4096), (1, 4096, 320), (1, 1, 5), (3, 7, 1), (1, 64, 64)] {
+            let x = randn(&[b, m, n], 30);
+            let got = swap_last_two(&x).unwrap();
+            let want = x.transpose(1, 2).unwrap().contiguous().unwrap();
+            assert_eq!(got.dims(), &[b, n, m]);
+            assert_eq!(max_rel(&got, &want), 0.0, "{:?}", (b, m, n));
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_f64_with_an_offset_mean() {
+        // Rows whose mean is far from zero next to their spread (a single f32 pass over Σx and Σx²
+        // cancels there), f32 and bf16-stored weights, against f64.
+        for &(rows, c) in &[(7, 320), (3, 77), (2, 1)] {
+            let x = (randn(&[1, rows, c], 31) + 300.0).unwrap();
+            let (g, b) = (randn(&[c], 32), randn(&[c], 33));
+            for g_store in [g.clone(), g.to_dtype(DType::BF16).unwrap()] {
+                let got = layer_norm(&x, &g_store, &b, 1e-5).unwrap();
+                let g = g_store.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                let bv = b.to_vec1::<f32>().unwrap();
+                let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let gv = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(got.dims(), x.dims());
+                for (r, (row, out)) in xv.chunks(c).zip(gv.chunks(c)).enumerate() {
+                    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+                    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+                    for j in 0..c {
+                        let want = (row[j] as f64 - mean) / (var + 1e-5).sqrt() * g[j] as f64 + bv[j] as f64;
+                        assert!(
+                            (out[j] as f64 - want).abs() < 2e-4,
+                            "{:?} row {r} col {j}: {} vs {want}",
+                            (rows, c),
+                            out[j]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows of scores with the shapes the softmaxes must handle: lengths around their 16- and
+    /// 32-lane steps, large magnitudes, −∞ entries (exp 0), a row all of one value.
+    fn score_rows() -> Vec<(usize, Vec<f32>)> {
+        let mut rows = Vec::new();
+        for (i, &lk) in [1usize, 5, 15, 16, 17, 31, 32, 33, 64, 77, 300, 4096].iter().enumerate() {
+            let mut v = randn(&[lk], 40 + i as u64).to_vec1::<f32>().unwrap();
+            v.iter_mut().for_each(|x| *x *= 8.0);
+            if lk > 3 {
+                v[lk / 2] = f32::NEG_INFINITY;
+                v[1] = 80.0;
+            }
+            rows.push((lk, v));
+        }
+        rows.push((40, vec![-3.5; 40]));
+        rows
+    }
+
+    #[test]
+    fn softmax_rows_match_f64_and_leave_the_division_to_the_caller() {
+        // exp(s − max) in place (unnormalised) within 1e-6 of f64 relative to the row's largest
+        // (1), and inv the reciprocal of the row's sum; the AVX-512 version and the portable one.
+        for (lk, row) in score_rows() {
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let exact: Vec<f64> = row.iter().map(|&x| (x as f64 - m).exp()).collect();
+            let sum: f64 = exact.iter().sum();
+            let mut versions = vec![("portable", {
+                let (mut s, mut inv) = (row.clone(), [0f32]);
+                softmax_rows_generic(&mut s, lk, &mut inv);
+                (s, inv[0])
+            })];
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let (mut s, mut inv) = (row.clone(), [0f32]);
+                unsafe { softmax_rows_avx512(&mut s, lk, &mut inv) };
+                versions.push(("avx512", (s, inv[0])));
+            }
+            for (name, (got, inv)) in versions {
+                for (j, (&g, &e)) in got.iter().zip(&exact).enumerate() {
+                    assert!((g as f64 - e).abs() < 1e-6, "{name} lk {lk} at {j}: {g} vs {e}");
+                }
+                assert!((inv as f64 * sum - 1.0).abs() < 1e-6, "{name} lk {lk}: inv {inv}, sum {sum}");
+            }
+        }
+        // A NaN score makes its row NaN (as torch's softmax), whatever the max took.
+        let mut nan = vec![1.0f32; 40];
+        nan[7] = f32::NAN;
+        let mut inv = [0f32];
+        softmax_rows(&mut nan, 40, &mut inv);
+        assert!(inv[0].is_nan());
+    }
+
+    #[test]
+    fn bf16_softmax_rounds_each_probability_and_sums_the_rounded() {
+        if !bf16_arithmetic() {
+            eprintln!("skipped: no bf16 arithmetic on this CPU");
+            return;
+        }
+        // Each value exp(s − max) rounded to bf16 (within half a bf16 step of f64, plus the f32
+        // exponential's 1e-6), and inv = 1 / the sum of the rounded values (what P·V then divides
+        // by: the weights it applies sum to one).
+        for (lk, row) in score_rows() {
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let (mut p, mut inv) = (vec![half::bf16::ZERO; lk], [0f32]);
+            unsafe { softmax_rows_bf16(&row, lk, &mut p, &mut inv) };
+            let mut sum = 0f64;
+            for (j, (&g, &x)) in p.iter().zip(&row).enumerate() {
+                let e = (x as f64 - m).exp();
+                let g = g.to_f64();
+                // vdpbf16ps reads values below f32's normal range as 0; none here are that small
+                // but not 0 after rounding, apart from exact zeros.
+                assert!((g - e).abs() <= e * 2f64.powi(-9) + 1e-6, "lk {lk} at {j}: {g} vs {e}");
+                sum += g;
+            }
+            assert!((inv[0] as f64 * sum - 1.0).abs() < 1e-6, "lk {lk}: inv {} for a sum of {sum}", inv[0]);
         }
     }
 

@@ -215,17 +215,6 @@ pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> R
     Ok(GroupNorm { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })
 }
 
-/// Weights kept in a narrower storage dtype than the activations (f16 storage, f32 compute on the
-/// CPU) are widened for each use: half the resident memory for a copy that is small next to the
-/// matrix product it feeds.
-fn widened(w: &Tensor, like: &Tensor) -> Result<Tensor> {
-    if w.dtype() == like.dtype() {
-        Ok(w.clone())
-    } else {
-        w.to_dtype(like.dtype())
-    }
-}
-
 /// `torch.nn.Linear`: y = x·Wᵀ + b over the last dimension, any leading dimensions, run by
 /// [`kernels::linear`].
 #[derive(Debug, Clone)]
@@ -261,7 +250,7 @@ pub fn linear_no_bias(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear>
     Linear::new(&vb, (cout, cin), false)
 }
 
-/// `torch.nn.LayerNorm` over the last dimension (candle's fused kernel), weights widened.
+/// `torch.nn.LayerNorm` over the last dimension, run by [`kernels::layer_norm`].
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -271,8 +260,7 @@ pub struct LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = xs.contiguous()?;
-        candle_nn::ops::layer_norm(&xs, &widened(&self.weight, &xs)?, &widened(&self.bias, &xs)?, self.eps as f32)
+        kernels::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 

@@ -505,7 +505,7 @@ impl Transformer2D {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;
-        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let to_tokens = |t: &Tensor| super::kernels::swap_last_two(&t.reshape((b, c, h * w))?);
         let mut xs = match &self.proj_in {
             Proj::Conv(conv) => to_tokens(&conv.forward(&xs)?)?,
             Proj::Linear(lin) => lin.forward(&to_tokens(&xs)?)?,
@@ -513,7 +513,7 @@ impl Transformer2D {
         for block in &self.blocks {
             xs = block.forward(&xs, context)?;
         }
-        let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        let to_image = |t: &Tensor| super::kernels::swap_last_two(t)?.reshape((b, c, h, w));
         let xs = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&to_image(&xs)?)?,
             Proj::Linear(lin) => to_image(&lin.forward(&xs)?)?,

@@ -6,7 +6,7 @@
 //! with *our* seeded noise (candle's `DiagonalGaussianDistribution` keeps them private and draws
 //! from its own unseedable RNG).
 
-use super::kernels::attention;
+use super::kernels::{attention, swap_last_two};
 use super::nn::{
     conv2d, group_norm, linear_maybe_conv, Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, ResnetConfig,
     Upsample2D,
@@ -177,9 +177,9 @@ impl VaeAttention {
     }
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let t = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let t = swap_last_two(&self.group_norm.forward(xs)?.reshape((b, c, h * w))?)?;
         let o = attention(&self.q.forward(&t)?, &self.k.forward(&t)?, &self.v.forward(&t)?, 1, self.q.bf16_products())?;
-        let o = self.out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let o = swap_last_two(&self.out.forward(&o)?)?.reshape((b, c, h, w))?;
         o + xs
     }
 }

@@ -14,7 +14,8 @@
 //! Only with AVX-512 (the micro-kernel's registers); other CPUs take the split path.
 
 use super::{
-    cols_1d, fill_line, out_cols_1d, out_rows_1d, out_rows_1d_to, rows_1d, transform_filters, RowTail, Shape, Tail, XI,
+    cols_1d, fill_line, out_cols_1d, out_rows_1d, out_rows_1d_to, rows_1d, transform_filters, Filters, RowTail, Shape,
+    Tail, XI,
 };
 use crate::models::kernels::SendPtr;
 use rayon::prelude::*;
@@ -64,7 +65,7 @@ thread_local! {
 
 /// The convolution of `x` (NCHW) by the 3×3 filters `w` (OIHW, f32), bias added, output NCHW: the
 /// same result as the split path's up to the summation order of the products.
-pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], tail: Tail) -> Vec<f32> {
+pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
     let (oh, ow) = sh.out_size();
     let (ty, tx) = sh.tiles();
     let (cin, cout) = (sh.cin, sh.cout);
@@ -105,13 +106,9 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: &[f32], tail: Tail) -> Vec<f32> {
             std::arch::x86_64::_mm_sfence()
         };
     };
-    (0..total.div_ceil(T)).into_par_iter().for_each(|j| {
-        SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut kept) => job(j, &mut kept),
-            // Only if a job ever ran inside another on this thread.
-            Err(_) => job(j, &mut Vec::new()),
-        })
-    });
+    (0..total.div_ceil(T))
+        .into_par_iter()
+        .for_each(|j| crate::models::kernels::with_kept(&SCRATCH, |kept| job(j, kept)));
     // SAFETY: the tiles cover the output plane (4·ty ≥ oh, 4·tx ≥ ow), so the jobs wrote all
     // `len` values of every (image, channel) plane.
     unsafe { out.set_len(len) };
