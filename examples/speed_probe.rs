@@ -3,7 +3,7 @@
 //!
 //!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|conv-shapes|gemm-shapes|linear-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
 //!     cargo run --release --example speed_probe -- load [N] [f32|f16|bf16|q8] DIR
-//!     cargo run --release --example speed_probe -- conv-shapes [N] [f32|bf16] [unet|vae|taesd]
+//!     cargo run --release --example speed_probe -- conv-shapes [N] [f32|bf16] [unet|vae|taesd|"unet b1 1x640->640"...]
 //!
 //! `load` times loading the diffusers folder DIR (text encoder, UNet, VAE, as a run does; warm page
 //! cache after the warm-up): weights read in place where stored as the run keeps them
@@ -218,7 +218,9 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
     ];
     let dtype = if bf16 { DType::BF16 } else { DType::F32 };
     let mut total = 0.0;
-    for &(model, b, cin, cout, hw) in shapes.iter().filter(|s| s.0.starts_with(only)) {
+    let label =
+        |&(model, b, cin, cout, hw): &(&str, usize, usize, usize, usize)| format!("{model} {b}x{cin}->{cout} @{hw}²");
+    for shape @ &(_, b, cin, cout, hw) in shapes.iter().filter(|s| label(s).starts_with(only)) {
         let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &Device::Cpu)?;
         let w = Weight::Dense(Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &Device::Cpu)?.to_dtype(dtype)?);
         let bias = Tensor::randn(0f32, 1.0, cout, &Device::Cpu)?;
@@ -230,7 +232,7 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
             best = best.min(t.elapsed().as_secs_f64());
         }
         total += best;
-        println!("{model} {b}x{cin}->{cout} @{hw}²: {:.1} ms", best * 1e3);
+        println!("{}: {:.1} ms", label(shape), best * 1e3);
     }
     println!("total {:.3} s", total);
     Ok(())

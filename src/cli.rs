@@ -295,14 +295,15 @@ pub struct Args {
 
     /// Weight precision (default: f32 on the CPU, f16 on CUDA/Metal). On the CPU f16 and bf16 halve
     /// the memory (f16 files are fetched; a 512² run stays under 3 GB). bf16 on a CPU with
-    /// AVX512_BF16 (AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later) also
-    /// multiplies in bf16 with f32 sums — linear layers, attention, the smaller convolutions (the
-    /// large 3×3 ones run f32 Winograd, faster still); GroupNorm, softmax and the sampler stay f32,
-    /// as under PyTorch's bf16 autocast — about 1.4× as fast as f32, the picture within
-    /// autocast's own distance of f32. Elsewhere, and with f16, the arithmetic
-    /// stays f32 (~10 % slower than f32). q8 quantises the UNet's, text encoder's and ControlNets'
+    /// AVX512_BF16 whose bf16 dot products keep up with its f32 FMAs (timed once per run: AMD Zen 4
+    /// and later yes; Intel Xeon 4th/5th generation without AMX no, they run at half the f32 rate)
+    /// also multiplies in bf16 with f32 sums — linear layers, attention, the smaller convolutions
+    /// (the large 3×3 ones run f32 Winograd, faster still); GroupNorm, softmax and the sampler stay
+    /// f32, as under PyTorch's bf16 autocast — about 1.4× as fast as f32, the picture within
+    /// autocast's own distance of f32 (GHIBLIFY_BF16_ARITHMETIC=0/1 turns it off or on). Elsewhere,
+    /// and with f16, the arithmetic stays f32 (~10-15 % slower than f32). q8 quantises the UNet's, text encoder's and ControlNets'
     /// weights to int8 per output channel as they load (a 512² run in ~2 GB, 40 % of f32's; the
-    /// VAE stays f32), multiplied in bf16 where the CPU has AVX512_BF16, else dequantised per
+    /// VAE stays f32), multiplied in bf16 where bf16 products pay (as above), else dequantised per
     /// layer. f32 is the default because it is the same picture on every CPU and matches
     /// diffusers f32
     #[arg(long, value_enum)]

@@ -204,6 +204,8 @@ pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
         "ghiblify's CPU kernels, int8 weights dequantised to f32 per layer"
     } else if dtype == DType::BF16 && bf16_products {
         "ghiblify's CPU kernels, bf16 products (AVX512_BF16)"
+    } else if dtype == DType::BF16 && crate::models::gemm_bf16::available() && !crate::models::gemm_bf16::pays() {
+        "ghiblify's CPU kernels, bf16 weights widened to f32 (this CPU's bf16 dot products run slower than its f32 FMAs)"
     } else if dtype == DType::BF16 || dtype == DType::F16 {
         "ghiblify's CPU kernels, half-precision weights widened to f32"
     } else {

@@ -371,7 +371,7 @@ fn half_precision_weight_storage_on_the_cpu() {
         assert!(err < bound && err > 0.0, "{dtype}: final latents differ by {err:e} from f32");
         // The picture says which arithmetic made it (an f32 picture says nothing).
         let params = png_text(&case.path(&format!("{dtype}.png")), "parameters").unwrap();
-        let fast_bf16 = ghiblify::models::kernels::bf16_arithmetic();
+        let fast_bf16 = ghiblify::models::gemm_bf16::available();
         let want = match dtype {
             "bf16" if fast_bf16 => "Precision: bf16, ",
             _ => &format!("Precision: {dtype} weights, "),
@@ -391,7 +391,7 @@ fn int8_weights_on_the_cpu() {
     let o = case.run(&["photo.png", "-o", "f32.png", "--trace", "f32.safetensors"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (want, _) = load_safetensors(&case.path("f32.safetensors"));
-    let fast_bf16 = ghiblify::models::kernels::bf16_arithmetic();
+    let fast_bf16 = ghiblify::models::gemm_bf16::available();
     let mut finals = Vec::new();
     for (name, env, label) in [
         ("kernels", None, if fast_bf16 { "Precision: q8 weights, bf16 products, " } else { "Precision: q8 weights, " }),

@@ -61,5 +61,10 @@ pub fn test_config_home() -> &'static Path {
 pub fn ghiblify_cmd() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ghiblify"));
     c.env("XDG_CONFIG_HOME", test_config_home());
+    // bf16 products wherever the CPU has the instructions, paying there or not (a run times that
+    // once): the bf16 kernels are tested on every such CPU and the pictures' labels are known.
+    if ghiblify::models::gemm_bf16::available() {
+        c.env("GHIBLIFY_BF16_ARITHMETIC", "1");
+    }
     c
 }

@@ -44,6 +44,69 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether bf16 products pay on this CPU: its `vdpbf16ps` (32 multiply-adds) at least 0.75× the
+/// multiply-add rate of its f32 FMAs (16 each), timed once (~1 ms: best of five short runs of
+/// each, interleaved). Where the instruction has the FMA's rate (AMD Zen 4 and 5) bf16 doubles
+/// it; on Intel's Xeon 4th and 5th generation (Sapphire and Emerald Rapids) it ran at a quarter
+/// (~0.45 per cycle against two FMAs), so the f32 products win there and bf16 saves memory only.
+pub fn pays() -> bool {
+    static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAYS.get_or_init(|| available() && pays_at(rates()))
+}
+
+/// [`pays`]' rule on measured instruction rates (per second): bf16 dot products, f32 FMAs.
+fn pays_at((dot, fma): (f64, f64)) -> bool {
+    2.0 * dot >= 0.75 * fma
+}
+
+/// Instructions per second of `vdpbf16ps` and of `vfmadd231ps` on zmm registers, 12 independent
+/// sums each (more than either's latency × throughput), best of five interleaved runs.
+#[cfg(target_arch = "x86_64")]
+fn rates() -> (f64, f64) {
+    use std::arch::x86_64::*;
+    const ITERS: usize = 4096;
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn dots(x: __m512) -> __m512 {
+        let v: __m512bh = unsafe { std::mem::transmute(x) };
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..ITERS {
+            for a in acc.iter_mut() {
+                *a = _mm512_dpbf16_ps(*a, v, v);
+            }
+        }
+        acc.iter().fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a))
+    }
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fmas(x: __m512) -> __m512 {
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..ITERS {
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(x, x, *a);
+            }
+        }
+        acc.iter().fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a))
+    }
+    // Small values (bf16 pairs of 2⁻⁸, f32 2⁻⁸): sums stay normal, far from overflow.
+    let x = unsafe { _mm512_castsi512_ps(_mm512_set1_epi32(std::hint::black_box(0x3b80_3b80))) };
+    let time = |f: unsafe fn(__m512) -> __m512| {
+        let t = std::time::Instant::now();
+        // SAFETY: available() said the CPU has the instructions.
+        std::hint::black_box(unsafe { f(x) });
+        (12 * ITERS) as f64 / t.elapsed().as_secs_f64().max(1e-9)
+    };
+    let (mut dot, mut fma) = (0f64, 0f64);
+    for _ in 0..5 {
+        dot = dot.max(time(dots));
+        fma = fma.max(time(fmas));
+    }
+    (dot, fma)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn rates() -> (f64, f64) {
+    (0.0, 1.0)
+}
+
 /// An element a matrix can be read from, rounded to bf16 bits.
 pub trait Elem: Copy + Send + Sync {
     /// Whether a pair of consecutive values is already the word the products read (bf16: its two
@@ -923,6 +986,20 @@ mod tests {
 
     fn round(x: f32) -> f32 {
         bf16::from_f32(x).to_f32()
+    }
+
+    #[test]
+    fn bf16_products_pay_where_the_dot_product_keeps_up_with_fmas() {
+        // Rates measured (instructions per second, one core): AMD Zen 5 both ~3.6e9; Intel Xeon
+        // 5th generation (Emerald Rapids, no AMX) 1.25e9 dot products against 5.4e9 FMAs.
+        assert!(pays_at((3.6e9, 3.6e9)));
+        assert!(!pays_at((1.25e9, 5.4e9)));
+        // Both timed here: positive rates, and the rule decided (printed for the record).
+        if available() {
+            let (dot, fma) = rates();
+            assert!(dot > 0.0 && fma > 0.0 && dot.is_finite() && fma.is_finite());
+            eprintln!("vdpbf16ps {dot:.3e}/s, vfmadd231ps {fma:.3e}/s: bf16 products pay: {}", pays());
+        }
     }
 
     /// The f64 product of the bf16-rounded operands: what the kernel must give up to f32 sums.

@@ -472,15 +472,22 @@ fn dequantize_row(q: &[Q8], out: &mut [f32], scale: f32) {
 }
 }
 
-/// Whether bf16-stored weights are multiplied in bf16 (AVX512_BF16 present, the kernels on, and
-/// `GHIBLIFY_BF16_ARITHMETIC` not `0`) rather than widened to f32 first.
+/// Whether bf16-stored weights are multiplied in bf16 rather than widened to f32 first: the
+/// kernels on, AVX512_BF16 present and paying here ([`super::gemm_bf16::pays`]: on Intel's Xeon 4th
+/// and 5th generation its dot products run at half the f32 rate), unless `GHIBLIFY_BF16_ARITHMETIC`
+/// says `0`/`off` (never) or `1`/`on` (wherever the instructions exist). The library's unit tests
+/// take the instructions wherever they exist, so the bf16 kernels are tested on every such CPU.
 pub fn bf16_arithmetic() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     !crate::device::generic_ops()
         && !NO_BF16.with(|o| o.get())
         && *ON.get_or_init(|| {
             super::gemm_bf16::available()
-                && !std::env::var("GHIBLIFY_BF16_ARITHMETIC").is_ok_and(|v| matches!(v.trim(), "0" | "off"))
+                && match std::env::var("GHIBLIFY_BF16_ARITHMETIC").as_deref().map(str::trim) {
+                    Ok("0" | "off") => false,
+                    Ok("1" | "on") => true,
+                    _ => cfg!(test) || super::gemm_bf16::pays(),
+                }
         })
 }
 
@@ -1830,6 +1837,9 @@ pub(crate) mod tests {
             (1, 13, 12, 21, 9, 2, 1),
             (1, 1, 25, 33, 35, 1, 1),
             (1, 64, 3, 30, 30, 1, 0),
+            // Jobs over output channels: two steps of input channels (128 + 2), a last block of
+            // one channel, tile blocks cut by the image's edge.
+            (1, 130, 25, 14, 40, 1, 1),
         ] {
             let x = randn(&[b, cin, h, w], 21);
             let bias = randn(&[cout], 23);
@@ -1854,14 +1864,17 @@ pub(crate) mod tests {
                     .unwrap()
                 };
                 let run = |wino: bool| winograd::forced(wino, conv);
-                // The fused path where it applies (few channels, AVX-512), and the split one.
+                // The fused path where it applies (few channels, AVX-512), the split one, and jobs
+                // over output channels (AVX-512; several steps of input channels at 1200 and 130).
                 let (wino, split, direct) = (err(run(true)), err(winograd::split(|| run(true))), err(run(false)));
+                let chans = err(winograd::by_channels(|| run(true)));
                 let at = (b, cin, cout, h, w, up, p);
-                eprintln!("winograd {kind} {at:?}: {wino:.2e}, split {split:.2e} (im2col {direct:.2e})");
+                eprintln!("winograd {kind} {at:?}: {wino:.2e}, split {split:.2e}, by channels {chans:.2e} (im2col {direct:.2e})");
                 // Measured up to 8.4e-6 (1200 input channels; im2col in f32 4e-7 there). Products
                 // stay f32 for half-precision and int8 weights too (bf16 im2col: ~1.5e-3).
                 assert!(wino < 2e-5, "winograd {kind} {at:?}: {wino:.2e} from f64");
                 assert!(split < 2e-5, "split winograd {kind} {at:?}: {split:.2e} from f64");
+                assert!(chans < 2e-5, "winograd by channels {kind} {at:?}: {chans:.2e} from f64");
             }
         }
     }
@@ -1909,9 +1922,10 @@ pub(crate) mod tests {
         let bits = |t: &Tensor| {
             t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
-        for path in ["fused", "split", "im2col"] {
+        for path in ["fused", "split", "by channels", "im2col"] {
             let run = |f: &dyn Fn() -> Tensor| match path {
                 "fused" => winograd::forced(true, f),
+                "by channels" => winograd::by_channels(|| winograd::forced(true, f)),
                 "split" => winograd::split(|| winograd::forced(true, f)),
                 _ => winograd::forced(false, f),
             };

@@ -53,6 +53,8 @@ thread_local! {
     static FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: the split path even where the fused one would run.
     static SPLIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Tests: [`fused::conv_by_channels`] wherever the fused paths run.
+    static BY_CHANNELS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs `f` with Winograd convolutions on this thread taking the split path (three parallel
@@ -60,6 +62,13 @@ thread_local! {
 #[cfg(test)]
 pub(super) fn split<T>(f: impl FnOnce() -> T) -> T {
     crate::device::with_thread_switch(&SPLIT, true, f)
+}
+
+/// Runs `f` with Winograd convolutions on this thread taking [`fused::conv_by_channels`] (jobs
+/// over output channels) wherever a fused path runs: tests compare it with the others.
+#[cfg(test)]
+pub(super) fn by_channels<T>(f: impl FnOnce() -> T) -> T {
+    crate::device::with_thread_switch(&BY_CHANNELS, true, f)
 }
 
 /// Runs `f` with every 3×3 stride-1 convolution on this thread taking (`true`) or not taking
@@ -144,8 +153,13 @@ thread_local! {
 /// ones, 30–60× the bf16 im2col path's error, while f32 Winograd is faster than bf16 im2col on
 /// every layer where it applies.
 pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
-    if fused::available() && fused::suits(sh.cin, sh.cout) && !SPLIT.get() {
-        return fused::conv(x, sh, w, tail);
+    if fused::available() && !SPLIT.get() {
+        if BY_CHANNELS.get() || (!fused::suits(sh.cin, sh.cout) && fused::suits_by_channels(&sh)) {
+            return fused::conv_by_channels(x, sh, w, tail);
+        }
+        if fused::suits(sh.cin, sh.cout) {
+            return fused::conv(x, sh, w, tail);
+        }
     }
     let (oh, ow) = sh.out_size();
     let (ty, tx) = sh.tiles();
@@ -273,12 +287,41 @@ fn filters_of(g: &[f32], dst: &mut [f32], cin: usize) {
 #[target_feature(enable = "avx512f")]
 unsafe fn filters_of_avx512(g: &[f32], dst: &mut [f32], cin: usize) -> usize {
     use std::arch::x86_64::*;
-    #[inline(always)]
-    unsafe fn neg(x: __m512) -> __m512 {
-        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN)))
+    let idx = _mm512_setr_epi32(0, 9, 18, 27, 36, 45, 54, 63, 72, 81, 90, 99, 108, 117, 126, 135);
+    let full = cin / 16 * 16;
+    for ci0 in (0..full).step_by(16) {
+        // SAFETY: taps k < 9 of channels ci0 .. ci0 + 16 lie inside g (16 · 9 from ci0 · 9).
+        let mut gt = [_mm512_setzero_ps(); 9];
+        for (k, t) in gt.iter_mut().enumerate() {
+            *t = unsafe { _mm512_i32gather_ps::<4>(idx, g.as_ptr().add(ci0 * 9 + k)) };
+        }
+        // Columns first (G g), then rows ((G g) Gᵀ).
+        let [c0, c1, c2] = [0, 1, 2].map(|kx| unsafe { filter_1d_avx512(gt[kx], gt[3 + kx], gt[6 + kx]) });
+        for (a, ((&x0, &x1), &x2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
+            for (b, row) in unsafe { filter_1d_avx512(x0, x1, x2) }.into_iter().enumerate() {
+                // SAFETY: (a·6 + b)·cin + ci0 + 16 ≤ 36·cin.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((a * 6 + b) * cin + ci0), row) };
+            }
+        }
     }
-    #[inline(always)]
-    unsafe fn g_of(g0: __m512, g1: __m512, g2: __m512) -> [__m512; 6] {
+    full
+}
+
+/// [`filter_1d`] on 16 lanes at once, the same operations in the same order (so the same values).
+///
+/// # Safety
+/// Inlined only into functions compiled for AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn filter_1d_avx512(
+    g0: std::arch::x86_64::__m512,
+    g1: std::arch::x86_64::__m512,
+    g2: std::arch::x86_64::__m512,
+) -> [std::arch::x86_64::__m512; 6] {
+    use std::arch::x86_64::*;
+    unsafe {
+        let neg =
+            |x: __m512| _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN)));
         let sixth = _mm512_set1_ps(1.0 / 6.0);
         let (even, odd) = (_mm512_add_ps(g0, g2), g1);
         let (quarter, g2_6) = (_mm512_mul_ps(g0, _mm512_set1_ps(0.25)), _mm512_mul_ps(g2, sixth));
@@ -293,24 +336,6 @@ unsafe fn filters_of_avx512(g: &[f32], dst: &mut [f32], cin: usize) -> usize {
             g2,
         ]
     }
-    let idx = _mm512_setr_epi32(0, 9, 18, 27, 36, 45, 54, 63, 72, 81, 90, 99, 108, 117, 126, 135);
-    let full = cin / 16 * 16;
-    for ci0 in (0..full).step_by(16) {
-        // SAFETY: taps k < 9 of channels ci0 .. ci0 + 16 lie inside g (16 · 9 from ci0 · 9).
-        let mut gt = [_mm512_setzero_ps(); 9];
-        for (k, t) in gt.iter_mut().enumerate() {
-            *t = unsafe { _mm512_i32gather_ps::<4>(idx, g.as_ptr().add(ci0 * 9 + k)) };
-        }
-        // Columns first (G g), then rows ((G g) Gᵀ).
-        let [c0, c1, c2] = [0, 1, 2].map(|kx| unsafe { g_of(gt[kx], gt[3 + kx], gt[6 + kx]) });
-        for (a, ((&x0, &x1), &x2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
-            for (b, row) in unsafe { g_of(x0, x1, x2) }.into_iter().enumerate() {
-                // SAFETY: (a·6 + b)·cin + ci0 + 16 ≤ 36·cin.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((a * 6 + b) * cin + ci0), row) };
-            }
-        }
-    }
-    full
 }
 
 simd! {
