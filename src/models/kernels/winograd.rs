@@ -295,16 +295,31 @@ unsafe fn filters_of_avx512(g: &[f32], dst: &mut [f32], cin: usize) -> usize {
         for (k, t) in gt.iter_mut().enumerate() {
             *t = unsafe { _mm512_i32gather_ps::<4>(idx, g.as_ptr().add(ci0 * 9 + k)) };
         }
-        // Columns first (G g), then rows ((G g) Gᵀ).
-        let [c0, c1, c2] = [0, 1, 2].map(|kx| unsafe { filter_1d_avx512(gt[kx], gt[3 + kx], gt[6 + kx]) });
+        // SAFETY: rows (a·6 + b)·cin + ci0 + 16 ≤ 36·cin.
+        unsafe { filter_2d_avx512(&gt, dst.as_mut_ptr().add(ci0), cin) };
+    }
+    full
+}
+
+/// G g Gᵀ of 16 lanes' 3×3 taps (`g[k]`: tap k of every lane), columns first then rows, the 36
+/// results stored as vectors at `dst + ξ·stride` (ξ = a·6 + b). The one 2-D filter transform of
+/// both vector paths: [`filters_of_avx512`] (lanes = input channels, stride = cin) and the
+/// by-channels path's `fused::filters_by_lanes` (lanes = output channels, stride = its ξ rows').
+///
+/// # Safety
+/// Inlined only into functions compiled for AVX-512F; dst + ξ·stride + 16 is writable for ξ < 36.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn filter_2d_avx512(g: &[std::arch::x86_64::__m512; 9], dst: *mut f32, stride: usize) {
+    unsafe {
+        let f = |kx: usize| filter_1d_avx512(g[kx], g[3 + kx], g[6 + kx]);
+        let [c0, c1, c2] = [f(0), f(1), f(2)];
         for (a, ((&x0, &x1), &x2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
-            for (b, row) in unsafe { filter_1d_avx512(x0, x1, x2) }.into_iter().enumerate() {
-                // SAFETY: (a·6 + b)·cin + ci0 + 16 ≤ 36·cin.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((a * 6 + b) * cin + ci0), row) };
+            for (b, row) in filter_1d_avx512(x0, x1, x2).into_iter().enumerate() {
+                std::arch::x86_64::_mm512_storeu_ps(dst.add((a * 6 + b) * stride), row);
             }
         }
     }
-    full
 }
 
 /// [`filter_1d`] on 16 lanes at once, the same operations in the same order (so the same values).

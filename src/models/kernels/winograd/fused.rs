@@ -13,6 +13,8 @@
 //!
 //! Only with AVX-512 (the micro-kernel's registers); other CPUs take the split path.
 
+#[cfg(target_arch = "x86_64")]
+use super::filter_2d_avx512;
 use super::{
     cols_1d, fill_line, out_cols_1d, out_rows_1d, out_rows_1d_to, rows_1d, transform_filters, Filters, RowTail, Shape,
     Tail, XI,
@@ -370,7 +372,7 @@ unsafe fn filters_by_lanes(src: Taps, lanes: usize, ci0: usize, kc: usize, u: &m
             }
         }
         for (i, g) in gt.iter().enumerate() {
-            unsafe { transform_lanes(g, u, kc, c0 + i) };
+            unsafe { filter_2d_avx512(g, u.as_mut_ptr().add((c0 + i) * 16), ustride(kc)) };
         }
     }
     for ci in full..kc {
@@ -386,27 +388,7 @@ unsafe fn filters_by_lanes(src: Taps, lanes: usize, ci0: usize, kc: usize, u: &m
             }
         }
         let g = vals.map(|v| unsafe { _mm512_loadu_ps(v.as_ptr()) });
-        unsafe { transform_lanes(&g, u, kc, ci) };
-    }
-}
-
-/// G g Gᵀ of one input channel's 9 taps across 16 lanes, into `u[ξ][ci][lane]` (columns first,
-/// then rows, as in filters_of).
-///
-/// # Safety
-/// Inlined only into functions compiled for AVX-512F; u holds 36 ξ rows of [`ustride`]`(kc)`, ci < kc.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn transform_lanes(g: &[std::arch::x86_64::__m512; 9], u: &mut [f32], kc: usize, ci: usize) {
-    use super::filter_1d_avx512 as f;
-    use std::arch::x86_64::*;
-    unsafe {
-        let [c0, c1, c2] = [f(g[0], g[3], g[6]), f(g[1], g[4], g[7]), f(g[2], g[5], g[8])];
-        for (a, ((&x0, &x1), &x2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
-            for (b, &v) in f(x0, x1, x2).iter().enumerate() {
-                _mm512_storeu_ps(u.as_mut_ptr().add((a * 6 + b) * ustride(kc) + ci * 16), v);
-            }
-        }
+        unsafe { filter_2d_avx512(&g, u.as_mut_ptr().add(ci * 16), ustride(kc)) };
     }
 }
 
