@@ -312,8 +312,10 @@ unsafe fn filters_of_avx512(g: &[f32], dst: &mut [f32], cin: usize) -> usize {
 #[inline(always)]
 pub(super) unsafe fn filter_2d_avx512(g: &[std::arch::x86_64::__m512; 9], dst: *mut f32, stride: usize) {
     unsafe {
-        let f = |kx: usize| filter_1d_avx512(g[kx], g[3 + kx], g[6 + kx]);
-        let [c0, c1, c2] = [f(0), f(1), f(2)];
+        // No closure here: it would be compiled without AVX-512 and call each intrinsic.
+        let c0 = filter_1d_avx512(g[0], g[3], g[6]);
+        let c1 = filter_1d_avx512(g[1], g[4], g[7]);
+        let c2 = filter_1d_avx512(g[2], g[5], g[8]);
         for (a, ((&x0, &x1), &x2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
             for (b, row) in filter_1d_avx512(x0, x1, x2).into_iter().enumerate() {
                 std::arch::x86_64::_mm512_storeu_ps(dst.add((a * 6 + b) * stride), row);
