@@ -184,10 +184,7 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
             (&mut *v, cin * XI * chunk * tx, 2 * BUDGET),
             (&mut *m, blk * XI * chunk * tx, 2 * BUDGET),
         ] {
-            if buf.capacity() < len {
-                *buf = Vec::with_capacity(len.max(cap));
-            }
-            buf.resize(buf.len().max(len), 0.0);
+            kept_at_least(buf, len, cap);
         }
         let once = blk == cout;
         if once {
@@ -210,6 +207,15 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
         }
     });
     out
+}
+
+/// Makes a kept buffer at least `len` long without shrinking it; when it must grow, its capacity
+/// becomes at least `cap` at once (see [`conv`]: growing by steps left outgrown blocks resident).
+fn kept_at_least(buf: &mut Vec<f32>, len: usize, cap: usize) {
+    if buf.capacity() < len {
+        *buf = Vec::with_capacity(len.max(cap));
+    }
+    buf.resize(buf.len().max(len), 0.0);
 }
 
 /// A convolution's 3×3 filters (OIHW) as stored: f32, or bf16 or int8 codes with their channel

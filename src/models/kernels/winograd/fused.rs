@@ -19,7 +19,7 @@ use super::{
     cols_1d, fill_line, out_cols_1d, out_rows_1d, out_rows_1d_to, rows_1d, transform_filters, Filters, RowTail, Shape,
     Tail, XI,
 };
-use crate::models::kernels::SendPtr;
+use crate::models::kernels::{grown, SendPtr};
 use rayon::prelude::*;
 
 /// Outputs above this size (bytes) are streamed to memory: a layer's input and output together
@@ -91,10 +91,7 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
     let outp = SendPtr(out.as_mut_ptr());
     let job = |j: usize, scratch: &mut Vec<f32>| {
         let need = XI * (stride(cin) + stride(cout)) + 36 * T + 8 * T;
-        if scratch.len() < need {
-            scratch.resize(need, 0.0);
-        }
-        let (v, rest) = scratch.split_at_mut(XI * stride(cin));
+        let (v, rest) = grown(scratch, need).split_at_mut(XI * stride(cin));
         let (m, rest) = rest.split_at_mut(XI * stride(cout));
         let (rows, line) = rest.split_at_mut(36 * T);
         let first = j * T;
@@ -170,36 +167,27 @@ pub(super) fn conv_by_channels(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> 
         // The split path's kept buffer for its transformed inputs (not zeroed: every value read
         // is written first; slots past the last tile hold stale values whose products are never
         // read back).
-        if v.capacity() < tblocks * vlen {
-            *v = Vec::with_capacity((tblocks * vlen).max(2 * super::BUDGET));
-        }
-        v.resize(v.len().max(tblocks * vlen), 0.0);
+        super::kept_at_least(v, tblocks * vlen, 2 * super::BUDGET);
         v[..tblocks * vlen].par_chunks_mut(vlen).enumerate().for_each(|(tb, vb)| {
             crate::models::kernels::with_kept(&SCRATCH, |s| {
-                if s.len() < 44 * T {
-                    s.resize(44 * T, 0.0);
-                }
-                let (rows, line) = s.split_at_mut(36 * T);
+                let (rows, line) = grown(s, 44 * T).split_at_mut(36 * T);
                 transform_inputs(x, sh, tb * T..((tb + 1) * T).min(total), vb, rows, line);
             })
         });
         let v = &v[..tblocks * vlen];
         let job = |jb: usize, scratch: &mut Vec<f32>| {
             let cos = jb * per_job..((jb + 1) * per_job).min(cout);
-            let tiles_of = |i: usize| cos.start + i * CO..(cos.start + (i + 1) * CO).min(cos.end);
+            let chans_of = |i: usize| cos.start + i * CO..(cos.start + (i + 1) * CO).min(cos.end);
             let mine = cos.len().div_ceil(CO);
             let (ulen, mlen) = (XI * ustride(KC), XI * stride(CO));
             let need = micros * ulen + micros * tblocks * mlen + 44 * T;
-            if scratch.len() < need {
-                scratch.resize(need, 0.0);
-            }
-            let (u, rest) = scratch.split_at_mut(micros * ulen);
+            let (u, rest) = grown(scratch, need).split_at_mut(micros * ulen);
             let (m, rest) = rest.split_at_mut(micros * tblocks * mlen);
             let (cols, line) = rest.split_at_mut(36 * T);
             for ci0 in (0..cin).step_by(KC) {
                 let kc = KC.min(cin - ci0);
                 for i in 0..mine {
-                    let cs = tiles_of(i);
+                    let cs = chans_of(i);
                     // SAFETY: rows cs of the weight hold cin input channels; u's part holds
                     // 36 ξ rows of ustride(kc); available() said the CPU has AVX-512F.
                     #[cfg(target_arch = "x86_64")]
@@ -225,7 +213,7 @@ pub(super) fn conv_by_channels(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> 
                             // ci0 + kc of ξ hold T values; m's rows < r of ξ hold T values.
                             unsafe {
                                 tile(
-                                    tiles_of(i).len(),
+                                    chans_of(i).len(),
                                     u.as_ptr().add(i * ulen + xi * ustride(kc)),
                                     16,
                                     vb.as_ptr().add(xi * stride(cin) + ci0 * T),
@@ -242,7 +230,7 @@ pub(super) fn conv_by_channels(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> 
                 for tb in 0..tblocks {
                     let tiles = tb * T..((tb + 1) * T).min(total);
                     let m = &m[(i * tblocks + tb) * mlen..][..mlen];
-                    transform_outputs(m, sh, tiles, (tiles_of(i), stride(CO)), tail, cols, line, outp);
+                    transform_outputs(m, sh, tiles, (chans_of(i), stride(CO)), tail, cols, line, outp);
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -307,8 +295,8 @@ struct Taps<'a> {
 }
 
 /// `u[ξ][ci][lane]` (ξ rows [`ustride`] apart) = (G g Gᵀ)_ξ of the filters of input channels ci0 + ci (ci < kc) for `lanes`
-/// output channels, 16 lanes per row (those past `lanes` zero): [`super::filters_of_avx512`]'s
-/// arithmetic across output channels instead of input channels, on the same widened values
+/// output channels, 16 lanes per row (those past `lanes` zero): [`super::filter_2d_avx512`], as
+/// in `filters_of_avx512`, across output channels instead of input channels, on the same widened values
 /// (bf16 shifted, int8 codes less 128 times the channel's scale, as `dequantize_row`), so the
 /// same results. The taps of 16 input channels come in as each lane's 144 consecutive values,
 /// transposed in registers (gathers, one per tap, took longer than the products on a CPU where
