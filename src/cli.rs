@@ -301,7 +301,8 @@ pub struct Args {
     /// (the large 3×3 ones run f32 Winograd, faster still); GroupNorm, softmax and the sampler stay
     /// f32, as under PyTorch's bf16 autocast — about 1.4× as fast as f32, the picture within
     /// autocast's own distance of f32 (GHIBLIFY_BF16_ARITHMETIC=0/1 turns it off or on). Elsewhere,
-    /// and with f16, the arithmetic stays f32 (~10-15 % slower than f32). q8 quantises the UNet's, text encoder's and ControlNets'
+    /// and with f16, the arithmetic stays f32 on the half-precision weights (as fast as f32 on an
+    /// Intel Xeon). q8 quantises the UNet's, text encoder's and ControlNets'
     /// weights to int8 per output channel as they load (a 512² run in ~2 GB, 40 % of f32's; the
     /// VAE stays f32), multiplied in bf16 where bf16 products pay (as above), else dequantised per
     /// layer. f32 is the default because it is the same picture on every CPU and matches

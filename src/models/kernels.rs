@@ -184,8 +184,8 @@ impl<'a> Values<'a> {
         use std::borrow::Cow;
         match self {
             Values::F32(v) => Cow::Borrowed(v),
-            Values::F16(v) => Cow::Owned(widen(v, |x| x.to_f32())),
-            Values::Bf16(v) => Cow::Owned(widen(v, |x| x.to_f32())),
+            Values::F16(v) => Cow::Owned(widen(v, f16_to_f32)),
+            Values::Bf16(v) => Cow::Owned(widen(v, bf16_to_f32)),
         }
     }
 }
@@ -217,18 +217,25 @@ macro_rules! with_bf16_lhs {
                 let $scale = Scale { rows: Some(scales), ..Scale::ONE };
                 $body
             }
-            Wt::F32(_) => unreachable!("f32 weights take the f32 product"),
+            Wt::F32(_) | Wt::F16(_) => unreachable!("f32 and f16 weights take the f32 product"),
         }
     }};
 }
 
-/// A weight matrix as the matrix products read it: f32 (borrowed, or widened from f16/bf16
-/// storage, or dequantised from int8), or bf16 storage read in place, or int8 codes packed as
-/// bf16, by the bf16 products when the CPU has them ([`bf16_arithmetic`]).
+/// A weight matrix as stored: f32, f16 or bf16, or int8 codes with their channel scales.
+/// Winograd reads every form in place (its products are f32 whatever the storage); the other
+/// products take [`Wt::for_products`]: bf16 and int8 as they lie where the CPU multiplies bf16
+/// ([`bf16_arithmetic`]), f32 as it lies, the rest widened to f32 for the call.
+#[derive(Clone)]
 enum Wt<'a> {
+    /// Borrowed from the storage, or widened for the call ([`Wt::for_products`]).
     F32(std::borrow::Cow<'a, [f32]>),
+    F16(&'a [half::f16]),
     Bf16(&'a [half::bf16]),
-    Q8 { codes: &'a [Q8], scales: &'a [f32] },
+    Q8 {
+        codes: &'a [Q8],
+        scales: &'a [f32],
+    },
 }
 
 impl<'a> Wt<'a> {
@@ -243,23 +250,34 @@ impl<'a> Wt<'a> {
                 if scales.is_empty() || !codes.len().is_multiple_of(scales.len()) {
                     candle_core::bail!("{what}: {} int8 codes for {} channel scales", codes.len(), scales.len());
                 }
-                if bf16_arithmetic() {
-                    Ok(Wt::Q8 { codes, scales })
-                } else {
-                    Ok(Wt::F32(std::borrow::Cow::Owned(dequantize_rows(codes, scales))))
-                }
+                Ok(Wt::Q8 { codes, scales })
             }
             (_, None) => Ok(Wt::dense(values(s, l, what)?)),
             (other, Some(_)) => candle_core::bail!("{what}: int8 scales with a {:?} weight", other.dtype()),
         }
     }
 
-    /// Stored values (a tensor's storage, or a weight read in place from its file): bf16 read as
-    /// it lies by the bf16 products when the CPU has them, else f32 (borrowed or widened).
+    /// Stored values (a tensor's storage, or a weight read in place from its file), as they lie.
     fn dense(v: Values<'a>) -> Self {
         match v {
-            Values::Bf16(w) if bf16_arithmetic() => Wt::Bf16(w),
-            v => Wt::F32(v.to_f32()),
+            Values::F32(w) => Wt::F32(std::borrow::Cow::Borrowed(w)),
+            Values::F16(w) => Wt::F16(w),
+            Values::Bf16(w) => Wt::Bf16(w),
+        }
+    }
+
+    /// The weight as the im2col, 1×1 and linear products read it: as stored where they multiply
+    /// it so (f32; bf16 and int8 where the CPU multiplies bf16), else widened or dequantised to
+    /// f32 for this call — the copy Winograd's convolutions do without.
+    fn for_products(&self) -> std::borrow::Cow<'_, Wt<'a>> {
+        use std::borrow::Cow;
+        match self {
+            Wt::F16(w) => Cow::Owned(Wt::F32(Values::F16(w).to_f32())),
+            Wt::Bf16(w) if !bf16_arithmetic() => Cow::Owned(Wt::F32(Values::Bf16(w).to_f32())),
+            Wt::Q8 { codes, scales } if !bf16_arithmetic() => {
+                Cow::Owned(Wt::F32(Cow::Owned(dequantize_rows(codes, scales))))
+            }
+            w => Cow::Borrowed(w),
         }
     }
 
@@ -295,6 +313,7 @@ impl<'a> Wt<'a> {
             Wt::Bf16(_) | Wt::Q8 { .. } => with_bf16_lhs!(self, k, |lhs, scale| unsafe {
                 gemm((m, n, k), dst, dst_rs, accumulate, lhs, b, scale, true)
             }),
+            Wt::F16(_) => unreachable!("f16 weights are widened first (Wt::for_products)"),
         }
     }
 
@@ -387,10 +406,12 @@ impl Weight {
                 if codes.device().is_cpu() && !crate::device::generic_ops() {
                     let (storage, layout) = codes.storage_and_layout();
                     let v = match (&*storage, layout.contiguous_offsets()) {
-                        (candle_core::Storage::Cpu(CpuStorage::U8(v)), Some((a, b))) => {
+                        (candle_core::Storage::Cpu(CpuStorage::U8(v)), Some((a, b)))
+                            if !scales.is_empty() && (b - a).is_multiple_of(scales.len()) =>
+                        {
                             dequantize_rows(q8_codes(&v[a..b]), scales)
                         }
-                        _ => candle_core::bail!("int8 weight: codes are not contiguous u8"),
+                        _ => candle_core::bail!("int8 weight: codes are not contiguous u8, one row per channel scale"),
                     };
                     return Tensor::from_vec(v, codes.shape(), codes.device())?.to_dtype(dtype);
                 }
@@ -457,17 +478,33 @@ fn quantize_row(w: &[f32], q: &mut [u8]) -> f32 {
 /// `(code − 128) · scale[row]` as f32, row by row, on all threads.
 fn dequantize_rows(codes: &[Q8], scales: &[f32]) -> Vec<f32> {
     let k = codes.len() / scales.len().max(1);
-    let mut out = vec![0f32; codes.len()];
-    out.par_chunks_mut(k.max(1)).zip(codes.par_chunks(k.max(1))).zip(scales.par_iter()).for_each(|((o, q), &s)| {
-        dequantize_row(q, o, s);
-    });
+    let n = codes.len();
+    // Every caller has checked this (Wt::new, Weight::dense); the writes below rely on it.
+    assert_eq!(k * scales.len(), n, "int8 weight: {n} codes for {} channel scales", scales.len());
+    let mut out = Vec::with_capacity(n);
+    // Written once, not zeroed first ([`widen`]).
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(k.max(1))
+        .zip(codes.par_chunks(k.max(1)))
+        .zip(scales.par_iter())
+        .for_each(|((o, q), &s)| {
+            dequantize_row(q, o, s);
+        });
+    // SAFETY: scales.len() rows of k values cover all n (checked by the callers: n = rows · k).
+    unsafe { out.set_len(n) };
     out
 }
 
+/// An f32 slice as one to be written ([`dequantize_row`] serves both).
+fn as_uninit(v: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: same layout; the caller writes only initialised f32 values through it.
+    unsafe { &mut *(v as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
+
 simd! {
-fn dequantize_row(q: &[Q8], out: &mut [f32], scale: f32) {
+fn dequantize_row(q: &[Q8], out: &mut [std::mem::MaybeUninit<f32>], scale: f32) {
     for (o, &q) in out.iter_mut().zip(q) {
-        *o = (q.0 as i32 - 128) as f32 * scale;
+        o.write((q.0 as i32 - 128) as f32 * scale);
     }
 }
 }
@@ -505,12 +542,53 @@ fn without_bf16_arithmetic<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
-fn widen<T: Copy + Sync>(v: &[T], f: impl Fn(T) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(1 << 16)
-        .zip(v.par_chunks(1 << 16))
-        .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, &i)| *o = f(i)));
+/// `v` as f32 by `f` (a chunk of `v` into as many values), on all threads, the output written
+/// once (not zeroed first: that memset, on one thread, took as long as the conversion).
+fn widen<T: Copy + Sync>(v: &[T], f: impl Fn(&[T], &mut [std::mem::MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.len());
+    out.spare_capacity_mut()[..v.len()].par_chunks_mut(1 << 16).zip(v.par_chunks(1 << 16)).for_each(|(o, i)| f(i, o));
+    // SAFETY: every one of the v.len() values was written above.
+    unsafe { out.set_len(v.len()) };
     out
+}
+
+simd! {
+fn bf16_to_f32(v: &[half::bf16], out: &mut [std::mem::MaybeUninit<f32>]) {
+    // bf16 is the high half of an f32: a shift, which vectorises (half's to_f32 is the same).
+    for (o, &x) in out.iter_mut().zip(v) {
+        o.write(f32::from_bits((x.to_bits() as u32) << 16));
+    }
+}
+}
+
+fn f16_to_f32(v: &[half::f16], out: &mut [std::mem::MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { f16_to_f32_avx512(v, out) };
+    }
+    for (o, &x) in out.iter_mut().zip(v) {
+        o.write(x.to_f32());
+    }
+}
+
+/// [`f16_to_f32`] 16 values per `vcvtph2ps` (half's `to_f32` converts one at a time).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_to_f32_avx512(v: &[half::f16], out: &mut [std::mem::MaybeUninit<f32>]) {
+    use std::arch::x86_64::*;
+    let n = v.len().min(out.len());
+    let full = n / 16 * 16;
+    for i in (0..full).step_by(16) {
+        // SAFETY: i + 16 ≤ n values of both.
+        unsafe {
+            let h = _mm256_loadu_si256(v.as_ptr().add(i) as *const __m256i);
+            _mm512_storeu_ps(out.as_mut_ptr().add(i) as *mut f32, _mm512_cvtph_ps(h));
+        }
+    }
+    for (o, &x) in out[full..n].iter_mut().zip(&v[full..n]) {
+        o.write(x.to_f32());
+    }
 }
 
 /// `dst[m×n] (row stride dst_rs) (+)= lhs[m×k] (row stride lhs_rs) · rhs[k×n] (row stride rhs_rs)`,
@@ -606,11 +684,13 @@ impl Conv {
             let shape = winograd::Shape { batch: b, cin, ih, iw, up: f, pad: p, cout };
             let filters = match w {
                 Wt::F32(w) => winograd::Filters::F32(w),
+                Wt::F16(w) => winograd::Filters::F16(w),
                 Wt::Bf16(w) => winograd::Filters::Bf16(w),
                 Wt::Q8 { codes, scales } => winograd::Filters::Q8 { codes, scales },
             };
             return winograd::conv(x, shape, filters, winograd::Tail { bias, residual, relu: self.relu });
         }
+        let w = &*w.for_products();
         let (ih, iw) = (ih * f, iw * f);
         let (oplane, k) = (oh * ow, cin * kh * kw);
         let mut out = vec![0f32; b * cout * oplane];
@@ -939,7 +1019,7 @@ impl WeightedOp for LinearOp {
         };
         // SAFETY (all three): x is rows × k, w is n × k, the output rows × n, scales and bias (if
         // any) n long.
-        let out = match w {
+        let out = match &*w.for_products() {
             Wt::F32(w) if w.len() == n * k => {
                 // The f32 product (the gemm crate) accumulates onto the bias filled in first.
                 let mut out = vec![0f32; rows * n];
@@ -977,13 +1057,20 @@ impl WeightedOp for LinearOp {
     }
 }
 
-/// `torch.nn.Linear`: `x · Wᵀ + b` over the last dimension, any leading dimensions. In bf16
-/// products with f32 sums for f32 activations when the weight is bf16 or int8 and the CPU
-/// multiplies bf16 ([`Weight::bf16_products`]); otherwise one f32 (or the activations' dtype)
-/// matrix product on the weight as it lies in its file ([`Weight::InPlace`]), or as a tensor
-/// widened or dequantised for the call.
+/// `torch.nn.Linear`: `x · Wᵀ + b` over the last dimension, any leading dimensions. For f32
+/// activations on the CPU: bf16 products with f32 sums when the weight is bf16 or int8 and the
+/// CPU multiplies bf16 ([`Weight::bf16_products`]), otherwise one f32 product on the weight as it
+/// lies (in its file, [`Weight::InPlace`], or a tensor) or widened or dequantised for the call on
+/// all threads, onto the bias filled in first (candle's `to_dtype` widens on one thread, its
+/// bias add is another pass on one: 0.1–0.2 s of a bf16 UNet call each). Elsewhere candle's
+/// product in the activations' dtype.
 pub fn linear(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
-    if is_cpu_f32(x) && (weight.bf16_products() || matches!(weight, Weight::InPlace(_))) {
+    let ours = match weight {
+        Weight::Dense(w) => w.device().is_cpu(),
+        Weight::Q8 { codes, .. } => codes.device().is_cpu(),
+        Weight::InPlace(_) => true,
+    };
+    if is_cpu_f32(x) && ours {
         return apply_weighted(x, weight, bias, LinearOp { scales: weight.scales() });
     }
     let w = weight.dense(x.dtype())?;
@@ -1717,6 +1804,24 @@ pub(crate) mod tests {
         Weight::Dense(t.clone())
     }
 
+    /// The convolution's paths: Winograd's three (AVX-512 takes each where told) and im2col.
+    const CONV_PATHS: [&str; 4] = ["fused", "split", "by channels", "im2col"];
+
+    /// `f` with its convolutions on `path` (one of [`CONV_PATHS`]).
+    fn on_path(path: &str, f: &dyn Fn() -> Tensor) -> Tensor {
+        match path {
+            "fused" => winograd::forced(true, f),
+            "by channels" => winograd::by_channels(|| winograd::forced(true, f)),
+            "split" => winograd::split(|| winograd::forced(true, f)),
+            _ => winograd::forced(false, f),
+        }
+    }
+
+    /// A tensor's values as their bits (bit-for-bit comparisons: NaN, −0).
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
     #[test]
     fn generic_ops_switch_takes_candles_own_path() {
         // With the switch on, each fused op is exactly candle's generic composition (what CUDA and
@@ -1821,11 +1926,12 @@ pub(crate) mod tests {
     fn winograd_matches_f64_direct_convolution() {
         // Partial tiles at the right and bottom edges, padding 0 and 1, upsampled input, batch 2,
         // several tile-row chunks (many tile rows) and output-channel blocks (many channels), with
-        // f32, bf16 and int8 weights; against the convolution in f64 on the weights as stored,
+        // f32, f16, bf16 and int8 weights; against the convolution in f64 on the weights as stored,
         // next to the im2col path's distance from it (printed).
         type Make = fn(&Tensor) -> Weight;
-        let kinds: [(&str, Make); 3] = [
+        let kinds: [(&str, Make); 4] = [
             ("f32", |w| Weight::Dense(w.clone())),
+            ("f16", |w| Weight::Dense(w.to_dtype(DType::F16).unwrap())),
             ("bf16", |w| Weight::Dense(w.to_dtype(DType::BF16).unwrap())),
             ("q8", |w| Weight::quantize(w).unwrap()),
         ];
@@ -1925,16 +2031,8 @@ pub(crate) mod tests {
         let mut r = randn(&[2, 12, 21, 70], 44).flatten_all().unwrap().to_vec1::<f32>().unwrap();
         (r[5], r[300]) = (f32::NAN, f32::NEG_INFINITY);
         let r = Tensor::from_vec(r, (2, 12, 21, 70), &Device::Cpu).unwrap();
-        let bits = |t: &Tensor| {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        };
-        for path in ["fused", "split", "by channels", "im2col"] {
-            let run = |f: &dyn Fn() -> Tensor| match path {
-                "fused" => winograd::forced(true, f),
-                "by channels" => winograd::by_channels(|| winograd::forced(true, f)),
-                "split" => winograd::split(|| winograd::forced(true, f)),
-                _ => winograd::forced(false, f),
-            };
+        for path in CONV_PATHS {
+            let run = |f: &dyn Fn() -> Tensor| on_path(path, f);
             let want = run(&|| add_relu(&conv2d(&x, &wt, Some(&bias), 1, 1).unwrap(), &r).unwrap());
             let got = run(&|| conv2d_add_relu(&x, &wt, Some(&bias), &r, (1, 1)).unwrap());
             assert_eq!(bits(&got), bits(&want), "{path}");
@@ -2000,6 +2098,57 @@ pub(crate) mod tests {
                 }
                 assert_eq!(got.dims(), &[1, rows, n]);
                 assert!(max_rel(&got, &want) < 1e-5, "bf16 linear {:?}: {}", (rows, k, n), max_rel(&got, &want));
+            }
+        })
+    }
+
+    #[test]
+    fn narrow_weights_multiplied_in_f32_equal_the_widened_weights_bit_for_bit() {
+        // Where the CPU does not multiply bf16 (or is told not to), f16, bf16 and int8 weights are
+        // read as stored by Winograd and widened or dequantised per call for the other products:
+        // the same f32 operations as on the widened weight, so the same bits, on every path.
+        without_bf16_arithmetic(|| {
+            for &(b, cin, cout, h, w, k, s, p) in &[
+                (2, 6, 7, 9, 11, 3, 1, 1),
+                (1, 20, 33, 17, 12, 3, 1, 1),
+                (1, 130, 25, 14, 40, 3, 1, 1),
+                (1, 9, 20, 10, 7, 3, 2, 1),
+                (2, 40, 24, 8, 9, 1, 1, 0),
+            ] {
+                let x = randn(&[b, cin, h, w], 31);
+                let wt = randn(&[cout, cin, k, k], 32);
+                let bias = randn(&[cout], 33);
+                let narrow = [
+                    ("f16", dense(&wt.to_dtype(DType::F16).unwrap())),
+                    ("bf16", dense(&wt.to_dtype(DType::BF16).unwrap())),
+                    ("int8", Weight::quantize(&wt).unwrap()),
+                ];
+                for (name, wn) in &narrow {
+                    let wide = dense(&wn.dense(DType::F32).unwrap());
+                    for path in CONV_PATHS {
+                        let conv = |w: &Weight| on_path(path, &|| conv2d(&x, w, Some(&bias), s, p).unwrap());
+                        let at = (cin, cout, k, s);
+                        assert!(bits(&conv(wn)) == bits(&conv(&wide)), "{name} conv {at:?} {path}");
+                        let r = conv(&wide);
+                        let join =
+                            |w: &Weight| on_path(path, &|| conv2d_add_relu(&x, w, Some(&bias), &r, (s, p)).unwrap());
+                        assert!(bits(&join(wn)) == bits(&join(&wide)), "{name} conv + join {at:?} {path}");
+                    }
+                }
+            }
+            for &(rows, k, n) in &[(5, 8, 3), (300, 320, 70), (7, 77, 90)] {
+                let x = randn(&[1, rows, k], 34);
+                let wt = randn(&[n, k], 35);
+                let bias = randn(&[n], 36);
+                for wn in [
+                    dense(&wt.to_dtype(DType::F16).unwrap()),
+                    dense(&wt.to_dtype(DType::BF16).unwrap()),
+                    Weight::quantize(&wt).unwrap(),
+                ] {
+                    let wide = dense(&wn.dense(DType::F32).unwrap());
+                    let got = linear(&x, &wn, Some(&bias)).unwrap();
+                    assert!(bits(&got) == bits(&linear(&x, &wide, Some(&bias)).unwrap()), "linear {:?}", (rows, k, n));
+                }
             }
         })
     }

@@ -218,13 +218,14 @@ fn kept_at_least(buf: &mut Vec<f32>, len: usize, cap: usize) {
     buf.resize(buf.len().max(len), 0.0);
 }
 
-/// A convolution's 3×3 filters (OIHW) as stored: f32, or bf16 or int8 codes with their channel
+/// A convolution's 3×3 filters (OIHW) as stored: f32, or f16, bf16 or int8 codes with their channel
 /// scales read where they lie, each output channel's widened into a buffer of its own as its
 /// filters are transformed (widening the whole weight first wrote and read back 4 bytes per value
 /// on every call: 59 MB for one of the UNet's 1280 → 1280 layers).
 #[derive(Clone, Copy)]
 pub(super) enum Filters<'a> {
     F32(&'a [f32]),
+    F16(&'a [half::f16]),
     Bf16(&'a [half::bf16]),
     Q8 { codes: &'a [super::Q8], scales: &'a [f32] },
 }
@@ -236,19 +237,30 @@ fn transform_filters(w: Filters, cin: usize, cos: std::ops::Range<usize>, u: &mu
     let u = u[..cos.len() * XI * cin].par_chunks_mut(XI * cin);
     match w {
         Filters::F32(w) => u.zip(w[lo..hi].par_chunks(per)).for_each(|(dst, g)| filters_of(g, dst, cin)),
-        Filters::Bf16(w) => u.zip(w[lo..hi].par_chunks(per)).for_each_init(Vec::new, |gf, (dst, g)| {
-            gf.resize(per, 0.0);
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(g, gf);
-            filters_of(gf, dst, cin)
-        }),
+        Filters::F16(w) => transform_half(&w[lo..hi], cin, u),
+        Filters::Bf16(w) => transform_half(&w[lo..hi], cin, u),
         Filters::Q8 { codes, scales } => {
             u.zip(codes[lo..hi].par_chunks(per)).zip(&scales[cos]).for_each_init(Vec::new, |gf, ((dst, q), &s)| {
                 gf.resize(per, 0.0);
-                super::dequantize_row(q, gf, s);
+                super::dequantize_row(q, super::as_uninit(gf), s);
                 filters_of(gf, dst, cin)
             })
         }
     }
+}
+
+/// [`transform_filters`] for half-precision filters: each output channel's widened into a
+/// buffer of the job's own, then transformed.
+fn transform_half<H: Sync>(w: &[H], cin: usize, u: rayon::slice::ChunksMut<'_, f32>)
+where
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    let per = 9 * cin;
+    u.zip(w.par_chunks(per)).for_each_init(Vec::new, |gf, (dst, g)| {
+        gf.resize(per, 0.0);
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(g, gf);
+        filters_of(gf, dst, cin)
+    })
 }
 
 /// One value per vector lane: 16 input channels at a time.

@@ -313,6 +313,7 @@ unsafe fn filters_by_lanes(src: Taps, lanes: usize, ci0: usize, kc: usize, u: &m
     let row = |l: usize| (co0 + l) * cin * 9 + ci0 * 9;
     let len = match w {
         Filters::F32(w) => w.len(),
+        Filters::F16(w) => w.len(),
         Filters::Bf16(w) => w.len(),
         Filters::Q8 { codes, .. } => codes.len(),
     };
@@ -324,13 +325,15 @@ unsafe fn filters_by_lanes(src: Taps, lanes: usize, ci0: usize, kc: usize, u: &m
     }
     let scale = _mm512_loadu_ps(scales.as_ptr());
     let q8 = matches!(w, Filters::Q8 { .. });
-    // 16 consecutive values of a row from `at`, widened as `dequantize_row` / the bf16 shift.
+    // 16 consecutive values of a row from `at`, widened as `dequantize_row` / the bf16 shift /
+    // the f16 conversion.
     #[inline(always)]
     unsafe fn load16(w: Filters, at: usize) -> __m512 {
         // SAFETY: the caller keeps at + 16 inside the weight.
         unsafe {
             match w {
                 Filters::F32(w) => _mm512_loadu_ps(w.as_ptr().add(at)),
+                Filters::F16(w) => _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(at) as *const __m256i)),
                 Filters::Bf16(w) => {
                     let h = _mm256_loadu_si256(w.as_ptr().add(at) as *const __m256i);
                     _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
@@ -370,6 +373,7 @@ unsafe fn filters_by_lanes(src: Taps, lanes: usize, ci0: usize, kc: usize, u: &m
                 let at = row(l) + 9 * ci + k;
                 *v = match w {
                     Filters::F32(w) => w[at],
+                    Filters::F16(w) => w[at].to_f32(),
                     Filters::Bf16(w) => w[at].to_f32(),
                     Filters::Q8 { codes, .. } => (codes[at].0 as i32 - 128) as f32 * scales[l],
                 };
