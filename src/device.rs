@@ -201,13 +201,13 @@ pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
     } else if quantize && bf16_products {
         "ghiblify's CPU kernels, int8 weights in bf16 products (AVX512_BF16)"
     } else if quantize {
-        "ghiblify's CPU kernels, int8 weights dequantised to f32 per layer"
+        "ghiblify's CPU kernels, int8 weights in f32 products"
     } else if dtype == DType::BF16 && bf16_products {
         "ghiblify's CPU kernels, bf16 products (AVX512_BF16)"
     } else if dtype == DType::BF16 && crate::models::gemm_bf16::available() && !crate::models::gemm_bf16::pays() {
         "ghiblify's CPU kernels, bf16 weights in f32 products (this CPU's bf16 dot products run slower than its f32 FMAs)"
     } else if dtype == DType::BF16 || dtype == DType::F16 {
-        "ghiblify's CPU kernels, half-precision weights widened to f32"
+        "ghiblify's CPU kernels, half-precision weights in f32 products"
     } else {
         "ghiblify's CPU kernels"
     };
