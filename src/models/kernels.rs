@@ -247,7 +247,7 @@ impl<'a> Wt<'a> {
             (CpuStorage::U8(v), Some(scales)) => {
                 let (a, b) = range()?;
                 let codes = q8_codes(&v[a..b]);
-                if scales.is_empty() || !codes.len().is_multiple_of(scales.len()) {
+                if !q8_rows_fit(codes.len(), scales) {
                     candle_core::bail!("{what}: {} int8 codes for {} channel scales", codes.len(), scales.len());
                 }
                 Ok(Wt::Q8 { codes, scales })
@@ -406,9 +406,7 @@ impl Weight {
                 if codes.device().is_cpu() && !crate::device::generic_ops() {
                     let (storage, layout) = codes.storage_and_layout();
                     let v = match (&*storage, layout.contiguous_offsets()) {
-                        (candle_core::Storage::Cpu(CpuStorage::U8(v)), Some((a, b)))
-                            if !scales.is_empty() && (b - a).is_multiple_of(scales.len()) =>
-                        {
+                        (candle_core::Storage::Cpu(CpuStorage::U8(v)), Some((a, b))) if q8_rows_fit(b - a, scales) => {
                             dequantize_rows(q8_codes(&v[a..b]), scales)
                         }
                         _ => candle_core::bail!("int8 weight: codes are not contiguous u8, one row per channel scale"),
@@ -475,12 +473,19 @@ fn quantize_row(w: &[f32], q: &mut [u8]) -> f32 {
 }
 }
 
+/// Whether `n` int8 codes make one equal row per channel scale (at least one): what every reader
+/// of [`Weight::Q8`] codes relies on, checked once where the codes enter ([`Wt::new`],
+/// [`Weight::dense`]) and asserted where the rows are written ([`dequantize_rows`]).
+fn q8_rows_fit(n: usize, scales: &[f32]) -> bool {
+    !scales.is_empty() && n.is_multiple_of(scales.len())
+}
+
 /// `(code − 128) · scale[row]` as f32, row by row, on all threads.
 fn dequantize_rows(codes: &[Q8], scales: &[f32]) -> Vec<f32> {
-    let k = codes.len() / scales.len().max(1);
     let n = codes.len();
     // Every caller has checked this (Wt::new, Weight::dense); the writes below rely on it.
-    assert_eq!(k * scales.len(), n, "int8 weight: {n} codes for {} channel scales", scales.len());
+    assert!(q8_rows_fit(n, scales), "int8 weight: {n} codes for {} channel scales", scales.len());
+    let k = n / scales.len();
     let mut out = Vec::with_capacity(n);
     // Written once, not zeroed first ([`widen`]).
     out.spare_capacity_mut()[..n]
