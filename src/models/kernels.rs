@@ -577,7 +577,10 @@ fn f16_to_f32(v: &[half::f16], out: &mut [std::mem::MaybeUninit<f32>]) {
     }
 }
 
-/// [`f16_to_f32`] 16 values per `vcvtph2ps` (half's `to_f32` converts one at a time).
+/// [`f16_to_f32`] 16 values per `vcvtph2ps`. Written by hand although half converts slices with
+/// F16C: its slice conversion (8 values per call through a function pointer) widened a 64K-value
+/// chunk in 24 µs against 7 µs here, 4M values in 1.8 ms against 1.0 ms (one thread, Intel Xeon
+/// Emerald Rapids), and it writes only initialised f32 (through a block on the stack: 20 µs).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn f16_to_f32_avx512(v: &[half::f16], out: &mut [std::mem::MaybeUninit<f32>]) {
