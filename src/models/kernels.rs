@@ -181,11 +181,21 @@ impl<'a> Values<'a> {
     /// As f32: borrowed when stored as f32, widened once per call from f16/bf16 storage (half the
     /// resident memory; the copy is small next to the GEMM it feeds).
     fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
-        use std::borrow::Cow;
         match self {
-            Values::F32(v) => Cow::Borrowed(v),
-            Values::F16(v) => Cow::Owned(widen(v, f16_to_f32)),
-            Values::Bf16(v) => Cow::Owned(widen(v, bf16_to_f32)),
+            Values::F32(v) => std::borrow::Cow::Borrowed(v),
+            _ => std::borrow::Cow::Owned(self.to_f32_vec()),
+        }
+    }
+
+    /// A copy as f32, on all threads, written once: the load path's conversion out of a file
+    /// ([`super::weights::tensor_from_bytes`]) and the per-call widening alike.
+    pub fn to_f32_vec(self) -> Vec<f32> {
+        match self {
+            Values::F32(v) => widen(v, |i, o| {
+                o.write_copy_of_slice(i);
+            }),
+            Values::F16(v) => widen(v, f16_to_f32),
+            Values::Bf16(v) => widen(v, bf16_to_f32),
         }
     }
 }

@@ -29,6 +29,28 @@ pub enum Values<'a> {
     Bf16(&'a [half::bf16]),
 }
 
+impl<'a> Values<'a> {
+    /// `n` values of `dtype` lying in `bytes` (little-endian, as safetensors and torch write), if
+    /// they can be read there: f32/f16/bf16, a little-endian CPU, exactly `n` of them, aligned.
+    pub fn of_bytes(bytes: &'a [u8], dtype: DType, n: usize) -> Option<Self> {
+        let es = dtype.size_in_bytes();
+        let ok = cfg!(target_endian = "little")
+            && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+            && n.checked_mul(es) == Some(bytes.len())
+            && (bytes.as_ptr() as usize).is_multiple_of(es);
+        let p = bytes.as_ptr();
+        // SAFETY: length, alignment, byte order and dtype checked above; f16 and bf16 are plain
+        // 16-bit values; the slices borrow `bytes`.
+        ok.then(|| unsafe {
+            match dtype {
+                DType::F32 => Values::F32(std::slice::from_raw_parts(p as *const f32, n)),
+                DType::F16 => Values::F16(std::slice::from_raw_parts(p as *const half::f16, n)),
+                _ => Values::Bf16(std::slice::from_raw_parts(p as *const half::bf16, n)),
+            }
+        })
+    }
+}
+
 /// A tensor read in place from a read-only memory map: little-endian f32, f16 or bf16, aligned to
 /// its element size (checked when made). Keeps the map alive.
 #[derive(Clone)]
@@ -49,14 +71,9 @@ impl View {
     /// A view of `bytes` of `map` holding `shape` as `dtype`, if the kernels can read it there:
     /// a CPU with the file's byte order, f32/f16/bf16, the exact length, aligned.
     pub(crate) fn new(map: &Arc<Mmap>, (start, end): (usize, usize), dtype: DType, shape: &[usize]) -> Option<Self> {
-        let es = dtype.size_in_bytes();
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
-        let ok = cfg!(target_endian = "little")
-            && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-            && end <= map.len()
-            && end.checked_sub(start) == n.checked_mul(es)
-            && (map.as_ptr() as usize + start).is_multiple_of(es);
-        ok.then(|| View { map: map.clone(), start, dtype, shape: shape.to_vec() })
+        Values::of_bytes(map.get(start..end)?, dtype, n)?;
+        Some(View { map: map.clone(), start, dtype, shape: shape.to_vec() })
     }
 
     pub fn dtype(&self) -> DType {
@@ -71,29 +88,19 @@ impl View {
         self.shape.iter().product()
     }
 
-    fn ptr(&self) -> *const u8 {
-        // SAFETY: start ≤ map.len(), checked in `new`.
-        unsafe { self.map.as_ptr().add(self.start) }
+    fn bytes_of(&self) -> &[u8] {
+        // In range: checked in `new`.
+        &self.map[self.start..self.start + self.bytes()]
     }
 
     /// The values as they lie in the file.
     pub fn values(&self) -> Values<'_> {
-        let (p, n) = (self.ptr(), self.elems());
-        // SAFETY: length, alignment, byte order and dtype checked in `new`; the map lives as long
-        // as self; f16 and bf16 are plain 16-bit values.
-        unsafe {
-            match self.dtype {
-                DType::F32 => Values::F32(std::slice::from_raw_parts(p as *const f32, n)),
-                DType::F16 => Values::F16(std::slice::from_raw_parts(p as *const half::f16, n)),
-                _ => Values::Bf16(std::slice::from_raw_parts(p as *const half::bf16, n)),
-            }
-        }
+        Values::of_bytes(self.bytes_of(), self.dtype, self.elems()).expect("a View's bytes are checked when it is made")
     }
 
     /// The tensor copied out as `dtype` onto `device` (the generic, non-CPU paths).
     pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        let bytes = &self.map[self.start..self.start + self.elems() * self.dtype.size_in_bytes()];
-        tensor_from_bytes(bytes, self.dtype, &self.shape, dtype, device)
+        tensor_from_bytes(self.bytes_of(), self.dtype, &self.shape, dtype, device)
     }
 
     /// The same values seen as `shape` (as many elements).
@@ -213,9 +220,10 @@ fn stored_dtype(d: safetensors::Dtype) -> Option<DType> {
 
 /// A tensor stored as `stored` in `bytes` (little-endian, as safetensors and torch write), as
 /// `dtype` on `device`. On the CPU, f32/f16/bf16 → f32 is one parallel pass from the file's bytes
-/// into the tensor's own buffer. candle's route (a stored-dtype copy, then a serial conversion)
-/// loaded the default preset's f16 checkpoint in 4.3 s warm against 2.4 s for its f32 folders; this
-/// one in 1.1 s against 0.5 s (benches/first_download.sh, 2 cores; the README's Models section).
+/// into the tensor's own buffer (the kernels' widening, [`Values::to_f32_vec`]). candle's route (a
+/// stored-dtype copy, then a serial conversion) loaded the default preset's f16 checkpoint in 4.3 s
+/// warm against 2.4 s for its f32 folders; this one in 1.1 s against 0.5 s (benches/first_download.sh,
+/// 2 cores; the README's Models section).
 pub fn tensor_from_bytes(
     bytes: &[u8],
     stored: DType,
@@ -223,39 +231,11 @@ pub fn tensor_from_bytes(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    use half::slice::HalfFloatSliceExt;
-    use rayon::prelude::*;
     let n: usize = shape.iter().product();
-    let es = stored.size_in_bytes();
-    let fast = device.is_cpu()
-        && dtype == DType::F32
-        && cfg!(target_endian = "little")
-        && matches!(stored, DType::F32 | DType::F16 | DType::BF16)
-        && bytes.len() == n * es
-        && (bytes.as_ptr() as usize).is_multiple_of(es);
-    if !fast {
-        return Tensor::from_raw_buffer(bytes, stored, shape, device)?.to_dtype(dtype);
+    match Values::of_bytes(bytes, stored, n) {
+        Some(v) if device.is_cpu() && dtype == DType::F32 => Tensor::from_vec(v.to_f32_vec(), shape, device),
+        _ => Tensor::from_raw_buffer(bytes, stored, shape, device)?.to_dtype(dtype),
     }
-    // Pages of a fresh zeroed allocation are mapped on first write, by the thread that converts.
-    let mut out = vec![0f32; n];
-    const CHUNK: usize = 1 << 16;
-    let p = bytes.as_ptr();
-    // SAFETY: length and alignment checked above; f16 and bf16 are plain 16-bit values.
-    match stored {
-        DType::F32 => {
-            let src = unsafe { std::slice::from_raw_parts(p as *const f32, n) };
-            out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| o.copy_from_slice(s));
-        }
-        DType::F16 => {
-            let src = unsafe { std::slice::from_raw_parts(p as *const half::f16, n) };
-            out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| s.convert_to_f32_slice(o));
-        }
-        _ => {
-            let src = unsafe { std::slice::from_raw_parts(p as *const half::bf16, n) };
-            out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| s.convert_to_f32_slice(o));
-        }
-    }
-    Tensor::from_vec(out, shape, device)
 }
 
 /// Named tensors a model's weights come from: safetensors files ([`Weights`]), a PyTorch `.ckpt`
@@ -326,4 +306,60 @@ pub fn expect_shape(name: &str, t: Tensor, s: &candle_core::Shape) -> Result<Ten
         candle_core::bail!("shape mismatch for {name}: expected {s:?}, got {:?}", t.shape())
     }
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The load path's own conversion ([`Values::to_f32_vec`], parallel, 64K-value chunks, output
+    /// written once) against candle's (`to_dtype`), bit for bit: f32, f16 and bf16 files, a length
+    /// that ends inside a chunk, values from f16 subnormals to infinity; and bytes the fast path
+    /// cannot read in place (misaligned) take candle's route to the same values.
+    #[test]
+    fn weights_converted_out_of_a_file_equal_candles_conversion_bit_for_bit() {
+        let n = (1 << 16) * 2 + 12_345;
+        let mut state = 0x9e37_79b9_u32;
+        let values: Vec<f32> = (0..n)
+            .map(|i| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let x = (state >> 8) as f32 / (1 << 24) as f32 - 0.5;
+                match i % 7 {
+                    0 => x * 1e-6, // f16 subnormals
+                    1 => x * 1e5,  // beyond f16's range: infinity
+                    _ => x * 4.0,
+                }
+            })
+            .collect();
+        let t = Tensor::from_vec(values, n, &Device::Cpu).unwrap();
+        for stored in [DType::F32, DType::F16, DType::BF16] {
+            let s = t.to_dtype(stored).unwrap();
+            let want: Vec<u32> =
+                s.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+            let es = stored.size_in_bytes();
+            // One spare element ahead, so the bytes can be taken aligned and misaligned.
+            let mut bytes = vec![0u8; es];
+            match stored {
+                DType::F32 => s.to_vec1::<f32>().unwrap().iter().for_each(|v| bytes.extend(v.to_le_bytes())),
+                DType::F16 => s.to_vec1::<half::f16>().unwrap().iter().for_each(|v| bytes.extend(v.to_le_bytes())),
+                _ => s.to_vec1::<half::bf16>().unwrap().iter().for_each(|v| bytes.extend(v.to_le_bytes())),
+            }
+            let mut buf = vec![0u64; bytes.len().div_ceil(8) + 1];
+            // SAFETY: u64 storage viewed as bytes (8-aligned), as long as `bytes` plus one.
+            let mem = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, bytes.len() + 1) };
+            for shift in [0, 1] {
+                let at = &mut mem[shift..shift + bytes.len()];
+                at.copy_from_slice(&bytes);
+                let at = &at[es..];
+                assert_eq!(
+                    Values::of_bytes(at, stored, n).is_some(),
+                    shift == 0 || es == 1,
+                    "{stored:?} shifted {shift}"
+                );
+                let got = tensor_from_bytes(at, stored, &[n], DType::F32, &Device::Cpu).unwrap();
+                let got: Vec<u32> = got.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+                assert!(got == want, "{stored:?} shifted {shift}: converted values differ");
+            }
+        }
+    }
 }
