@@ -237,8 +237,8 @@ fn transform_filters(w: Filters, cin: usize, cos: std::ops::Range<usize>, u: &mu
     let u = u[..cos.len() * XI * cin].par_chunks_mut(XI * cin);
     match w {
         Filters::F32(w) => u.zip(w[lo..hi].par_chunks(per)).for_each(|(dst, g)| filters_of(g, dst, cin)),
-        Filters::F16(w) => transform_half(&w[lo..hi], cin, u),
-        Filters::Bf16(w) => transform_half(&w[lo..hi], cin, u),
+        Filters::F16(w) => transform_half(&w[lo..hi], cin, u, super::f16_to_f32),
+        Filters::Bf16(w) => transform_half(&w[lo..hi], cin, u, super::bf16_to_f32),
         Filters::Q8 { codes, scales } => {
             u.zip(codes[lo..hi].par_chunks(per)).zip(&scales[cos]).for_each_init(Vec::new, |gf, ((dst, q), &s)| {
                 gf.resize(per, 0.0);
@@ -249,16 +249,18 @@ fn transform_filters(w: Filters, cin: usize, cos: std::ops::Range<usize>, u: &mu
     }
 }
 
-/// [`transform_filters`] for half-precision filters: each output channel's widened into a
-/// buffer of the job's own, then transformed.
-fn transform_half<H: Sync>(w: &[H], cin: usize, u: rayon::slice::ChunksMut<'_, f32>)
-where
-    [H]: half::slice::HalfFloatSliceExt,
-{
+/// [`transform_filters`] for half-precision filters: each output channel's widened (by the
+/// kernels' own converter, `widen`) into a buffer of the job's own, then transformed.
+fn transform_half<H: Sync>(
+    w: &[H],
+    cin: usize,
+    u: rayon::slice::ChunksMut<'_, f32>,
+    widen: impl Fn(&[H], &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) {
     let per = 9 * cin;
     u.zip(w.par_chunks(per)).for_each_init(Vec::new, |gf, (dst, g)| {
         gf.resize(per, 0.0);
-        half::slice::HalfFloatSliceExt::convert_to_f32_slice(g, gf);
+        widen(g, super::as_uninit(gf));
         filters_of(gf, dst, cin)
     })
 }
