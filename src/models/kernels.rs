@@ -191,9 +191,7 @@ impl<'a> Values<'a> {
     /// ([`super::weights::tensor_from_bytes`]) and the per-call widening alike.
     pub fn to_f32_vec(self) -> Vec<f32> {
         match self {
-            Values::F32(v) => widen(v, |i, o| {
-                o.write_copy_of_slice(i);
-            }),
+            Values::F32(v) => widen(v, write_copy),
             Values::F16(v) => widen(v, f16_to_f32),
             Values::Bf16(v) => widen(v, bf16_to_f32),
         }
@@ -496,16 +494,35 @@ fn dequantize_rows(codes: &[Q8], scales: &[f32]) -> Vec<f32> {
     // Every caller has checked this (Wt::new, Weight::dense); the writes below rely on it.
     assert!(q8_rows_fit(n, scales), "int8 weight: {n} codes for {} channel scales", scales.len());
     let k = n / scales.len();
+    // SAFETY: scales.len() rows of k values cover all n (n = rows · k, asserted above), and
+    // dequantize_row writes each row whole.
+    unsafe {
+        written(n, |out| {
+            out.par_chunks_mut(k.max(1)).zip(codes.par_chunks(k.max(1))).zip(scales.par_iter()).for_each(
+                |((o, q), &s)| {
+                    dequantize_row(q, o, s);
+                },
+            )
+        })
+    }
+}
+
+/// An op's output: `n` f32 that `write` is handed uninitialised and sets, every one, once; not
+/// zeroed first. A zeroed allocation of memory the allocator reuses is a memset on the calling
+/// thread alone, the other waiting: 2.3 % of a CFG UNet call's samples went there, and widening
+/// a weight took twice as long. Builds with debug assertions (the tests) fill it with NaN first,
+/// so that a value left unwritten, or read before it is written, shows in every test that reads
+/// the output.
+///
+/// # Safety
+/// `write` must write all `n` values, and read none it has not written.
+unsafe fn written(n: usize, write: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
-    // Written once, not zeroed first ([`widen`]).
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(k.max(1))
-        .zip(codes.par_chunks(k.max(1)))
-        .zip(scales.par_iter())
-        .for_each(|((o, q), &s)| {
-            dequantize_row(q, o, s);
-        });
-    // SAFETY: scales.len() rows of k values cover all n (checked by the callers: n = rows · k).
+    let o = &mut out.spare_capacity_mut()[..n];
+    #[cfg(debug_assertions)]
+    o.fill(std::mem::MaybeUninit::new(f32::NAN));
+    write(o);
+    // SAFETY: the caller's promise.
     unsafe { out.set_len(n) };
     out
 }
@@ -557,14 +574,20 @@ fn without_bf16_arithmetic<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// `v` into `out`, as long (`[MaybeUninit]::write_copy_of_slice`, newer than the crate's MSRV).
+fn write_copy(v: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
+    assert_eq!(v.len(), out.len(), "write_copy: lengths differ");
+    for (o, &x) in out.iter_mut().zip(v) {
+        o.write(x);
+    }
+}
+
 /// `v` as f32 by `f` (a chunk of `v` into as many values), on all threads, the output written
 /// once (not zeroed first: that memset, on one thread, took as long as the conversion).
 fn widen<T: Copy + Sync>(v: &[T], f: impl Fn(&[T], &mut [std::mem::MaybeUninit<f32>]) + Sync) -> Vec<f32> {
-    let mut out = Vec::with_capacity(v.len());
-    out.spare_capacity_mut()[..v.len()].par_chunks_mut(1 << 16).zip(v.par_chunks(1 << 16)).for_each(|(o, i)| f(i, o));
-    // SAFETY: every one of the v.len() values was written above.
-    unsafe { out.set_len(v.len()) };
-    out
+    // SAFETY: the chunks cover all v.len() values, and `f` (one of this module's converters)
+    // writes each chunk whole.
+    unsafe { written(v.len(), |out| out.par_chunks_mut(1 << 16).zip(v.par_chunks(1 << 16)).for_each(|(o, i)| f(i, o))) }
 }
 
 simd! {
@@ -711,85 +734,95 @@ impl Conv {
         let w = &*w.for_products();
         let (ih, iw) = (ih * f, iw * f);
         let (oplane, k) = (oh * ow, cin * kh * kw);
-        let mut out = vec![0f32; b * cout * oplane];
-        if let Some(bias) = bias {
-            out.par_chunks_mut(oplane).enumerate().for_each(|(i, row)| row.fill(bias[i % cout]));
-        }
-        let acc = bias.is_some();
-        let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0 && f == 1 && self.pad_end == 0;
-        // Output rows per tile: the im2col buffer (k × tile pixels) stays within 4 Mi floats.
-        let rows = ((1 << 22) / (k * ow).max(1)).clamp(1, oh);
-        // bf16 products: the patch rows go straight into the packed bf16 operand (no f32 patch
-        // matrix for packing to read again).
-        let direct = !matches!(w, Wt::F32(_));
-        let mut col = if pointwise || direct { Vec::new() } else { vec![0f32; k * rows * ow] };
-        let mut packed = super::gemm_bf16::PackedB::default();
-        for bi in 0..b {
-            let xb = &x[bi * cin * plane..(bi + 1) * cin * plane];
-            let ob = &mut out[bi * cout * oplane..(bi + 1) * cout * oplane];
-            if pointwise {
-                // SAFETY: ob is cout × oplane, w is cout × cin, xb is cin × plane (= oplane).
-                unsafe { w.times((cout, oplane, cin), ob.as_mut_ptr(), oplane, acc, (xb.as_ptr(), plane)) };
-                continue;
+        // Written once ([`written`]): the bias first where there is one, which the products then
+        // accumulate onto, or the products alone; each image's cout × oplane values, the pointwise
+        // product in one, the patch products in tiles of rows covering oh.
+        let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+            if let Some(bias) = bias {
+                out.par_chunks_mut(oplane.max(1))
+                    .enumerate()
+                    .for_each(|(i, row)| row.fill(std::mem::MaybeUninit::new(bias[i % cout])));
             }
-            for oy0 in (0..oh).step_by(rows) {
-                let tr = rows.min(oh - oy0);
-                let tp = tr * ow;
-                // Row r = (ci, ky, kx) of the patch matrix: input plane ci shifted by (ky, kx).
-                let fill = |r: usize, crow: &mut [f32]| {
-                    let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
-                    let src = &xb[ci * plane..(ci + 1) * plane];
-                    for (ty, seg) in crow.chunks_mut(ow).enumerate() {
-                        let iy = ((oy0 + ty) * s + ky) as isize - p as isize;
-                        if iy < 0 || iy >= ih as isize {
-                            seg.fill(0.0);
-                            continue;
-                        }
-                        let sy = iy as usize / f;
-                        let line = &src[sy * src_w..(sy + 1) * src_w];
-                        // ix = ox + kx - p: one contiguous copy between the zero edges.
-                        let lo = p.saturating_sub(kx).min(ow);
-                        let hi = (iw + p).saturating_sub(kx).min(ow);
-                        if s == 1 && f == 1 && hi > lo {
-                            seg[..lo].fill(0.0);
-                            seg[lo..hi].copy_from_slice(&line[lo + kx - p..hi + kx - p]);
-                            seg[hi..].fill(0.0);
-                        } else if s == 2 && f == 1 {
-                            // ix = 2·ox + kx − p: a strided copy between the zero edges (the
-                            // general loop below divides per value; TAESD's and the VAE's
-                            // downsampling convolutions spent as long here as in their products).
-                            let lo = p.saturating_sub(kx).div_ceil(2).min(ow);
-                            let hi = ((iw + p).saturating_sub(kx).div_ceil(2)).clamp(lo, ow);
-                            seg[..lo].fill(0.0);
-                            seg[hi..].fill(0.0);
-                            if hi > lo {
-                                let first = 2 * lo + kx - p;
-                                let src = &line[first..first + 2 * (hi - lo) - 1];
-                                for (v, x) in seg[lo..hi].iter_mut().zip(src.iter().step_by(2)) {
-                                    *v = *x;
+            let acc = bias.is_some();
+            let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0 && f == 1 && self.pad_end == 0;
+            // Output rows per tile: the im2col buffer (k × tile pixels) stays within 4 Mi floats.
+            let rows = ((1 << 22) / (k * ow).max(1)).clamp(1, oh);
+            // bf16 products: the patch rows go straight into the packed bf16 operand (no f32 patch
+            // matrix for packing to read again).
+            let direct = !matches!(w, Wt::F32(_));
+            let mut col = if pointwise || direct { Vec::new() } else { vec![0f32; k * rows * ow] };
+            let mut packed = super::gemm_bf16::PackedB::default();
+            for bi in 0..b {
+                let xb = &x[bi * cin * plane..(bi + 1) * cin * plane];
+                let ob = &mut out[bi * cout * oplane..(bi + 1) * cout * oplane];
+                if pointwise {
+                    // SAFETY: ob is cout × oplane, w is cout × cin, xb is cin × plane (= oplane).
+                    unsafe {
+                        w.times((cout, oplane, cin), ob.as_mut_ptr() as *mut f32, oplane, acc, (xb.as_ptr(), plane))
+                    };
+                    continue;
+                }
+                for oy0 in (0..oh).step_by(rows) {
+                    let tr = rows.min(oh - oy0);
+                    let tp = tr * ow;
+                    // Row r = (ci, ky, kx) of the patch matrix: input plane ci shifted by (ky, kx).
+                    let fill = |r: usize, crow: &mut [f32]| {
+                        let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
+                        let src = &xb[ci * plane..(ci + 1) * plane];
+                        for (ty, seg) in crow.chunks_mut(ow).enumerate() {
+                            let iy = ((oy0 + ty) * s + ky) as isize - p as isize;
+                            if iy < 0 || iy >= ih as isize {
+                                seg.fill(0.0);
+                                continue;
+                            }
+                            let sy = iy as usize / f;
+                            let line = &src[sy * src_w..(sy + 1) * src_w];
+                            // ix = ox + kx - p: one contiguous copy between the zero edges.
+                            let lo = p.saturating_sub(kx).min(ow);
+                            let hi = (iw + p).saturating_sub(kx).min(ow);
+                            if s == 1 && f == 1 && hi > lo {
+                                seg[..lo].fill(0.0);
+                                seg[lo..hi].copy_from_slice(&line[lo + kx - p..hi + kx - p]);
+                                seg[hi..].fill(0.0);
+                            } else if s == 2 && f == 1 {
+                                // ix = 2·ox + kx − p: a strided copy between the zero edges (the
+                                // general loop below divides per value; TAESD's and the VAE's
+                                // downsampling convolutions spent as long here as in their products).
+                                let lo = p.saturating_sub(kx).div_ceil(2).min(ow);
+                                let hi = ((iw + p).saturating_sub(kx).div_ceil(2)).clamp(lo, ow);
+                                seg[..lo].fill(0.0);
+                                seg[hi..].fill(0.0);
+                                if hi > lo {
+                                    let first = 2 * lo + kx - p;
+                                    let src = &line[first..first + 2 * (hi - lo) - 1];
+                                    for (v, x) in seg[lo..hi].iter_mut().zip(src.iter().step_by(2)) {
+                                        *v = *x;
+                                    }
+                                }
+                            } else {
+                                for (ox, v) in seg.iter_mut().enumerate() {
+                                    let ix = (ox * s + kx) as isize - p as isize;
+                                    *v = if ix >= 0 && (ix as usize) < iw { line[ix as usize / f] } else { 0.0 };
                                 }
                             }
-                        } else {
-                            for (ox, v) in seg.iter_mut().enumerate() {
-                                let ix = (ox * s + kx) as isize - p as isize;
-                                *v = if ix >= 0 && (ix as usize) < iw { line[ix as usize / f] } else { 0.0 };
-                            }
                         }
+                    };
+                    let dst = ob[oy0 * ow..].as_mut_ptr() as *mut f32;
+                    if direct {
+                        packed.fill_rows((k, tp), fill);
+                        // SAFETY: the destination is columns [oy0·ow, oy0·ow + tp) of ob's cout rows.
+                        unsafe { w.times_packed(cout, dst, oplane, acc, &packed, k) };
+                    } else {
+                        let col = &mut col[..k * tp];
+                        col.par_chunks_mut(tp).enumerate().for_each(|(r, crow)| fill(r, crow));
+                        // SAFETY: as above.
+                        unsafe { w.times((cout, tp, k), dst, oplane, acc, (col.as_ptr(), tp)) };
                     }
-                };
-                let dst = ob[oy0 * ow..].as_mut_ptr();
-                if direct {
-                    packed.fill_rows((k, tp), fill);
-                    // SAFETY: the destination is columns [oy0·ow, oy0·ow + tp) of ob's cout rows.
-                    unsafe { w.times_packed(cout, dst, oplane, acc, &packed, k) };
-                } else {
-                    let col = &mut col[..k * tp];
-                    col.par_chunks_mut(tp).enumerate().for_each(|(r, crow)| fill(r, crow));
-                    // SAFETY: as above.
-                    unsafe { w.times((cout, tp, k), dst, oplane, acc, (col.as_ptr(), tp)) };
                 }
             }
-        }
+        };
+        // SAFETY: `write` writes every value before reading any (above).
+        let mut out = unsafe { written(b * cout * oplane, write) };
         let relu = self.relu;
         match residual {
             Some(r) => out.par_chunks_mut(1 << 16).zip(r.par_chunks(1 << 16)).for_each(|(c, r)| {
@@ -940,13 +973,18 @@ impl CustomOp2 for AddRelu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32_slice(s1, l1, "add_relu")?, f32_slice(s2, l2, "add_relu")?);
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(1 << 16).zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16))).for_each(|(o, (a, b))| {
-            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = join(*a, *b, true);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        if a.len() != b.len() {
+            candle_core::bail!("add_relu: {} and {} values", a.len(), b.len());
+        }
+        let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+            out.par_chunks_mut(1 << 16).zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16))).for_each(|(o, (a, b))| {
+                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                    o.write(join(*a, *b, true));
+                }
+            })
+        };
+        // SAFETY: a, b and the output are as long, chunked alike: every value written.
+        Ok((CpuStorage::F32(unsafe { written(a.len(), write) }), l1.shape().clone()))
     }
 }
 
@@ -1026,28 +1064,23 @@ impl WeightedOp for LinearOp {
         // products add in their epilogue (the output is written once, not zeroed, filled with the
         // bias and read back).
         let lhs = || Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
-        // The bf16 products write every one of the rows × n values (not accumulating): the output
-        // is not filled first, its length set after.
-        let written = |product: &dyn Fn(*mut f32)| {
-            let mut out = Vec::<f32>::with_capacity(rows * n);
-            product(out.as_mut_ptr());
-            // SAFETY: the product wrote all rows × n values.
-            unsafe { out.set_len(rows * n) };
-            out
-        };
+        // The output is written once ([`written`]): the bf16 products write every one of the
+        // rows × n values (not accumulating); the f32 product writes them (the gemm crate reads
+        // no output value when told not to accumulate) or accumulates onto the bias written
+        // first.
         // SAFETY (all three): x is rows × k, w is n × k, the output rows × n, scales and bias (if
         // any) n long.
         let out = match &*w.for_products() {
-            Wt::F32(w) if w.len() == n * k => {
-                // The f32 product (the gemm crate) accumulates onto the bias filled in first.
-                let mut out = vec![0f32; rows * n];
-                if let Some(b) = &bias {
-                    out.par_chunks_mut(n).for_each(|r| r.copy_from_slice(b));
-                }
-                unsafe {
+            Wt::F32(w) if w.len() == n * k => unsafe {
+                written(rows * n, |out| {
+                    if let Some(b) = &bias {
+                        out.par_chunks_mut(n.max(1)).for_each(|r| {
+                            write_copy(b, r);
+                        });
+                    }
                     sgemm(
                         (rows, n, k),
-                        out.as_mut_ptr(),
+                        out.as_mut_ptr() as *mut f32,
                         n as isize,
                         bias.is_some(),
                         (x.as_ptr(), 1, k as isize),
@@ -1055,18 +1088,22 @@ impl WeightedOp for LinearOp {
                         1.0,
                         rayon_par(),
                     )
-                };
-                out
-            }
-            Wt::Bf16(w) if w.len() == n * k => written(&|o| unsafe {
-                let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
-                gemm((rows, n, k), o, n, false, lhs(), b, Scale { bias: bias.as_deref(), ..Scale::ONE }, true)
-            }),
-            Wt::Q8 { codes, scales } if scales.len() == n && codes.len() == n * k => written(&|o| unsafe {
-                let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
-                let scale = Scale { cols: Some(scales), bias: bias.as_deref(), ..Scale::ONE };
-                gemm((rows, n, k), o, n, false, lhs(), b, scale, true)
-            }),
+                })
+            },
+            Wt::Bf16(w) if w.len() == n * k => unsafe {
+                written(rows * n, |o| {
+                    let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
+                    let scale = Scale { bias: bias.as_deref(), ..Scale::ONE };
+                    gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, false, lhs(), b, scale, true)
+                })
+            },
+            Wt::Q8 { codes, scales } if scales.len() == n && codes.len() == n * k => unsafe {
+                written(rows * n, |o| {
+                    let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
+                    let scale = Scale { cols: Some(scales), bias: bias.as_deref(), ..Scale::ONE };
+                    gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, false, lhs(), b, scale, true)
+                })
+            },
             _ => candle_core::bail!("linear: the weight does not hold {n}×{k} values"),
         };
         let mut od = dims.to_vec();
@@ -1117,7 +1154,7 @@ struct GroupNormOp {
 }
 
 simd! {
-fn norm_chunk(x: &[f32], out: &mut [f32], per: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
+fn norm_chunk(x: &[f32], out: &mut [std::mem::MaybeUninit<f32>], per: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
     // Two passes in f64 (mean, then squared deviations), as PyTorch's CPU group_norm: no
     // cancellation for large activations.
     let n = x.len() as f64;
@@ -1131,7 +1168,7 @@ fn norm_chunk(x: &[f32], out: &mut [f32], per: usize, gamma: &[f32], beta: &[f32
     if per == 1 && !silu {
         // A LayerNorm row (`layer_norm`): a factor per value, one vectorisable loop.
         for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
-            *o = (v - m) * (g * rstd) + b;
+            o.write((v - m) * (g * rstd) + b);
         }
         return;
     }
@@ -1141,11 +1178,11 @@ fn norm_chunk(x: &[f32], out: &mut [f32], per: usize, gamma: &[f32], beta: &[f32
         if silu {
             for (o, &v) in oc.iter_mut().zip(xc) {
                 let y = (v - m) * a + b;
-                *o = y / (1.0 + exp(-y));
+                o.write(y / (1.0 + exp(-y)));
             }
         } else {
             for (o, &v) in oc.iter_mut().zip(xc) {
-                *o = (v - m) * a + b;
+                o.write((v - m) * a + b);
             }
         }
     }
@@ -1195,12 +1232,16 @@ impl CustomOp3 for GroupNormOp {
         let c = dims[1];
         let per = dims[2..].iter().product::<usize>();
         let cg = c / self.groups;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(cg * per).zip(x.par_chunks(cg * per)).enumerate().for_each(|(i, (o, xc))| {
-            let g0 = (i % self.groups) * cg;
-            norm_chunk(xc, o, per, &gamma[g0..g0 + cg], &beta[g0..g0 + cg], self.eps, self.silu);
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+            out.par_chunks_mut((cg * per).max(1)).zip(x.par_chunks((cg * per).max(1))).enumerate().for_each(
+                |(i, (o, xc))| {
+                    let g0 = (i % self.groups) * cg;
+                    norm_chunk(xc, o, per, &gamma[g0..g0 + cg], &beta[g0..g0 + cg], self.eps, self.silu);
+                },
+            )
+        };
+        // SAFETY: the output and x are chunked alike, and norm_chunk writes its chunk whole.
+        Ok((CpuStorage::F32(unsafe { written(x.len(), write) }), l1.shape().clone()))
     }
 }
 
@@ -1289,8 +1330,10 @@ impl CustomOp1 for SwapLastTwoOp {
         // line; reading 32 lines 4096 floats apart straight from the input put them all in one L1
         // set).
         const T: usize = 32;
-        let mut out = vec![0f32; x.len()];
-        if m * n > 0 {
+        let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+            if m * n == 0 {
+                return;
+            }
             out.par_chunks_mut(m * n).zip(x.par_chunks(m * n)).for_each(|(o, x)| {
                 o.par_chunks_mut(T * m).enumerate().for_each(|(jb, o)| {
                     let j0 = jb * T;
@@ -1303,14 +1346,16 @@ impl CustomOp1 for SwapLastTwoOp {
                         }
                         for j in 0..jn {
                             for (i, v) in o[j * m + i0..j * m + i0 + im].iter_mut().enumerate() {
-                                *v = tile[i][j];
+                                v.write(tile[i][j]);
                             }
                         }
                     }
                 })
             });
-        }
-        Ok((CpuStorage::F32(out), Shape::from((b, n, m))))
+        };
+        // SAFETY: x holds b·m·n values; each image's blocks of T output rows (m values each)
+        // cover its n rows, and every row's m values are written, T at a time.
+        Ok((CpuStorage::F32(unsafe { written(x.len(), write) }), Shape::from((b, n, m))))
     }
 }
 
@@ -1330,11 +1375,11 @@ pub fn swap_last_two(x: &Tensor) -> Result<Tensor> {
 struct GegluOp;
 
 simd! {
-fn geglu_rows(h: &[f32], out: &mut [f32], half: usize) {
+fn geglu_rows(h: &[f32], out: &mut [std::mem::MaybeUninit<f32>], half: usize) {
     for (hr, or) in h.chunks(2 * half).zip(out.chunks_mut(half)) {
         let (a, g) = hr.split_at(half);
         for ((o, &a), &g) in or.iter_mut().zip(a).zip(g) {
-            *o = a * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2)));
+            o.write(a * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2))));
         }
     }
 }
@@ -1348,10 +1393,17 @@ impl CustomOp1 for GegluOp {
         let h = f32_slice(s, l, "geglu input")?;
         let dims = l.shape().dims();
         let half = dims[dims.len() - 1] / 2;
+        if half == 0 || !dims[dims.len() - 1].is_multiple_of(2) {
+            candle_core::bail!("geglu: an input of width {} (two equal halves needed)", dims[dims.len() - 1]);
+        }
         let rows = h.len() / (2 * half);
-        let mut out = vec![0f32; rows * half];
-        let per = (1 << 14) / half.max(1) + 1;
-        out.par_chunks_mut(per * half).zip(h.par_chunks(per * 2 * half)).for_each(|(o, h)| geglu_rows(h, o, half));
+        let per = (1 << 14) / half + 1;
+        let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+            out.par_chunks_mut(per * half).zip(h.par_chunks(per * 2 * half)).for_each(|(o, h)| geglu_rows(h, o, half))
+        };
+        // SAFETY: per rows of the output (half values each) from per rows of h (2·half each);
+        // geglu_rows writes every value of each output row.
+        let out = unsafe { written(rows * half, write) };
         let mut od = dims.to_vec();
         *od.last_mut().unwrap() = half;
         Ok((CpuStorage::F32(out), Shape::from(od)))
@@ -1574,13 +1626,16 @@ impl AttentionOp {
         let h = self.heads;
         let d = c / h;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; b * lq * c];
+        // The output is written once ([`written`]): every job's block of rows × d, the heads
+        // covering c = h·d (checked in `attention`) and the blocks lq, written by the product
+        // with V before it is scaled.
+        let n = b * lq * c;
         // Queries per block: with bf16 products (K and V packed once per head) the block's scores
         // (block × lk f32) stay near 1 MB, one core's L2.
         let block_of = |bytes: usize| (bytes / 4 / lk.max(1)).clamp(16, 256).min(lq);
         if self.bf16 {
-            self.run_bf16((q, k, v), (b, lq, lk, c), block_of(1 << 20), &mut out);
-            return out;
+            // SAFETY: as above.
+            return unsafe { written(n, |out| self.run_bf16((q, k, v), (b, lq, lk, c), block_of(1 << 20), out)) };
         }
         // The gemm crate packs K (and V where d is not a multiple of 16) again on every call, so
         // in f32 the block's scores may reach 4 MB: at 4096 tokens 256 queries share a packing
@@ -1588,51 +1643,54 @@ impl AttentionOp {
         // Intel Xeon: 0.283 → 0.233 s).
         let block = block_of(1 << 22);
         let nblk = lq.div_ceil(block);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..b * h * nblk).into_par_iter().for_each(|job| {
-            with_kept(&SCRATCH, |(scores, _, inv)| {
-                let (bh, blk) = (job / nblk, job % nblk);
-                let (bi, hi) = (bh / h, bh % h);
-                let q0 = blk * block;
-                let rows = block.min(lq - q0);
-                let (s, inv) = (grown(scores, rows * lk), grown(inv, rows));
-                let qp = q[(bi * lq + q0) * c + hi * d..].as_ptr();
-                let kp = k[bi * lk * c + hi * d..].as_ptr();
-                let vp = v[bi * lk * c + hi * d..].as_ptr();
-                // SAFETY: all reads stay inside q/k/v (row stride c, d columns from hi·d); the
-                // destination rows × d block of `out` belongs to this job alone.
-                unsafe {
-                    // scores = scale · Q_blk · Kᵀ (K read transposed through its strides).
-                    sgemm(
-                        (rows, lk, d),
-                        s.as_mut_ptr(),
-                        lk as isize,
-                        false,
-                        (qp, 1, c as isize),
-                        (kp, c as isize, 1),
-                        scale,
-                        Parallelism::None,
-                    );
-                    softmax_rows(s, lk, inv);
-                    let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
-                    sgemm(
-                        (rows, d, lk),
-                        op,
-                        c as isize,
-                        false,
-                        (s.as_ptr(), 1, lk as isize),
-                        (vp, 1, c as isize),
-                        1.0,
-                        Parallelism::None,
-                    );
-                    // The rows of the unnormalised product divided by their sums.
-                    for (r, &inv) in inv.iter().enumerate() {
-                        std::slice::from_raw_parts_mut(op.add(r * c), d).iter_mut().for_each(|v| *v *= inv);
+        let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+            let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
+            (0..b * h * nblk).into_par_iter().for_each(|job| {
+                with_kept(&SCRATCH, |(scores, _, inv)| {
+                    let (bh, blk) = (job / nblk, job % nblk);
+                    let (bi, hi) = (bh / h, bh % h);
+                    let q0 = blk * block;
+                    let rows = block.min(lq - q0);
+                    let (s, inv) = (grown(scores, rows * lk), grown(inv, rows));
+                    let qp = q[(bi * lq + q0) * c + hi * d..].as_ptr();
+                    let kp = k[bi * lk * c + hi * d..].as_ptr();
+                    let vp = v[bi * lk * c + hi * d..].as_ptr();
+                    // SAFETY: all reads stay inside q/k/v (row stride c, d columns from hi·d); the
+                    // destination rows × d block of `out` belongs to this job alone.
+                    unsafe {
+                        // scores = scale · Q_blk · Kᵀ (K read transposed through its strides).
+                        sgemm(
+                            (rows, lk, d),
+                            s.as_mut_ptr(),
+                            lk as isize,
+                            false,
+                            (qp, 1, c as isize),
+                            (kp, c as isize, 1),
+                            scale,
+                            Parallelism::None,
+                        );
+                        softmax_rows(s, lk, inv);
+                        let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
+                        sgemm(
+                            (rows, d, lk),
+                            op,
+                            c as isize,
+                            false,
+                            (s.as_ptr(), 1, lk as isize),
+                            (vp, 1, c as isize),
+                            1.0,
+                            Parallelism::None,
+                        );
+                        // The rows of the unnormalised product divided by their sums.
+                        for (r, &inv) in inv.iter().enumerate() {
+                            std::slice::from_raw_parts_mut(op.add(r * c), d).iter_mut().for_each(|v| *v *= inv);
+                        }
                     }
-                }
-            })
-        });
-        out
+                })
+            });
+        };
+        // SAFETY: as above.
+        unsafe { written(n, write) }
     }
 }
 
@@ -1645,7 +1703,7 @@ impl AttentionOp {
         (q, k, v): (&[f32], &[f32], &[f32]),
         (b, lq, lk, c): (usize, usize, usize, usize),
         block: usize,
-        out: &mut [f32],
+        out: &mut [std::mem::MaybeUninit<f32>],
     ) {
         use super::gemm_bf16::{gemm_packed, PackedB, Scale, View};
         let h = self.heads;
@@ -1665,7 +1723,7 @@ impl AttentionOp {
                 }
             })
             .collect();
-        let out_ptr = SendPtr(out.as_mut_ptr());
+        let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
         (0..b * h * nblk).into_par_iter().for_each(|job| {
             with_kept(&SCRATCH, |(scores, probs, inv)| {
                 let (bh, blk) = (job / nblk, job % nblk);

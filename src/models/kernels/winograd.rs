@@ -164,7 +164,6 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
     let (oh, ow) = sh.out_size();
     let (ty, tx) = sh.tiles();
     let (cin, cout) = (sh.cin, sh.cout);
-    let mut out = vec![0f32; sh.batch * cout * oh * ow];
     // Output channels per block (the transformed filters within the budget), tile rows per chunk
     // (transformed inputs and products within it).
     let blk = (BUDGET / (XI * cin)).clamp(1, cout);
@@ -178,35 +177,39 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
     // the outgrown blocks resident and raised a VAE encode's peak by 0.35 GB.
     // A thread that re-enters while its buffers are in use (a rayon worker that, waiting inside
     // one convolution, steals a job running another) takes fresh ones.
-    super::with_kept(&BUFFERS, |[u, v, m]| {
-        for (buf, len, cap) in [
-            (&mut *u, blk * XI * cin, BUDGET),
-            (&mut *v, cin * XI * chunk * tx, 2 * BUDGET),
-            (&mut *m, blk * XI * chunk * tx, 2 * BUDGET),
-        ] {
-            kept_at_least(buf, len, cap);
-        }
-        let once = blk == cout;
-        if once {
-            transform_filters(w, cin, 0..cout, u);
-        }
-        for r0 in (0..rows_total).step_by(chunk) {
-            let rows = r0..(r0 + chunk).min(rows_total);
-            let nt = rows.len() * tx;
-            let v = &mut v[..cin * XI * nt];
-            transform_input(x, sh, rows.clone(), v);
-            for co0 in (0..cout).step_by(blk) {
-                let nb = blk.min(cout - co0);
-                if !once {
-                    transform_filters(w, cin, co0..co0 + nb, u);
-                }
-                let m = &mut m[..nb * XI * nt];
-                products(&u[..nb * XI * cin], v, m, (nb, cin, nt));
-                transform_output(m, sh, rows.clone(), co0..co0 + nb, tail, &mut out);
+    let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+        super::with_kept(&BUFFERS, |[u, v, m]| {
+            for (buf, len, cap) in [
+                (&mut *u, blk * XI * cin, BUDGET),
+                (&mut *v, cin * XI * chunk * tx, 2 * BUDGET),
+                (&mut *m, blk * XI * chunk * tx, 2 * BUDGET),
+            ] {
+                kept_at_least(buf, len, cap);
             }
-        }
-    });
-    out
+            let once = blk == cout;
+            if once {
+                transform_filters(w, cin, 0..cout, u);
+            }
+            for r0 in (0..rows_total).step_by(chunk) {
+                let rows = r0..(r0 + chunk).min(rows_total);
+                let nt = rows.len() * tx;
+                let v = &mut v[..cin * XI * nt];
+                transform_input(x, sh, rows.clone(), v);
+                for co0 in (0..cout).step_by(blk) {
+                    let nb = blk.min(cout - co0);
+                    if !once {
+                        transform_filters(w, cin, co0..co0 + nb, u);
+                    }
+                    let m = &mut m[..nb * XI * nt];
+                    products(&u[..nb * XI * cin], v, m, (nb, cin, nt));
+                    transform_output(m, sh, rows.clone(), co0..co0 + nb, tail, out);
+                }
+            }
+        });
+    };
+    // SAFETY: the chunks of tile rows and the blocks of output channels cover every (image,
+    // channel) plane, and transform_output writes each output row whole, reading none.
+    unsafe { super::written(sh.batch * cout * oh * ow, write) }
 }
 
 /// Makes a kept buffer at least `len` long without shrinking it; when it must grow, its capacity
@@ -743,13 +746,14 @@ fn transform_output(
     rows: std::ops::Range<usize>,
     cos: std::ops::Range<usize>,
     tail: Tail,
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let (oh, ow) = sh.out_size();
     let (ty, tx) = sh.tiles();
     let nt = rows.len() * tx;
     let oplane = oh * ow;
-    let outp = SendPtr(out.as_mut_ptr());
+    assert!(out.len() >= sh.batch * sh.cout * oplane);
+    let outp = SendPtr(out.as_mut_ptr() as *mut f32);
     let cout = sh.cout;
     m.par_chunks(XI * nt).enumerate().for_each_init(
         || (vec![0f32; 24 * tx], vec![0f32; 4 * tx]),
@@ -774,10 +778,9 @@ fn transform_output(
                             row.finish(&mut line[..ow], 0);
                         }
                     }
-                    // SAFETY: row y of plane (bi, co) is ow floats inside out, written by this
-                    // output channel only.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(outp.get().add(at), ow) };
-                    dst.copy_from_slice(&line[..ow]);
+                    // SAFETY: row y of plane (bi, co) is ow floats inside out (asserted above),
+                    // written by this output channel only.
+                    unsafe { std::ptr::copy_nonoverlapping(line[..ow].as_ptr(), outp.get().add(at), ow) };
                 }
             }
         },

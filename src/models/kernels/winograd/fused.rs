@@ -84,35 +84,35 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
         }
     });
     let total = sh.batch * ty * tx;
-    // Not zeroed first (a pass over the largest tensor of the layer): the jobs write every value,
+    // Written once ([`written`]; zeroing was a pass over the largest tensor of the layer): the jobs write every value,
     // each output row of each tile once, before the length is set.
     let len = sh.batch * cout * oh * ow;
-    let mut out = Vec::<f32>::with_capacity(len);
-    let outp = SendPtr(out.as_mut_ptr());
-    let job = |j: usize, scratch: &mut Vec<f32>| {
-        let need = XI * (stride(cin) + stride(cout)) + 36 * T + 8 * T;
-        let (v, rest) = grown(scratch, need).split_at_mut(XI * stride(cin));
-        let (m, rest) = rest.split_at_mut(XI * stride(cout));
-        let (rows, line) = rest.split_at_mut(36 * T);
-        let first = j * T;
-        let tiles = first..(first + T).min(total);
-        transform_inputs(x, sh, tiles.clone(), v, rows, line);
-        products(&u, v, m, cin, cout);
-        transform_outputs(m, sh, tiles, (0..cout, stride(cout)), tail, rows, line, outp);
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a fence has no preconditions; it orders the job's streamed stores before the
-        // pool's signal that the job is done.
-        unsafe {
-            std::arch::x86_64::_mm_sfence()
+    let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+        let outp = SendPtr(out.as_mut_ptr() as *mut f32);
+        let job = |j: usize, scratch: &mut Vec<f32>| {
+            let need = XI * (stride(cin) + stride(cout)) + 36 * T + 8 * T;
+            let (v, rest) = grown(scratch, need).split_at_mut(XI * stride(cin));
+            let (m, rest) = rest.split_at_mut(XI * stride(cout));
+            let (rows, line) = rest.split_at_mut(36 * T);
+            let first = j * T;
+            let tiles = first..(first + T).min(total);
+            transform_inputs(x, sh, tiles.clone(), v, rows, line);
+            products(&u, v, m, cin, cout);
+            transform_outputs(m, sh, tiles, (0..cout, stride(cout)), tail, rows, line, outp);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a fence has no preconditions; it orders the job's streamed stores before the
+            // pool's signal that the job is done.
+            unsafe {
+                std::arch::x86_64::_mm_sfence()
+            };
         };
+        (0..total.div_ceil(T))
+            .into_par_iter()
+            .for_each(|j| crate::models::kernels::with_kept(&SCRATCH, |kept| job(j, kept)));
     };
-    (0..total.div_ceil(T))
-        .into_par_iter()
-        .for_each(|j| crate::models::kernels::with_kept(&SCRATCH, |kept| job(j, kept)));
     // SAFETY: the tiles cover the output plane (4·ty ≥ oh, 4·tx ≥ ow), so the jobs wrote all
     // `len` values of every (image, channel) plane.
-    unsafe { out.set_len(len) };
-    out
+    unsafe { crate::models::kernels::written(len, write) }
 }
 
 /// Input channels per step of [`conv_by_channels`]: a job's transformed filters for them
@@ -161,91 +161,91 @@ pub(super) fn conv_by_channels(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> 
     let threads = rayon::current_num_threads();
     let micros = [4, 2, 1].into_iter().find(|&n| cout.div_ceil(CO * n) >= 4 * threads).unwrap_or(1);
     let per_job = CO * micros;
-    let mut out = Vec::<f32>::with_capacity(len);
-    let outp = SendPtr(out.as_mut_ptr());
-    crate::models::kernels::with_kept(&super::BUFFERS, |[_, v, _]| {
-        // The split path's kept buffer for its transformed inputs (not zeroed: every value read
-        // is written first; slots past the last tile hold stale values whose products are never
-        // read back).
-        super::kept_at_least(v, tblocks * vlen, 2 * super::BUDGET);
-        v[..tblocks * vlen].par_chunks_mut(vlen).enumerate().for_each(|(tb, vb)| {
-            crate::models::kernels::with_kept(&SCRATCH, |s| {
-                let (rows, line) = grown(s, 44 * T).split_at_mut(36 * T);
-                transform_inputs(x, sh, tb * T..((tb + 1) * T).min(total), vb, rows, line);
-            })
-        });
-        let v = &v[..tblocks * vlen];
-        let job = |jb: usize, scratch: &mut Vec<f32>| {
-            let cos = jb * per_job..((jb + 1) * per_job).min(cout);
-            let chans_of = |i: usize| cos.start + i * CO..(cos.start + (i + 1) * CO).min(cos.end);
-            let mine = cos.len().div_ceil(CO);
-            let (ulen, mlen) = (XI * ustride(KC), XI * stride(CO));
-            let need = micros * ulen + micros * tblocks * mlen + 44 * T;
-            let (u, rest) = grown(scratch, need).split_at_mut(micros * ulen);
-            let (m, rest) = rest.split_at_mut(micros * tblocks * mlen);
-            let (cols, line) = rest.split_at_mut(36 * T);
-            for ci0 in (0..cin).step_by(KC) {
-                let kc = KC.min(cin - ci0);
-                for i in 0..mine {
-                    let cs = chans_of(i);
-                    // SAFETY: rows cs of the weight hold cin input channels; u's part holds
-                    // 36 ξ rows of ustride(kc); available() said the CPU has AVX-512F.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        filters_by_lanes(
-                            Taps { w, co0: cs.start, cin },
-                            cs.len(),
-                            ci0,
-                            kc,
-                            &mut u[i * ulen..(i + 1) * ulen],
-                        )
-                    };
-                    #[cfg(not(target_arch = "x86_64"))]
-                    let _ = (w, cs);
-                }
-                for tb in 0..tblocks {
-                    let vb = &v[tb * vlen..];
-                    for xi in 0..XI {
-                        // A tile block's inputs for ξ (kc rows of T, 8 KB) stay in L1 for the
-                        // job's micro-tiles.
-                        for i in 0..mine {
-                            // SAFETY: u's ξ rows hold kc rows of 16 (≥ r) values; v's rows ci0 ..
-                            // ci0 + kc of ξ hold T values; m's rows < r of ξ hold T values.
-                            unsafe {
-                                tile(
-                                    chans_of(i).len(),
-                                    u.as_ptr().add(i * ulen + xi * ustride(kc)),
-                                    16,
-                                    vb.as_ptr().add(xi * stride(cin) + ci0 * T),
-                                    kc,
-                                    m.as_mut_ptr().add((i * tblocks + tb) * mlen + xi * stride(CO)),
-                                    ci0 > 0,
-                                )
-                            };
+    let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+        let outp = SendPtr(out.as_mut_ptr() as *mut f32);
+        crate::models::kernels::with_kept(&super::BUFFERS, |[_, v, _]| {
+            // The split path's kept buffer for its transformed inputs (not zeroed: every value read
+            // is written first; slots past the last tile hold stale values whose products are never
+            // read back).
+            super::kept_at_least(v, tblocks * vlen, 2 * super::BUDGET);
+            v[..tblocks * vlen].par_chunks_mut(vlen).enumerate().for_each(|(tb, vb)| {
+                crate::models::kernels::with_kept(&SCRATCH, |s| {
+                    let (rows, line) = grown(s, 44 * T).split_at_mut(36 * T);
+                    transform_inputs(x, sh, tb * T..((tb + 1) * T).min(total), vb, rows, line);
+                })
+            });
+            let v = &v[..tblocks * vlen];
+            let job = |jb: usize, scratch: &mut Vec<f32>| {
+                let cos = jb * per_job..((jb + 1) * per_job).min(cout);
+                let chans_of = |i: usize| cos.start + i * CO..(cos.start + (i + 1) * CO).min(cos.end);
+                let mine = cos.len().div_ceil(CO);
+                let (ulen, mlen) = (XI * ustride(KC), XI * stride(CO));
+                let need = micros * ulen + micros * tblocks * mlen + 44 * T;
+                let (u, rest) = grown(scratch, need).split_at_mut(micros * ulen);
+                let (m, rest) = rest.split_at_mut(micros * tblocks * mlen);
+                let (cols, line) = rest.split_at_mut(36 * T);
+                for ci0 in (0..cin).step_by(KC) {
+                    let kc = KC.min(cin - ci0);
+                    for i in 0..mine {
+                        let cs = chans_of(i);
+                        // SAFETY: rows cs of the weight hold cin input channels; u's part holds
+                        // 36 ξ rows of ustride(kc); available() said the CPU has AVX-512F.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            filters_by_lanes(
+                                Taps { w, co0: cs.start, cin },
+                                cs.len(),
+                                ci0,
+                                kc,
+                                &mut u[i * ulen..(i + 1) * ulen],
+                            )
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (w, cs);
+                    }
+                    for tb in 0..tblocks {
+                        let vb = &v[tb * vlen..];
+                        for xi in 0..XI {
+                            // A tile block's inputs for ξ (kc rows of T, 8 KB) stay in L1 for the
+                            // job's micro-tiles.
+                            for i in 0..mine {
+                                // SAFETY: u's ξ rows hold kc rows of 16 (≥ r) values; v's rows ci0 ..
+                                // ci0 + kc of ξ hold T values; m's rows < r of ξ hold T values.
+                                unsafe {
+                                    tile(
+                                        chans_of(i).len(),
+                                        u.as_ptr().add(i * ulen + xi * ustride(kc)),
+                                        16,
+                                        vb.as_ptr().add(xi * stride(cin) + ci0 * T),
+                                        kc,
+                                        m.as_mut_ptr().add((i * tblocks + tb) * mlen + xi * stride(CO)),
+                                        ci0 > 0,
+                                    )
+                                };
+                            }
                         }
                     }
                 }
-            }
-            for i in 0..mine {
-                for tb in 0..tblocks {
-                    let tiles = tb * T..((tb + 1) * T).min(total);
-                    let m = &m[(i * tblocks + tb) * mlen..][..mlen];
-                    transform_outputs(m, sh, tiles, (chans_of(i), stride(CO)), tail, cols, line, outp);
+                for i in 0..mine {
+                    for tb in 0..tblocks {
+                        let tiles = tb * T..((tb + 1) * T).min(total);
+                        let m = &m[(i * tblocks + tb) * mlen..][..mlen];
+                        transform_outputs(m, sh, tiles, (chans_of(i), stride(CO)), tail, cols, line, outp);
+                    }
                 }
-            }
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `conv`.
-            unsafe {
-                std::arch::x86_64::_mm_sfence()
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as in `conv`.
+                unsafe {
+                    std::arch::x86_64::_mm_sfence()
+                };
             };
-        };
-        (0..cout.div_ceil(per_job))
-            .into_par_iter()
-            .for_each(|jb| crate::models::kernels::with_kept(&SCRATCH, |kept| job(jb, kept)));
-    });
+            (0..cout.div_ceil(per_job))
+                .into_par_iter()
+                .for_each(|jb| crate::models::kernels::with_kept(&SCRATCH, |kept| job(jb, kept)));
+        });
+    };
     // SAFETY: every channel's job wrote all its output planes (the tiles cover them).
-    unsafe { out.set_len(len) };
-    out
+    unsafe { crate::models::kernels::written(len, write) }
 }
 
 /// The 16 × 16 transpose of `rows` (row i's lane j → row j's lane i), in 64 shuffles.
