@@ -2547,6 +2547,10 @@ pub(crate) mod tests {
         let h = (randn(&[2, 7, 2 * 45], 7) * 2.0).unwrap();
         let want = (h.narrow(2, 0, 45).unwrap() * h.narrow(2, 45, 45).unwrap().gelu_erf().unwrap()).unwrap();
         assert!(max_rel(&geglu(&h).unwrap(), &want) < 1e-6);
+        // An odd width has no two halves (its rows would not cover the output): an error naming it.
+        let odd = randn(&[1, 3, 91], 7);
+        let err = geglu(&odd).unwrap_err().to_string();
+        assert!(err.contains("width 91"), "{err}");
     }
 
     #[test]
