@@ -84,8 +84,8 @@ pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
         }
     });
     let total = sh.batch * ty * tx;
-    // Written once ([`written`]; zeroing was a pass over the largest tensor of the layer): the jobs write every value,
-    // each output row of each tile once, before the length is set.
+    // Written once ([`written`]; zeroing was a pass over the largest tensor of the layer): the
+    // jobs write every value, each output row of each tile once, before the length is set.
     let len = sh.batch * cout * oh * ow;
     let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
         let outp = SendPtr(out.as_mut_ptr() as *mut f32);
