@@ -1232,13 +1232,12 @@ impl CustomOp3 for GroupNormOp {
         let c = dims[1];
         let per = dims[2..].iter().product::<usize>();
         let cg = c / self.groups;
+        let group = (cg * per).max(1);
         let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
-            out.par_chunks_mut((cg * per).max(1)).zip(x.par_chunks((cg * per).max(1))).enumerate().for_each(
-                |(i, (o, xc))| {
-                    let g0 = (i % self.groups) * cg;
-                    norm_chunk(xc, o, per, &gamma[g0..g0 + cg], &beta[g0..g0 + cg], self.eps, self.silu);
-                },
-            )
+            out.par_chunks_mut(group).zip(x.par_chunks(group)).enumerate().for_each(|(i, (o, xc))| {
+                let g0 = (i % self.groups) * cg;
+                norm_chunk(xc, o, per, &gamma[g0..g0 + cg], &beta[g0..g0 + cg], self.eps, self.silu);
+            })
         };
         // SAFETY: the output and x are chunked alike, and norm_chunk writes its chunk whole.
         Ok((CpuStorage::F32(unsafe { written(x.len(), write) }), l1.shape().clone()))

@@ -252,18 +252,18 @@ fn transform_filters(w: Filters, cin: usize, cos: std::ops::Range<usize>, u: &mu
     }
 }
 
-/// [`transform_filters`] for half-precision filters: each output channel's widened (by the
-/// kernels' own converter, `widen`) into a buffer of the job's own, then transformed.
+/// [`transform_filters`] for half-precision filters: each output channel's widened by `convert`
+/// (the kernels' `f16_to_f32` / `bf16_to_f32`) into a buffer of the job's own, then transformed.
 fn transform_half<H: Sync>(
     w: &[H],
     cin: usize,
     u: rayon::slice::ChunksMut<'_, f32>,
-    widen: impl Fn(&[H], &mut [std::mem::MaybeUninit<f32>]) + Sync,
+    convert: impl Fn(&[H], &mut [std::mem::MaybeUninit<f32>]) + Sync,
 ) {
     let per = 9 * cin;
     u.zip(w.par_chunks(per)).for_each_init(Vec::new, |gf, (dst, g)| {
         gf.resize(per, 0.0);
-        widen(g, super::as_uninit(gf));
+        convert(g, super::as_uninit(gf));
         filters_of(gf, dst, cin)
     })
 }
