@@ -8,13 +8,19 @@ model folder, one photo and one set of Gaussian draws, these img2img runs —
   diffusers f32 and diffusers under torch.autocast("cpu", torch.bfloat16) (f32 weights, the same
   draws injected) —
 
-then per denoising step the relative difference of the latents (max|a-b| / max|b|) of each of ours
-vs ours f32 and of diffusers bf16 vs diffusers f32, and the final picture's PSNR (8-bit) for each
+and, with --simulate, diffusers f32 with int8 simulated in PyTorch (rounded and scaled back, so the
+arithmetic stays f32 and only the rounding shows): w8 = our q8's weights (per output channel,
+max|w|/127, the layers ours quantises), w8a8 = w8 plus each such layer's input rounded to 8 bits as
+an integer (VNNI) product would need it (asymmetric u8, dynamic: per token for a linear layer, per
+image for a convolution — a convolution's patches mix pixels, so one scale must cover an image),
+w8a8-linear / w8a8-conv = w8 with the inputs of the linear layers / convolutions alone rounded; then
+per denoising step the relative difference of the latents (max|a-b| / max|b|) of each of ours
+vs ours f32, of diffusers bf16 and each simulated run vs diffusers f32, and the final picture's PSNR (8-bit) for each
 pair. Ours f32 vs diffusers f32 is printed too (parity, for scale). Prints a Markdown table.
 
     . VENV/bin/activate      # tests/fixtures/install-env.sh VENV
     python benches/bf16_accuracy.py --bin target/release/ghiblify --model DIR [--photo P] [--steps 10]
-        [--strength 0.5] [--size 512] [--threads 2] [--ours bf16,q8,q8-f32]
+        [--strength 0.5] [--size 512] [--threads 2] [--ours bf16,q8,q8-f32] [--simulate w8,w8a8,...]
 
 DIR: a diffusers SD1.x folder in f32 (benches/make_random_sd15.py writes a full-size one with random
 weights; the tiny fixtures in tests/fixtures work too). Needs a CPU with AVX512_BF16 or AMX for our
@@ -58,7 +64,49 @@ def ours(a, out, mode, trace, noise_from=None):
     return load_file(trace)
 
 
-def theirs(a, draws_trace, bf16):
+# Our q8's rule (src/models/nn.rs): layers with at least 16 inputs per output and 16 outputs.
+Q8_MIN = 16
+SIMULATED = ("w8", "w8a8", "w8a8-linear", "w8a8-conv")
+
+
+def q8_layers(pipe):
+    import torch
+    for model in (pipe.unet, pipe.text_encoder):
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                w = m.weight
+                if w.shape[0] >= Q8_MIN and w[0].numel() >= Q8_MIN:
+                    yield m
+
+
+def round_weights(m):
+    """Our quantiser's codes (kernels::quantize_row): q = round(w·127/max|w|) per output channel,
+    ties to even (torch.round, as the 1.5·2^23 trick), clamped to ±127; w ≈ q·max/127."""
+    import torch
+    w = m.weight.data
+    mx = w.abs().reshape(w.shape[0], -1).amax(1).reshape(-1, *([1] * (w.dim() - 1)))
+    inv = torch.where(mx > 0, 127.0 / mx, torch.zeros_like(mx))
+    m.weight.data = torch.round(w * inv).clamp(-127, 127) * (mx / 127.0)
+
+
+def round_input(m, args):
+    """The layer's input as an asymmetric 8-bit integer product reads it: u8 codes with a zero point,
+    scale (max-min)/255 — per token (last axis) for a linear layer, per image for a convolution."""
+    import torch
+    x = args[0]
+    if isinstance(m, torch.nn.Linear):
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    else:
+        flat = x.reshape(x.shape[0], -1)
+        lo, hi = (v.reshape(-1, 1, 1, 1) for v in (flat.amin(1), flat.amax(1)))
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+    zero = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
+    return ((q - zero) * scale,) + tuple(args[1:])
+
+
+def theirs(a, draws_trace, bf16, simulate=None):
     import torch
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
     from PIL import Image
@@ -67,6 +115,13 @@ def theirs(a, draws_trace, bf16):
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(a.model, safety_checker=None, feature_extractor=None,
                                                           requires_safety_checker=False)
     t_load = time.perf_counter() - t_load
+    if simulate:
+        import torch
+        for m in q8_layers(pipe):
+            round_weights(m)
+            kind = "linear" if isinstance(m, torch.nn.Linear) else "conv"
+            if simulate in ("w8a8", f"w8a8-{kind}"):
+                m.register_forward_pre_hook(round_input)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     ref = load_file(draws_trace)
@@ -86,7 +141,7 @@ def theirs(a, draws_trace, bf16):
         lat = out.images
         dec = pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0]
         img = (dec.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-    print(f"diffusers {'bf16 autocast' if bf16 else 'f32'}: {time.perf_counter() - t0:.1f} s (load {t_load:.1f} s)",
+    print(f"diffusers {simulate or ('bf16 autocast' if bf16 else 'f32')}: {time.perf_counter() - t0:.1f} s (load {t_load:.1f} s)",
           file=sys.stderr)
     t = {f"step{i:02d}_latents": s for i, s in enumerate(steps)}
     t["output_float"] = img
@@ -104,8 +159,12 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--ours", default="bf16", help="our modes besides f32: bf16, q8, q8-f32")
+    ap.add_argument("--simulate", default="", help="diffusers f32 with int8 rounding simulated: " + ", ".join(SIMULATED))
     a = ap.parse_args()
     modes = a.ours.split(",")
+    sims = [s for s in a.simulate.split(",") if s]
+    if any(s not in SIMULATED for s in sims):
+        raise SystemExit(f"--simulate {a.simulate}: the modes are {', '.join(SIMULATED)}")
     with tempfile.TemporaryDirectory() as out:
         # The photo at the working size (long side --size, multiples of 8) so both sides start from
         # the same pixels.
@@ -120,14 +179,18 @@ def main():
         mine = {m: ours(a, out, m, os.path.join(out, f"{m}.safetensors"), noise_from=t32) for m in modes}
         d32 = theirs(a, t32, bf16=False)
         d16 = theirs(a, t32, bf16=True)
+        dsim = {s: theirs(a, t32, bf16=False, simulate=s) for s in sims}
     keys = sorted(k for k in d32 if k.startswith("step") and k in o32)
     heads = [f"ours {m} vs ours f32" for m in modes]
+    heads += [f"diffusers {s} (simulated) vs diffusers f32" for s in sims]
     print("| step | " + " | ".join(heads) + " | diffusers bf16 autocast vs diffusers f32 | ours f32 vs diffusers f32 |")
-    print("|---|" + "---|" * (len(modes) + 2))
+    print("|---|" + "---|" * (len(modes) + len(sims) + 2))
     for k in keys:
         cells = [f"{rel_err(mine[m][k], o32[k]):.2e}" for m in modes]
+        cells += [f"{rel_err(dsim[s][k], d32[k]):.2e}" for s in sims]
         print(f"| {k[4:6]} | " + " | ".join(cells) + f" | {rel_err(d16[k], d32[k]):.2e} | {rel_err(o32[k], d32[k]):.2e} |")
     cells = [f"{psnr(mine[m]['output_float'], o32['output_float']):.1f} dB" for m in modes]
+    cells += [f"{psnr(dsim[s]['output_float'], d32['output_float']):.1f} dB" for s in sims]
     print("| picture PSNR | " + " | ".join(cells) + f" | {psnr(d16['output_float'], d32['output_float']):.1f} dB | "
           f"{psnr(o32['output_float'], d32['output_float']):.1f} dB |")
 
