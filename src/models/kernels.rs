@@ -922,6 +922,22 @@ pub fn conv2d_relu(
     apply_weighted(x, weight, bias, Conv { relu: true, ..Conv::plain(weight, stride, padding) })
 }
 
+/// `conv2d(x, …) + residual`, the sum inside the convolution's last pass (the UNet transformer's
+/// residual around its 1×1 `proj_out`).
+pub fn conv2d_add(
+    x: &Tensor,
+    weight: &Weight,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    (stride, padding): (usize, usize),
+) -> Result<Tensor> {
+    if !is_cpu_f32(x) || !is_cpu_f32(residual) {
+        return conv2d(x, weight, bias, stride, padding)? + residual;
+    }
+    let conv = Conv { residual: Some(residual.contiguous()?), ..Conv::plain(weight, stride, padding) };
+    apply_weighted(x, weight, bias, conv)
+}
+
 /// `relu(conv2d(x, …) + residual)`, the sum and the ReLU inside the convolution's last pass:
 /// TAESD's residual join without a pass of its own over three tensors.
 pub fn conv2d_add_relu(
@@ -1027,6 +1043,8 @@ fn apply_weighted<Op: WeightedOp>(x: &Tensor, weight: &Weight, bias: Option<&Ten
 struct LinearOp {
     /// The weight's per-output-channel scales when it is int8 ([`Weight::Q8`]).
     scales: Option<std::sync::Arc<[f32]>>,
+    /// A tensor of the output's shape added to it ([`linear_add`]: a transformer block's residual).
+    residual: Option<Tensor>,
 }
 
 impl WeightedOp for LinearOp {
@@ -1063,26 +1081,51 @@ impl WeightedOp for LinearOp {
         // scales are per output channel, so per column of Y, and so is the bias, which the bf16
         // products add in their epilogue (the output is written once, not zeroed, filled with the
         // bias and read back).
+        // (A read lock on the residual's storage beside the one candle holds on the input's, as
+        // the convolution's.)
+        let guard = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let residual = match &guard {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(s) if layout.shape().elem_count() == rows * n => {
+                    Some(f32_slice(s, layout, "linear residual")?)
+                }
+                _ => candle_core::bail!("linear residual: expected a CPU f32 tensor of {rows}×{n} values"),
+            },
+            None => None,
+        };
+        // With a residual the output starts as residual (+ bias) and every product accumulates
+        // onto it: the sum costs no pass and no tensor of its own (it was candle's add, a fresh
+        // output read back). Without one the bias is written first for the f32 product, and is the
+        // bf16 products' epilogue.
+        let start = |out: &mut [std::mem::MaybeUninit<f32>]| match (&bias, residual) {
+            (Some(b), None) => out.par_chunks_mut(n.max(1)).for_each(|r| write_copy(b, r)),
+            (None, Some(res)) => {
+                out.par_chunks_mut(1 << 16).zip(res.par_chunks(1 << 16)).for_each(|(o, r)| write_copy(r, o))
+            }
+            (Some(b), Some(res)) => out.par_chunks_mut(n.max(1)).zip(res.par_chunks(n.max(1))).for_each(|(o, r)| {
+                for ((o, &r), &b) in o.iter_mut().zip(r).zip(b.iter()) {
+                    o.write(b + r);
+                }
+            }),
+            (None, None) => {}
+        };
+        let onto = residual.is_some();
         let lhs = || Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
         // The output is written once ([`written`]): the bf16 products write every one of the
-        // rows × n values (not accumulating); the f32 product writes them (the gemm crate reads
-        // no output value when told not to accumulate) or accumulates onto the bias written
-        // first.
-        // SAFETY (all three): x is rows × k, w is n × k, the output rows × n, scales and bias (if
-        // any) n long.
+        // rows × n values (not accumulating) or accumulate onto the residual written first; the
+        // f32 product writes them (the gemm crate reads no output value when told not to
+        // accumulate) or accumulates onto the bias and/or residual written first.
+        // SAFETY (all three): x is rows × k, w is n × k, the output and the residual (if any)
+        // rows × n, scales and bias (if any) n long.
         let out = match &*w.for_products() {
             Wt::F32(w) if w.len() == n * k => unsafe {
                 written(rows * n, |out| {
-                    if let Some(b) = &bias {
-                        out.par_chunks_mut(n.max(1)).for_each(|r| {
-                            write_copy(b, r);
-                        });
-                    }
+                    start(out);
                     sgemm(
                         (rows, n, k),
                         out.as_mut_ptr() as *mut f32,
                         n as isize,
-                        bias.is_some(),
+                        bias.is_some() || onto,
                         (x.as_ptr(), 1, k as isize),
                         (w.as_ptr(), k as isize, 1),
                         1.0,
@@ -1093,15 +1136,21 @@ impl WeightedOp for LinearOp {
             Wt::Bf16(w) if w.len() == n * k => unsafe {
                 written(rows * n, |o| {
                     let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
-                    let scale = Scale { bias: bias.as_deref(), ..Scale::ONE };
-                    gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, false, lhs(), b, scale, true)
+                    if onto {
+                        start(o);
+                    }
+                    let scale = Scale { bias: bias.as_deref().filter(|_| !onto), ..Scale::ONE };
+                    gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, onto, lhs(), b, scale, true)
                 })
             },
             Wt::Q8 { codes, scales } if scales.len() == n && codes.len() == n * k => unsafe {
                 written(rows * n, |o| {
                     let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
-                    let scale = Scale { cols: Some(scales), bias: bias.as_deref(), ..Scale::ONE };
-                    gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, false, lhs(), b, scale, true)
+                    if onto {
+                        start(o);
+                    }
+                    let scale = Scale { cols: Some(scales), bias: bias.as_deref().filter(|_| !onto), ..Scale::ONE };
+                    gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, onto, lhs(), b, scale, true)
                 })
             },
             _ => candle_core::bail!("linear: the weight does not hold {n}×{k} values"),
@@ -1112,6 +1161,35 @@ impl WeightedOp for LinearOp {
     }
 }
 
+/// Whether a weight can go to our CPU kernels (on the CPU, or read in place from its file).
+fn ours(weight: &Weight) -> bool {
+    match weight {
+        Weight::Dense(w) => w.device().is_cpu(),
+        Weight::Q8 { codes, .. } => codes.device().is_cpu(),
+        Weight::InPlace(_) => true,
+    }
+}
+
+/// `linear(x, …) + residual` (the residual of the output's shape): on our CPU kernels the product
+/// accumulates onto the residual (and bias) written first — a transformer block's three residual
+/// sums without a pass and a tensor of their own. Elsewhere the two operations.
+pub fn linear_add(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+    if is_cpu_f32(x) && is_cpu_f32(residual) && ours(weight) {
+        // The output is x's shape with n last; the residual must have that shape, as candle's add
+        // would insist (the op itself checks only the count of values).
+        let mut shape = x.dims().to_vec();
+        if let (Some(last), Some(&n)) = (shape.last_mut(), weight.dims().first()) {
+            *last = n;
+        }
+        if residual.dims() != shape {
+            candle_core::bail!("linear residual: shape {:?} for an output of {shape:?}", residual.dims());
+        }
+        let op = LinearOp { scales: weight.scales(), residual: Some(residual.contiguous()?) };
+        return apply_weighted(x, weight, bias, op);
+    }
+    linear(x, weight, bias)? + residual
+}
+
 /// `torch.nn.Linear`: `x · Wᵀ + b` over the last dimension, any leading dimensions. For f32
 /// activations on the CPU: bf16 products with f32 sums when the weight is bf16 or int8 and the
 /// CPU multiplies bf16 ([`Weight::bf16_products`]), otherwise one f32 product on the weight as it
@@ -1120,13 +1198,8 @@ impl WeightedOp for LinearOp {
 /// bias add is another pass on one: 0.1–0.2 s of a bf16 UNet call each). Elsewhere candle's
 /// product in the activations' dtype.
 pub fn linear(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
-    let ours = match weight {
-        Weight::Dense(w) => w.device().is_cpu(),
-        Weight::Q8 { codes, .. } => codes.device().is_cpu(),
-        Weight::InPlace(_) => true,
-    };
-    if is_cpu_f32(x) && ours {
-        return apply_weighted(x, weight, bias, LinearOp { scales: weight.scales() });
+    if is_cpu_f32(x) && ours(weight) {
+        return apply_weighted(x, weight, bias, LinearOp { scales: weight.scales(), residual: None });
     }
     let w = weight.dense(x.dtype())?;
     let (n, k) = w.dims2()?;
@@ -2115,6 +2188,68 @@ pub(crate) mod tests {
         let wrong = randn(&[2, 12, 21, 69], 45);
         let err = conv2d_add_relu(&x, &wt, Some(&bias), &wrong, (1, 1)).unwrap_err().to_string();
         assert!(err.contains("residual"), "{err}");
+    }
+
+    #[test]
+    fn residual_sums_inside_the_last_layer_equal_the_separate_add() {
+        // linear_add on each weight storage (f32; bf16, multiplied in bf16 where the CPU can; int8)
+        // and each path (our kernels, the f32 kernels, candle's generic ops), with and without a
+        // bias, against the layer then candle's add: the same terms summed in another order on
+        // our kernels (within 1e-6 of the largest value), bit for bit on candle's path. Rows that
+        // do not fill a block, a NaN in the residual (it stays NaN there alone), a residual of the
+        // wrong shape refused by name. conv2d_add through every convolution path (3×3 and 1×1)
+        // against the convolution then the add: the same operations in the same order.
+        type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
+        let paths: [(&str, Path); 3] = [
+            ("kernels", |f| f()),
+            ("f32 kernels", |f| without_bf16_arithmetic(f)),
+            ("generic", |f| crate::device::with_generic_ops(true, f)),
+        ];
+        let (x, w32, b) = (randn(&[2, 37, 96], 51), randn(&[80, 96], 52), randn(&[80], 53));
+        let r = randn(&[2, 37, 80], 54);
+        let mut rn = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        rn[1000] = f32::NAN;
+        let rn = Tensor::from_vec(rn, (2, 37, 80), &Device::Cpu).unwrap();
+        let weights = [
+            ("f32", dense(&w32)),
+            ("bf16", dense(&w32.to_dtype(DType::BF16).unwrap())),
+            ("int8", Weight::quantize(&w32).unwrap()),
+        ];
+        for (wname, w) in &weights {
+            for (pname, run) in paths {
+                for bias in [None, Some(&b)] {
+                    let what = format!("{wname} {pname} bias {}", bias.is_some());
+                    let want = run(&|| (linear(&x, w, bias).unwrap() + &r).unwrap());
+                    let got = run(&|| linear_add(&x, w, bias, &r).unwrap());
+                    assert_eq!(got.dims(), want.dims(), "{what}");
+                    if pname == "generic" {
+                        assert_eq!(bits(&got), bits(&want), "{what}");
+                    } else {
+                        assert!(max_rel(&got, &want) < 1e-6, "{what}: {}", max_rel(&got, &want));
+                    }
+                    let got = run(&|| linear_add(&x, w, bias, &rn).unwrap()).flatten_all().unwrap();
+                    let nan: Vec<usize> = (0..got.elem_count())
+                        .filter(|&i| got.get(i).unwrap().to_scalar::<f32>().unwrap().is_nan())
+                        .collect();
+                    assert_eq!(nan, [1000], "{what}: the residual's NaN");
+                }
+            }
+        }
+        for wrong in [randn(&[2, 37, 79], 55), randn(&[37, 2, 80], 55)] {
+            let err = linear_add(&x, &weights[0].1, Some(&b), &wrong).unwrap_err().to_string();
+            assert!(err.contains("linear residual") && err.contains(&format!("{:?}", wrong.dims())), "{err}");
+        }
+        let x = randn(&[2, 16, 21, 70], 56);
+        let r = randn(&[2, 12, 21, 70], 57);
+        for (k, p) in [(3, 1), (1, 0)] {
+            let wt = dense(&randn(&[12, 16, k, k], 58));
+            let bias = randn(&[12], 59);
+            for path in CONV_PATHS {
+                let want = on_path(path, &|| (conv2d(&x, &wt, Some(&bias), 1, p).unwrap() + &r).unwrap());
+                let got = on_path(path, &|| conv2d_add(&x, &wt, Some(&bias), &r, (1, p)).unwrap());
+                assert_eq!(bits(&got), bits(&want), "conv2d_add {k}×{k} {path}");
+            }
+        }
     }
 
     /// `t` rounded to bf16 and back: the operands the bf16 products see.

@@ -150,6 +150,11 @@ impl Conv2d {
         kernels::conv2d_relu(xs, &self.weight, self.bias.as_ref(), self.stride, self.padding)
     }
 
+    /// `forward(xs) + residual`, the sum inside the convolution's last pass.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        kernels::conv2d_add(xs, &self.weight, self.bias.as_ref(), residual, (self.stride, self.padding))
+    }
+
     /// `relu(forward(xs) + residual)`, the sum and the ReLU inside the convolution's last pass.
     pub fn forward_add_relu(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         kernels::conv2d_add_relu(xs, &self.weight, self.bias.as_ref(), residual, (self.stride, self.padding))
@@ -233,6 +238,11 @@ impl Linear {
     /// Whether the products multiply in bf16 (the layer's neighbours then do too).
     pub fn bf16_products(&self) -> bool {
         self.weight.bf16_products()
+    }
+
+    /// `forward(xs) + residual`, the product accumulated onto the residual ([`kernels::linear_add`]).
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        kernels::linear_add(xs, &self.weight, self.bias.as_ref(), residual)
     }
 }
 

@@ -424,11 +424,12 @@ impl Attention {
             heads,
         })
     }
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+    /// The attention's output plus `residual`, summed inside its last linear layer.
+    fn forward_add(&self, xs: &Tensor, context: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        self.to_out.forward(&attention(&q, &k, &v, self.heads, self.to_q.bf16_products())?)
+        self.to_out.forward_add(&attention(&q, &k, &v, self.heads, self.to_q.bf16_products())?, residual)
     }
 }
 
@@ -447,13 +448,13 @@ impl TransformerBlock {
     }
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.norm1.forward(xs)?;
-        let xs = (self.attn1.forward(&h, &h)? + xs)?;
+        let xs = self.attn1.forward_add(&h, &h, xs)?;
         let h = self.norm2.forward(&xs)?;
-        let xs = (self.attn2.forward(&h, context)? + xs)?;
+        let xs = self.attn2.forward_add(&h, context, &xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         // GEGLU with the exact (erf) GELU, as torch's F.gelu: candle's `gelu` is the tanh form.
         let g = super::kernels::geglu(&h)?;
-        self.ff_out.forward(&g)? + xs
+        self.ff_out.forward_add(&g, &xs)
     }
 }
 
@@ -514,11 +515,10 @@ impl Transformer2D {
             xs = block.forward(&xs, context)?;
         }
         let to_image = |t: &Tensor| super::kernels::swap_last_two(t)?.reshape((b, c, h, w));
-        let xs = match &self.proj_out {
-            Proj::Conv(conv) => conv.forward(&to_image(&xs)?)?,
-            Proj::Linear(lin) => to_image(&lin.forward(&xs)?)?,
-        };
-        xs + residual
+        match &self.proj_out {
+            Proj::Conv(conv) => conv.forward_add(&to_image(&xs)?, residual),
+            Proj::Linear(lin) => to_image(&lin.forward(&xs)?)? + residual,
+        }
     }
 }
 
