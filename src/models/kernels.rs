@@ -922,35 +922,23 @@ pub fn conv2d_relu(
     apply_weighted(x, weight, bias, Conv { relu: true, ..Conv::plain(weight, stride, padding) })
 }
 
-/// `conv2d(x, …) + residual`, the sum inside the convolution's last pass (the UNet transformer's
-/// residual around its 1×1 `proj_out`).
+/// `conv2d(x, …) + residual`, then under `relu` the ReLU, inside the convolution's last pass:
+/// TAESD's residual join (with the ReLU) and the UNet transformer's residual around its 1×1
+/// `proj_out` without a pass of their own over three tensors. Elsewhere than our CPU kernels the
+/// convolution, then the sum (and ReLU) as their own operation.
 pub fn conv2d_add(
     x: &Tensor,
     weight: &Weight,
     bias: Option<&Tensor>,
     residual: &Tensor,
     (stride, padding): (usize, usize),
+    relu: bool,
 ) -> Result<Tensor> {
     if !is_cpu_f32(x) || !is_cpu_f32(residual) {
-        return conv2d(x, weight, bias, stride, padding)? + residual;
+        let y = conv2d(x, weight, bias, stride, padding)?;
+        return if relu { add_relu(&y, residual) } else { y + residual };
     }
-    let conv = Conv { residual: Some(residual.contiguous()?), ..Conv::plain(weight, stride, padding) };
-    apply_weighted(x, weight, bias, conv)
-}
-
-/// `relu(conv2d(x, …) + residual)`, the sum and the ReLU inside the convolution's last pass:
-/// TAESD's residual join without a pass of its own over three tensors.
-pub fn conv2d_add_relu(
-    x: &Tensor,
-    weight: &Weight,
-    bias: Option<&Tensor>,
-    residual: &Tensor,
-    (stride, padding): (usize, usize),
-) -> Result<Tensor> {
-    if !is_cpu_f32(x) || !is_cpu_f32(residual) {
-        return add_relu(&conv2d(x, weight, bias, stride, padding)?, residual);
-    }
-    let conv = Conv { relu: true, residual: Some(residual.contiguous()?), ..Conv::plain(weight, stride, padding) };
+    let conv = Conv { relu, residual: Some(residual.contiguous()?), ..Conv::plain(weight, stride, padding) };
     apply_weighted(x, weight, bias, conv)
 }
 
@@ -2182,11 +2170,11 @@ pub(crate) mod tests {
         for path in CONV_PATHS {
             let run = |f: &dyn Fn() -> Tensor| on_path(path, f);
             let want = run(&|| add_relu(&conv2d(&x, &wt, Some(&bias), 1, 1).unwrap(), &r).unwrap());
-            let got = run(&|| conv2d_add_relu(&x, &wt, Some(&bias), &r, (1, 1)).unwrap());
+            let got = run(&|| conv2d_add(&x, &wt, Some(&bias), &r, (1, 1), true).unwrap());
             assert_eq!(bits(&got), bits(&want), "{path}");
         }
         let wrong = randn(&[2, 12, 21, 69], 45);
-        let err = conv2d_add_relu(&x, &wt, Some(&bias), &wrong, (1, 1)).unwrap_err().to_string();
+        let err = conv2d_add(&x, &wt, Some(&bias), &wrong, (1, 1), true).unwrap_err().to_string();
         assert!(err.contains("residual"), "{err}");
     }
 
@@ -2246,7 +2234,7 @@ pub(crate) mod tests {
             let bias = randn(&[12], 59);
             for path in CONV_PATHS {
                 let want = on_path(path, &|| (conv2d(&x, &wt, Some(&bias), 1, p).unwrap() + &r).unwrap());
-                let got = on_path(path, &|| conv2d_add(&x, &wt, Some(&bias), &r, (1, p)).unwrap());
+                let got = on_path(path, &|| conv2d_add(&x, &wt, Some(&bias), &r, (1, p), false).unwrap());
                 assert_eq!(bits(&got), bits(&want), "conv2d_add {k}×{k} {path}");
             }
         }
@@ -2341,7 +2329,7 @@ pub(crate) mod tests {
                         assert!(bits(&conv(wn)) == bits(&conv(&wide)), "{name} conv {at:?} {path}");
                         let r = conv(&wide);
                         let join =
-                            |w: &Weight| on_path(path, &|| conv2d_add_relu(&x, w, Some(&bias), &r, (s, p)).unwrap());
+                            |w: &Weight| on_path(path, &|| conv2d_add(&x, w, Some(&bias), &r, (s, p), true).unwrap());
                         assert!(bits(&join(wn)) == bits(&join(&wide)), "{name} conv + join {at:?} {path}");
                     }
                 }

@@ -152,12 +152,12 @@ impl Conv2d {
 
     /// `forward(xs) + residual`, the sum inside the convolution's last pass.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        kernels::conv2d_add(xs, &self.weight, self.bias.as_ref(), residual, (self.stride, self.padding))
+        kernels::conv2d_add(xs, &self.weight, self.bias.as_ref(), residual, (self.stride, self.padding), false)
     }
 
     /// `relu(forward(xs) + residual)`, the sum and the ReLU inside the convolution's last pass.
     pub fn forward_add_relu(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        kernels::conv2d_add_relu(xs, &self.weight, self.bias.as_ref(), residual, (self.stride, self.padding))
+        kernels::conv2d_add(xs, &self.weight, self.bias.as_ref(), residual, (self.stride, self.padding), true)
     }
 
     /// The convolution of the input zero-padded by one row below and one column right (the VAE
