@@ -750,7 +750,6 @@ impl Conv {
             // bf16 products: the patch rows go straight into the packed bf16 operand (no f32 patch
             // matrix for packing to read again).
             let direct = !matches!(w, Wt::F32(_));
-            let mut col = if pointwise || direct { Vec::new() } else { vec![0f32; k * rows * ow] };
             let mut packed = super::gemm_bf16::PackedB::default();
             for bi in 0..b {
                 let xb = &x[bi * cin * plane..(bi + 1) * cin * plane];
@@ -813,10 +812,15 @@ impl Conv {
                         // SAFETY: the destination is columns [oy0·ow, oy0·ow + tp) of ob's cout rows.
                         unsafe { w.times_packed(cout, dst, oplane, acc, &packed, k) };
                     } else {
-                        let col = &mut col[..k * tp];
-                        col.par_chunks_mut(tp).enumerate().for_each(|(r, crow)| fill(r, crow));
-                        // SAFETY: as above.
-                        unsafe { w.times((cout, tp, k), dst, oplane, acc, (col.as_ptr(), tp)) };
+                        // The patch matrix in this thread's kept buffer (a zeroed allocation of up
+                        // to 16 MB per call before, cleared by the allocator on one thread); `fill`
+                        // writes every value of it.
+                        with_kept(&PATCHES, |col| {
+                            let col = grown(col, k * tp);
+                            col.par_chunks_mut(tp).enumerate().for_each(|(r, crow)| fill(r, crow));
+                            // SAFETY: as above.
+                            unsafe { w.times((cout, tp, k), dst, oplane, acc, (col.as_ptr(), tp)) };
+                        });
                     }
                 }
             }
@@ -1815,6 +1819,11 @@ thread_local! {
 }
 
 type Scratch = (Vec<f32>, Vec<half::bf16>, Vec<f32>);
+
+thread_local! {
+    /// The im2col convolution's patch matrix (up to 4 Mi values), kept between calls.
+    static PATCHES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Runs `f` with this thread's kept buffers from `key` (the attention's scratch, the Winograd
 /// buffers, the bf16 product's B block), or fresh ones if they are in use: a rayon worker that,
