@@ -368,8 +368,12 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
-        let out = (skip + h)?;
+        let h = self.norm2.forward_silu(&h)?;
+        // skip + conv2(h), the sum in the convolution's last pass: no tensor of its own (at the
+        // VAE decoder's last stage one full-resolution tensor fewer at the peak), the same value
+        // (the addition commutes exactly).
+        let out = self.conv2.forward_add(&h, &skip)?;
+        drop((h, skip));
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
