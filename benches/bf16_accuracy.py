@@ -15,8 +15,8 @@ an integer (VNNI) product would need it (asymmetric u8, dynamic: per token for a
 image for a convolution — a convolution's patches mix pixels, so one scale must cover an image),
 w8a8-linear / w8a8-conv = w8 with the inputs of the linear layers / convolutions alone rounded; then
 per denoising step the relative difference of the latents (max|a-b| / max|b|) of each of ours
-vs ours f32, of diffusers bf16 and each simulated run vs diffusers f32, and the final picture's PSNR (8-bit) for each
-pair. Ours f32 vs diffusers f32 is printed too (parity, for scale). Prints a Markdown table.
+vs ours f32, of diffusers bf16 and each simulated run vs diffusers f32, and the final picture's
+PSNR (8-bit) for each pair. Ours f32 vs diffusers f32 is printed too (parity, for scale). Prints a Markdown table.
 
     . VENV/bin/activate      # tests/fixtures/install-env.sh VENV
     python benches/bf16_accuracy.py --bin target/release/ghiblify --model DIR [--photo P] [--steps 10]
@@ -116,7 +116,6 @@ def theirs(a, draws_trace, bf16, simulate=None):
                                                           requires_safety_checker=False)
     t_load = time.perf_counter() - t_load
     if simulate:
-        import torch
         for m in q8_layers(pipe):
             round_weights(m)
             kind = "linear" if isinstance(m, torch.nn.Linear) else "conv"

@@ -871,20 +871,26 @@ impl WeightedOp for Conv {
         }
         let bias = bias.map(|(s, l)| weight_f32(s, l, "conv2d bias")).transpose()?;
         let (oh, ow) = self.out_size((ih, iw), (kh, kw));
-        // (A read lock on the residual's storage beside the one candle holds on the input's: the
-        // callers pass a different tensor, and nothing writes either while the op runs.)
-        let guard = self.residual.as_ref().map(Tensor::storage_and_layout);
-        let residual = match &guard {
-            Some((storage, layout)) => match &**storage {
-                candle_core::Storage::Cpu(s) if layout.shape().dims() == [b, cout, oh, ow] => {
-                    Some(f32_slice(s, layout, "conv2d residual")?)
-                }
-                _ => candle_core::bail!("conv2d residual: expected a CPU f32 tensor of {:?}", (b, cout, oh, ow)),
-            },
-            None => None,
-        };
+        let held = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let residual = residual_values(&held, &[b, cout, oh, ow], "conv2d residual")?;
         let out = self.run(x, (b, cin, ih, iw), w, (cout, kh, kw), bias.as_deref(), residual);
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
+    }
+}
+
+/// A residual an op carries ([`Conv`], [`LinearOp`]) as f32 values, read under `held` (its
+/// storage's read lock, beside the one candle holds on the input's: the callers pass a different
+/// tensor, and nothing writes either while the op runs); it must have the output's shape `dims`,
+/// as candle's add would insist.
+fn residual_values<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
+    held: &'a Option<(G, &Layout)>,
+    dims: &[usize],
+    what: &str,
+) -> Result<Option<&'a [f32]>> {
+    let Some((storage, layout)) = held else { return Ok(None) };
+    match &**storage {
+        candle_core::Storage::Cpu(s) if layout.shape().dims() == dims => Ok(Some(f32_slice(s, layout, what)?)),
+        _ => candle_core::bail!("{what}: expected a CPU f32 tensor of {dims:?}, got {:?}", layout.shape().dims()),
     }
 }
 
@@ -1078,18 +1084,10 @@ impl WeightedOp for LinearOp {
         // scales are per output channel, so per column of Y, and so is the bias, which the bf16
         // products add in their epilogue (the output is written once, not zeroed, filled with the
         // bias and read back).
-        // (A read lock on the residual's storage beside the one candle holds on the input's, as
-        // the convolution's.)
-        let guard = self.residual.as_ref().map(Tensor::storage_and_layout);
-        let residual = match &guard {
-            Some((storage, layout)) => match &**storage {
-                candle_core::Storage::Cpu(s) if layout.shape().elem_count() == rows * n => {
-                    Some(f32_slice(s, layout, "linear residual")?)
-                }
-                _ => candle_core::bail!("linear residual: expected a CPU f32 tensor of {rows}×{n} values"),
-            },
-            None => None,
-        };
+        let mut od = dims.to_vec();
+        *od.last_mut().unwrap() = n;
+        let held = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let residual = residual_values(&held, &od, "linear residual")?;
         // With a residual the output starts as residual (+ bias) and every product accumulates
         // onto it: the sum costs no pass and no tensor of its own (it was candle's add, a fresh
         // output read back). Without one the bias is written first for the f32 product, and is the
@@ -1152,8 +1150,6 @@ impl WeightedOp for LinearOp {
             },
             _ => candle_core::bail!("linear: the weight does not hold {n}×{k} values"),
         };
-        let mut od = dims.to_vec();
-        *od.last_mut().unwrap() = n;
         Ok((CpuStorage::F32(out), Shape::from(od)))
     }
 }
@@ -1172,15 +1168,6 @@ fn ours(weight: &Weight) -> bool {
 /// sums without a pass and a tensor of their own. Elsewhere the two operations.
 pub fn linear_add(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
     if is_cpu_f32(x) && is_cpu_f32(residual) && ours(weight) {
-        // The output is x's shape with n last; the residual must have that shape, as candle's add
-        // would insist (the op itself checks only the count of values).
-        let mut shape = x.dims().to_vec();
-        if let (Some(last), Some(&n)) = (shape.last_mut(), weight.dims().first()) {
-            *last = n;
-        }
-        if residual.dims() != shape {
-            candle_core::bail!("linear residual: shape {:?} for an output of {shape:?}", residual.dims());
-        }
         let op = LinearOp { scales: weight.scales(), residual: Some(residual.contiguous()?) };
         return apply_weighted(x, weight, bias, op);
     }
