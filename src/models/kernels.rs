@@ -196,6 +196,103 @@ impl<'a> Values<'a> {
             Values::Bf16(v) => widen(v, bf16_to_f32),
         }
     }
+
+    /// A copy as bf16, on all threads, written once, each value rounded as candle's `to_dtype`
+    /// rounds it (half's `from_f32` of the value as f32): the load path's conversion out of a
+    /// file for `--dtype bf16`, where candle's route copied the file's f32 out first (4 bytes of
+    /// fresh memory per value, then read again) and narrowed on one thread.
+    pub fn to_bf16_vec(self) -> Vec<half::bf16> {
+        narrowed(self, half::bf16::NAN, f32_to_bf16)
+    }
+
+    /// [`Values::to_bf16_vec`] for f16 (`--dtype f16`).
+    pub fn to_f16_vec(self) -> Vec<half::f16> {
+        narrowed(self, half::f16::NAN, f32_to_f16)
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F16(v) => v.len(),
+            Values::Bf16(v) => v.len(),
+        }
+    }
+}
+
+/// `v` narrowed to a 16-bit float by `narrow` (f32 values into as many), on all threads, the
+/// output written once; f16/bf16 sources are widened 4096 values at a time into a buffer on the
+/// stack first, so no f32 copy of the tensor is made.
+fn narrowed<T: Copy + Send>(
+    v: Values,
+    nan: T,
+    narrow: impl Fn(&[f32], &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    const CHUNK: usize = 1 << 16;
+    const BLOCK: usize = 4096;
+    let chunk = |at: usize, out: &mut [std::mem::MaybeUninit<T>]| {
+        let mut wide = [std::mem::MaybeUninit::<f32>::uninit(); BLOCK];
+        for (j, o) in out.chunks_mut(BLOCK).enumerate() {
+            let (lo, hi) = (at + j * BLOCK, at + j * BLOCK + o.len());
+            let w = &mut wide[..o.len()];
+            match v {
+                Values::F32(x) => {
+                    narrow(&x[lo..hi], o);
+                    continue;
+                }
+                Values::F16(x) => f16_to_f32(&x[lo..hi], w),
+                Values::Bf16(x) => bf16_to_f32(&x[lo..hi], w),
+            }
+            // SAFETY: the converter wrote all o.len() values of w just above.
+            narrow(unsafe { &*(w as *const [std::mem::MaybeUninit<f32>] as *const [f32]) }, o);
+        }
+    };
+    // SAFETY: the chunks cover all v.len() values, and `narrow` writes each block whole.
+    unsafe {
+        written_as(v.len(), nan, |out| out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| chunk(i * CHUNK, o)))
+    }
+}
+
+simd! {
+fn f32_to_bf16(v: &[f32], out: &mut [std::mem::MaybeUninit<half::bf16>]) {
+    // half's rounding (nearest even, NaN kept quiet), the one candle's to_dtype applies.
+    for (o, &x) in out.iter_mut().zip(v) {
+        o.write(half::bf16::from_f32(x));
+    }
+}
+}
+
+fn f32_to_f16(v: &[f32], out: &mut [std::mem::MaybeUninit<half::f16>]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { f32_to_f16_avx512(v, out) };
+    }
+    for (o, &x) in out.iter_mut().zip(v) {
+        o.write(half::f16::from_f32(x));
+    }
+}
+
+/// [`f32_to_f16`] 16 values per `vcvtps2ph` (round to nearest even): the instruction half's
+/// `from_f32` uses one value at a time on a CPU with F16C (which every AVX-512 CPU has), so the
+/// same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f32_to_f16_avx512(v: &[f32], out: &mut [std::mem::MaybeUninit<half::f16>]) {
+    use std::arch::x86_64::*;
+    let n = v.len().min(out.len());
+    let full = n / 16 * 16;
+    for i in (0..full).step_by(16) {
+        // SAFETY: i + 16 ≤ n values of both.
+        unsafe {
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_loadu_ps(
+                v.as_ptr().add(i),
+            ));
+            _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, h);
+        }
+    }
+    for (o, &x) in out[full..n].iter_mut().zip(&v[full..n]) {
+        o.write(half::f16::from_f32(x));
+    }
 }
 
 /// A contiguous weight (or bias, or norm parameter) as f32 ([`Values::to_f32`]).
@@ -517,10 +614,20 @@ fn dequantize_rows(codes: &[Q8], scales: &[f32]) -> Vec<f32> {
 /// # Safety
 /// `write` must write all `n` values, and read none it has not written.
 unsafe fn written(n: usize, write: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
+    // SAFETY: the caller's promise.
+    unsafe { written_as(n, f32::NAN, write) }
+}
+
+/// [`written`] for any element type, `nan` the fill of debug builds.
+///
+/// # Safety
+/// As [`written`].
+#[cfg_attr(not(debug_assertions), allow(unused_variables))]
+unsafe fn written_as<T: Copy>(n: usize, nan: T, write: impl FnOnce(&mut [std::mem::MaybeUninit<T>])) -> Vec<T> {
     let mut out = Vec::with_capacity(n);
     let o = &mut out.spare_capacity_mut()[..n];
     #[cfg(debug_assertions)]
-    o.fill(std::mem::MaybeUninit::new(f32::NAN));
+    o.fill(std::mem::MaybeUninit::new(nan));
     write(o);
     // SAFETY: the caller's promise.
     unsafe { out.set_len(n) };

@@ -234,6 +234,12 @@ pub fn tensor_from_bytes(
     let n: usize = shape.iter().product();
     match Values::of_bytes(bytes, stored, n) {
         Some(v) if device.is_cpu() && dtype == DType::F32 => Tensor::from_vec(v.to_f32_vec(), shape, device),
+        Some(v) if device.is_cpu() && dtype == DType::BF16 && stored != dtype => {
+            Tensor::from_vec(v.to_bf16_vec(), shape, device)
+        }
+        Some(v) if device.is_cpu() && dtype == DType::F16 && stored != dtype => {
+            Tensor::from_vec(v.to_f16_vec(), shape, device)
+        }
         _ => Tensor::from_raw_buffer(bytes, stored, shape, device)?.to_dtype(dtype),
     }
 }
@@ -312,10 +318,12 @@ pub fn expect_shape(name: &str, t: Tensor, s: &candle_core::Shape) -> Result<Ten
 mod tests {
     use super::*;
 
-    /// The load path's own conversion ([`Values::to_f32_vec`], parallel, 64K-value chunks, output
-    /// written once) against candle's (`to_dtype`), bit for bit: f32, f16 and bf16 files, a length
-    /// that ends inside a chunk, values from f16 subnormals to infinity; and bytes the fast path
-    /// cannot read in place (misaligned) take candle's route to the same values.
+    /// The load path's own conversions ([`Values::to_f32_vec`], `to_bf16_vec`, `to_f16_vec`:
+    /// parallel, 64K-value chunks, output written once) against candle's (`to_dtype`), bit for
+    /// bit: f32, f16 and bf16 files into f32, bf16 and f16, a length that ends inside a chunk and
+    /// inside a 4096-value block, values from f16 subnormals to infinity, exact bf16 ties, NaNs
+    /// with payloads; and bytes the fast path cannot read in place (misaligned) take candle's
+    /// route to the same values.
     #[test]
     fn weights_converted_out_of_a_file_equal_candles_conversion_bit_for_bit() {
         let n = (1 << 16) * 2 + 12_345;
@@ -324,18 +332,25 @@ mod tests {
             .map(|i| {
                 state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                 let x = (state >> 8) as f32 / (1 << 24) as f32 - 0.5;
-                match i % 7 {
-                    0 => x * 1e-6, // f16 subnormals
-                    1 => x * 1e5,  // beyond f16's range: infinity
+                match i % 9 {
+                    0 => x * 1e-6,                                                     // f16 subnormals
+                    1 => x * 1e5,                                                      // beyond f16's range: infinity
+                    2 => f32::from_bits((state & 0xbfff_0000) | 0x8000),               // a tie halfway between two bf16
+                    3 if i % 4 == 0 => f32::from_bits(0x7f80_0000 | (state >> 9) | 1), // NaN, some signalling
                     _ => x * 4.0,
                 }
             })
             .collect();
         let t = Tensor::from_vec(values, n, &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            match t.dtype() {
+                DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect(),
+                DType::F16 => t.to_vec1::<half::f16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
+                _ => t.to_vec1::<half::bf16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
+            }
+        };
         for stored in [DType::F32, DType::F16, DType::BF16] {
             let s = t.to_dtype(stored).unwrap();
-            let want: Vec<u32> =
-                s.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
             let es = stored.size_in_bytes();
             // One spare element ahead, so the bytes can be taken aligned and misaligned.
             let mut bytes = vec![0u8; es];
@@ -352,9 +367,14 @@ mod tests {
                 at.copy_from_slice(&bytes);
                 let at = &at[es..];
                 assert_eq!(Values::of_bytes(at, stored, n).is_some(), shift == 0, "{stored:?} shifted {shift}");
-                let got = tensor_from_bytes(at, stored, &[n], DType::F32, &Device::Cpu).unwrap();
-                let got: Vec<u32> = got.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
-                assert!(got == want, "{stored:?} shifted {shift}: converted values differ");
+                for dtype in [DType::F32, DType::BF16, DType::F16] {
+                    let want = bits(&s.to_dtype(dtype).unwrap());
+                    let got = tensor_from_bytes(at, stored, &[n], dtype, &Device::Cpu).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let got = bits(&got);
+                    let diff = got.iter().zip(&want).position(|(a, b)| a != b);
+                    assert!(diff.is_none(), "{stored:?} → {dtype:?} shifted {shift}: value {diff:?} differs");
+                }
             }
         }
     }
