@@ -188,7 +188,8 @@ impl Merge {
         let Some(list) = self.updates.get(name) else { return Ok(w) };
         self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
         let dtype = w.dtype();
-        let mut acc = w.to_dtype(DType::F32)?;
+        // Widened and narrowed again on all threads (candle's to_dtype runs on one).
+        let mut acc = crate::models::kernels::to_dtype(&w, DType::F32)?;
         for u in list {
             let down = u.down.to_device(acc.device())?;
             let up = u.up.to_device(acc.device())?;
@@ -209,7 +210,7 @@ impl Merge {
                 acc = (acc + delta)?;
             }
         }
-        acc.to_dtype(dtype)
+        crate::models::kernels::to_dtype(&acc, dtype)
     }
 }
 

@@ -219,6 +219,38 @@ impl<'a> Values<'a> {
     }
 }
 
+/// `t` as `dtype`: between f32, f16 and bf16 on the CPU (contiguous) one parallel pass written
+/// once, with candle's rounding ([`Values::to_f32_vec`], [`Values::to_bf16_vec`]); anything else
+/// candle's `to_dtype` (one thread on the CPU, from a copy). For the LoRA merge, which widens each
+/// half-precision weight it touches to f32 and narrows the sum again (272 layers for LCM-LoRA).
+pub fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype || !t.device().is_cpu() || !t.is_contiguous() {
+        return t.to_dtype(dtype);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let v = match &*storage {
+        candle_core::Storage::Cpu(s) => match values(s, layout, "to_dtype") {
+            Ok(v) => v,
+            Err(_) => {
+                drop(storage);
+                return t.to_dtype(dtype);
+            }
+        },
+        _ => unreachable!("checked on the CPU above"),
+    };
+    let shape = t.shape().clone();
+    let device = t.device().clone();
+    match dtype {
+        DType::F32 => Tensor::from_vec(v.to_f32_vec(), shape, &device),
+        DType::BF16 => Tensor::from_vec(v.to_bf16_vec(), shape, &device),
+        DType::F16 => Tensor::from_vec(v.to_f16_vec(), shape, &device),
+        _ => {
+            drop(storage);
+            t.to_dtype(dtype)
+        }
+    }
+}
+
 /// `v` narrowed to a 16-bit float by `narrow` (f32 values into as many), on all threads, the
 /// output written once; f16/bf16 sources are widened 4096 values at a time into a buffer on the
 /// stack first, so no f32 copy of the tensor is made.
@@ -2028,6 +2060,42 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> 
 pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Module};
+
+    /// [`to_dtype`] (the LoRA merge's conversions) gives candle's bits for every pair of f32, f16
+    /// and bf16, contiguous or not (a transposed view takes candle's route), NaN and infinities
+    /// included.
+    #[test]
+    fn parallel_dtype_conversion_equals_candles() {
+        // Past one 64K-value chunk, ending inside a 4096-value block.
+        let n = 7 * 9_999;
+        let v: Vec<f32> = (0..n)
+            .map(|i| match i % 11 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => 1e5 + i as f32,
+                3 => 1e-6 / (1 + i) as f32,
+                _ => ((i as f32) * 0.618_034).sin() * 3.0,
+            })
+            .collect();
+        let base = Tensor::from_vec(v, (n / 7, 7), &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let t = t.flatten_all().unwrap();
+            match t.dtype() {
+                DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect(),
+                DType::F16 => t.to_vec1::<half::f16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
+                _ => t.to_vec1::<half::bf16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
+            }
+        };
+        for from in [DType::F32, DType::F16, DType::BF16] {
+            for t in [base.to_dtype(from).unwrap(), base.to_dtype(from).unwrap().t().unwrap()] {
+                for to in [DType::F32, DType::F16, DType::BF16] {
+                    let got = to_dtype(&t, to).unwrap();
+                    assert_eq!((got.dtype(), got.dims()), (to, t.dims()));
+                    assert!(bits(&got) == bits(&t.to_dtype(to).unwrap()), "{from:?} → {to:?}, {:?}", t.layout());
+                }
+            }
+        }
+    }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
         let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
