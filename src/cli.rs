@@ -294,13 +294,15 @@ pub struct Args {
     pub threads: Option<u16>,
 
     /// Weight precision (default: f32 on the CPU, f16 on CUDA/Metal). On the CPU f16 and bf16 halve
-    /// the memory (f16 files are fetched; a 512² run stays under 3 GB). bf16 on a CPU with
-    /// AVX512_BF16 whose bf16 dot products keep up with its f32 FMAs (timed once per run: AMD Zen 4
-    /// and later yes; Intel Xeon 4th/5th generation without AMX no, they run at half the f32 rate)
-    /// also multiplies in bf16 with f32 sums — linear layers, attention, the smaller convolutions
-    /// (the large 3×3 ones run f32 Winograd, faster still); GroupNorm, softmax and the sampler stay
-    /// f32, as under PyTorch's bf16 autocast — about 1.4× as fast as f32, the picture within
-    /// autocast's own distance of f32 (GHIBLIFY_BF16_ARITHMETIC=0/1 turns it off or on). Elsewhere,
+    /// the memory (f16 files are fetched; a 512² run stays under 3 GB). bf16 on a CPU with AMX
+    /// (Intel Xeon 4th generation and later, where Linux grants it) multiplies in bf16 on its tile
+    /// unit — convolutions, linear layers, attention — about 2× as fast as f32 (GHIBLIFY_AMX=0:
+    /// not the tiles); on one with AVX512_BF16 whose bf16 dot products keep up with its f32 FMAs
+    /// (timed once per run: AMD Zen 4 and later yes; Intel Xeon without AMX no, they run at half
+    /// the f32 rate) it multiplies in bf16 too, the large 3×3 convolutions in f32 Winograd (faster
+    /// still there) — about 1.4× as fast as f32. Sums are f32, and GroupNorm, softmax and the
+    /// sampler stay f32, as under PyTorch's bf16 autocast: the picture within autocast's own
+    /// distance of f32 (GHIBLIFY_BF16_ARITHMETIC=0/1 turns bf16 products off or on). Elsewhere,
     /// and with f16, the arithmetic stays f32 on the half-precision weights (as fast as f32 on an
     /// Intel Xeon). q8 quantises the UNet's, text encoder's and ControlNets'
     /// weights to int8 per output channel as they load (a 512² run in ~2 GB, 40 % of f32's; the

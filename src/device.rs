@@ -194,16 +194,19 @@ pub fn precision(device: &Device, dtype: DType, quantize: bool) -> Option<String
 /// One line for `-v`: the device, its name and memory, the dtype, and which operations run.
 pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
     let bf16_products = crate::models::kernels::bf16_arithmetic();
+    // Which unit multiplies bf16: AMX tiles where the CPU and OS have them, else AVX512_BF16.
+    let unit = if crate::models::gemm_bf16::amx() { "AMX" } else { "AVX512_BF16" };
+    let amx_convs = bf16_products && unit == "AMX" && (quantize || dtype == DType::BF16);
     let ops = if !device.is_cpu() {
         "candle's generic operations"
     } else if generic_ops() {
         "candle's generic operations (GHIBLIFY_GENERIC_OPS)"
     } else if quantize && bf16_products {
-        "ghiblify's CPU kernels, int8 weights in bf16 products (AVX512_BF16)"
+        &format!("ghiblify's CPU kernels, int8 weights in bf16 products ({unit})")
     } else if quantize {
         "ghiblify's CPU kernels, int8 weights in f32 products"
     } else if dtype == DType::BF16 && bf16_products {
-        "ghiblify's CPU kernels, bf16 products (AVX512_BF16)"
+        &format!("ghiblify's CPU kernels, bf16 products ({unit})")
     } else if dtype == DType::BF16 && crate::models::gemm_bf16::available() && !crate::models::gemm_bf16::pays() {
         "ghiblify's CPU kernels, bf16 weights in f32 products (this CPU's bf16 dot products run slower than its f32 FMAs)"
     } else if dtype == DType::BF16 || dtype == DType::F16 {
@@ -221,7 +224,9 @@ pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
         other => format!("{:?}", other.location()),
     };
     let dtype = if quantize { format!("q8 (rest {dtype:?})") } else { format!("{dtype:?}") };
-    let winograd = if device.is_cpu() && !generic_ops() && crate::models::kernels::winograd_enabled() {
+    let winograd = if device.is_cpu() && !generic_ops() && amx_convs {
+        ", 3×3 convolutions on AMX tiles (Winograd F(4,3) in f32 where fewer than 32 output channels)"
+    } else if device.is_cpu() && !generic_ops() && crate::models::kernels::winograd_enabled() {
         ", large 3×3 convolutions by Winograd F(4,3) in f32"
     } else {
         ""

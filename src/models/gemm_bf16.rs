@@ -12,6 +12,14 @@
 //! which stay where the loader put them) or from a packed copy of anything else (f32 activations,
 //! odd k). The micro-kernel keeps an `MR × NR` tile of C in 24 of the 32 zmm registers.
 //!
+//! On CPUs with AMX-BF16 (Intel Xeon 4th generation and later) the same packed layouts feed the
+//! tile unit instead ([`amx`]): a sliver's [pair][NR] words are exactly the "VNNI" layout a B tile
+//! loads (16 pairs × 16 columns, rows NR words apart), and A's [row][pair] words an A tile's (16
+//! rows × 16 pairs), so the micro-kernel computes 32 × 48 of C in six tile registers, 16 pairs
+//! at a time (`tdpbf16ps`: 8192 multiply-adds per instruction), with the pairs past the last whole
+//! 16 and the epilogue in AVX-512. Intel's reference: "Intel Architecture Instruction Set
+//! Extensions Programming Reference", ch. 3 (AMX); oneDNN's brgemm kernels use the same blocking.
+//!
 //! [`available`] says whether the CPU has the instructions; callers fall back to f32 otherwise.
 
 use super::kernels::with_kept;
@@ -22,10 +30,30 @@ use rayon::prelude::*;
 const MR: usize = 8;
 /// Columns of B per micro-tile (three zmm registers of 16 f32).
 const NR: usize = 48;
-/// Pairs of k per block: a packed B sliver (KC_PAIRS × NR words = 36 KB) stays in L1.
+/// Pairs of k per block ([`kc_pairs`]) for the AVX512_BF16 kernel: a packed B sliver (192 × NR
+/// words = 36 KB) stays in L1.
 const KC_PAIRS: usize = 192;
+/// Pairs of k per block on AMX machines: each block's sums go through C once (read, added,
+/// written), which at 192 pairs was 14 % of a UNet call in the epilogue; 768 writes C a quarter
+/// as often, and the tile loads keep their pace with the 147 KB sliver in L2 (microbenchmark:
+/// 950–1000 multiply-adds per ns per core either way).
+const KC_PAIRS_AMX: usize = 768;
+
+/// The k block length this process packs and multiplies with (one value for the whole process,
+/// so packed operands and products always agree; [`without_amx`] keeps it).
+fn kc_pairs() -> usize {
+    if amx_supported() {
+        KC_PAIRS_AMX
+    } else {
+        KC_PAIRS
+    }
+}
 /// Columns per packed B block (a job's unit of work): 8 slivers, 295 KB in L2.
 const NC: usize = 8 * NR;
+/// Rows of A per AMX micro-tile: two tiles of 16 rows (four panels of MR), times a sliver's three
+/// tiles of 16 columns: six of the eight tile registers hold the sums, one A and one B.
+pub const AMX_ROWS: usize = 32;
+const AMX_PANELS: usize = AMX_ROWS / MR;
 
 /// Whether this CPU computes bf16 dot products (`avx512_bf16`), detected once.
 pub fn available() -> bool {
@@ -44,14 +72,47 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether bf16 products pay on this CPU: its `vdpbf16ps` (32 multiply-adds) at least 0.75× the
+/// Whether this CPU multiplies bf16 tiles (AMX-BF16: Intel Xeon 4th generation, Sapphire Rapids,
+/// and later) and the kernel lets this process use them (Linux hands out the tile registers' 8 KB
+/// of state only on request, `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`; a tile
+/// instruction without it is SIGILL). Detected and requested once; false elsewhere, and on the
+/// calling thread inside [`without_amx`].
+pub fn amx() -> bool {
+    !NO_AMX.with(|n| n.get()) && amx_supported()
+}
+
+/// CPU and OS allow AMX, unless `GHIBLIFY_AMX=0`/`off` (read once: the AVX512_BF16 kernel
+/// instead, for comparisons or a system whose AMX misbehaves).
+fn amx_supported() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let off = matches!(std::env::var("GHIBLIFY_AMX").as_deref().map(str::trim), Ok("0" | "off"));
+        !off && available() && amx::enable()
+    })
+}
+
+thread_local! {
+    static NO_AMX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as on a CPU without AMX, on this thread (the products it starts take the AVX512_BF16
+/// micro-kernel): how the tests reach that kernel on AMX machines, and how benches compare them.
+pub fn without_amx<T>(f: impl FnOnce() -> T) -> T {
+    let before = NO_AMX.with(|n| n.replace(true));
+    let out = f();
+    NO_AMX.with(|n| n.set(before));
+    out
+}
+
+/// Whether bf16 products pay on this CPU: AMX tiles (16 × 16 × 32 multiply-adds per instruction,
+/// ~5× the f32 FMAs' rate in practice), or its `vdpbf16ps` (32 multiply-adds) at least 0.75× the
 /// multiply-add rate of its f32 FMAs (16 each), timed once (~1 ms: best of five short runs of
 /// each, interleaved). Where the instruction has the FMA's rate (AMD Zen 4 and 5) bf16 doubles
 /// it; on Intel's Xeon 4th and 5th generation (Sapphire and Emerald Rapids) it ran at a quarter
 /// (~0.45 per cycle against two FMAs), so the f32 products win there and bf16 saves memory only.
 pub fn pays() -> bool {
     static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PAYS.get_or_init(|| available() && pays_at(rates()))
+    *PAYS.get_or_init(|| amx_supported() || (available() && pays_at(rates())))
 }
 
 /// [`pays`]' rule on measured instruction rates (per second): bf16 dot products, f32 FMAs.
@@ -405,7 +466,7 @@ unsafe fn pack_b<T: Elem>(
         } else {
             // Columns contiguous (a transposed operand): each column's pairs converted in one run
             // (vectorised for f32), then spread into the sliver.
-            let mut col = [0u32; KC_PAIRS];
+            let mut col = [0u32; KC_PAIRS_AMX];
             for c in 0..NR {
                 if c >= w {
                     (0..pairs).for_each(|p| sliver[p * NR + c] = 0);
@@ -498,11 +559,25 @@ unsafe fn transpose_words(column: impl Fn(usize) -> *const u32, w: usize, pairs:
     }
 }
 
+/// Where `len` words of `v` start at its first 64-byte boundary, `v` grown (zero-filled) to hold
+/// them: AMX tile loads run at a third of their speed on rows that straddle cache lines, and the
+/// allocator's blocks are only 16-byte aligned.
+fn align64(v: &mut Vec<u32>, len: usize) -> usize {
+    if v.len() < len + 15 {
+        v.resize(len + 15, 0);
+    }
+    v.as_ptr().align_offset(64).min(15)
+}
+
 /// B packed once for several products with it (attention's keys and values, reused by every block
 /// of queries): [k block][sliver][pair][NR] words.
 #[derive(Default)]
 pub struct PackedB {
     data: Vec<u32>,
+    /// Where the packed words start in `data` (its first 64-byte boundary, see [`align64`]).
+    off: usize,
+    /// Pairs per k block ([`kc_pairs`] when packed).
+    kc: usize,
     k: usize,
     n: usize,
 }
@@ -511,17 +586,18 @@ impl PackedB {
     /// # Safety
     /// The view covers k × n; the CPU has [`available`] instructions.
     pub unsafe fn new<T: Elem>(b: View<T>, (k, n): (usize, usize)) -> Self {
-        let kp = k.div_ceil(2);
+        let (kp, kc) = (k.div_ceil(2), kc_pairs());
         let slivers = n.div_ceil(NR);
-        let mut data = vec![0u32; kp * slivers * NR];
-        let mut rest = data.as_mut_slice();
-        for kb in 0..kp.div_ceil(KC_PAIRS) {
-            let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
+        let mut data = Vec::new();
+        let off = align64(&mut data, kp * slivers * NR);
+        let mut rest = &mut data[off..off + kp * slivers * NR];
+        for kb in 0..kp.div_ceil(kc) {
+            let pairs = kc.min(kp - kb * kc);
             let (block, tail) = rest.split_at_mut(pairs * slivers * NR);
-            unsafe { pack_b(&b, (k, n), 0, n, kb * 2 * KC_PAIRS, pairs, block) };
+            unsafe { pack_b(&b, (k, n), 0, n, kb * 2 * kc, pairs, block) };
             rest = tail;
         }
-        Self { data, k, n }
+        Self { data, off, kc, k, n }
     }
 
     /// B built row by row straight into the packed layout, in parallel over pairs of rows:
@@ -530,11 +606,13 @@ impl PackedB {
     pub fn fill_rows(&mut self, (k, n): (usize, usize), fill: impl Fn(usize, &mut [f32]) + Sync) {
         let kp = k.div_ceil(2);
         let slivers = n.div_ceil(NR);
-        self.data.resize(kp * slivers * NR, 0);
-        (self.k, self.n) = (k, n);
-        // Pair p's words: block p / KC_PAIRS (whose pairs run KC_PAIRS long except the last), then
-        // sliver s at s·pairs·NR, then row p % KC_PAIRS of NR words.
-        let words = SendMut(self.data.as_mut_ptr());
+        self.off = align64(&mut self.data, kp * slivers * NR);
+        (self.kc, self.k, self.n) = (kc_pairs(), k, n);
+        let kc = self.kc;
+        // Pair p's words: block p / kc (whose pairs run kc long except the last), then
+        // sliver s at s·pairs·NR, then row p % kc of NR words.
+        // SAFETY: off + kp·slivers·NR words lie inside data.
+        let words = SendMut(unsafe { self.data.as_mut_ptr().add(self.off) });
         thread_local! {
             static ROWS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
         }
@@ -550,9 +628,9 @@ impl PackedB {
                 } else {
                     hi.fill(0.0);
                 }
-                let (kb, pi) = (p / KC_PAIRS, p % KC_PAIRS);
-                let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
-                let block = kb * KC_PAIRS * slivers * NR;
+                let (kb, pi) = (p / kc, p % kc);
+                let pairs = kc.min(kp - kb * kc);
+                let block = kb * kc * slivers * NR;
                 for s in 0..slivers {
                     let (js, w) = (s * NR, NR.min(n - s * NR));
                     // SAFETY: inside data (sized above); pair p's words belong to this task alone.
@@ -609,7 +687,7 @@ pub unsafe fn gemm_packed<TA: Elem>(
     b: &PackedB,
     scale: Scale,
 ) {
-    let (n, k) = (b.n, b.k);
+    let (n, k, kc) = (b.n, b.k, b.kc);
     // The epilogue reads a factor for every row and column of C, and the bias only when writing.
     assert!(scale.rows.is_none_or(|r| r.len() >= m) && scale.cols.is_none_or(|c| c.len() >= n));
     assert!(scale.bias.is_none_or(|b| b.len() >= n && !accumulate));
@@ -618,21 +696,29 @@ pub unsafe fn gemm_packed<TA: Elem>(
     }
     let kp = k.div_ceil(2);
     let slivers = n.div_ceil(NR);
-    let mut abuf = vec![0u32; MR * KC_PAIRS.min(kp)];
-    for kb in 0..kp.div_ceil(KC_PAIRS) {
-        let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
-        let block = &b.data[kb * KC_PAIRS * slivers * NR..];
-        for i0 in (0..m).step_by(MR) {
-            unsafe { pack_a(&a, (m, k), i0, kb * 2 * KC_PAIRS, pairs, &mut abuf[..MR * pairs]) };
+    let tiles = amx();
+    // Rows per micro-tile, packed from A a panel of MR at a time (zero past m).
+    let (rows, micro) = if tiles { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel as Micro) };
+    let _config = tiles.then(amx::Tiles::configure);
+    let mut abuf = Vec::new();
+    let off = align64(&mut abuf, rows * kc.min(kp));
+    for kb in 0..kp.div_ceil(kc) {
+        let pairs = kc.min(kp - kb * kc);
+        let block = &b.data[b.off + kb * kc * slivers * NR..];
+        let abuf = &mut abuf[off..off + rows * pairs];
+        for i0 in (0..m).step_by(rows) {
+            for (q, panel) in abuf.chunks_mut(MR * pairs).enumerate() {
+                unsafe { pack_a(&a, (m, k), i0 + q * MR, kb * 2 * kc, pairs, panel) };
+            }
             for s in 0..slivers {
                 let js = s * NR;
                 unsafe {
-                    kernel(
+                    micro(
                         pairs,
                         (abuf.as_ptr(), pairs),
                         block.as_ptr().add(s * pairs * NR),
                         (c.add(i0 * ldc + js), ldc),
-                        (MR.min(m - i0), NR.min(n - js)),
+                        (rows.min(m - i0), NR.min(n - js)),
                         scale.tile(i0, js),
                         accumulate || kb > 0,
                     )
@@ -768,10 +854,15 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
         return;
     }
     let kp = k.div_ceil(2);
-    let kblocks = kp.div_ceil(KC_PAIRS);
+    // A packed B brings its own block length (the process's, see `kc_pairs`).
+    let kc = match &b {
+        Rhs::Packed(pb) => pb.kc,
+        Rhs::View(_) => kc_pairs(),
+    };
+    let kblocks = kp.div_ceil(kc);
     let panels = m.div_ceil(MR);
     // A as the micro-kernel reads it: the word of (row r, pair p) of the tile at row i0 and k
-    // block kb is at base + (i0 + r)·row + kb·KC_PAIRS + p (in place) or in the packed blocks.
+    // block kb is at base + (i0 + r)·row + kb·kc + p (in place) or in the packed blocks.
     let packed_a: ReturnOnDrop;
     let packed_tail: Vec<u32>;
     let a_in: AWords = match &a {
@@ -782,30 +873,28 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                 tail = vec![0u32; MR * kp];
                 let view = View { ptr: *ptr, rs: *rs, cs: 1 };
                 for kb in 0..kblocks {
-                    let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
-                    let out = &mut tail[kb * KC_PAIRS * MR..kb * KC_PAIRS * MR + pairs * MR];
+                    let pairs = kc.min(kp - kb * kc);
+                    let out = &mut tail[kb * kc * MR..kb * kc * MR + pairs * MR];
                     // SAFETY: the view covers m × k; rows from (panels − 1)·MR, zero past m.
-                    unsafe { pack_a(&view, (m, k), (panels - 1) * MR, kb * 2 * KC_PAIRS, pairs, out) };
+                    unsafe { pack_a(&view, (m, k), (panels - 1) * MR, kb * 2 * kc, pairs, out) };
                 }
             }
             packed_tail = tail;
             AWords { base: *ptr as *const u32, row: rs / 2, packed: false, tail: packed_tail.as_ptr() }
         }
         Lhs::Packed(view) => {
-            // [k block][panel][row][pair]; blocks are KC_PAIRS long except the last. The calling
+            // [k block][panel][row][pair]; blocks are kc long except the last. The calling
             // thread's kept buffer when parallel (not zero-filled per call: the pieces below
             // cover it and pack_a writes every word of its piece; the fill was 3.5 % of the UNet's
             // linear layers); a fresh one inside an already parallel caller, where many threads
             // would each keep one.
             let mut buf = if parallel { A_BUFFER.take() } else { Vec::new() };
-            if buf.len() < panels * MR * kp {
-                buf.resize(panels * MR * kp, 0);
-            }
+            let off = align64(&mut buf, panels * MR * kp);
             let buf = &mut buf;
             let mut pieces = Vec::with_capacity(kblocks * panels);
-            let mut rest = buf.as_mut_slice();
+            let mut rest = &mut buf[off..off + panels * MR * kp];
             for kb in 0..kblocks {
-                let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
+                let pairs = kc.min(kp - kb * kc);
                 for pi in 0..panels {
                     let (piece, tail) = rest.split_at_mut(pairs * MR);
                     pieces.push((kb, pi, piece));
@@ -815,7 +904,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
             let pack = |(kb, pi, out): (usize, usize, &mut [u32])| {
                 let pairs = out.len() / MR;
                 // SAFETY: the view covers m × k (the caller's contract).
-                unsafe { pack_a(view, (m, k), pi * MR, kb * 2 * KC_PAIRS, pairs, out) };
+                unsafe { pack_a(view, (m, k), pi * MR, kb * 2 * kc, pairs, out) };
             };
             if parallel {
                 pieces.into_par_iter().for_each(pack);
@@ -823,7 +912,8 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                 pieces.into_iter().for_each(pack);
             }
             packed_a = ReturnOnDrop(std::mem::take(buf), parallel);
-            AWords { base: packed_a.0.as_ptr(), row: 0, packed: true, tail: std::ptr::null() }
+            // SAFETY: the packed words start off words into the buffer.
+            AWords { base: unsafe { packed_a.0.as_ptr().add(off) }, row: 0, packed: true, tail: std::ptr::null() }
         }
     };
     // Jobs: column blocks × row groups, enough for every thread when n is small. The slivers are
@@ -837,57 +927,72 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     if cblocks >= threads {
         cblocks = cblocks.next_multiple_of(threads).min(slivers);
     }
-    let rgroups = (2 * threads).div_ceil(cblocks).clamp(1, panels);
-    let per_group = panels.div_ceil(rgroups);
+    let mut rgroups = (2 * threads).div_ceil(cblocks).clamp(1, panels);
+    let mut per_group = panels.div_ceil(rgroups);
+    // Decided here, on the calling thread (see `without_amx`), for every job.
+    let tiles = amx();
+    if tiles {
+        // Row groups of whole AMX micro-tiles.
+        per_group = per_group.next_multiple_of(AMX_PANELS);
+        rgroups = panels.div_ceil(per_group);
+    }
     let out = Out(c);
     let job = |jid: usize, bbuf: &mut Vec<u32>| {
         // Whole values, not their raw-pointer fields (which closures would capture on their own).
         let (a_in, out) = (&a_in, &out);
+        let _config = tiles.then(amx::Tiles::configure);
         let (cb, rg) = (jid / rgroups, jid % rgroups);
         let (s_lo, s_hi) = (cb * slivers / cblocks, (cb + 1) * slivers / cblocks);
         let j0 = s_lo * NR;
         let cols = (s_hi * NR).min(n) - j0;
         let (p_lo, p_hi) = (rg * per_group, ((rg + 1) * per_group).min(panels));
         for kb in 0..kblocks {
-            let pairs = KC_PAIRS.min(kp - kb * KC_PAIRS);
+            let pairs = kc.min(kp - kb * kc);
             let bwords: *const u32 = match &b {
                 Rhs::View(b) => {
                     let need = cols.div_ceil(NR) * pairs * NR;
-                    bbuf.resize(need.max(bbuf.len()), 0);
-                    unsafe { pack_b(b, (k, n), j0, cols, kb * 2 * KC_PAIRS, pairs, &mut bbuf[..need]) };
-                    bbuf.as_ptr()
+                    let off = align64(bbuf, need);
+                    unsafe { pack_b(b, (k, n), j0, cols, kb * 2 * kc, pairs, &mut bbuf[off..off + need]) };
+                    unsafe { bbuf.as_ptr().add(off) }
                 }
                 // Block kb, from sliver j0 / NR (NC is a multiple of NR).
                 Rhs::Packed(pb) => unsafe {
-                    pb.data.as_ptr().add(kb * KC_PAIRS * n.div_ceil(NR) * NR + (j0 / NR) * pairs * NR)
+                    pb.data.as_ptr().add(pb.off + kb * kc * n.div_ceil(NR) * NR + (j0 / NR) * pairs * NR)
                 },
             };
             let load_c = accumulate || kb > 0;
             // The B sliver stays in L1 while A's panels stream past it from L2 (BLIS' order).
             for s in 0..cols.div_ceil(NR) {
                 let js = j0 + s * NR;
-                for pi in p_lo..p_hi {
+                let mut pi = p_lo;
+                while pi < p_hi {
                     let i0 = pi * MR;
-                    // SAFETY: inside A (in place: rows i0.., pairs from kb·KC_PAIRS; packed: this
+                    // AMX_ROWS rows at once where A holds them: packed (zero rows past m) or in
+                    // place with every row real (the tail panel is packed apart).
+                    let amx_rows = tiles && pi + AMX_PANELS <= p_hi && (a_in.packed || i0 + AMX_ROWS <= m);
+                    // SAFETY: inside A (in place: rows i0.., pairs from kb·kc; packed: this
                     // block), inside B's packed block, and C's tile at (i0, js) belongs to this job.
                     unsafe {
                         let in_tail = !a_in.packed && i0 + MR > m;
                         let (ap, row) = if a_in.packed {
-                            (a_in.base.add(kb * KC_PAIRS * panels * MR + pi * MR * pairs), pairs)
+                            (a_in.base.add(kb * kc * panels * MR + pi * MR * pairs), pairs)
                         } else if in_tail {
-                            (a_in.tail.add(kb * KC_PAIRS * MR), pairs)
+                            (a_in.tail.add(kb * kc * MR), pairs)
                         } else {
-                            (a_in.base.add(i0 * a_in.row + kb * KC_PAIRS), a_in.row)
+                            (a_in.base.add(i0 * a_in.row + kb * kc), a_in.row)
                         };
-                        kernel(
+                        let (rows, micro) =
+                            if amx_rows { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel as Micro) };
+                        micro(
                             pairs,
                             (ap, row),
                             bwords.add(s * pairs * NR),
                             (out.0.add(i0 * ldc + js), ldc),
-                            (MR.min(m - i0), NR.min(n - js)),
+                            (rows.min(m - i0), NR.min(n - js)),
                             scale.tile(i0, js),
                             load_c,
-                        )
+                        );
+                        pi += rows / MR;
                     };
                 }
             }
@@ -940,23 +1045,248 @@ unsafe fn kernel(
     // them on the stack, a memset and loads in the main loop).
     let (add, add_rs) = if load_c { (c as *const f32, ldc) } else { (scale.bias, 0) };
     for (r, acc) in acc.iter().enumerate().take(mr) {
-        let row = c.add(r * ldc);
-        let sr = if scale.rows.is_null() { scale.all } else { scale.all * *scale.rows.add(r) };
-        let sc = _mm512_set1_ps(sr);
-        for (v, &x) in acc.iter().enumerate() {
-            let lanes = nr.saturating_sub(16 * v).min(16);
-            if lanes == 0 {
-                break;
+        store_row(acc, r, (c, ldc), nr, &scale, (add, add_rs));
+    }
+}
+
+/// Row r of a tile's sums, scaled, plus `add`'s row r (C or the bias), into C's row r.
+///
+/// # Safety
+/// As the micro-kernels'.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn store_row(
+    acc: &[std::arch::x86_64::__m512; 3],
+    r: usize,
+    (c, ldc): (*mut f32, usize),
+    nr: usize,
+    scale: &TileScale,
+    (add, add_rs): (*const f32, usize),
+) {
+    use std::arch::x86_64::*;
+    let row = c.add(r * ldc);
+    let sr = if scale.rows.is_null() { scale.all } else { scale.all * *scale.rows.add(r) };
+    let sc = _mm512_set1_ps(sr);
+    for (v, &x) in acc.iter().enumerate() {
+        let lanes = nr.saturating_sub(16 * v).min(16);
+        if lanes == 0 {
+            break;
+        }
+        let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
+        let mut y = _mm512_mul_ps(x, sc);
+        if !scale.cols.is_null() {
+            y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, scale.cols.add(16 * v)));
+        }
+        if !add.is_null() {
+            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, add.add(r * add_rs + 16 * v)));
+        }
+        _mm512_mask_storeu_ps(row.add(16 * v), mask, y);
+    }
+}
+
+/// A micro-kernel: [`kernel`] (MR rows) or [`amx_kernel`] (AMX_ROWS rows).
+type Micro = unsafe fn(usize, (*const u32, usize), *const u32, (*mut f32, usize), (usize, usize), TileScale, bool);
+
+/// [`kernel`] for AMX_ROWS × NR: the whole 16-pair steps by AMX tiles into a buffer, the pairs
+/// past them by `vdpbf16ps` on the buffer's rows, then the same epilogue. A's rows must all be
+/// readable (rows past mr are computed and dropped); the thread's tiles configured
+/// ([`amx::Tiles`]).
+///
+/// # Safety
+/// As [`kernel`]; the CPU has AMX-BF16, enabled for the process ([`amx`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn amx_kernel(
+    pairs: usize,
+    (a, a_row): (*const u32, usize),
+    b: *const u32,
+    (c, ldc): (*mut f32, usize),
+    (mr, nr): (usize, usize),
+    scale: TileScale,
+    load_c: bool,
+) {
+    use std::arch::x86_64::*;
+    #[repr(C, align(64))]
+    struct Sums([f32; AMX_ROWS * NR]);
+    let mut sums = std::mem::MaybeUninit::<Sums>::uninit();
+    let whole = pairs / 16 * 16;
+    // Writes all AMX_ROWS × NR sums (zero when there is no whole step).
+    amx::products(whole / 16, (a, 4 * a_row), b, sums.as_mut_ptr() as *mut f32);
+    let sums = sums.assume_init_ref();
+    let (add, add_rs) = if load_c { (c as *const f32, ldc) } else { (scale.bias, 0) };
+    for r in 0..mr {
+        let at = sums.0.as_ptr().add(r * NR);
+        let mut acc = [_mm512_load_ps(at), _mm512_load_ps(at.add(16)), _mm512_load_ps(at.add(32))];
+        for p in whole..pairs {
+            let bp = b.add(p * NR);
+            let av: __m512bh =
+                std::mem::transmute(_mm512_set1_epi32(std::ptr::read_unaligned(a.add(r * a_row + p)) as i32));
+            for (v, acc) in acc.iter_mut().enumerate() {
+                let bv: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16 * v) as *const _));
+                *acc = _mm512_dpbf16_ps(*acc, bv, av);
             }
-            let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
-            let mut y = _mm512_mul_ps(x, sc);
-            if !scale.cols.is_null() {
-                y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, scale.cols.add(16 * v)));
+        }
+        store_row(&acc, r, (c, ldc), nr, &scale, (add, add_rs));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn amx_kernel(
+    _: usize,
+    _: (*const u32, usize),
+    _: *const u32,
+    _: (*mut f32, usize),
+    _: (usize, usize),
+    _: TileScale,
+    _: bool,
+) {
+    unreachable!("gemm_bf16::amx() is false off x86_64")
+}
+
+/// The tile unit: enabling it for the process, configuring it per thread, the products.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{AMX_ROWS, NR};
+    use std::arch::asm;
+
+    /// CPUID says AMX-TILE and AMX-BF16, and Linux grants the tile state to the process.
+    pub fn enable() -> bool {
+        // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        // SAFETY: CPUID exists on every x86_64 CPU (the intrinsic is unsafe in older Rust).
+        #[allow(unused_unsafe)]
+        let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a request for permission; fails (nonzero) on kernels without AMX support.
+            unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            false
+        }
+    }
+
+    /// The tile configuration for the products: palette 1, eight tiles of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    const CONFIG: Config = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+            c[48 + t] = 16; // rows
+            t += 1;
+        }
+        Config(c)
+    };
+
+    /// This thread's tiles configured for [`products`] while it lives; released after (the
+    /// thread's tile state back to its initial, unsaved state).
+    pub struct Tiles(());
+
+    impl Tiles {
+        pub fn configure() -> Tiles {
+            // SAFETY: AMX enabled for the process (callers check `amx()`); the config is valid.
+            unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly)) };
+            Tiles(())
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: as in configure.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+
+    /// `out[r·NR + j] = Σ_{p < 16·steps} A(r, p) · B(p, j)` for r < AMX_ROWS, j < NR, as bf16
+    /// pair products with f32 sums: A's word (r, p) at `a + r·a_stride bytes + 4p`, B's sliver
+    /// [pair][NR] words at `b`. Sums C(i, j) live in tile 3i + j, A in tile 6, B in tile 7; per
+    /// step seven loads for six products (the second A reuses the last B, then walks back).
+    ///
+    /// # Safety
+    /// The rows and pairs readable, `out` writable for AMX_ROWS × NR f32; the thread's tiles
+    /// configured ([`Tiles`]).
+    #[inline]
+    pub unsafe fn products(steps: usize, (a, a_stride): (*const u32, usize), b: *const u32, out: *mut f32) {
+        let bs = 4 * NR;
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "tilezero tmm4",
+                "tilezero tmm5",
+                options(nostack, nomem)
+            );
+            for s in 0..steps {
+                let a0 = a.add(16 * s);
+                let a1 = (a0 as *const u8).add(16 * a_stride);
+                let b0 = b.add(16 * s * NR);
+                asm!(
+                    "tileloadd tmm6, [{a0} + {sa}*1]",
+                    "tileloadd tmm7, [{b0} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm6, tmm7",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm1, tmm6, tmm7",
+                    "tileloadd tmm7, [{b2} + {sb}*1]",
+                    "tdpbf16ps tmm2, tmm6, tmm7",
+                    "tileloadd tmm6, [{a1} + {sa}*1]",
+                    "tdpbf16ps tmm5, tmm6, tmm7",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm4, tmm6, tmm7",
+                    "tileloadd tmm7, [{b0} + {sb}*1]",
+                    "tdpbf16ps tmm3, tmm6, tmm7",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a1,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b0.add(16),
+                    b2 = in(reg) b0.add(32),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) bs,
+                    options(nostack, readonly)
+                );
             }
-            if !add.is_null() {
-                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, add.add(r * add_rs + 16 * v)));
-            }
-            _mm512_mask_storeu_ps(row.add(16 * v), mask, y);
+            let at = |i: usize, j: usize| out.add(16 * i * NR + 16 * j);
+            asm!(
+                "tilestored [{c0} + {sb}*1], tmm0",
+                "tilestored [{c1} + {sb}*1], tmm1",
+                "tilestored [{c2} + {sb}*1], tmm2",
+                "tilestored [{c3} + {sb}*1], tmm3",
+                "tilestored [{c4} + {sb}*1], tmm4",
+                "tilestored [{c5} + {sb}*1], tmm5",
+                c0 = in(reg) at(0, 0),
+                c1 = in(reg) at(0, 1),
+                c2 = in(reg) at(0, 2),
+                c3 = in(reg) at(1, 0),
+                c4 = in(reg) at(1, 1),
+                c5 = in(reg) at(1, 2),
+                sb = in(reg) bs,
+                options(nostack)
+            );
+        }
+        debug_assert_eq!(AMX_ROWS, 32);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    pub fn enable() -> bool {
+        false
+    }
+    pub struct Tiles(());
+    impl Tiles {
+        pub fn configure() -> Tiles {
+            unreachable!("gemm_bf16::amx() is false off x86_64")
         }
     }
 }
@@ -1022,9 +1352,17 @@ mod tests {
         if !available() {
             return;
         }
-        // A (9 rows: one full panel and a 1-row tail) ends exactly at a page followed by an
-        // inaccessible page: any read past its last row faults.
-        let (m, n, k) = (9usize, 20usize, 8usize);
+        // A (9 rows: one full panel and a 1-row tail; 33: an AMX micro-tile, 16 pairs by tiles
+        // and 4 past them, and a 1-row tail) ends exactly at a page followed by an inaccessible
+        // page: any read past its last row faults.
+        both_kernels(|| {
+            guarded_in_place(9, 20, 8);
+            guarded_in_place(33, 20, 40);
+        })
+    }
+
+    #[cfg(unix)]
+    fn guarded_in_place(m: usize, n: usize, k: usize) {
         let page = 4096usize;
         // SAFETY: a private anonymous mapping of two pages, the second made inaccessible.
         unsafe {
@@ -1083,17 +1421,40 @@ mod tests {
         assert_eq!(inner, vec![1]);
     }
 
+    /// `f` with the AMX micro-kernel where this CPU has it, then with the AVX512_BF16 one.
+    fn both_kernels(f: fn()) {
+        eprintln!("AMX: {}", amx());
+        f();
+        if amx() {
+            without_amx(f);
+        }
+    }
+
     #[test]
     fn products_match_the_rounded_reference() {
         if !available() {
             eprintln!("skipped: this CPU has no avx512_bf16");
             return;
         }
+        both_kernels(products_match)
+    }
+
+    fn products_match() {
         // Tails in every direction, several k blocks, odd k, both B layouts, A packed from f32 and
-        // in place from bf16, accumulate and scale, serial and parallel.
-        for &(m, n, k) in
-            &[(1, 1, 1), (8, 48, 2), (13, 50, 7), (17, 100, 400), (70, 500, 390), (9, 1000, 1024), (40, 1281, 34)]
-        {
+        // in place from bf16, accumulate and scale, serial and parallel; for AMX: whole 32-row
+        // micro-tiles with and without a row tail, pairs in whole steps of 16 and past them.
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (8, 48, 2),
+            (13, 50, 7),
+            (17, 100, 400),
+            (70, 500, 390),
+            (9, 1000, 1024),
+            (40, 1281, 34),
+            (64, 96, 64),
+            (33, 200, 40),
+            (96, 130, 421),
+        ] {
             let a = rnd(m * k, 2);
             let b = rnd(k * n, 3);
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
@@ -1155,6 +1516,10 @@ mod tests {
             eprintln!("skipped: this CPU has no avx512_bf16");
             return;
         }
+        both_kernels(int8_codes)
+    }
+
+    fn int8_codes() {
         let mut r = rand::rngs::StdRng::seed_from_u64(7);
         for &(m, n, k) in &[(3, 5, 1), (13, 50, 37), (70, 130, 401)] {
             // Codes over the whole range, the ends included.

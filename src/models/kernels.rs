@@ -856,10 +856,15 @@ impl Conv {
         let (oh, ow) = self.out_size((ih, iw), (kh, kw));
         // Large 3×3 convolutions: Winograd in f32 whatever the weight's storage. Its products are
         // always f32 (rounding its transformed operands to bf16 costs too much accuracy), and it is
-        // still faster than the bf16 im2col path on every layer where it applies (a quarter of the
-        // multiplications against twice the rate; docs/PERFORMANCE.md), and closer to f32.
+        // still faster than the AVX512_BF16 im2col path on every layer where it applies (a quarter
+        // of the multiplications against twice the rate; docs/PERFORMANCE.md), and closer to f32;
+        // not than AMX tiles (~6× the f32 rate), which take the layers whose rows fill them.
+        let amx_products = matches!(w, Wt::Bf16(_) | Wt::Q8 { .. })
+            && bf16_arithmetic()
+            && super::gemm_bf16::amx()
+            && cout >= super::gemm_bf16::AMX_ROWS;
         if (kh, kw, s, self.pad_end) == (3, 3, 1, 0)
-            && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4))
+            && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4), amx_products)
         {
             let shape = winograd::Shape { batch: b, cin, ih, iw, up: f, pad: p, cout };
             let filters = match w {

@@ -31,10 +31,17 @@ const BUDGET: usize = 1 << 22;
 /// be efficient and to pay for transforming the filters, and, on the split path, enough channels
 /// for the products to dominate the transforms. Measured on the UNet's, VAE's and TAESD's layers
 /// (docs/PERFORMANCE.md);
-/// `GHIBLIFY_WINOGRAD=0` turns it off (the im2col path everywhere, as before).
-pub(super) fn worthwhile(cin: usize, cout: usize, tiles: usize) -> bool {
+/// `GHIBLIFY_WINOGRAD=0` turns it off (the im2col path everywhere, as before). Not where the
+/// im2col products run on AMX tiles (`amx_products`: bf16 or int8 weights multiplied in bf16, and
+/// cout filling the tiles' 32 rows): there a 3 × 3 layer is as fast or faster in bf16 than in f32
+/// Winograd at the UNet's sizes (docs/PERFORMANCE.md, round thirteen), and as close to f32 as
+/// autocast's bf16 convolutions.
+pub(super) fn worthwhile(cin: usize, cout: usize, tiles: usize, amx_products: bool) -> bool {
     if let Some(forced) = FORCED.get() {
         return forced;
+    }
+    if amx_products {
+        return false;
     }
     // The fused path also pays on layers with one side narrow (TAESD's 3 → 64 and 64 → 3 at the
     // full image: 13.9 → 4.1 and 17.6 → 8.2–9.9 ms against im2col, whose patch matrix is 9 × the
