@@ -225,7 +225,7 @@ pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
     };
     let dtype = if quantize { format!("q8 (rest {dtype:?})") } else { format!("{dtype:?}") };
     let winograd = if device.is_cpu() && !generic_ops() && amx_convs {
-        ", 3×3 convolutions on AMX tiles (Winograd F(4,3) in f32 where fewer than 32 output channels)"
+        ", 3×3 convolutions from 320 channels on AMX tiles, the smaller by Winograd F(4,3) in f32"
     } else if device.is_cpu() && !generic_ops() && crate::models::kernels::winograd_enabled() {
         ", large 3×3 convolutions by Winograd F(4,3) in f32"
     } else {

@@ -392,7 +392,7 @@ pub enum Lhs<T> {
 }
 
 /// Packs rows [i0, i0 + MR) × pairs [k0/2, k0/2 + pairs) of A as [row][pair] words (rows past m
-/// and the half-pair past k are zero).
+/// and values past k are zero).
 ///
 /// # Safety
 /// The view must cover m × k; the CPU has AVX-512 (checked by the caller through [`available`]).
@@ -409,7 +409,7 @@ unsafe fn pack_a<T: Elem>(a: &View<T>, (m, k): (usize, usize), i0: usize, k0: us
         } else {
             for (p, d) in dst.iter_mut().enumerate() {
                 let kk = k0 + 2 * p;
-                let lo = unsafe { a.at(i, kk) };
+                let lo = if kk < k { unsafe { a.at(i, kk) } } else { 0 };
                 let hi = if kk + 1 < k { unsafe { a.at(i, kk + 1) } } else { 0 };
                 *d = lo | (hi << 16);
             }
@@ -441,6 +441,11 @@ unsafe fn pack_b<T: Elem>(
             for p in 0..pairs {
                 let kk = k0 + 2 * p;
                 let dst = &mut sliver[p * NR..(p + 1) * NR];
+                if kk >= k {
+                    // Padding pairs past k ([`PackedB::new`] on AMX machines).
+                    dst.fill(0);
+                    continue;
+                }
                 let lo = unsafe { std::slice::from_raw_parts(b.ptr.add(kk * b.rs + js), w) };
                 if kk + 1 < k {
                     let hi = unsafe { std::slice::from_raw_parts(b.ptr.add((kk + 1) * b.rs + js), w) };
@@ -480,7 +485,7 @@ unsafe fn pack_b<T: Elem>(
                 } else {
                     for (p, d) in col[..pairs].iter_mut().enumerate() {
                         let kk = k0 + 2 * p;
-                        let lo = unsafe { b.at(kk, j) };
+                        let lo = if kk < k { unsafe { b.at(kk, j) } } else { 0 };
                         let hi = if kk + 1 < k { unsafe { b.at(kk + 1, j) } } else { 0 };
                         *d = lo | (hi << 16);
                     }
@@ -569,6 +574,17 @@ fn align64(v: &mut Vec<u32>, len: usize) -> usize {
     v.as_ptr().align_offset(64).min(15)
 }
 
+/// Pairs in k block kb of kp pairs cut into blocks of kc, the last rounded up to a multiple of
+/// `pad` (kc is a multiple of every pad used).
+fn block_pairs(kp: usize, kc: usize, pad: usize, kb: usize) -> usize {
+    kc.min(kp - kb * kc).next_multiple_of(pad)
+}
+
+/// All blocks' pairs, as [`block_pairs`] counts them.
+fn padded_pairs(kp: usize, kc: usize, pad: usize) -> usize {
+    (0..kp.div_ceil(kc)).map(|kb| block_pairs(kp, kc, pad, kb)).sum()
+}
+
 /// B packed once for several products with it (attention's keys and values, reused by every block
 /// of queries): [k block][sliver][pair][NR] words.
 #[derive(Default)]
@@ -578,6 +594,9 @@ pub struct PackedB {
     off: usize,
     /// Pairs per k block ([`kc_pairs`] when packed).
     kc: usize,
+    /// The last block's pairs rounded up to a multiple of this, zero-filled ([`PackedB::new`]: 16
+    /// on AMX machines, so the tiles take whole steps; 1 for [`PackedB::fill_rows`]).
+    pad: usize,
     k: usize,
     n: usize,
 }
@@ -585,19 +604,27 @@ pub struct PackedB {
 impl PackedB {
     /// # Safety
     /// The view covers k × n; the CPU has [`available`] instructions.
+    /// On AMX machines the last k block is padded with zero pairs to a whole tile step (attention's
+    /// head dimensions of 40 and 80 are 20 and 40 pairs: the 4 and 8 past the last 16 ran on
+    /// `vdpbf16ps`, slower than the tiles' whole step); [`gemm_packed`] packs A to match.
+    ///
+    /// # Safety
+    /// The view covers k × n; the CPU has [`available`] instructions.
     pub unsafe fn new<T: Elem>(b: View<T>, (k, n): (usize, usize)) -> Self {
-        let (kp, kc) = (k.div_ceil(2), kc_pairs());
+        let (kc, pad) = (kc_pairs(), if amx_supported() { 16 } else { 1 });
+        let kp = k.div_ceil(2);
         let slivers = n.div_ceil(NR);
         let mut data = Vec::new();
-        let off = align64(&mut data, kp * slivers * NR);
-        let mut rest = &mut data[off..off + kp * slivers * NR];
+        let len = padded_pairs(kp, kc, pad) * slivers * NR;
+        let off = align64(&mut data, len);
+        let mut rest = &mut data[off..off + len];
         for kb in 0..kp.div_ceil(kc) {
-            let pairs = kc.min(kp - kb * kc);
+            let pairs = block_pairs(kp, kc, pad, kb);
             let (block, tail) = rest.split_at_mut(pairs * slivers * NR);
             unsafe { pack_b(&b, (k, n), 0, n, kb * 2 * kc, pairs, block) };
             rest = tail;
         }
-        Self { data, off, kc, k, n }
+        Self { data, off, kc, pad, k, n }
     }
 
     /// B built row by row straight into the packed layout, in parallel over pairs of rows:
@@ -607,7 +634,7 @@ impl PackedB {
         let kp = k.div_ceil(2);
         let slivers = n.div_ceil(NR);
         self.off = align64(&mut self.data, kp * slivers * NR);
-        (self.kc, self.k, self.n) = (kc_pairs(), k, n);
+        (self.kc, self.pad, self.k, self.n) = (kc_pairs(), 1, k, n);
         let kc = self.kc;
         // Pair p's words: block p / kc (whose pairs run kc long except the last), then
         // sliver s at s·pairs·NR, then row p % kc of NR words.
@@ -700,10 +727,11 @@ pub unsafe fn gemm_packed<TA: Elem>(
     // Rows per micro-tile, packed from A a panel of MR at a time (zero past m).
     let (rows, micro) = if tiles { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel as Micro) };
     let _config = tiles.then(amx::Tiles::configure);
+    // A packed with B's padding (zero pairs past k), so the products take whole tile steps.
     let mut abuf = Vec::new();
-    let off = align64(&mut abuf, rows * kc.min(kp));
+    let off = align64(&mut abuf, rows * block_pairs(kp, kc, b.pad, 0));
     for kb in 0..kp.div_ceil(kc) {
-        let pairs = kc.min(kp - kb * kc);
+        let pairs = block_pairs(kp, kc, b.pad, kb);
         let block = &b.data[b.off + kb * kc * slivers * NR..];
         let abuf = &mut abuf[off..off + rows * pairs];
         for i0 in (0..m).step_by(rows) {
@@ -948,6 +976,11 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
         let (p_lo, p_hi) = (rg * per_group, ((rg + 1) * per_group).min(panels));
         for kb in 0..kblocks {
             let pairs = kc.min(kp - kb * kc);
+            // B's pairs in this block: a packed B's last block may be padded past A's pairs.
+            let bpairs = match &b {
+                Rhs::Packed(pb) => block_pairs(kp, kc, pb.pad, kb),
+                Rhs::View(_) => pairs,
+            };
             let bwords: *const u32 = match &b {
                 Rhs::View(b) => {
                     let need = cols.div_ceil(NR) * pairs * NR;
@@ -957,7 +990,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                 }
                 // Block kb, from sliver j0 / NR (NC is a multiple of NR).
                 Rhs::Packed(pb) => unsafe {
-                    pb.data.as_ptr().add(pb.off + kb * kc * n.div_ceil(NR) * NR + (j0 / NR) * pairs * NR)
+                    pb.data.as_ptr().add(pb.off + kb * kc * n.div_ceil(NR) * NR + (j0 / NR) * bpairs * NR)
                 },
             };
             let load_c = accumulate || kb > 0;
@@ -986,7 +1019,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                         micro(
                             pairs,
                             (ap, row),
-                            bwords.add(s * pairs * NR),
+                            bwords.add(s * bpairs * NR),
                             (out.0.add(i0 * ldc + js), ldc),
                             (rows.min(m - i0), NR.min(n - js)),
                             scale.tile(i0, js),
@@ -1506,6 +1539,55 @@ mod tests {
                 let lhs = Lhs::Packed(View { ptr: a.as_ptr(), rs: k, cs: 1 });
                 unsafe { gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, scale, variant == 4) };
                 check(&c, accumulate, variant);
+            }
+        }
+    }
+
+    #[test]
+    fn pre_packed_products_match_the_rounded_reference() {
+        if !available() {
+            eprintln!("skipped: this CPU has no avx512_bf16");
+            return;
+        }
+        both_kernels(pre_packed)
+    }
+
+    /// B packed once ([`PackedB::new`], its last block padded to whole tile steps on AMX machines)
+    /// times A packed per call ([`gemm_packed`], attention's products) and A in place or packed
+    /// ([`gemm_prepacked`]): k of 40 and 80 (attention's head dimensions: 4 and 8 pairs past the
+    /// last whole 16), 154 (77 tokens), odd, one, and several k blocks.
+    fn pre_packed() {
+        for &(m, n, k) in &[(40, 100, 40), (70, 77, 80), (33, 50, 154), (5, 20, 1), (37, 60, 17), (34, 49, 1700)] {
+            let a = rnd(m * k, 11);
+            let b = rnd(k * n, 12);
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let a16: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+            let want = reference(&a, &b, (m, n, k));
+            let check = |c: &[f32], what: &str| {
+                for i in 0..m * n {
+                    let w = 0.5 * want[i];
+                    let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6 * w.abs();
+                    assert!(((c[i] as f64) - w).abs() < tol, "{what} {:?} at {i}: {} vs {w}", (m, n, k), c[i]);
+                }
+            };
+            // B with rows contiguous (V) and with columns contiguous (Kᵀ read from K's rows).
+            for (bview, layout) in
+                [(View { ptr: b.as_ptr(), rs: n, cs: 1 }, "rows"), (View { ptr: bt.as_ptr(), rs: 1, cs: k }, "columns")]
+            {
+                let pb = unsafe { PackedB::new(bview, (k, n)) };
+                let aview = View { ptr: a.as_ptr(), rs: k, cs: 1 };
+                let mut c = vec![f32::NAN; m * n];
+                unsafe { gemm_packed(m, c.as_mut_ptr(), n, false, aview, &pb, Scale::all(0.5)) };
+                check(&c, &format!("gemm_packed, B by {layout}"));
+                let mut c = vec![f32::NAN; m * n];
+                unsafe { gemm_prepacked(m, c.as_mut_ptr(), n, false, Lhs::Packed(aview), &pb, Scale::all(0.5)) };
+                check(&c, &format!("gemm_prepacked, A packed, B by {layout}"));
+                if k % 2 == 0 {
+                    let lhs = Lhs::<bf16>::InPlace { ptr: a16.as_ptr(), rs: k };
+                    let mut c = vec![f32::NAN; m * n];
+                    unsafe { gemm_prepacked(m, c.as_mut_ptr(), n, false, lhs, &pb, Scale::all(0.5)) };
+                    check(&c, &format!("gemm_prepacked, A in place, B by {layout}"));
+                }
             }
         }
     }

@@ -858,11 +858,16 @@ impl Conv {
         // always f32 (rounding its transformed operands to bf16 costs too much accuracy), and it is
         // still faster than the AVX512_BF16 im2col path on every layer where it applies (a quarter
         // of the multiplications against twice the rate; docs/PERFORMANCE.md), and closer to f32;
-        // not than AMX tiles (~6× the f32 rate), which take the layers whose rows fill them.
+        // not than AMX tiles (~6× the f32 rate), which take the layers whose rows fill them and
+        // whose patch rows are long enough for the products to outweigh writing the patches (9 ×
+        // the input, rounded to bf16): cin ≥ 320, the UNet's and the VAE's 512-channel layers
+        // (VAE 512 → 512 at 256²: 315 → 223 ms); at 256 channels it was a wash, at TAESD's 64
+        // twice as slow (64 → 64 at 512²: 26 → 51 ms; docs/PERFORMANCE.md, round thirteen).
         let amx_products = matches!(w, Wt::Bf16(_) | Wt::Q8 { .. })
             && bf16_arithmetic()
             && super::gemm_bf16::amx()
-            && cout >= super::gemm_bf16::AMX_ROWS;
+            && cout >= super::gemm_bf16::AMX_ROWS
+            && cin >= 320;
         if (kh, kw, s, self.pad_end) == (3, 3, 1, 0)
             && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4), amx_products)
         {

@@ -32,8 +32,8 @@ const BUDGET: usize = 1 << 22;
 /// for the products to dominate the transforms. Measured on the UNet's, VAE's and TAESD's layers
 /// (docs/PERFORMANCE.md);
 /// `GHIBLIFY_WINOGRAD=0` turns it off (the im2col path everywhere, as before). Not where the
-/// im2col products run on AMX tiles (`amx_products`: bf16 or int8 weights multiplied in bf16, and
-/// cout filling the tiles' 32 rows): there a 3 × 3 layer is as fast or faster in bf16 than in f32
+/// im2col products run on AMX tiles (`amx_products`: bf16 or int8 weights multiplied in bf16, cout
+/// filling the tiles' 32 rows, cin ≥ 320): there a 3 × 3 layer is as fast or faster in bf16 than in f32
 /// Winograd at the UNet's sizes (docs/PERFORMANCE.md, round thirteen), and as close to f32 as
 /// autocast's bf16 convolutions.
 pub(super) fn worthwhile(cin: usize, cout: usize, tiles: usize, amx_products: bool) -> bool {
