@@ -210,6 +210,18 @@ impl<'a> Values<'a> {
         narrowed(self, half::f16::NAN, f32_to_f16)
     }
 
+    /// A CPU tensor of `dtype` and `shape` holding the values converted ([`Values::to_f32_vec`],
+    /// [`Values::to_bf16_vec`], [`Values::to_f16_vec`]); `None` for other dtypes. What the loader
+    /// and [`to_dtype`] both build.
+    pub fn to_tensor(self, dtype: DType, shape: &[usize], device: &candle_core::Device) -> Option<Result<Tensor>> {
+        Some(match dtype {
+            DType::F32 => Tensor::from_vec(self.to_f32_vec(), shape, device),
+            DType::BF16 => Tensor::from_vec(self.to_bf16_vec(), shape, device),
+            DType::F16 => Tensor::from_vec(self.to_f16_vec(), shape, device),
+            _ => return None,
+        })
+    }
+
     fn len(self) -> usize {
         match self {
             Values::F32(v) => v.len(),
@@ -238,16 +250,24 @@ pub fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
         },
         _ => unreachable!("checked on the CPU above"),
     };
-    let shape = t.shape().clone();
-    let device = t.device().clone();
-    match dtype {
-        DType::F32 => Tensor::from_vec(v.to_f32_vec(), shape, &device),
-        DType::BF16 => Tensor::from_vec(v.to_bf16_vec(), shape, &device),
-        DType::F16 => Tensor::from_vec(v.to_f16_vec(), shape, &device),
-        _ => {
+    match v.to_tensor(dtype, t.dims(), t.device()) {
+        Some(converted) => converted,
+        None => {
             drop(storage);
             t.to_dtype(dtype)
         }
+    }
+}
+
+/// A float tensor's values (f32, f16 or bf16; flattened) as bit patterns, for tests that compare
+/// conversions bit for bit, NaN payloads included.
+#[cfg(test)]
+pub(crate) fn float_bits(t: &Tensor) -> Vec<u32> {
+    let t = t.flatten_all().unwrap();
+    match t.dtype() {
+        DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect(),
+        DType::F16 => t.to_vec1::<half::f16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
+        _ => t.to_vec1::<half::bf16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
     }
 }
 
@@ -2088,14 +2108,7 @@ pub(crate) mod tests {
             })
             .collect();
         let base = Tensor::from_vec(v, (n / 7, 7), &Device::Cpu).unwrap();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            let t = t.flatten_all().unwrap();
-            match t.dtype() {
-                DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect(),
-                DType::F16 => t.to_vec1::<half::f16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
-                _ => t.to_vec1::<half::bf16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
-            }
-        };
+        let bits = float_bits;
         for from in [DType::F32, DType::F16, DType::BF16] {
             for t in [base.to_dtype(from).unwrap(), base.to_dtype(from).unwrap().t().unwrap()] {
                 for to in [DType::F32, DType::F16, DType::BF16] {

@@ -235,16 +235,16 @@ pub fn tensor_from_bytes(
     device: &Device,
 ) -> Result<Tensor> {
     let n: usize = shape.iter().product();
-    match Values::of_bytes(bytes, stored, n) {
-        Some(v) if device.is_cpu() && dtype == DType::F32 => Tensor::from_vec(v.to_f32_vec(), shape, device),
-        Some(v) if device.is_cpu() && dtype == DType::BF16 && stored != dtype => {
-            Tensor::from_vec(v.to_bf16_vec(), shape, device)
+    // Converted on all threads, written once; a half-precision tensor kept as stored is a plain
+    // copy of its bytes (below).
+    if let Some(v) =
+        Values::of_bytes(bytes, stored, n).filter(|_| device.is_cpu() && (dtype == DType::F32 || stored != dtype))
+    {
+        if let Some(t) = v.to_tensor(dtype, shape, device) {
+            return t;
         }
-        Some(v) if device.is_cpu() && dtype == DType::F16 && stored != dtype => {
-            Tensor::from_vec(v.to_f16_vec(), shape, device)
-        }
-        _ => Tensor::from_raw_buffer(bytes, stored, shape, device)?.to_dtype(dtype),
     }
+    Tensor::from_raw_buffer(bytes, stored, shape, device)?.to_dtype(dtype)
 }
 
 /// Named tensors a model's weights come from: safetensors files ([`Weights`]), a PyTorch `.ckpt`
@@ -345,13 +345,7 @@ mod tests {
             })
             .collect();
         let t = Tensor::from_vec(values, n, &Device::Cpu).unwrap();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            match t.dtype() {
-                DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect(),
-                DType::F16 => t.to_vec1::<half::f16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
-                _ => t.to_vec1::<half::bf16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
-            }
-        };
+        let bits = crate::models::kernels::float_bits;
         for stored in [DType::F32, DType::F16, DType::BF16] {
             let s = t.to_dtype(stored).unwrap();
             let es = stored.size_in_bytes();
