@@ -1164,18 +1164,9 @@ unsafe fn amx_kernel(
     }
 }
 
+// Off x86_64 neither micro-kernel runs (`available()` is false): one stub serves both names.
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn amx_kernel(
-    _: usize,
-    _: (*const u32, usize),
-    _: *const u32,
-    _: (*mut f32, usize),
-    _: (usize, usize),
-    _: TileScale,
-    _: bool,
-) {
-    unreachable!("gemm_bf16::amx() is false off x86_64")
-}
+use self::kernel as amx_kernel;
 
 /// The tile unit: enabling it for the process, configuring it per thread, the products.
 #[cfg(target_arch = "x86_64")]
@@ -1454,8 +1445,13 @@ mod tests {
         assert_eq!(inner, vec![1]);
     }
 
-    /// `f` with the AMX micro-kernel where this CPU has it, then with the AVX512_BF16 one.
+    /// `f` with the AMX micro-kernel where this CPU has it, then with the AVX512_BF16 one; nothing
+    /// on a CPU without the instructions.
     fn both_kernels(f: fn()) {
+        if !available() {
+            eprintln!("skipped: this CPU has no avx512_bf16");
+            return;
+        }
         eprintln!("AMX: {}", amx());
         f();
         if amx() {
@@ -1463,12 +1459,17 @@ mod tests {
         }
     }
 
+    /// Each `c[i]` within the bf16 products' tolerance (f32 sums of k products) of `want(i)`.
+    fn assert_close(c: &[f32], want: impl Fn(usize) -> f64, k: usize, what: impl Fn() -> String) {
+        for (i, &got) in c.iter().enumerate() {
+            let w = want(i);
+            let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6 * w.abs();
+            assert!(((got as f64) - w).abs() < tol, "{} at {i}: {got} vs {w}", what());
+        }
+    }
+
     #[test]
     fn products_match_the_rounded_reference() {
-        if !available() {
-            eprintln!("skipped: this CPU has no avx512_bf16");
-            return;
-        }
         both_kernels(products_match)
     }
 
@@ -1496,16 +1497,8 @@ mod tests {
             let c0 = rnd(m * n, 4);
             let bias = rnd(n, 5);
             let check = |c: &[f32], accumulate: bool, variant: usize| {
-                for i in 0..m * n {
-                    let w = 0.5 * want[i] + if accumulate { c0[i] as f64 } else { bias[i % n] as f64 };
-                    let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6 * w.abs();
-                    assert!(
-                        ((c[i] as f64) - w).abs() < tol,
-                        "{:?} variant {variant} at {i}: {} vs {w}",
-                        (m, n, k),
-                        c[i]
-                    );
-                }
+                let want = |i: usize| 0.5 * want[i] + if accumulate { c0[i] as f64 } else { bias[i % n] as f64 };
+                assert_close(c, want, k, || format!("{:?} variant {variant}", (m, n, k)));
             };
             for variant in 0..4 {
                 let mut c = c0.clone();
@@ -1545,10 +1538,6 @@ mod tests {
 
     #[test]
     fn pre_packed_products_match_the_rounded_reference() {
-        if !available() {
-            eprintln!("skipped: this CPU has no avx512_bf16");
-            return;
-        }
         both_kernels(pre_packed)
     }
 
@@ -1563,13 +1552,8 @@ mod tests {
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let a16: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
             let want = reference(&a, &b, (m, n, k));
-            let check = |c: &[f32], what: &str| {
-                for i in 0..m * n {
-                    let w = 0.5 * want[i];
-                    let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6 * w.abs();
-                    assert!(((c[i] as f64) - w).abs() < tol, "{what} {:?} at {i}: {} vs {w}", (m, n, k), c[i]);
-                }
-            };
+            let check =
+                |c: &[f32], what: &str| assert_close(c, |i| 0.5 * want[i], k, || format!("{what} {:?}", (m, n, k)));
             // B with rows contiguous (V) and with columns contiguous (Kᵀ read from K's rows).
             for (bview, layout) in
                 [(View { ptr: b.as_ptr(), rs: n, cs: 1 }, "rows"), (View { ptr: bt.as_ptr(), rs: 1, cs: k }, "columns")]
@@ -1594,10 +1578,6 @@ mod tests {
 
     #[test]
     fn int8_codes_enter_exactly_with_their_channel_scales() {
-        if !available() {
-            eprintln!("skipped: this CPU has no avx512_bf16");
-            return;
-        }
         both_kernels(int8_codes)
     }
 
