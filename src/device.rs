@@ -195,8 +195,9 @@ pub fn precision(device: &Device, dtype: DType, quantize: bool) -> Option<String
 pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
     let bf16_products = crate::models::kernels::bf16_arithmetic();
     // Which unit multiplies bf16: AMX tiles where the CPU and OS have them, else AVX512_BF16.
-    let unit = if crate::models::gemm_bf16::amx() { "AMX" } else { "AVX512_BF16" };
-    let amx_convs = bf16_products && unit == "AMX" && (quantize || dtype == DType::BF16);
+    let amx = crate::models::gemm_bf16::amx();
+    let unit = if amx { "AMX" } else { "AVX512_BF16" };
+    let amx_convs = bf16_products && amx && (quantize || dtype == DType::BF16);
     let ops = if !device.is_cpu() {
         "candle's generic operations"
     } else if generic_ops() {
@@ -224,12 +225,13 @@ pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
         other => format!("{:?}", other.location()),
     };
     let dtype = if quantize { format!("q8 (rest {dtype:?})") } else { format!("{dtype:?}") };
-    let winograd = if device.is_cpu() && !generic_ops() && amx_convs {
-        ", 3×3 convolutions from 320 channels on AMX tiles, the smaller by Winograd F(4,3) in f32"
-    } else if device.is_cpu() && !generic_ops() && crate::models::kernels::winograd_enabled() {
-        ", large 3×3 convolutions by Winograd F(4,3) in f32"
+    let winograd = if !device.is_cpu() || generic_ops() || !crate::models::kernels::winograd_enabled() {
+        String::new()
+    } else if amx_convs {
+        let from = crate::models::kernels::AMX_CONV_MIN_CIN;
+        format!(", 3×3 convolutions from {from} channels on AMX tiles, the smaller by Winograd F(4,3) in f32")
     } else {
-        ""
+        ", large 3×3 convolutions by Winograd F(4,3) in f32".to_string()
     };
     format!("device {what}, dtype {dtype}, {ops}{winograd}")
 }

@@ -53,6 +53,8 @@ const NC: usize = 8 * NR;
 /// Rows of A per AMX micro-tile: two tiles of 16 rows (four panels of MR), times a sliver's three
 /// tiles of 16 columns: six of the eight tile registers hold the sums, one A and one B.
 pub const AMX_ROWS: usize = 32;
+// `amx::products` is written for two tiles of 16 rows.
+const _: () = assert!(AMX_ROWS == 32);
 const AMX_PANELS: usize = AMX_ROWS / MR;
 
 /// Whether this CPU computes bf16 dot products (`avx512_bf16`), detected once.
@@ -575,7 +577,7 @@ fn align64(v: &mut Vec<u32>, len: usize) -> usize {
 }
 
 /// Pairs in k block kb of kp pairs cut into blocks of kc, the last rounded up to a multiple of
-/// `pad` (kc is a multiple of every pad used).
+/// `pad` (1: unpadded; kc is a multiple of every pad used).
 fn block_pairs(kp: usize, kc: usize, pad: usize, kb: usize) -> usize {
     kc.min(kp - kb * kc).next_multiple_of(pad)
 }
@@ -602,9 +604,7 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// # Safety
-    /// The view covers k × n; the CPU has [`available`] instructions.
-    /// On AMX machines the last k block is padded with zero pairs to a whole tile step (attention's
+    /// B packed in blocks of the process's k block length ([`kc_pairs`]). On AMX machines the last k block is padded with zero pairs to a whole tile step (attention's
     /// head dimensions of 40 and 80 are 20 and 40 pairs: the 4 and 8 past the last 16 ran on
     /// `vdpbf16ps`, slower than the tiles' whole step); [`gemm_packed`] packs A to match.
     ///
@@ -656,7 +656,7 @@ impl PackedB {
                     hi.fill(0.0);
                 }
                 let (kb, pi) = (p / kc, p % kc);
-                let pairs = kc.min(kp - kb * kc);
+                let pairs = block_pairs(kp, kc, 1, kb);
                 let block = kb * kc * slivers * NR;
                 for s in 0..slivers {
                     let (js, w) = (s * NR, NR.min(n - s * NR));
@@ -901,7 +901,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                 tail = vec![0u32; MR * kp];
                 let view = View { ptr: *ptr, rs: *rs, cs: 1 };
                 for kb in 0..kblocks {
-                    let pairs = kc.min(kp - kb * kc);
+                    let pairs = block_pairs(kp, kc, 1, kb);
                     let out = &mut tail[kb * kc * MR..kb * kc * MR + pairs * MR];
                     // SAFETY: the view covers m × k; rows from (panels − 1)·MR, zero past m.
                     unsafe { pack_a(&view, (m, k), (panels - 1) * MR, kb * 2 * kc, pairs, out) };
@@ -922,7 +922,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
             let mut pieces = Vec::with_capacity(kblocks * panels);
             let mut rest = &mut buf[off..off + panels * MR * kp];
             for kb in 0..kblocks {
-                let pairs = kc.min(kp - kb * kc);
+                let pairs = block_pairs(kp, kc, 1, kb);
                 for pi in 0..panels {
                     let (piece, tail) = rest.split_at_mut(pairs * MR);
                     pieces.push((kb, pi, piece));
@@ -975,7 +975,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
         let cols = (s_hi * NR).min(n) - j0;
         let (p_lo, p_hi) = (rg * per_group, ((rg + 1) * per_group).min(panels));
         for kb in 0..kblocks {
-            let pairs = kc.min(kp - kb * kc);
+            let pairs = block_pairs(kp, kc, 1, kb);
             // B's pairs in this block: a packed B's last block may be padded past A's pairs.
             let bpairs = match &b {
                 Rhs::Packed(pb) => block_pairs(kp, kc, pb.pad, kb),
@@ -1171,7 +1171,7 @@ use self::kernel as amx_kernel;
 /// The tile unit: enabling it for the process, configuring it per thread, the products.
 #[cfg(target_arch = "x86_64")]
 mod amx {
-    use super::{AMX_ROWS, NR};
+    use super::NR;
     use std::arch::asm;
 
     /// CPUID says AMX-TILE and AMX-BF16, and Linux grants the tile state to the process.
@@ -1298,7 +1298,6 @@ mod amx {
                 options(nostack)
             );
         }
-        debug_assert_eq!(AMX_ROWS, 32);
     }
 }
 

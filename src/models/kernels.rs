@@ -700,6 +700,10 @@ fn dequantize_row(q: &[Q8], out: &mut [std::mem::MaybeUninit<f32>], scale: f32) 
 }
 }
 
+/// Input channels from which a 3×3 convolution's bf16 im2col products on AMX tiles beat f32
+/// Winograd ([`Conv`]'s rule, and what `-v` says).
+pub const AMX_CONV_MIN_CIN: usize = 320;
+
 /// Whether bf16-stored weights are multiplied in bf16 rather than widened to f32 first: the
 /// kernels on, AVX512_BF16 present and paying here ([`super::gemm_bf16::pays`]: on Intel's Xeon 4th
 /// and 5th generation its dot products run at half the f32 rate), unless `GHIBLIFY_BF16_ARITHMETIC`
@@ -887,7 +891,7 @@ impl Conv {
             && bf16_arithmetic()
             && super::gemm_bf16::amx()
             && cout >= super::gemm_bf16::AMX_ROWS
-            && cin >= 320;
+            && cin >= AMX_CONV_MIN_CIN;
         if (kh, kw, s, self.pad_end) == (3, 3, 1, 0)
             && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4), amx_products)
         {
