@@ -36,7 +36,9 @@ const KC_PAIRS: usize = 192;
 /// Pairs of k per block on AMX machines: each block's sums go through C once (read, added,
 /// written), which at 192 pairs was 14 % of a UNet call in the epilogue; 768 writes C a quarter
 /// as often, and the tile loads keep their pace with the 147 KB sliver in L2 (microbenchmark:
-/// 950–1000 multiply-adds per ns per core either way).
+/// 950–1000 multiply-adds per ns per core either way). Still the best with the sums going to C
+/// straight from the tiles (UNet batch-1 call, bf16, at 192 / 384 / 768 / 1536 pairs; the UNet's
+/// linear shapes at 64 / 128 / 768).
 const KC_PAIRS_AMX: usize = 768;
 
 /// The k block length this process packs and multiplies with (one value for the whole process,
@@ -388,6 +390,7 @@ impl<T: Elem> View<T> {
 }
 
 /// The left operand: bf16 rows read in place (even k, unit column stride), or any view packed.
+#[derive(Clone, Copy)]
 pub enum Lhs<T> {
     InPlace { ptr: *const bf16, rs: usize },
     Packed(View<T>),
@@ -566,14 +569,15 @@ unsafe fn transpose_words(column: impl Fn(usize) -> *const u32, w: usize, pairs:
     }
 }
 
-/// Where `len` words of `v` start at its first 64-byte boundary, `v` grown (zero-filled) to hold
+/// Where `len` values of `v` start at its first 64-byte boundary, `v` grown (zero-filled) to hold
 /// them: AMX tile loads run at a third of their speed on rows that straddle cache lines, and the
-/// allocator's blocks are only 16-byte aligned.
-fn align64(v: &mut Vec<u32>, len: usize) -> usize {
-    if v.len() < len + 15 {
-        v.resize(len + 15, 0);
+/// allocator's small blocks are only 16-byte aligned.
+pub(crate) fn align64<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> usize {
+    let spare = 64 / std::mem::size_of::<T>() - 1;
+    if v.len() < len + spare {
+        v.resize(len + spare, T::default());
     }
-    v.as_ptr().align_offset(64).min(15)
+    v.as_ptr().align_offset(64).min(spare)
 }
 
 /// Pairs in k block kb of kp pairs cut into blocks of kc, the last rounded up to a multiple of
@@ -700,8 +704,230 @@ fn interleave_pairs(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
     body(lo, hi, dst)
 }
 
+/// A 3 × 3 convolution for [`conv3x3`]: `batch` images of `cin` planes of `ih × iw`,
+/// nearest-upsampled `up` times, stride 1, padding 1, `cout` output planes of `ih·up × iw·up`.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv3x3 {
+    pub batch: usize,
+    pub cin: usize,
+    pub ih: usize,
+    pub iw: usize,
+    pub up: usize,
+    pub cout: usize,
+}
+
+/// Words of a band of [`conv3x3`]'s input copies (three shifted copies of every pair of planes),
+/// 8 MB: the band's rows stay in L3 while its tiles are multiplied (64 KB in the unit tests, so
+/// that their small images take several bands).
+const CONV_BAND_WORDS: usize = if cfg!(test) { 1 << 14 } else { 2 << 20 };
+
+thread_local! {
+    /// The calling thread's band of [`conv3x3`]'s input copies, kept between calls.
+    static CONV_BAND: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `out = conv(x, w) · row_scales + bias` for a 3 × 3 convolution ([`Conv3x3`]) on AMX tiles,
+/// without a patch matrix (implicit GEMM; cf. oneDNN's AMX convolutions and cuDNN's implicit
+/// precomputed GEMM). The input, padded and rounded to bf16 pairs of channels, lies on a grid of
+/// rows `wp` words wide (a multiple of 16 at least two past the width); output pixel (y, x) is
+/// grid position q = y·wp + x, and tap (ky, kx) reads the grid at q + ky·wp + kx. Three copies of
+/// the grid, shifted by kx = 0, 1, 2, each blocked as [16 positions][pair][16 words], make every
+/// tap's B tile one contiguous KB (16 pairs × 16 positions from a 64-byte boundary; a layout of
+/// whole planes had its 16 rows a plane apart, 16 pages): the input is written 3 times (in bf16:
+/// 1.5 times its f32 size) where im2col writes it 9 times, and no tile load straddles cache lines
+/// (a third of the speed, see [`align64`]). A tile of 32 output channels × 48 grid positions sums
+/// its 9 taps × cin/32 steps in the tiles; the grid's pad columns are dropped as the sums go out.
+/// Weights are rearranged per call to [channel][tap][pair] (cout × 9 × cin values, once for all
+/// images; the products are that times the pixels, so small images with many channels do better
+/// by im2col: see `kernels::Conv`). Processed image by image in bands of rows
+/// ([`CONV_BAND_WORDS`]), each band's tiles spread over the threads.
+///
+/// # Panics
+/// Unless AMX is on ([`amx`]), cin is a multiple of 32 and the slices hold the shapes.
+pub fn conv3x3<T: Elem>(
+    x: &[f32],
+    shape: Conv3x3,
+    w: &[T],
+    row_scales: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let Conv3x3 { batch, cin, ih, iw, up, cout } = shape;
+    let (h, wd) = (ih * up, iw * up);
+    assert!(amx() && cin.is_multiple_of(32) && up >= 1, "conv3x3 on tiles: {shape:?}");
+    assert!(x.len() >= batch * cin * ih * iw && w.len() >= cout * cin * 9 && out.len() >= batch * cout * h * wd);
+    assert!(row_scales.is_none_or(|s| s.len() >= cout) && bias.is_none_or(|b| b.len() >= cout));
+    if cout == 0 || h == 0 || wd == 0 {
+        return;
+    }
+    let kp = cin / 2;
+    let wp = (wd + 2).next_multiple_of(16);
+    let groups = cout.div_ceil(AMX_ROWS);
+    // Weights as [channel (whole groups, zero rows past cout)][tap][pair] words.
+    let row_words = 9 * kp;
+    let mut wbuf = Vec::new();
+    let woff = align64(&mut wbuf, groups * AMX_ROWS * row_words);
+    wbuf[woff..woff + groups * AMX_ROWS * row_words].par_chunks_mut(row_words).enumerate().for_each(|(co, row)| {
+        if co >= cout {
+            row.fill(0);
+            return;
+        }
+        let wc = &w[co * cin * 9..(co + 1) * cin * 9];
+        for (tap, words) in row.chunks_mut(kp).enumerate() {
+            for (pr, word) in words.iter_mut().enumerate() {
+                *word = wc[2 * pr * 9 + tap].bf16_bits() | (wc[(2 * pr + 1) * 9 + tap].bf16_bits() << 16);
+            }
+        }
+    });
+    let weights = &wbuf[woff..];
+    let band_rows = (CONV_BAND_WORDS / (3 * kp * wp)).clamp(1, h);
+    with_kept(&CONV_BAND, |band| {
+        for (bi, y0) in (0..batch).flat_map(|bi| (0..h).step_by(band_rows).map(move |y0| (bi, y0))) {
+            let x = &x[bi * cin * ih * iw..(bi + 1) * cin * ih * iw];
+            let out = Out(out[bi * cout * h * wd..].as_mut_ptr() as *mut f32);
+            let rows = band_rows.min(h - y0);
+            let tiles = (rows * wp).div_ceil(NR);
+            // Every tap of every tile inside the plane: the last tile's end plus two rows.
+            let plane = (tiles * NR + 2 * wp).next_multiple_of(16);
+            let boff = align64(band, 3 * kp * plane);
+            let planes = &mut band[boff..boff + 3 * kp * plane];
+            let blocks = plane / 16;
+            let dst = SendMut(planes.as_mut_ptr());
+            // Pair pr's grid rows: padded rows y0 .. y0 + rows + 2 (input rows one above), zero
+            // elsewhere; each row's 16-word chunks at offsets 0, 1, 2 into the three copies (a
+            // chunk's last words past the row read zeros: they feed only pad columns).
+            (0..kp).into_par_iter().for_each(|pr| {
+                let dst = &dst;
+                let (lo, hi) = (&x[2 * pr * ih * iw..][..ih * iw], &x[(2 * pr + 1) * ih * iw..][..ih * iw]);
+                let mut src = vec![0u32; if up > 1 { iw } else { 0 }];
+                let mut line = vec![0u32; wp + 16];
+                for r in 0..blocks.div_ceil(wp / 16) {
+                    let at = y0 + r; // padded row: input row at − 1
+                    let data = at > 0 && at <= h && r < rows + 2;
+                    if data {
+                        let yi = (at - 1) / up;
+                        let (l, hh) = (&lo[yi * iw..(yi + 1) * iw], &hi[yi * iw..(yi + 1) * iw]);
+                        if up == 1 {
+                            interleave_pairs(l, hh, &mut line[1..1 + wd]);
+                        } else {
+                            interleave_pairs(l, hh, &mut src);
+                            for (d, s) in line[1..1 + wd].chunks_mut(up).zip(&src) {
+                                d.fill(*s);
+                            }
+                        }
+                    } else {
+                        line[1..1 + wd].fill(0);
+                    }
+                    for c in 0..wp / 16 {
+                        let qb = r * wp / 16 + c;
+                        if qb >= blocks {
+                            break;
+                        }
+                        for kx in 0..3 {
+                            // SAFETY: block qb of copy kx, pair pr: 16 words inside the band,
+                            // written by this task alone.
+                            unsafe {
+                                let to = dst.0.add(((kx * blocks + qb) * kp + pr) * 16);
+                                std::ptr::copy_nonoverlapping(line.as_ptr().add(16 * c + kx), to, 16);
+                            }
+                        }
+                    }
+                }
+            });
+            let planes = &*planes;
+            // Jobs of 4 tiles × every group of channels (the tiles' input stays in L2 while the
+            // weights pass).
+            let jobs = tiles.div_ceil(4);
+            (0..jobs).into_par_iter().for_each(|job| {
+                let out = &out;
+                let _config = amx::Tiles::configure();
+                #[repr(C, align(64))]
+                struct Sums([f32; AMX_ROWS * NR]);
+                let mut sums = Sums([0.0; AMX_ROWS * NR]);
+                for t in 4 * job..(4 * job + 4).min(tiles) {
+                    let q0 = t * NR;
+                    // The tile's positions row by row of the grid, pad columns dropped: (first
+                    // sum, length, output offset in the channel's plane).
+                    let mut segments = [(0, 0, 0); NR / 16 + 2];
+                    let (mut j, mut n) = (0, 0);
+                    while j < NR {
+                        let (y, xx) = ((q0 + j) / wp, (q0 + j) % wp);
+                        if y >= rows {
+                            break;
+                        }
+                        let run = (wp - xx).min(NR - j);
+                        if xx < wd {
+                            segments[n] = (j, run.min(wd - xx), (y0 + y) * wd + xx);
+                            n += 1;
+                        }
+                        j += run;
+                    }
+                    let segments = &segments[..n];
+                    for g in 0..groups {
+                        let taps = (0..9).map(|tap| {
+                            let (ky, kx) = (tap / 3, tap % 3);
+                            // SAFETY: inside the weights and the band (the plane's extent above).
+                            unsafe {
+                                (
+                                    weights.as_ptr().add(g * AMX_ROWS * row_words + tap * kp),
+                                    planes.as_ptr().add(((kx * blocks + (q0 + ky * wp) / 16) * kp) * 16),
+                                    kp / 16,
+                                )
+                            }
+                        });
+                        let to = (sums.0.as_mut_ptr(), 4 * NR);
+                        // SAFETY: tiles configured; A rows and B pair rows inside their buffers.
+                        unsafe { amx::products(taps, (4 * row_words, 64, 64 * kp), (std::ptr::null(), 0), to) };
+                        for (r, sums) in sums.0.chunks(NR).enumerate().take(cout - g * AMX_ROWS) {
+                            let co = g * AMX_ROWS + r;
+                            let scale = row_scales.map_or(1.0, |s| s[co]);
+                            let add = bias.map_or(0.0, |b| b[co]);
+                            // SAFETY: channel co's rows y0 + y of the segments: this job's own.
+                            unsafe { scaled_runs(sums, segments, out.0.add(co * h * wd), (scale, add)) };
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// `out[off + i] = sums[j + i] · scale + add` for each segment (j, len, off) of [`conv3x3`]'s tile.
+///
+/// # Safety
+/// `out` writable at every segment's offsets.
+#[inline]
+unsafe fn scaled_runs(sums: &[f32], segments: &[(usize, usize, usize)], out: *mut f32, (scale, add): (f32, f32)) {
+    #[inline(always)]
+    unsafe fn body(sums: &[f32], segments: &[(usize, usize, usize)], out: *mut f32, (scale, add): (f32, f32)) {
+        for &(j, len, off) in segments {
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(off), len) };
+            for (d, &s) in dst.iter_mut().zip(&sums[j..j + len]) {
+                *d = s * scale + add;
+            }
+        }
+    }
+    // Compiled for AVX-512, where LLVM vectorises the runs (with masks for their ends).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn avx512(sums: &[f32], segments: &[(usize, usize, usize)], out: *mut f32, sa: (f32, f32)) {
+        unsafe { body(sums, segments, out, sa) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx512(sums, segments, out, (scale, add))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe {
+        body(sums, segments, out, (scale, add))
+    }
+}
+
 /// `C (+)= scale · A · B` for a pre-packed B, on the calling thread (for callers that are already
-/// parallel); the scale per row and column as [`Scale`] says.
+/// parallel); the scale per row and column as [`Scale`] says. A in place (bf16 rows, even k) is
+/// read where it lies for every whole group of rows whose k blocks B does not pad (attention's
+/// probabilities, 64-byte aligned rows: the copy into A's packing was a pass over them), packed
+/// otherwise.
 ///
 /// # Safety
 /// As [`gemm`], with `a` covering m × b.k.
@@ -710,7 +936,7 @@ pub unsafe fn gemm_packed<TA: Elem>(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
-    a: View<TA>,
+    a: Lhs<TA>,
     b: &PackedB,
     scale: Scale,
 ) {
@@ -730,20 +956,35 @@ pub unsafe fn gemm_packed<TA: Elem>(
     // A packed with B's padding (zero pairs past k), so the products take whole tile steps.
     let mut abuf = Vec::new();
     let off = align64(&mut abuf, rows * block_pairs(kp, kc, b.pad, 0));
+    // SAFETY (both packs): the view covers m × k.
+    let pack = |i0: usize, k0: usize, pairs: usize, panel: &mut [u32]| match a {
+        Lhs::InPlace { ptr, rs } => unsafe { pack_a(&View { ptr, rs, cs: 1 }, (m, k), i0, k0, pairs, panel) },
+        Lhs::Packed(view) => unsafe { pack_a(&view, (m, k), i0, k0, pairs, panel) },
+    };
     for kb in 0..kp.div_ceil(kc) {
         let pairs = block_pairs(kp, kc, b.pad, kb);
         let block = &b.data[b.off + kb * kc * slivers * NR..];
         let abuf = &mut abuf[off..off + rows * pairs];
         for i0 in (0..m).step_by(rows) {
-            for (q, panel) in abuf.chunks_mut(MR * pairs).enumerate() {
-                unsafe { pack_a(&a, (m, k), i0 + q * MR, kb * 2 * kc, pairs, panel) };
-            }
+            let (ap, a_row) = match a {
+                // SAFETY: rows i0.. i0 + rows and this block's pairs lie inside A.
+                Lhs::InPlace { ptr, rs } if i0 + rows <= m && pairs == block_pairs(kp, kc, 1, kb) => unsafe {
+                    debug_assert!(k.is_multiple_of(2) && rs.is_multiple_of(2));
+                    ((ptr as *const u32).add(i0 * rs / 2 + kb * kc), rs / 2)
+                },
+                _ => {
+                    for (q, panel) in abuf.chunks_mut(MR * pairs).enumerate() {
+                        pack(i0 + q * MR, kb * 2 * kc, pairs, panel);
+                    }
+                    (abuf.as_ptr(), pairs)
+                }
+            };
             for s in 0..slivers {
                 let js = s * NR;
                 unsafe {
                     micro(
                         pairs,
-                        (abuf.as_ptr(), pairs),
+                        (ap, a_row),
                         block.as_ptr().add(s * pairs * NR),
                         (c.add(i0 * ldc + js), ldc),
                         (rows.min(m - i0), NR.min(n - js)),
@@ -1122,7 +1363,9 @@ unsafe fn store_row(
 type Micro = unsafe fn(usize, (*const u32, usize), *const u32, (*mut f32, usize), (usize, usize), TileScale, bool);
 
 /// [`kernel`] for AMX_ROWS × NR: the whole 16-pair steps by AMX tiles into a buffer, the pairs
-/// past them by `vdpbf16ps` on the buffer's rows, then the same epilogue. A's rows must all be
+/// past them by `vdpbf16ps` on the buffer's rows, then the same epilogue — or, for a whole tile
+/// of C in whole steps with nothing to scale, from C or the bias to C in the tiles alone (the
+/// epilogue's pass was 9 % of a bf16 UNet call). A's rows must all be
 /// readable (rows past mr are computed and dropped); the thread's tiles configured
 /// ([`amx::Tiles`]).
 ///
@@ -1140,12 +1383,21 @@ unsafe fn amx_kernel(
     load_c: bool,
 ) {
     use std::arch::x86_64::*;
+    // A whole tile of C, whole tile steps, nothing to scale: the sums start from C itself or the
+    // bias (a tile load with row stride 0 repeats it) and go straight back to C, no pass over
+    // them in AVX-512.
+    if mr == AMX_ROWS && nr == NR && pairs.is_multiple_of(16) && direct(&scale) {
+        let from = if load_c { (c as *const f32, 4 * ldc) } else { (scale.bias, 0) };
+        amx::products(std::iter::once((a, b, pairs / 16)), (4 * a_row, 4 * NR, 64), from, (c, 4 * ldc));
+        return;
+    }
     #[repr(C, align(64))]
     struct Sums([f32; AMX_ROWS * NR]);
     let mut sums = std::mem::MaybeUninit::<Sums>::uninit();
     let whole = pairs / 16 * 16;
     // Writes all AMX_ROWS × NR sums (zero when there is no whole step).
-    amx::products(whole / 16, (a, 4 * a_row), b, sums.as_mut_ptr() as *mut f32);
+    let to = (sums.as_mut_ptr() as *mut f32, 4 * NR);
+    amx::products(std::iter::once((a, b, whole / 16)), (4 * a_row, 4 * NR, 64), (std::ptr::null(), 0), to);
     let sums = sums.assume_init_ref();
     let (add, add_rs) = if load_c { (c as *const f32, ldc) } else { (scale.bias, 0) };
     for r in 0..mr {
@@ -1164,6 +1416,12 @@ unsafe fn amx_kernel(
     }
 }
 
+/// Whether a tile's sums go to C unscaled (see [`amx_kernel`]).
+#[inline(always)]
+fn direct(scale: &TileScale) -> bool {
+    scale.all == 1.0 && scale.rows.is_null() && scale.cols.is_null()
+}
+
 // Off x86_64 neither micro-kernel runs (`available()` is false): one stub serves both names.
 #[cfg(not(target_arch = "x86_64"))]
 use self::kernel as amx_kernel;
@@ -1171,7 +1429,6 @@ use self::kernel as amx_kernel;
 /// The tile unit: enabling it for the process, configuring it per thread, the products.
 #[cfg(target_arch = "x86_64")]
 mod amx {
-    use super::NR;
     use std::arch::asm;
 
     /// CPUID says AMX-TILE and AMX-BF16, and Linux grants the tile state to the process.
@@ -1231,70 +1488,100 @@ mod amx {
         }
     }
 
-    /// `out[r·NR + j] = Σ_{p < 16·steps} A(r, p) · B(p, j)` for r < AMX_ROWS, j < NR, as bf16
-    /// pair products with f32 sums: A's word (r, p) at `a + r·a_stride bytes + 4p`, B's sliver
-    /// [pair][NR] words at `b`. Sums C(i, j) live in tile 3i + j, A in tile 6, B in tile 7; per
-    /// step seven loads for six products (the second A reuses the last B, then walks back).
+    /// `out(r, j) = from(r, j) + Σ_segments Σ_{p < 16·steps} A(r, p) · B(p, j)` for r < AMX_ROWS,
+    /// j < NR, as bf16 pair products with f32 sums; each segment `(a, b, steps)` has A's word
+    /// (r, p) at `a + r·a_stride bytes + 4p` and B's words (p, j) at `b + p·b_stride bytes +
+    /// (j / 16)·b_col bytes + 4·(j % 16)` (a packed sliver: strides 4·NR and 64; a convolution's
+    /// blocked input, [`conv3x3`]: 64 and a block's bytes), `from`'s and
+    /// `out`'s value (r, j) at `+ r·stride bytes + 4j` (`from` null: zero; its stride 0: the same
+    /// row for all). Sums C(i, j) live in tile 3i + j, A in tile 6, B in tile 7; per step seven
+    /// loads for six products (the second A reuses the last B, then walks back).
     ///
     /// # Safety
-    /// The rows and pairs readable, `out` writable for AMX_ROWS × NR f32; the thread's tiles
-    /// configured ([`Tiles`]).
+    /// The rows and pairs readable, `from` readable and `out` writable for AMX_ROWS × NR f32; the
+    /// thread's tiles configured ([`Tiles`]).
     #[inline]
-    pub unsafe fn products(steps: usize, (a, a_stride): (*const u32, usize), b: *const u32, out: *mut f32) {
-        let bs = 4 * NR;
+    pub unsafe fn products(
+        segments: impl Iterator<Item = (*const u32, *const u32, usize)>,
+        (a_stride, b_stride, b_col): (usize, usize, usize),
+        (from, from_stride): (*const f32, usize),
+        (out, out_stride): (*mut f32, usize),
+    ) {
+        let at =
+            |base: *const f32, stride: usize, i: usize, j: usize| (base as *const u8).add(16 * i * stride + 64 * j);
         unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "tilezero tmm4",
-                "tilezero tmm5",
-                options(nostack, nomem)
-            );
-            for s in 0..steps {
-                let a0 = a.add(16 * s);
-                let a1 = (a0 as *const u8).add(16 * a_stride);
-                let b0 = b.add(16 * s * NR);
+            if from.is_null() {
                 asm!(
-                    "tileloadd tmm6, [{a0} + {sa}*1]",
-                    "tileloadd tmm7, [{b0} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm6, tmm7",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm1, tmm6, tmm7",
-                    "tileloadd tmm7, [{b2} + {sb}*1]",
-                    "tdpbf16ps tmm2, tmm6, tmm7",
-                    "tileloadd tmm6, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm5, tmm6, tmm7",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm4, tmm6, tmm7",
-                    "tileloadd tmm7, [{b0} + {sb}*1]",
-                    "tdpbf16ps tmm3, tmm6, tmm7",
-                    a0 = in(reg) a0,
-                    a1 = in(reg) a1,
-                    b0 = in(reg) b0,
-                    b1 = in(reg) b0.add(16),
-                    b2 = in(reg) b0.add(32),
-                    sa = in(reg) a_stride,
-                    sb = in(reg) bs,
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    "tilezero tmm4",
+                    "tilezero tmm5",
+                    options(nostack, nomem)
+                );
+            } else {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {s}*1]",
+                    "tileloadd tmm1, [{c1} + {s}*1]",
+                    "tileloadd tmm2, [{c2} + {s}*1]",
+                    "tileloadd tmm3, [{c3} + {s}*1]",
+                    "tileloadd tmm4, [{c4} + {s}*1]",
+                    "tileloadd tmm5, [{c5} + {s}*1]",
+                    c0 = in(reg) at(from, from_stride, 0, 0),
+                    c1 = in(reg) at(from, from_stride, 0, 1),
+                    c2 = in(reg) at(from, from_stride, 0, 2),
+                    c3 = in(reg) at(from, from_stride, 1, 0),
+                    c4 = in(reg) at(from, from_stride, 1, 1),
+                    c5 = in(reg) at(from, from_stride, 1, 2),
+                    s = in(reg) from_stride,
                     options(nostack, readonly)
                 );
             }
-            let at = |i: usize, j: usize| out.add(16 * i * NR + 16 * j);
+            for (a, b, steps) in segments {
+                for s in 0..steps {
+                    let a0 = a.add(16 * s);
+                    let a1 = (a0 as *const u8).add(16 * a_stride);
+                    let b0 = (b as *const u8).add(16 * s * b_stride);
+                    asm!(
+                        "tileloadd tmm6, [{a0} + {sa}*1]",
+                        "tileloadd tmm7, [{b0} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm6, tmm7",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm1, tmm6, tmm7",
+                        "tileloadd tmm7, [{b2} + {sb}*1]",
+                        "tdpbf16ps tmm2, tmm6, tmm7",
+                        "tileloadd tmm6, [{a1} + {sa}*1]",
+                        "tdpbf16ps tmm5, tmm6, tmm7",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm4, tmm6, tmm7",
+                        "tileloadd tmm7, [{b0} + {sb}*1]",
+                        "tdpbf16ps tmm3, tmm6, tmm7",
+                        a0 = in(reg) a0,
+                        a1 = in(reg) a1,
+                        b0 = in(reg) b0,
+                        b1 = in(reg) b0.add(b_col),
+                        b2 = in(reg) b0.add(2 * b_col),
+                        sa = in(reg) a_stride,
+                        sb = in(reg) b_stride,
+                        options(nostack, readonly)
+                    );
+                }
+            }
             asm!(
-                "tilestored [{c0} + {sb}*1], tmm0",
-                "tilestored [{c1} + {sb}*1], tmm1",
-                "tilestored [{c2} + {sb}*1], tmm2",
-                "tilestored [{c3} + {sb}*1], tmm3",
-                "tilestored [{c4} + {sb}*1], tmm4",
-                "tilestored [{c5} + {sb}*1], tmm5",
-                c0 = in(reg) at(0, 0),
-                c1 = in(reg) at(0, 1),
-                c2 = in(reg) at(0, 2),
-                c3 = in(reg) at(1, 0),
-                c4 = in(reg) at(1, 1),
-                c5 = in(reg) at(1, 2),
-                sb = in(reg) bs,
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                "tilestored [{c4} + {s}*1], tmm4",
+                "tilestored [{c5} + {s}*1], tmm5",
+                c0 = in(reg) at(out, out_stride, 0, 0),
+                c1 = in(reg) at(out, out_stride, 0, 1),
+                c2 = in(reg) at(out, out_stride, 0, 2),
+                c3 = in(reg) at(out, out_stride, 1, 0),
+                c4 = in(reg) at(out, out_stride, 1, 1),
+                c5 = in(reg) at(out, out_stride, 1, 2),
+                s = in(reg) out_stride,
                 options(nostack)
             );
         }
@@ -1468,6 +1755,74 @@ mod tests {
     }
 
     #[test]
+    fn implicit_convolutions_match_the_rounded_reference() {
+        if !amx() {
+            eprintln!("skipped: no AMX here");
+            return;
+        }
+        // Partial channel groups (33, 40, 70 outputs), one and several steps of input pairs and
+        // bands of rows (see CONV_BAND_WORDS), pad columns inside tiles, a last tile past the
+        // band, upsampled inputs, a 1 × 1 image, batches of two; bf16 and int8 weights (channel
+        // scales), with and without a bias; against f64 sums of the bf16-rounded input and weights.
+        for &(batch, cin, ih, iw, up, cout) in &[
+            (1, 32, 5, 7, 1, 32),
+            (2, 64, 17, 50, 1, 40),
+            (1, 96, 9, 13, 2, 70),
+            (1, 32, 40, 3, 1, 33),
+            (2, 64, 1, 1, 2, 32),
+        ] {
+            let shape = Conv3x3 { batch, cin, ih, iw, up, cout };
+            let (h, w) = (ih * up, iw * up);
+            let x = rnd(batch * cin * ih * iw, 31);
+            let wt = rnd(cout * cin * 9, 32);
+            let bias = rnd(cout, 33);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(34);
+            let codes: Vec<Q8> = (0..cout * cin * 9).map(|_| Q8(rng.random_range(1..=255))).collect();
+            let scales: Vec<f32> = (0..cout).map(|c| 0.01 + 0.001 * c as f32).collect();
+            let want =
+                |weight: &dyn Fn(usize) -> f64, (bi, co, y, xx): (usize, usize, usize, usize), with_bias: bool| {
+                    let mut acc = if with_bias { bias[co] as f64 } else { 0.0 };
+                    for ci in 0..cin {
+                        for (ky, kx) in (0..3).flat_map(|ky| (0..3).map(move |kx| (ky, kx))) {
+                            let (yy, xs) = ((y + ky) as isize - 1, (xx + kx) as isize - 1);
+                            if yy < 0 || xs < 0 || yy >= h as isize || xs >= w as isize {
+                                continue;
+                            }
+                            let v = round(x[((bi * cin + ci) * ih + yy as usize / up) * iw + xs as usize / up]) as f64;
+                            acc += v * weight(((co * cin + ci) * 3 + ky) * 3 + kx);
+                        }
+                    }
+                    acc
+                };
+            for (kind, with_bias) in [("bf16", true), ("bf16", false), ("int8", true)] {
+                let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); batch * cout * h * w];
+                let b = with_bias.then_some(&bias[..]);
+                let weight: Box<dyn Fn(usize) -> f64> = if kind == "int8" {
+                    conv3x3(&x, shape, &codes, Some(&scales), b, &mut out);
+                    Box::new(|i| (codes[i].0 as i32 - 128) as f64 * scales[i / (cin * 9)] as f64)
+                } else {
+                    let w16: Vec<bf16> = wt.iter().map(|&v| bf16::from_f32(v)).collect();
+                    conv3x3(&x, shape, &w16, None, b, &mut out);
+                    Box::new(|i| round(wt[i]) as f64)
+                };
+                // SAFETY: f32 values (NaN where nothing was written).
+                let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                let at = |i: usize| (i / (cout * h * w), (i / (h * w)) % cout, (i / w) % h, i % w);
+                let factor = if kind == "int8" { 127.0 * 0.08 } else { 1.0 };
+                for (i, &g) in got.iter().enumerate() {
+                    let e = want(&*weight, at(i), with_bias);
+                    let tol = factor * 4e-5 * ((cin * 9) as f64).sqrt() + 1e-6 * e.abs();
+                    assert!(
+                        ((g as f64) - e).abs() < tol,
+                        "{kind} {shape:?} bias {with_bias} at {:?}: {g} vs {e}",
+                        at(i)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn products_match_the_rounded_reference() {
         both_kernels(products_match)
     }
@@ -1475,7 +1830,9 @@ mod tests {
     fn products_match() {
         // Tails in every direction, several k blocks, odd k, both B layouts, A packed from f32 and
         // in place from bf16, accumulate and scale, serial and parallel; for AMX: whole 32-row
-        // micro-tiles with and without a row tail, pairs in whole steps of 16 and past them.
+        // micro-tiles with and without a row tail, pairs in whole steps of 16 and past them, and
+        // unscaled whole tiles (variants 1, 2, 4, 5), whose sums start from the bias or C and go
+        // back to C from the tiles, over one k block and several.
         for &(m, n, k) in &[
             (1, 1, 1),
             (8, 48, 2),
@@ -1487,6 +1844,7 @@ mod tests {
             (64, 96, 64),
             (33, 200, 40),
             (96, 130, 421),
+            (64, 144, 1600),
         ] {
             let a = rnd(m * k, 2);
             let b = rnd(k * n, 3);
@@ -1495,15 +1853,18 @@ mod tests {
             let want = reference(&a, &b, (m, n, k));
             let c0 = rnd(m * n, 4);
             let bias = rnd(n, 5);
+            let factor = |variant: usize| if variant == 0 || variant == 3 { 0.5 } else { 1.0 };
             let check = |c: &[f32], accumulate: bool, variant: usize| {
-                let want = |i: usize| 0.5 * want[i] + if accumulate { c0[i] as f64 } else { bias[i % n] as f64 };
+                let want = |i: usize| {
+                    factor(variant) as f64 * want[i] + if accumulate { c0[i] as f64 } else { bias[i % n] as f64 }
+                };
                 assert_close(c, want, k, || format!("{:?} variant {variant}", (m, n, k)));
             };
             for variant in 0..4 {
                 let mut c = c0.clone();
                 let accumulate = variant % 2 == 1;
                 // Writing variants add a bias per column in the epilogue.
-                let scale = Scale { bias: (!accumulate).then_some(&bias[..]), ..Scale::all(0.5) };
+                let scale = Scale { bias: (!accumulate).then_some(&bias[..]), ..Scale::all(factor(variant)) };
                 let bview = if variant < 2 {
                     View { ptr: b.as_ptr(), rs: n, cs: 1 }
                 } else {
@@ -1526,7 +1887,7 @@ mod tests {
             let bt16: Vec<bf16> = bt.iter().map(|&x| bf16::from_f32(x)).collect();
             for (variant, accumulate) in [(4, false), (5, true)] {
                 let mut c = c0.clone();
-                let scale = Scale { bias: (!accumulate).then_some(&bias[..]), ..Scale::all(0.5) };
+                let scale = Scale { bias: (!accumulate).then_some(&bias[..]), ..Scale::all(factor(variant)) };
                 let bview = View { ptr: bt16.as_ptr(), rs: 1, cs: k };
                 let lhs = Lhs::Packed(View { ptr: a.as_ptr(), rs: k, cs: 1 });
                 unsafe { gemm((m, n, k), c.as_mut_ptr(), n, accumulate, lhs, bview, scale, variant == 4) };
@@ -1543,9 +1904,19 @@ mod tests {
     /// B packed once ([`PackedB::new`], its last block padded to whole tile steps on AMX machines)
     /// times A packed per call ([`gemm_packed`], attention's products) and A in place or packed
     /// ([`gemm_prepacked`]): k of 40 and 80 (attention's head dimensions: 4 and 8 pairs past the
-    /// last whole 16), 154 (77 tokens), odd, one, and several k blocks.
+    /// last whole 16), 154 (77 tokens), odd, one, and several k blocks (A in place read where it
+    /// lies: the last block unpadded, 1600, and padded, so packed, 1540).
     fn pre_packed() {
-        for &(m, n, k) in &[(40, 100, 40), (70, 77, 80), (33, 50, 154), (5, 20, 1), (37, 60, 17), (34, 49, 1700)] {
+        for &(m, n, k) in &[
+            (40, 100, 40),
+            (70, 77, 80),
+            (33, 50, 154),
+            (5, 20, 1),
+            (37, 60, 17),
+            (34, 49, 1700),
+            (64, 96, 1600),
+            (64, 100, 1540),
+        ] {
             let a = rnd(m * k, 11);
             let b = rnd(k * n, 12);
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
@@ -1560,7 +1931,7 @@ mod tests {
                 let pb = unsafe { PackedB::new(bview, (k, n)) };
                 let aview = View { ptr: a.as_ptr(), rs: k, cs: 1 };
                 let mut c = vec![f32::NAN; m * n];
-                unsafe { gemm_packed(m, c.as_mut_ptr(), n, false, aview, &pb, Scale::all(0.5)) };
+                unsafe { gemm_packed(m, c.as_mut_ptr(), n, false, Lhs::Packed(aview), &pb, Scale::all(0.5)) };
                 check(&c, &format!("gemm_packed, B by {layout}"));
                 let mut c = vec![f32::NAN; m * n];
                 unsafe { gemm_prepacked(m, c.as_mut_ptr(), n, false, Lhs::Packed(aview), &pb, Scale::all(0.5)) };
@@ -1570,6 +1941,12 @@ mod tests {
                     let mut c = vec![f32::NAN; m * n];
                     unsafe { gemm_prepacked(m, c.as_mut_ptr(), n, false, lhs, &pb, Scale::all(0.5)) };
                     check(&c, &format!("gemm_prepacked, A in place, B by {layout}"));
+                    // Unscaled, as attention's scores: whole tiles go from zeroed sums to C.
+                    let lhs = Lhs::<bf16>::InPlace { ptr: a16.as_ptr(), rs: k };
+                    let mut c = vec![f32::NAN; m * n];
+                    unsafe { gemm_packed(m, c.as_mut_ptr(), n, false, lhs, &pb, Scale::ONE) };
+                    let what = || format!("gemm_packed, A in place, unscaled, B by {layout} {:?}", (m, n, k));
+                    assert_close(&c, |i| want[i], k, what);
                 }
             }
         }

@@ -704,6 +704,20 @@ fn dequantize_row(q: &[Q8], out: &mut [std::mem::MaybeUninit<f32>], scale: f32) 
 /// Winograd ([`Conv`]'s rule, and what `-v` says).
 pub const AMX_CONV_MIN_CIN: usize = 320;
 
+/// Input channels (multiples of 32) from which a stride-1 3×3 convolution runs on AMX tiles
+/// without a patch matrix ([`super::gemm_bf16::conv3x3`]) rather than by f32 Winograd: the KL
+/// VAE's 128- and 256-channel layers (128 → 128 at 512²: 133–153 → 82–85 ms; 256 → 256 at 256²:
+/// 92–94 → 58–61 ms); at TAESD's 64 the two were level, and Winograd's f32 products stay. From
+/// [`AMX_CONV_MIN_CIN`] channels only on large images ([`AMX_IMPLICIT_WIDE_MIN_PIXELS`]).
+pub const AMX_IMPLICIT_MIN_CIN: usize = 128;
+
+/// Output pixels per image from which convolutions of [`AMX_CONV_MIN_CIN`] channels or more take
+/// the implicit product rather than the im2col one: the VAE's 512-channel layers at 128² and 256²
+/// (62 → 51 ms, 225–240 → 199 ms; level at 64²); the UNet's, at 64² and below, were up to 3×
+/// slower (weights rearranged per call and few tiles to share them: batch 1 1280 → 1280 at 16²,
+/// 6.2 → 16.7 ms; 2 × 2560 → 1280 at 16², 23 → 73 ms).
+pub const AMX_IMPLICIT_WIDE_MIN_PIXELS: usize = 128 * 128;
+
 /// Whether bf16-stored weights are multiplied in bf16 rather than widened to f32 first: the
 /// kernels on, AVX512_BF16 present and paying here ([`super::gemm_bf16::pays`]: on Intel's Xeon 4th
 /// and 5th generation its dot products run at half the f32 rate), unless `GHIBLIFY_BF16_ARITHMETIC`
@@ -892,7 +906,17 @@ impl Conv {
             && super::gemm_bf16::amx()
             && cout >= super::gemm_bf16::AMX_ROWS
             && cin >= AMX_CONV_MIN_CIN;
-        if (kh, kw, s, self.pad_end) == (3, 3, 1, 0)
+        let implicit = matches!(w, Wt::Bf16(_) | Wt::Q8 { .. })
+            && bf16_arithmetic()
+            && super::gemm_bf16::amx()
+            && cout >= super::gemm_bf16::AMX_ROWS
+            && (kh, kw, s, p, self.pad_end) == (3, 3, 1, 1, 0)
+            && cin.is_multiple_of(32)
+            && cin >= AMX_IMPLICIT_MIN_CIN
+            && (cin < AMX_CONV_MIN_CIN || oh * ow >= AMX_IMPLICIT_WIDE_MIN_PIXELS)
+            && !winograd::is_forced();
+        if !implicit
+            && (kh, kw, s, self.pad_end) == (3, 3, 1, 0)
             && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4), amx_products)
         {
             let shape = winograd::Shape { batch: b, cin, ih, iw, up: f, pad: p, cout };
@@ -911,6 +935,15 @@ impl Conv {
         // accumulate onto, or the products alone; each image's cout × oplane values, the pointwise
         // product in one, the patch products in tiles of rows covering oh.
         let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+            if implicit {
+                let shape = super::gemm_bf16::Conv3x3 { batch: b, cin, ih: ih / f, iw: iw / f, up: f, cout };
+                match w {
+                    Wt::Bf16(w) => super::gemm_bf16::conv3x3(x, shape, w, None, bias, out),
+                    Wt::Q8 { codes, scales } => super::gemm_bf16::conv3x3(x, shape, codes, Some(scales), bias, out),
+                    Wt::F32(_) | Wt::F16(_) => unreachable!("implicit convolutions take bf16 or int8 weights"),
+                }
+                return;
+            }
             if let Some(bias) = bias {
                 out.par_chunks_mut(oplane.max(1))
                     .enumerate()
@@ -1772,7 +1805,8 @@ fn row_max(row: &[f32]) -> f32 {
     mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
-/// The bf16 attention's [`softmax_rows`]: each row's `exp(s − max)` rounded to bf16
+/// The bf16 attention's [`softmax_rows`] of `scale · s` (scale > 0: the products store the scores
+/// unscaled): each row's `exp(scale · (s − max))` rounded to bf16
 /// (`vcvtne2ps2bf16`, nearest even) into `p`, the operand the product with V reads, and `inv[r]` =
 /// 1 / the sum of the rounded row, for that product to apply to its f32 sums (the rows of P·V are
 /// then weighted means of V's rows, with the probabilities rounded to bf16). The sum is taken on
@@ -1783,9 +1817,9 @@ fn row_max(row: &[f32]) -> f32 {
 /// The CPU has AVX512_BF16 (the bf16 attention runs only then).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn softmax_rows_bf16(s: &[f32], lk: usize, p: &mut [half::bf16], inv: &mut [f32]) {
+unsafe fn softmax_rows_bf16(s: &[f32], lk: usize, scale: f32, p: &mut [half::bf16], inv: &mut [f32]) {
     use std::arch::x86_64::*;
-    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    let log2e = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
     let ones: __m512bh = std::mem::transmute(_mm512_set1_epi16(half::bf16::ONE.to_bits() as i16));
     for ((row, prow), inv) in s.chunks(lk).zip(p.chunks_mut(lk)).zip(inv.iter_mut()) {
         let max = _mm512_set1_ps(row_max_avx512(row));
@@ -1839,7 +1873,7 @@ unsafe fn row_max_avx512(row: &[f32]) -> f32 {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn softmax_rows_bf16(_: &[f32], _: usize, _: &mut [half::bf16], _: &mut [f32]) {
+unsafe fn softmax_rows_bf16(_: &[f32], _: usize, _: f32, _: &mut [half::bf16], _: &mut [f32]) {
     unreachable!("bf16 arithmetic needs x86_64's AVX512_BF16")
 }
 
@@ -1934,7 +1968,7 @@ impl AttentionOp {
         block: usize,
         out: &mut [std::mem::MaybeUninit<f32>],
     ) {
-        use super::gemm_bf16::{gemm_packed, PackedB, Scale, View};
+        use super::gemm_bf16::{align64, gemm_packed, Lhs, PackedB, Scale, View};
         let h = self.heads;
         let d = c / h;
         let scale = 1.0 / (d as f32).sqrt();
@@ -1959,15 +1993,25 @@ impl AttentionOp {
                 let (bi, hi) = (bh / h, bh % h);
                 let q0 = blk * block;
                 let rows = block.min(lq - q0);
-                let (s, p, inv) = (grown(scores, rows * lk), grown(probs, rows * lk), grown(inv, rows));
+                let (s, inv) = (grown(scores, rows * lk), grown(inv, rows));
+                // The probabilities from a 64-byte boundary: P·V reads them in place, as tiles
+                // where lk is a multiple of 32 (every row on a boundary).
+                let at = align64(probs, rows * lk);
+                let p = &mut probs[at..at + rows * lk];
                 let (kt, vv) = &packed[bh];
                 let qv = View { ptr: q[(bi * lq + q0) * c + hi * d..].as_ptr(), rs: c, cs: 1 };
                 // SAFETY: as in `run`: reads inside q and the packs, this job's rows × d block of out.
                 unsafe {
-                    gemm_packed(rows, s.as_mut_ptr(), lk, false, qv, kt, Scale::all(scale));
-                    softmax_rows_bf16(s, lk, p, inv);
+                    // The scores unscaled, so that the AMX products store them straight from the
+                    // tiles; the softmax applies the scale.
+                    gemm_packed(rows, s.as_mut_ptr(), lk, false, Lhs::Packed(qv), kt, Scale::ONE);
+                    softmax_rows_bf16(s, lk, scale, p, inv);
                     let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
-                    let pv = View { ptr: p.as_ptr(), rs: lk, cs: 1 };
+                    let pv = if lk.is_multiple_of(2) {
+                        Lhs::InPlace { ptr: p.as_ptr(), rs: lk }
+                    } else {
+                        Lhs::Packed(View { ptr: p.as_ptr(), rs: lk, cs: 1 })
+                    };
                     gemm_packed(rows, op, c, false, pv, vv, Scale { rows: Some(inv), ..Scale::ONE });
                 }
             })
@@ -2331,6 +2375,57 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn implicit_amx_convolutions_match_f64_direct_convolution() {
+        if !(bf16_arithmetic() && super::super::gemm_bf16::amx()) {
+            eprintln!("skipped: no AMX bf16 products here");
+            return;
+        }
+        // The layers the implicit product takes (3×3, stride 1, padding 1, ≥ 128 input channels
+        // in multiples of 32, ≥ 32 outputs; 320 and more only on large images, too slow for the
+        // f64 reference here): batch 2, an upsampled input, a partial group of output channels, bf16 and int8 weights, the bias,
+        // and the residual + ReLU pass after it; against the f64 convolution of the weights as
+        // stored, within the bf16 rounding of the input (measured 1.6e-3 of the largest value).
+        for &(b, cin, cout, h, w, up) in &[(2, 128, 40, 9, 11, 1), (1, 256, 32, 6, 5, 2)] {
+            let x = randn(&[b, cin, h, w], 51);
+            let bias = randn(&[cout], 53);
+            let (oh, ow) = (h * up, w * up);
+            let residual = randn(&[b, cout, oh, ow], 54);
+            let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bv = bias.to_vec1::<f32>().unwrap();
+            let rv = residual.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (kind, weight) in [
+                ("bf16", Weight::Dense(randn(&[cout, cin, 3, 3], 52).to_dtype(DType::BF16).unwrap())),
+                ("q8", Weight::quantize(&randn(&[cout, cin, 3, 3], 52)).unwrap()),
+            ] {
+                let wv = weight.dense(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want = conv3x3_f64(&xv, (b, cin, h, w), &wv, &bv, up, 1);
+                let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+                let err = |t: Tensor, add: bool| {
+                    let got = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(got.len(), want.len());
+                    let want = |i: usize| if add { (want[i] + rv[i] as f64).max(0.0) } else { want[i] };
+                    got.iter().enumerate().fold(0f64, |a, (i, g)| a.max((*g as f64 - want(i)).abs())) / scale
+                };
+                let at = (b, cin, cout, h, w, up);
+                let plain = if up == 1 {
+                    conv2d(&x, &weight, Some(&bias), 1, 1).unwrap()
+                } else {
+                    upsample2x_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap()
+                };
+                let e = err(plain, false);
+                eprintln!("implicit {kind} {at:?}: {e:.2e} from f64");
+                // Above 0: the input went through bf16 (f32 Winograd and im2col stay below 1e-5).
+                assert!(e > 1e-5 && e < 5e-3, "implicit {kind} {at:?}: {e:.2e} from f64");
+                if up == 1 {
+                    let joined = conv2d_add(&x, &weight, Some(&bias), &residual, (1, 1), true).unwrap();
+                    let e = err(joined, true);
+                    assert!(e > 1e-5 && e < 5e-3, "implicit {kind} + residual + relu {at:?}: {e:.2e}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn fused_relu_and_residual_join_match_candle() {
         // conv + ReLU through both convolution paths (its ReLU in Winograd's output transform or
         // in the im2col path's last pass), and relu(a + b); a NaN stays NaN without the ReLU.
@@ -2685,20 +2780,21 @@ pub(crate) mod tests {
             eprintln!("skipped: no bf16 arithmetic on this CPU");
             return;
         }
-        // Each value exp(s − max) rounded to bf16 (within half a bf16 step of f64, plus the f32
-        // exponential's 1e-6), and inv = 1 / the sum of the rounded values (what P·V then divides
-        // by: the weights it applies sum to one).
-        for (lk, row) in score_rows() {
+        // Each value exp(scale · (s − max)) rounded to bf16 (within half a bf16 step of f64 —
+        // 2⁻⁸ of the value's binade, so at most 2⁻⁸ of the value — plus the f32 exponential's 1e-6), and inv = 1 / the sum of the rounded values (what P·V
+        // then divides by: the weights it applies sum to one); the scale as attention's 1/√d.
+        for ((lk, row), scale) in score_rows().into_iter().zip([1.0f32, 0.158_113_88, 0.111_803_4].into_iter().cycle())
+        {
             let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
             let (mut p, mut inv) = (vec![half::bf16::ZERO; lk], [0f32]);
-            unsafe { softmax_rows_bf16(&row, lk, &mut p, &mut inv) };
+            unsafe { softmax_rows_bf16(&row, lk, scale, &mut p, &mut inv) };
             let mut sum = 0f64;
             for (j, (&g, &x)) in p.iter().zip(&row).enumerate() {
-                let e = (x as f64 - m).exp();
+                let e = (scale as f64 * (x as f64 - m)).exp();
                 let g = g.to_f64();
                 // vdpbf16ps reads values below f32's normal range as 0; none here are that small
                 // but not 0 after rounding, apart from exact zeros.
-                assert!((g - e).abs() <= e * 2f64.powi(-9) + 1e-6, "lk {lk} at {j}: {g} vs {e}");
+                assert!((g - e).abs() <= e * 2f64.powi(-8) + 1e-6, "lk {lk} at {j}: {g} vs {e}");
                 sum += g;
             }
             assert!((inv[0] as f64 * sum - 1.0).abs() < 1e-6, "lk {lk}: inv {} for a sum of {sum}", inv[0]);

@@ -84,6 +84,12 @@ pub(super) fn forced<T>(on: bool, f: impl FnOnce() -> T) -> T {
     crate::device::with_thread_switch(&FORCED, Some(on), f)
 }
 
+/// Whether a test chose Winograd or im2col ([`forced`]): then the AMX implicit convolution stays
+/// out of the way too.
+pub(super) fn is_forced() -> bool {
+    FORCED.get().is_some()
+}
+
 /// Bᵀ d for one column (or row) of an input tile.
 #[inline(always)]
 fn input_1d(d: [f32; 6]) -> [f32; 6] {
