@@ -1417,6 +1417,7 @@ unsafe fn amx_kernel(
 }
 
 /// Whether a tile's sums go to C unscaled (see [`amx_kernel`]).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn direct(scale: &TileScale) -> bool {
     scale.all == 1.0 && scale.rows.is_null() && scale.cols.is_null()
@@ -1592,6 +1593,14 @@ mod amx {
 mod amx {
     pub fn enable() -> bool {
         false
+    }
+    pub unsafe fn products(
+        _: impl Iterator<Item = (*const u32, *const u32, usize)>,
+        _: (usize, usize, usize),
+        _: (*const f32, usize),
+        _: (*mut f32, usize),
+    ) {
+        unreachable!("gemm_bf16::amx() is false off x86_64")
     }
     pub struct Tiles(());
     impl Tiles {
