@@ -228,10 +228,11 @@ pub fn describe(device: &Device, dtype: DType, quantize: bool) -> String {
     let winograd = if !device.is_cpu() || generic_ops() || !crate::models::kernels::winograd_enabled() {
         String::new()
     } else if amx_convs {
-        use crate::models::kernels::{AMX_CONV_MIN_CIN, AMX_IMPLICIT_MIN_CIN};
+        use crate::models::kernels::{AMX_CONV_MIN_CIN, AMX_IMPLICIT_MIN_CIN, AMX_IMPLICIT_WIDE_MIN_PIXELS};
+        let side = AMX_IMPLICIT_WIDE_MIN_PIXELS.isqrt();
         format!(
             ", 3×3 convolutions from {AMX_IMPLICIT_MIN_CIN} channels on AMX tiles (without a patch matrix below \
-             {AMX_CONV_MIN_CIN} channels or from 128² pixels), the smaller by Winograd F(4,3) in f32"
+             {AMX_CONV_MIN_CIN} channels or from {side}² pixels), the smaller by Winograd F(4,3) in f32"
         )
     } else {
         ", large 3×3 convolutions by Winograd F(4,3) in f32".to_string()

@@ -59,6 +59,10 @@ pub const AMX_ROWS: usize = 32;
 const _: () = assert!(AMX_ROWS == 32);
 const AMX_PANELS: usize = AMX_ROWS / MR;
 
+/// One AMX micro-tile's sums as the tiles store them ([`amx::products`]), 64-byte aligned.
+#[repr(C, align(64))]
+struct Sums([f32; AMX_ROWS * NR]);
+
 /// Whether this CPU computes bf16 dot products (`avx512_bf16`), detected once.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -608,9 +612,10 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// B packed in blocks of the process's k block length ([`kc_pairs`]). On AMX machines the last k block is padded with zero pairs to a whole tile step (attention's
-    /// head dimensions of 40 and 80 are 20 and 40 pairs: the 4 and 8 past the last 16 ran on
-    /// `vdpbf16ps`, slower than the tiles' whole step); [`gemm_packed`] packs A to match.
+    /// B packed in blocks of the process's k block length ([`kc_pairs`]). On AMX machines the last
+    /// k block is padded with zero pairs to a whole tile step (attention's head dimensions of 40
+    /// and 80 are 20 and 40 pairs: the 4 and 8 past the last 16 ran on `vdpbf16ps`, slower than
+    /// the tiles' whole step); [`gemm_packed`] packs A to match.
     ///
     /// # Safety
     /// The view covers k × n; the CPU has [`available`] instructions.
@@ -841,8 +846,6 @@ pub fn conv3x3<T: Elem>(
             (0..jobs).into_par_iter().for_each(|job| {
                 let out = &out;
                 let _config = amx::Tiles::configure();
-                #[repr(C, align(64))]
-                struct Sums([f32; AMX_ROWS * NR]);
                 let mut sums = Sums([0.0; AMX_ROWS * NR]);
                 for t in 4 * job..(4 * job + 4).min(tiles) {
                     let q0 = t * NR;
@@ -1365,9 +1368,8 @@ type Micro = unsafe fn(usize, (*const u32, usize), *const u32, (*mut f32, usize)
 /// [`kernel`] for AMX_ROWS × NR: the whole 16-pair steps by AMX tiles into a buffer, the pairs
 /// past them by `vdpbf16ps` on the buffer's rows, then the same epilogue — or, for a whole tile
 /// of C in whole steps with nothing to scale, from C or the bias to C in the tiles alone (the
-/// epilogue's pass was 9 % of a bf16 UNet call). A's rows must all be
-/// readable (rows past mr are computed and dropped); the thread's tiles configured
-/// ([`amx::Tiles`]).
+/// epilogue's pass was 9 % of a bf16 UNet call). A's rows must all be readable (rows past mr are
+/// computed and dropped); the thread's tiles configured ([`amx::Tiles`]).
 ///
 /// # Safety
 /// As [`kernel`]; the CPU has AMX-BF16, enabled for the process ([`amx`]).
@@ -1391,8 +1393,6 @@ unsafe fn amx_kernel(
         amx::products(std::iter::once((a, b, pairs / 16)), (4 * a_row, 4 * NR, 64), from, (c, 4 * ldc));
         return;
     }
-    #[repr(C, align(64))]
-    struct Sums([f32; AMX_ROWS * NR]);
     let mut sums = std::mem::MaybeUninit::<Sums>::uninit();
     let whole = pairs / 16 * 16;
     // Writes all AMX_ROWS × NR sums (zero when there is no whole step).
@@ -1489,14 +1489,21 @@ mod amx {
         }
     }
 
+    /// Where sum tile 3i + j (rows 16i.., columns 16j..) starts in a matrix of f32 rows `stride`
+    /// bytes apart at `base`: the six addresses the products load their sums from and store them to.
+    #[inline(always)]
+    fn sum_tiles(base: *const f32, stride: usize) -> [*const u8; 6] {
+        std::array::from_fn(|t| (base as *const u8).wrapping_add(16 * (t / 3) * stride + 64 * (t % 3)))
+    }
+
     /// `out(r, j) = from(r, j) + Σ_segments Σ_{p < 16·steps} A(r, p) · B(p, j)` for r < AMX_ROWS,
     /// j < NR, as bf16 pair products with f32 sums; each segment `(a, b, steps)` has A's word
     /// (r, p) at `a + r·a_stride bytes + 4p` and B's words (p, j) at `b + p·b_stride bytes +
     /// (j / 16)·b_col bytes + 4·(j % 16)` (a packed sliver: strides 4·NR and 64; a convolution's
-    /// blocked input, [`conv3x3`]: 64 and a block's bytes), `from`'s and
-    /// `out`'s value (r, j) at `+ r·stride bytes + 4j` (`from` null: zero; its stride 0: the same
-    /// row for all). Sums C(i, j) live in tile 3i + j, A in tile 6, B in tile 7; per step seven
-    /// loads for six products (the second A reuses the last B, then walks back).
+    /// blocked input, [`conv3x3`]: 64 and a block's bytes), `from`'s and `out`'s value (r, j) at
+    /// `+ r·stride bytes + 4j` (`from` null: zero; its stride 0: the same row for all). Sums
+    /// C(i, j) live in tile 3i + j ([`sum_tiles`]), A in tile 6, B in tile 7; per step seven loads
+    /// for six products (the second A reuses the last B, then walks back).
     ///
     /// # Safety
     /// The rows and pairs readable, `from` readable and `out` writable for AMX_ROWS × NR f32; the
@@ -1508,8 +1515,6 @@ mod amx {
         (from, from_stride): (*const f32, usize),
         (out, out_stride): (*mut f32, usize),
     ) {
-        let at =
-            |base: *const f32, stride: usize, i: usize, j: usize| (base as *const u8).add(16 * i * stride + 64 * j);
         unsafe {
             if from.is_null() {
                 asm!(
@@ -1522,6 +1527,7 @@ mod amx {
                     options(nostack, nomem)
                 );
             } else {
+                let c = sum_tiles(from, from_stride);
                 asm!(
                     "tileloadd tmm0, [{c0} + {s}*1]",
                     "tileloadd tmm1, [{c1} + {s}*1]",
@@ -1529,12 +1535,12 @@ mod amx {
                     "tileloadd tmm3, [{c3} + {s}*1]",
                     "tileloadd tmm4, [{c4} + {s}*1]",
                     "tileloadd tmm5, [{c5} + {s}*1]",
-                    c0 = in(reg) at(from, from_stride, 0, 0),
-                    c1 = in(reg) at(from, from_stride, 0, 1),
-                    c2 = in(reg) at(from, from_stride, 0, 2),
-                    c3 = in(reg) at(from, from_stride, 1, 0),
-                    c4 = in(reg) at(from, from_stride, 1, 1),
-                    c5 = in(reg) at(from, from_stride, 1, 2),
+                    c0 = in(reg) c[0],
+                    c1 = in(reg) c[1],
+                    c2 = in(reg) c[2],
+                    c3 = in(reg) c[3],
+                    c4 = in(reg) c[4],
+                    c5 = in(reg) c[5],
                     s = in(reg) from_stride,
                     options(nostack, readonly)
                 );
@@ -1569,6 +1575,7 @@ mod amx {
                     );
                 }
             }
+            let c = sum_tiles(out, out_stride);
             asm!(
                 "tilestored [{c0} + {s}*1], tmm0",
                 "tilestored [{c1} + {s}*1], tmm1",
@@ -1576,12 +1583,12 @@ mod amx {
                 "tilestored [{c3} + {s}*1], tmm3",
                 "tilestored [{c4} + {s}*1], tmm4",
                 "tilestored [{c5} + {s}*1], tmm5",
-                c0 = in(reg) at(out, out_stride, 0, 0),
-                c1 = in(reg) at(out, out_stride, 0, 1),
-                c2 = in(reg) at(out, out_stride, 0, 2),
-                c3 = in(reg) at(out, out_stride, 1, 0),
-                c4 = in(reg) at(out, out_stride, 1, 1),
-                c5 = in(reg) at(out, out_stride, 1, 2),
+                c0 = in(reg) c[0],
+                c1 = in(reg) c[1],
+                c2 = in(reg) c[2],
+                c3 = in(reg) c[3],
+                c4 = in(reg) c[4],
+                c5 = in(reg) c[5],
                 s = in(reg) out_stride,
                 options(nostack)
             );

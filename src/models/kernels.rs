@@ -901,15 +901,12 @@ impl Conv {
         // the input, rounded to bf16): cin ≥ 320, the UNet's and the VAE's 512-channel layers
         // (VAE 512 → 512 at 256²: 315 → 223 ms); at 256 channels it was a wash, at TAESD's 64
         // twice as slow (64 → 64 at 512²: 26 → 51 ms; docs/PERFORMANCE.md, round thirteen).
-        let amx_products = matches!(w, Wt::Bf16(_) | Wt::Q8 { .. })
+        let tiles = matches!(w, Wt::Bf16(_) | Wt::Q8 { .. })
             && bf16_arithmetic()
             && super::gemm_bf16::amx()
-            && cout >= super::gemm_bf16::AMX_ROWS
-            && cin >= AMX_CONV_MIN_CIN;
-        let implicit = matches!(w, Wt::Bf16(_) | Wt::Q8 { .. })
-            && bf16_arithmetic()
-            && super::gemm_bf16::amx()
-            && cout >= super::gemm_bf16::AMX_ROWS
+            && cout >= super::gemm_bf16::AMX_ROWS;
+        let amx_products = tiles && cin >= AMX_CONV_MIN_CIN;
+        let implicit = tiles
             && (kh, kw, s, p, self.pad_end) == (3, 3, 1, 1, 0)
             && cin.is_multiple_of(32)
             && cin >= AMX_IMPLICIT_MIN_CIN
@@ -2382,9 +2379,10 @@ pub(crate) mod tests {
         }
         // The layers the implicit product takes (3×3, stride 1, padding 1, ≥ 128 input channels
         // in multiples of 32, ≥ 32 outputs; 320 and more only on large images, too slow for the
-        // f64 reference here): batch 2, an upsampled input, a partial group of output channels, bf16 and int8 weights, the bias,
-        // and the residual + ReLU pass after it; against the f64 convolution of the weights as
-        // stored, within the bf16 rounding of the input (measured 1.6e-3 of the largest value).
+        // f64 reference here): batch 2, an upsampled input, a partial group of output channels,
+        // bf16 and int8 weights, the bias, and the residual + ReLU pass after it; against the f64
+        // convolution of the weights as stored, within the bf16 rounding of the input (measured
+        // 1.6e-3 of the largest value).
         for &(b, cin, cout, h, w, up) in &[(2, 128, 40, 9, 11, 1), (1, 256, 32, 6, 5, 2)] {
             let x = randn(&[b, cin, h, w], 51);
             let bias = randn(&[cout], 53);
