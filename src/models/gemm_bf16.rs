@@ -1038,7 +1038,39 @@ pub unsafe fn gemm<TA: Elem, TB: Elem>(
     scale: Scale,
     parallel: bool,
 ) {
-    unsafe { gemm_impl((m, n, k), c, ldc, accumulate, a, Rhs::View(b), scale, parallel) }
+    unsafe { gemm_impl((m, n, k), c, ldc, accumulate, a, Rhs::View(b), scale, parallel, None) }
+}
+
+/// What a gated product does with its two halves: `a[i] = a[i] · GELU(g[i])` for every i (the
+/// sums of one micro-tile, bias and scales applied), the kernels' GEGLU arithmetic.
+pub type Gate = fn(&mut [f32], &[f32]);
+
+/// Whether k fits one block of the products' k blocking, which a gated product ([`gemm_gated`])
+/// needs: its halves must be whole sums when they meet.
+pub fn one_k_block(k: usize) -> bool {
+    k.div_ceil(2) <= kc_pairs()
+}
+
+/// A gated product (diffusers' GEGLU on its projection): `C[m×n] = gate(Y[.., ..n], Y[.., n..])`
+/// with `Y = scale · A · B + bias` and B of k × 2n, without Y: each micro-tile's two halves are
+/// summed into the thread's L1 (B's packing puts the sliver of columns j.. beside the sliver of
+/// n + j..) and only the gated values reach C — a quarter of what the product and a separate pass
+/// moved through memory (Y written, read back, C written). The column scales and the bias cover
+/// all 2n columns.
+///
+/// # Safety
+/// As [`gemm`], with B covering k × 2n and C m × n; k within [`one_k_block`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_gated<TA: Elem, TB: Elem>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    a: Lhs<TA>,
+    b: View<TB>,
+    scale: Scale,
+    gate: Gate,
+) {
+    unsafe { gemm_impl((m, n, k), c, ldc, false, a, Rhs::View(b), scale, true, Some(gate)) }
 }
 
 /// [`gemm`] with B already packed ([`PackedB::fill_rows`], [`PackedB::new`]), on all threads.
@@ -1055,7 +1087,7 @@ pub unsafe fn gemm_prepacked<TA: Elem>(
     b: &PackedB,
     scale: Scale,
 ) {
-    unsafe { gemm_impl::<TA, f32>((m, b.n, b.k), c, ldc, accumulate, a, Rhs::Packed(b), scale, true) }
+    unsafe { gemm_impl::<TA, f32>((m, b.n, b.k), c, ldc, accumulate, a, Rhs::Packed(b), scale, true, None) }
 }
 
 /// The right operand: a view packed block by block as the jobs need it, or packed already.
@@ -1105,14 +1137,21 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     b: Rhs<TB>,
     scale: Scale,
     parallel: bool,
+    gate: Option<Gate>,
 ) {
+    // B's columns: twice C's for a gated product ([`gemm_gated`]).
+    let bn = if gate.is_some() { 2 * n } else { n };
     // The epilogue reads a factor for every row and column of C.
-    assert!(scale.rows.is_none_or(|r| r.len() >= m) && scale.cols.is_none_or(|c| c.len() >= n));
+    assert!(scale.rows.is_none_or(|r| r.len() >= m) && scale.cols.is_none_or(|c| c.len() >= bn));
     // The bias is for products that write C (added once, in the first k block's epilogue).
-    assert!(scale.bias.is_none_or(|b| b.len() >= n && !accumulate));
+    assert!(scale.bias.is_none_or(|b| b.len() >= bn && !accumulate));
+    // A gated product's halves meet once, as whole sums, in a product that writes C.
+    assert!(gate.is_none() || (!accumulate && one_k_block(k) && matches!(b, Rhs::View(_))));
     if m == 0 || n == 0 {
         return;
     }
+    // (A gated product over k = 0 is the gate of the biases: its callers take the general path.)
+    assert!(gate.is_none() || k > 0);
     if k == 0 {
         for i in 0..m {
             let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
@@ -1195,7 +1234,9 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     // 1280 → 1280 layers at 256 tokens: 83 % of the time busy).
     let slivers = n.div_ceil(NR);
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let mut cblocks = slivers.div_ceil(NC / NR);
+    // (A gated product packs two slivers of B per sliver of C: half as many per block.)
+    let per_block = if gate.is_some() { NC / NR / 2 } else { NC / NR };
+    let mut cblocks = slivers.div_ceil(per_block);
     if cblocks >= threads {
         cblocks = cblocks.next_multiple_of(threads).min(slivers);
     }
@@ -1218,6 +1259,10 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
         let j0 = s_lo * NR;
         let cols = (s_hi * NR).min(n) - j0;
         let (p_lo, p_hi) = (rg * per_group, ((rg + 1) * per_group).min(panels));
+        // A gated product's two halves of a micro-tile (zeroed once per job: the kernels write
+        // the rows they compute, and the gate reads whole rows).
+        let zero = || Box::new(Sums([0.0; AMX_ROWS * NR]));
+        let mut halves = gate.map(|gate| (gate, zero(), zero()));
         for kb in 0..kblocks {
             let pairs = block_pairs(kp, kc, 1, kb);
             // B's pairs in this block: a packed B's last block may be padded past A's pairs.
@@ -1226,6 +1271,24 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                 Rhs::View(_) => pairs,
             };
             let bwords: *const u32 = match &b {
+                Rhs::View(b) if gate.is_some() => {
+                    // Slivers in pairs: C's columns js.. of B, then the same of B's second half.
+                    let second = View { ptr: unsafe { b.ptr.add(n * b.cs) }, ..*b };
+                    let sliver = pairs * NR;
+                    let need = 2 * cols.div_ceil(NR) * sliver;
+                    let off = align64(bbuf, need);
+                    let packed = &mut bbuf[off..off + need];
+                    for (s, two) in packed.chunks_mut(2 * sliver).enumerate() {
+                        let (js, w) = (j0 + s * NR, NR.min(cols - s * NR));
+                        let (first, gated) = two.split_at_mut(sliver);
+                        // SAFETY: both views cover k × n (B's halves); the CPU has AVX-512.
+                        unsafe {
+                            pack_b(b, (k, n), js, w, 0, pairs, first);
+                            pack_b(&second, (k, n), js, w, 0, pairs, gated);
+                        }
+                    }
+                    unsafe { bbuf.as_ptr().add(off) }
+                }
                 Rhs::View(b) => {
                     let need = cols.div_ceil(NR) * pairs * NR;
                     let off = align64(bbuf, need);
@@ -1260,15 +1323,31 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                         };
                         let (rows, micro) =
                             if amx_rows { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel as Micro) };
-                        micro(
-                            pairs,
-                            (ap, row),
-                            bwords.add(s * bpairs * NR),
-                            (out.0.add(i0 * ldc + js), ldc),
-                            (rows.min(m - i0), NR.min(n - js)),
-                            scale.tile(i0, js),
-                            load_c,
-                        );
+                        let (mr, nr) = (rows.min(m - i0), NR.min(n - js));
+                        if let Some((gate, first, second)) = &mut halves {
+                            // Both halves' sums into this job's two L1 tiles, gated there, and
+                            // the result copied to C.
+                            let b0 = bwords.add(2 * s * bpairs * NR);
+                            let to = (first.0.as_mut_ptr(), NR);
+                            micro(pairs, (ap, row), b0, to, (mr, nr), scale.tile(i0, js), false);
+                            let (b1, to) = (b0.add(bpairs * NR), (second.0.as_mut_ptr(), NR));
+                            micro(pairs, (ap, row), b1, to, (mr, nr), scale.tile(i0, n + js), false);
+                            gate(&mut first.0[..mr * NR], &second.0[..mr * NR]);
+                            for r in 0..mr {
+                                let from = first.0.as_ptr().add(r * NR);
+                                std::ptr::copy_nonoverlapping(from, out.0.add((i0 + r) * ldc + js), nr);
+                            }
+                        } else {
+                            micro(
+                                pairs,
+                                (ap, row),
+                                bwords.add(s * bpairs * NR),
+                                (out.0.add(i0 * ldc + js), ldc),
+                                (mr, nr),
+                                scale.tile(i0, js),
+                                load_c,
+                            );
+                        }
                         pi += rows / MR;
                     };
                 }

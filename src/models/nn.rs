@@ -244,6 +244,11 @@ impl Linear {
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         kernels::linear_add(xs, &self.weight, self.bias.as_ref(), residual)
     }
+
+    /// GEGLU on `forward(xs)` ([`kernels::linear_geglu`]: inside the product where it can be).
+    pub fn forward_geglu(&self, xs: &Tensor) -> Result<Tensor> {
+        kernels::linear_geglu(xs, &self.weight, self.bias.as_ref())
+    }
 }
 
 impl Module for Linear {

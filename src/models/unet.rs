@@ -451,9 +451,8 @@ impl TransformerBlock {
         let xs = self.attn1.forward_add(&h, &h, xs)?;
         let h = self.norm2.forward(&xs)?;
         let xs = self.attn2.forward_add(&h, context, &xs)?;
-        let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         // GEGLU with the exact (erf) GELU, as torch's F.gelu: candle's `gelu` is the tanh form.
-        let g = super::kernels::geglu(&h)?;
+        let g = self.ff_proj.forward_geglu(&self.norm3.forward(&xs)?)?;
         self.ff_out.forward_add(&g, &xs)
     }
 }
