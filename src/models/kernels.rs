@@ -1721,9 +1721,10 @@ impl CustomOp1 for GegluOp {
 
 simd! {
 fn geglu_gate(a: &mut [f32], g: &[f32]) {
-    // geglu_rows' arithmetic, value for value: the gated product and the pass give the same bits.
+    // geglu_rows' arithmetic, value for value (the gated product and the pass differ only where
+    // the bias enters the sums).
     for (a, &g) in a.iter_mut().zip(g) {
-        *a = *a * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2)));
+        *a *= 0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
     }
 }
 }
