@@ -3,7 +3,7 @@
 //!
 //!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|conv-shapes|gemm-shapes|linear-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
 //!     cargo run --release --example speed_probe -- load [N] [f32|f16|bf16|q8] DIR
-//!     cargo run --release --example speed_probe -- conv-shapes [N] [f32|bf16] [unet|vae|taesd|"unet b1 1x640->640"...]
+//!     cargo run --release --example speed_probe -- conv-shapes [N] [f32|bf16] [unet|vae|taesd|"unet b1 up"|"unet b1 1x640->640"...]
 //!
 //! `load` times loading the diffusers folder DIR (text encoder, UNet, VAE, as a run does; warm page
 //! cache after the warm-up): weights read in place where stored as the run keeps them
@@ -178,7 +178,7 @@ fn report(
 /// TAESD), best of `n`: run once with `GHIBLIFY_WINOGRAD=0` and once without to compare the two
 /// algorithms layer by layer. `only`: the shapes of one model (unet, vae, taesd).
 fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
-    use ghiblify::models::kernels::{conv2d, Weight};
+    use ghiblify::models::kernels::{conv2d, upsample2x_conv2d, Weight};
     let shapes: &[(&str, usize, usize, usize, usize)] = &[
         ("unet", 2, 320, 320, 64),
         ("unet", 2, 640, 320, 64),
@@ -197,6 +197,11 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
         ("unet b1", 1, 1280, 1280, 16),
         ("unet b1", 1, 2560, 1280, 16),
         ("unet b1", 1, 1280, 1280, 8),
+        // The up blocks' upsamplers: ×2 nearest, then the 3×3 convolution (`upsample2x_conv2d`);
+        // the size is the input's.
+        ("unet b1 up", 1, 1280, 1280, 8),
+        ("unet b1 up", 1, 1280, 1280, 16),
+        ("unet b1 up", 1, 640, 640, 32),
         ("vae", 1, 512, 512, 64),
         ("vae", 1, 512, 512, 128),
         ("vae", 1, 512, 512, 256),
@@ -220,15 +225,19 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
     let mut total = 0.0;
     let label =
         |&(model, b, cin, cout, hw): &(&str, usize, usize, usize, usize)| format!("{model} {b}x{cin}->{cout} @{hw}²");
-    for shape @ &(_, b, cin, cout, hw) in shapes.iter().filter(|s| label(s).starts_with(only)) {
+    for shape @ &(model, b, cin, cout, hw) in shapes.iter().filter(|s| label(s).starts_with(only)) {
         let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &Device::Cpu)?;
         let w = Weight::Dense(Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &Device::Cpu)?.to_dtype(dtype)?);
         let bias = Tensor::randn(0f32, 1.0, cout, &Device::Cpu)?;
-        conv2d(&x, &w, Some(&bias), 1, 1)?;
+        let conv = || match model.ends_with(" up") {
+            true => upsample2x_conv2d(&x, &w, Some(&bias), 1, 1),
+            false => conv2d(&x, &w, Some(&bias), 1, 1),
+        };
+        conv()?;
         let mut best = f64::MAX;
         for _ in 0..n {
             let t = Instant::now();
-            conv2d(&x, &w, Some(&bias), 1, 1)?;
+            conv()?;
             best = best.min(t.elapsed().as_secs_f64());
         }
         total += best;

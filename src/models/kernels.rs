@@ -1001,6 +1001,17 @@ impl Conv {
                                         *v = *x;
                                     }
                                 }
+                            } else if s == 1 && f == 2 {
+                                // ×2 nearest upsampling: ix = ox + kx − p on the doubled line,
+                                // each source value twice, between the zero edges (the general
+                                // loop below divides by f per value: the UNet's three upsampling
+                                // convolutions spent more time here than in their products).
+                                let hi = hi.max(lo);
+                                seg[..lo].fill(0.0);
+                                seg[hi..].fill(0.0);
+                                for (ox, v) in (lo..hi).zip(&mut seg[lo..hi]) {
+                                    *v = line[(ox + kx - p) / 2];
+                                }
                             } else {
                                 for (ox, v) in seg.iter_mut().enumerate() {
                                     let ix = (ox * s + kx) as isize - p as isize;
