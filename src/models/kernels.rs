@@ -16,7 +16,8 @@
 //!   O(n²) Memory"; the chunking diffusers' `AttnProcessor2_0` gets from torch's SDPA): per (batch,
 //!   head, block of queries) one GEMM for the scores, a vectorised exact-row softmax, one GEMM
 //!   into the output, reading the (B, L, heads·d) projections in place (no head transposes).
-//! - [`geglu`]: diffusers' GEGLU `a · GELU(gate)` (erf form) in one pass.
+//! - [`geglu`]: diffusers' GEGLU `a · GELU(gate)` (erf form) in one pass; [`linear_geglu`] its
+//!   projection and the gate in one op (inside the bf16 products where k is one block of them).
 //!
 //! - bf16-stored weights on a CPU with AVX512_BF16 ([`bf16_arithmetic`]): the convolutions, linear
 //!   layers and both attention products run `gemm_bf16` (bf16 products, f32 sums; activations
@@ -2574,11 +2575,7 @@ pub(crate) mod tests {
         let mut rn = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         rn[1000] = f32::NAN;
         let rn = Tensor::from_vec(rn, (2, 37, 80), &Device::Cpu).unwrap();
-        let weights = [
-            ("f32", dense(&w32)),
-            ("bf16", dense(&w32.to_dtype(DType::BF16).unwrap())),
-            ("int8", Weight::quantize(&w32).unwrap()),
-        ];
+        let weights = weight_forms(&w32);
         for (wname, w) in &weights {
             for (pname, run) in paths {
                 for bias in [None, Some(&b)] {
@@ -2614,6 +2611,15 @@ pub(crate) mod tests {
                 assert_eq!(bits(&got), bits(&want), "conv2d_add {k}×{k} {path}");
             }
         }
+    }
+
+    /// A weight as each storage the kernels take for it: f32, bf16, per-channel int8.
+    fn weight_forms(w32: &Tensor) -> [(&'static str, Weight); 3] {
+        [
+            ("f32", dense(w32)),
+            ("bf16", dense(&w32.to_dtype(DType::BF16).unwrap())),
+            ("int8", Weight::quantize(w32).unwrap()),
+        ]
     }
 
     /// `t` rounded to bf16 and back: the operands the bf16 products see.
@@ -3072,12 +3078,7 @@ pub(crate) mod tests {
             let x = randn(&[1, rows, k], 61);
             let w32 = (randn(&[2 * h, k], 62) * 0.2).unwrap();
             let b = randn(&[2 * h], 63);
-            let weights = [
-                ("f32", dense(&w32)),
-                ("bf16", dense(&w32.to_dtype(DType::BF16).unwrap())),
-                ("int8", Weight::quantize(&w32).unwrap()),
-            ];
-            for (wname, w) in &weights {
+            for (wname, w) in &weight_forms(&w32) {
                 for (pname, run) in paths {
                     for bias in [None, Some(&b)] {
                         let what = format!("{:?} {wname} {pname} bias {}", (rows, k, h), bias.is_some());
