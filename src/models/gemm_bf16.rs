@@ -1054,8 +1054,8 @@ pub fn one_k_block(k: usize) -> bool {
 /// A gated product (diffusers' GEGLU on its projection): `C[m×n] = gate(Y[.., ..n], Y[.., n..])`
 /// with `Y = scale · A · B + bias` and B of k × 2n, without Y: each micro-tile's two halves are
 /// summed into the thread's L1 (B's packing puts the sliver of columns j.. beside the sliver of
-/// n + j..) and only the gated values reach C — a quarter of what the product and a separate pass
-/// moved through memory (Y written, read back, C written). The column scales and the bias cover
+/// n + j..) and only the gated values reach C — a fifth of what the product and a separate pass
+/// moved through memory (Y written and read back, 2n values a row each way; C written, n). The column scales and the bias cover
 /// all 2n columns.
 ///
 /// # Safety

@@ -1330,33 +1330,23 @@ impl WeightedOp for LinearOp {
         // ever written (Y was 42 MB per call of the UNet's widest projection, written, read back
         // by the GEGLU pass, and the result written again); elsewhere Y, then the GEGLU pass.
         let gated = self.geglu && k > 0 && super::gemm_bf16::one_k_block(k);
-        let (h, gate): (usize, super::gemm_bf16::Gate) = (n / 2, geglu_gate);
-        match &*w.for_products() {
+        let h = n / 2;
+        // SAFETY (both): x is rows × k, the weight n × k (both halves), the output rows × h, the
+        // bias and the int8 scales n long.
+        let out = match &*w.for_products() {
             Wt::Bf16(w) if gated && w.len() == n * k => {
-                let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
                 let scale = Scale { bias: bias.as_deref(), ..Scale::ONE };
-                // SAFETY: x is rows × k, w n × k (both halves), the output rows × h, bias n long.
-                let out = unsafe {
-                    written(rows * h, |o| {
-                        super::gemm_bf16::gemm_gated((rows, h, k), o.as_mut_ptr() as *mut f32, h, lhs(), b, scale, gate)
-                    })
-                };
-                *od.last_mut().unwrap() = h;
-                return Ok((CpuStorage::F32(out), Shape::from(od)));
+                Some(unsafe { gated_product(x, (rows, h, k), View { ptr: w.as_ptr(), rs: 1, cs: k }, scale) })
             }
             Wt::Q8 { codes, scales } if gated && scales.len() == n && codes.len() == n * k => {
-                let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
                 let scale = Scale { cols: Some(scales), bias: bias.as_deref(), ..Scale::ONE };
-                // SAFETY: as above, the scales n long.
-                let out = unsafe {
-                    written(rows * h, |o| {
-                        super::gemm_bf16::gemm_gated((rows, h, k), o.as_mut_ptr() as *mut f32, h, lhs(), b, scale, gate)
-                    })
-                };
-                *od.last_mut().unwrap() = h;
-                return Ok((CpuStorage::F32(out), Shape::from(od)));
+                Some(unsafe { gated_product(x, (rows, h, k), View { ptr: codes.as_ptr(), rs: 1, cs: k }, scale) })
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(out) = out {
+            *od.last_mut().unwrap() = h;
+            return Ok((CpuStorage::F32(out), Shape::from(od)));
         }
         // The output is written once ([`written`]): the bf16 products write every one of the
         // rows × n values (not accumulating) or accumulate onto the residual written first; the
@@ -1739,10 +1729,29 @@ fn geglu_gate(a: &mut [f32], g: &[f32]) {
 }
 }
 
+/// [`gemm_bf16::gemm_gated`](super::gemm_bf16::gemm_gated) with [`geglu_gate`]: `X · Wᵀ + b`'s
+/// halves gated, written once as rows × h.
+///
+/// # Safety
+/// x holds rows × k values, `w` views k × 2h (a weight's 2h rows of k, transposed), the scale's
+/// columns and bias cover 2h; the CPU multiplies bf16.
+unsafe fn gated_product<T: super::gemm_bf16::Elem>(
+    x: &[f32],
+    (rows, h, k): (usize, usize, usize),
+    w: super::gemm_bf16::View<T>,
+    scale: super::gemm_bf16::Scale,
+) -> Vec<f32> {
+    use super::gemm_bf16::{gemm_gated, Lhs, View};
+    let a = Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
+    // SAFETY: the caller's promise; the output is rows × h, every value written by the product.
+    unsafe { written(rows * h, |o| gemm_gated((rows, h, k), o.as_mut_ptr() as *mut f32, h, a, w, scale, geglu_gate)) }
+}
+
 /// diffusers' GEGLU on its projection, `geglu(linear(x, weight, bias))` in one op: on our CPU
 /// kernels with bf16 or int8 products the gate is applied inside the product
 /// ([`gemm_bf16::gemm_gated`](super::gemm_bf16::gemm_gated)), else on the projection's output
-/// before it leaves the op. Same values either way.
+/// before it leaves the op. The same values, up to where the bias enters the sums (within 1e-6 of
+/// the largest).
 pub fn linear_geglu(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
     if is_cpu_f32(x) && ours(weight) {
         return apply_weighted(x, weight, bias, LinearOp { scales: weight.scales(), residual: None, geglu: true });
