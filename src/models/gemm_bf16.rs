@@ -1055,8 +1055,8 @@ pub fn one_k_block(k: usize) -> bool {
 /// with `Y = scale · A · B + bias` and B of k × 2n, without Y: each micro-tile's two halves are
 /// summed into the thread's L1 (B's packing puts the sliver of columns j.. beside the sliver of
 /// n + j..) and only the gated values reach C — a fifth of what the product and a separate pass
-/// moved through memory (Y written and read back, 2n values a row each way; C written, n). The column scales and the bias cover
-/// all 2n columns.
+/// moved through memory (Y written and read back, 2n values a row each way; C written, n). The
+/// column scales and the bias cover all 2n columns.
 ///
 /// # Safety
 /// As [`gemm`], with B covering k × 2n and C m × n; k within [`one_k_block`].
@@ -1145,13 +1145,12 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     assert!(scale.rows.is_none_or(|r| r.len() >= m) && scale.cols.is_none_or(|c| c.len() >= bn));
     // The bias is for products that write C (added once, in the first k block's epilogue).
     assert!(scale.bias.is_none_or(|b| b.len() >= bn && !accumulate));
-    // A gated product's halves meet once, as whole sums, in a product that writes C.
-    assert!(gate.is_none() || (!accumulate && one_k_block(k) && matches!(b, Rhs::View(_))));
+    // A gated product's halves meet once, as whole sums, in a product that writes C (over k = 0
+    // it would be the gate of the biases: its callers take the general path there).
+    assert!(gate.is_none() || (!accumulate && k > 0 && one_k_block(k) && matches!(b, Rhs::View(_))));
     if m == 0 || n == 0 {
         return;
     }
-    // (A gated product over k = 0 is the gate of the biases: its callers take the general path.)
-    assert!(gate.is_none() || k > 0);
     if k == 0 {
         for i in 0..m {
             let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };

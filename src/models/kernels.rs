@@ -1393,15 +1393,8 @@ impl WeightedOp for LinearOp {
             _ => candle_core::bail!("linear: the weight does not hold {n}×{k} values"),
         };
         if self.geglu {
-            let per = (1 << 14) / h + 1;
-            let write = |o: &mut [std::mem::MaybeUninit<f32>]| {
-                o.par_chunks_mut(per * h).zip(out.par_chunks(per * n)).for_each(|(o, y)| geglu_rows(y, o, h))
-            };
-            // SAFETY: per rows of the output (h values each) from per rows of Y (n = 2h each);
-            // geglu_rows writes every value of each output row.
-            let g = unsafe { written(rows * h, write) };
             *od.last_mut().unwrap() = h;
-            return Ok((CpuStorage::F32(g), Shape::from(od)));
+            return Ok((CpuStorage::F32(geglu_pass(&out, h)), Shape::from(od)));
         }
         Ok((CpuStorage::F32(out), Shape::from(od)))
     }
@@ -1694,6 +1687,18 @@ fn geglu_rows(h: &[f32], out: &mut [std::mem::MaybeUninit<f32>], half: usize) {
 }
 }
 
+/// GEGLU over rows of 2·half values (half ≥ 1) on all threads: rows × half values.
+fn geglu_pass(h: &[f32], half: usize) -> Vec<f32> {
+    let rows = h.len() / (2 * half);
+    let per = (1 << 14) / half + 1;
+    let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
+        out.par_chunks_mut(per * half).zip(h.par_chunks(per * 2 * half)).for_each(|(o, h)| geglu_rows(h, o, half))
+    };
+    // SAFETY: per rows of the output (half values each) from per rows of h (2·half each);
+    // geglu_rows writes every value of each output row.
+    unsafe { written(rows * half, write) }
+}
+
 impl CustomOp1 for GegluOp {
     fn name(&self) -> &'static str {
         "ghiblify-geglu"
@@ -1705,14 +1710,7 @@ impl CustomOp1 for GegluOp {
         if half == 0 || !dims[dims.len() - 1].is_multiple_of(2) {
             candle_core::bail!("geglu: an input of width {} (two equal halves needed)", dims[dims.len() - 1]);
         }
-        let rows = h.len() / (2 * half);
-        let per = (1 << 14) / half + 1;
-        let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
-            out.par_chunks_mut(per * half).zip(h.par_chunks(per * 2 * half)).for_each(|(o, h)| geglu_rows(h, o, half))
-        };
-        // SAFETY: per rows of the output (half values each) from per rows of h (2·half each);
-        // geglu_rows writes every value of each output row.
-        let out = unsafe { written(rows * half, write) };
+        let out = geglu_pass(h, half);
         let mut od = dims.to_vec();
         *od.last_mut().unwrap() = half;
         Ok((CpuStorage::F32(out), Shape::from(od)))
@@ -2874,8 +2872,9 @@ pub(crate) mod tests {
             return;
         }
         // Each value exp(scale · (s − max)) rounded to bf16 (within half a bf16 step of f64 —
-        // 2⁻⁸ of the value's binade, so at most 2⁻⁸ of the value — plus the f32 exponential's 1e-6), and inv = 1 / the sum of the rounded values (what P·V
-        // then divides by: the weights it applies sum to one); the scale as attention's 1/√d.
+        // 2⁻⁸ of the value's binade, so at most 2⁻⁸ of the value — plus the f32 exponential's
+        // 1e-6), and inv = 1 / the sum of the rounded values (what P·V then divides by: the
+        // weights it applies sum to one); the scale as attention's 1/√d.
         for ((lk, row), scale) in score_rows().into_iter().zip([1.0f32, 0.158_113_88, 0.111_803_4].into_iter().cycle())
         {
             let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
