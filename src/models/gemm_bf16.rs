@@ -637,12 +637,18 @@ impl PackedB {
     }
 
     /// B built row by row straight into the packed layout, in parallel over pairs of rows:
-    /// `fill(r, row)` writes row r's n values (a convolution's im2col rows, produced here instead
-    /// of into an f32 patch matrix that packing would read again). Reuses `self`'s memory.
-    pub fn fill_rows(&mut self, (k, n): (usize, usize), fill: impl Fn(usize, &mut [f32]) + Sync) {
+    /// `fill(r, 0, row)` writes row r's n values (a convolution's im2col rows, produced here
+    /// instead of into an f32 patch matrix that packing would read again; [`Rows`]). Reuses
+    /// `self`'s memory.
+    pub fn fill_rows(&mut self, (k, n): (usize, usize), fill: Rows) {
         let kp = k.div_ceil(2);
         let slivers = n.div_ceil(NR);
         self.off = align64(&mut self.data, kp * slivers * NR);
+        if cfg!(debug_assertions) {
+            // A word the rows miss shows as NaN (bf16 pairs) in every test, not as a stale value
+            // from an earlier call with the same buffer.
+            self.data[self.off..self.off + kp * slivers * NR].fill(0x7fc0_7fc0);
+        }
         (self.kc, self.pad, self.k, self.n) = (kc_pairs(), 1, k, n);
         let kc = self.kc;
         // Pair p's words: block p / kc (whose pairs run kc long except the last), then
@@ -654,28 +660,45 @@ impl PackedB {
         }
         (0..kp).into_par_iter().for_each(|p| {
             ROWS.with_borrow_mut(|(lo, hi)| {
-                lo.resize(n, 0.0);
-                hi.resize(n, 0.0);
-                let (lo, hi) = (&mut lo[..n], &mut hi[..n]);
                 let words = &words;
-                fill(2 * p, lo);
-                if 2 * p + 1 < k {
-                    fill(2 * p + 1, hi);
-                } else {
-                    hi.fill(0.0);
-                }
                 let (kb, pi) = (p / kc, p % kc);
                 let pairs = block_pairs(kp, kc, 1, kb);
                 let block = kb * kc * slivers * NR;
-                for s in 0..slivers {
-                    let (js, w) = (s * NR, NR.min(n - s * NR));
-                    // SAFETY: inside data (sized above); pair p's words belong to this task alone.
-                    let dst =
-                        unsafe { std::slice::from_raw_parts_mut(words.0.add(block + s * pairs * NR + pi * NR), NR) };
-                    interleave_pairs(&lo[js..js + w], &hi[js..js + w], dst);
-                }
+                // SAFETY: inside data (sized above); pair p's words belong to this task alone.
+                let at = |s: usize| unsafe { words.0.add(block + s * pairs * NR + pi * NR) };
+                pack_pair(fill, (2 * p, k), (0, n), (lo, hi), at);
             })
         });
+    }
+}
+
+/// Makes B's values row by row: `fill(r, j0, out)` writes B[r][j0..j0 + out.len()] (a
+/// convolution's im2col rows, [`gemm_rows`], [`PackedB::fill_rows`]).
+pub type Rows<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
+
+/// Rows r and r + 1 of B (zero past k), columns j0..j0 + cols, made by `fill` into `lo` and `hi`
+/// (grown as needed) and written as one pair's words: sliver s's NR words at `at(s)`.
+fn pack_pair(
+    fill: Rows,
+    (r, k): (usize, usize),
+    (j0, cols): (usize, usize),
+    (lo, hi): (&mut Vec<f32>, &mut Vec<f32>),
+    at: impl Fn(usize) -> *mut u32,
+) {
+    lo.resize(lo.len().max(cols), 0.0);
+    hi.resize(hi.len().max(cols), 0.0);
+    let (lo, hi) = (&mut lo[..cols], &mut hi[..cols]);
+    fill(r, j0, lo);
+    if r + 1 < k {
+        fill(r + 1, j0, hi);
+    } else {
+        hi.fill(0.0);
+    }
+    for s in 0..cols.div_ceil(NR) {
+        let (js, w) = (s * NR, NR.min(cols - s * NR));
+        // SAFETY: the caller's `at` gives NR words of this pair for each sliver.
+        let dst = unsafe { std::slice::from_raw_parts_mut(at(s), NR) };
+        interleave_pairs(&lo[js..js + w], &hi[js..js + w], dst);
     }
 }
 
@@ -1090,9 +1113,33 @@ pub unsafe fn gemm_prepacked<TA: Elem>(
     unsafe { gemm_impl::<TA, f32>((m, b.n, b.k), c, ldc, accumulate, a, Rhs::Packed(b), scale, true, None) }
 }
 
-/// The right operand: a view packed block by block as the jobs need it, or packed already.
+/// [`gemm`] with B made by `fill` ([`Rows`]), each job making the rows of its own k block and
+/// columns just before it multiplies them, into its packed block: the block is written to and
+/// read from the job's L2, where a B packed whole ([`PackedB::fill_rows`], 8 MB and more for a
+/// convolution) went out to memory and came back; and with B in one piece the product reads the
+/// weights once per column block, not once per tile of B. On all threads; the jobs split the
+/// columns only (a split of the rows would make every block of B twice).
+///
+/// # Safety
+/// As [`gemm`], with `fill` writing every value it is asked for.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows<TA: Elem>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: Lhs<TA>,
+    fill: Rows,
+    scale: Scale,
+) {
+    unsafe { gemm_impl::<TA, f32>((m, n, k), c, ldc, accumulate, a, Rhs::Rows(fill), scale, true, None) }
+}
+
+/// The right operand: a view packed block by block as the jobs need it, rows made the same way,
+/// or packed already.
 enum Rhs<'a, T> {
     View(View<T>),
+    Rows(Rows<'a>),
     Packed(&'a PackedB),
 }
 
@@ -1167,7 +1214,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     // A packed B brings its own block length (the process's, see `kc_pairs`).
     let kc = match &b {
         Rhs::Packed(pb) => pb.kc,
-        Rhs::View(_) => kc_pairs(),
+        Rhs::View(_) | Rhs::Rows(_) => kc_pairs(),
     };
     let kblocks = kp.div_ceil(kc);
     let panels = m.div_ceil(MR);
@@ -1236,10 +1283,17 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     // (A gated product packs two slivers of B per sliver of C: half as many per block.)
     let per_block = if gate.is_some() { NC / NR / 2 } else { NC / NR };
     let mut cblocks = slivers.div_ceil(per_block);
+    // Made rows: a block of columns for every thread at least, and no split of the rows where
+    // there are (each row group would make the same block of B again).
+    let makes = matches!(b, Rhs::Rows(_));
+    if makes {
+        cblocks = cblocks.max(threads).min(slivers);
+    }
     if cblocks >= threads {
         cblocks = cblocks.next_multiple_of(threads).min(slivers);
     }
-    let mut rgroups = (2 * threads).div_ceil(cblocks).clamp(1, panels);
+    let spread = if makes && cblocks >= threads { 1 } else { 2 * threads };
+    let mut rgroups = spread.div_ceil(cblocks).clamp(1, panels);
     let mut per_group = panels.div_ceil(rgroups);
     // Decided here, on the calling thread (see `without_amx`), for every job.
     let tiles = amx();
@@ -1262,12 +1316,14 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
         // the rows they compute, and the gate reads whole rows).
         let zero = || Box::new(Sums([0.0; AMX_ROWS * NR]));
         let mut halves = gate.map(|gate| (gate, zero(), zero()));
+        // Made rows' two f32 rows of a pair (the job's columns).
+        let mut rows = (Vec::new(), Vec::new());
         for kb in 0..kblocks {
             let pairs = block_pairs(kp, kc, 1, kb);
             // B's pairs in this block: a packed B's last block may be padded past A's pairs.
             let bpairs = match &b {
                 Rhs::Packed(pb) => block_pairs(kp, kc, pb.pad, kb),
-                Rhs::View(_) => pairs,
+                Rhs::View(_) | Rhs::Rows(_) => pairs,
             };
             let bwords: *const u32 = match &b {
                 Rhs::View(b) if gate.is_some() => {
@@ -1293,6 +1349,17 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                     let off = align64(bbuf, need);
                     unsafe { pack_b(b, (k, n), j0, cols, kb * 2 * kc, pairs, &mut bbuf[off..off + need]) };
                     unsafe { bbuf.as_ptr().add(off) }
+                }
+                Rhs::Rows(fill) => {
+                    let need = cols.div_ceil(NR) * pairs * NR;
+                    let off = align64(bbuf, need);
+                    let words = unsafe { bbuf.as_mut_ptr().add(off) };
+                    for p in 0..pairs {
+                        // SAFETY: sliver s's words for pair p lie inside the `need` words at off.
+                        let at = |s: usize| unsafe { words.add(s * pairs * NR + p * NR) };
+                        pack_pair(fill, (2 * (kb * kc + p), k), (j0, cols), (&mut rows.0, &mut rows.1), at);
+                    }
+                    words as *const u32
                 }
                 // Block kb, from sliver j0 / NR (NC is a multiple of NR).
                 Rhs::Packed(pb) => unsafe {

@@ -491,6 +491,23 @@ impl<'a> Wt<'a> {
         use super::gemm_bf16::gemm_prepacked;
         with_bf16_lhs!(self, k, |lhs, scale| unsafe { gemm_prepacked(m, dst, dst_rs, accumulate, lhs, rhs, scale) })
     }
+
+    /// [`Wt::times`] for a bf16 or int8 weight and a right operand made row by row by the product's
+    /// jobs ([`super::gemm_bf16::gemm_rows`]).
+    ///
+    /// # Safety
+    /// As [`Wt::times`], with `fill` writing every value of k × n it is asked for.
+    unsafe fn times_rows(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        dst: *mut f32,
+        dst_rs: usize,
+        accumulate: bool,
+        fill: super::gemm_bf16::Rows,
+    ) {
+        use super::gemm_bf16::gemm_rows;
+        with_bf16_lhs!(self, k, |lhs, scale| unsafe { gemm_rows((m, n, k), dst, dst_rs, accumulate, lhs, fill, scale) })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -949,12 +966,25 @@ impl Conv {
             }
             let acc = bias.is_some();
             let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0 && f == 1 && self.pad_end == 0;
-            // Output rows per tile: the im2col buffer (k × tile pixels) stays within 4 Mi floats.
-            let rows = ((1 << 22) / (k * ow).max(1)).clamp(1, oh);
             // bf16 products: the patch rows go straight into the packed bf16 operand (no f32 patch
             // matrix for packing to read again).
             let direct = !matches!(w, Wt::F32(_));
-            let mut packed = super::gemm_bf16::PackedB::default();
+            // Output rows per tile: the im2col buffer (k × tile pixels) stays within 16 MB, 4 Mi
+            // f32 values or 8 Mi packed bf16 ones. Every tile's product reads all the weights
+            // again (22 MB at 1920 → 640 channels, five tiles of 4 Mi values at 32²): the bf16
+            // tiles take the whole budget (UNet batch-1 3×3 shapes, speed_probe conv-shapes,
+            // alternating: 0.129–0.133 → 0.118–0.120 s).
+            let budget = if direct { 1 << 23 } else { 1 << 22 };
+            let rows = (budget / (k * ow).max(1)).clamp(1, oh);
+            // Stride 1 with output lines as wide as the (upsampled) input's: every patch row is
+            // its input plane shifted ([`shifted_plane`], [`upsampled_plane`]). With bf16 products the product's jobs make the
+            // rows of their own blocks ([`Wt::times_rows`]) where there are columns for every
+            // thread to take two slivers at least; other shapes fill a tile of them first.
+            let planes = s == 1 && ow == iw;
+            let makes_rows = planes && direct && oplane >= 2 * 48 * rayon::current_num_threads();
+            // This thread's kept packed operand (a fresh one per call was zero-filled by one thread
+            // and faulted in again: 9 % of a UNet 32² convolution's time).
+            let mut packed = PACKED_PATCHES.take();
             for bi in 0..b {
                 let xb = &x[bi * cin * plane..(bi + 1) * cin * plane];
                 let ob = &mut out[bi * cout * oplane..(bi + 1) * cout * oplane];
@@ -965,6 +995,22 @@ impl Conv {
                     };
                     continue;
                 }
+                // Row r = (ci, ky, kx) of the patch matrix, for shifted planes: input plane ci
+                // shifted by (ky − p, kx − p); its values j0.. (output pixels j0..).
+                let shifted = |r: usize, j0: usize, out: &mut [f32]| {
+                    let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
+                    let src = &xb[ci * plane..(ci + 1) * plane];
+                    let shift = (ky as isize - p as isize, kx as isize - p as isize);
+                    match f {
+                        1 => shifted_plane(src, out, j0, iw, shift),
+                        _ => upsampled_plane(src, out, j0, (ih, iw), shift),
+                    }
+                };
+                if makes_rows {
+                    // SAFETY: ob is cout × oplane; `shifted` writes every value it is asked for.
+                    unsafe { w.times_rows((cout, oplane, k), ob.as_mut_ptr() as *mut f32, oplane, acc, &shifted) };
+                    continue;
+                }
                 for oy0 in (0..oh).step_by(rows) {
                     let tr = rows.min(oh - oy0);
                     let tp = tr * ow;
@@ -972,6 +1018,10 @@ impl Conv {
                     let fill = |r: usize, crow: &mut [f32]| {
                         let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
                         let src = &xb[ci * plane..(ci + 1) * plane];
+                        if planes {
+                            shifted(r, oy0 * ow, crow);
+                            return;
+                        }
                         for (ty, seg) in crow.chunks_mut(ow).enumerate() {
                             let iy = ((oy0 + ty) * s + ky) as isize - p as isize;
                             if iy < 0 || iy >= ih as isize {
@@ -1023,7 +1073,7 @@ impl Conv {
                     };
                     let dst = ob[oy0 * ow..].as_mut_ptr() as *mut f32;
                     if direct {
-                        packed.fill_rows((k, tp), fill);
+                        packed.fill_rows((k, tp), &|r, _, row| fill(r, row));
                         // SAFETY: the destination is columns [oy0·ow, oy0·ow + tp) of ob's cout rows.
                         unsafe { w.times_packed(cout, dst, oplane, acc, &packed, k) };
                     } else {
@@ -1044,6 +1094,7 @@ impl Conv {
                     }
                 }
             }
+            PACKED_PATCHES.set(packed);
         };
         // SAFETY: `write` writes every value before reading any (above).
         let mut out = unsafe { written(b * cout * oplane, write) };
@@ -1090,6 +1141,67 @@ impl WeightedOp for Conv {
         let residual = residual_values(&held, &[b, cout, oh, ow], "conv2d residual")?;
         let out = self.run(x, (b, cin, ih, iw), w, (cout, kh, kw), bias.as_deref(), residual);
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
+    }
+}
+
+/// Values `j0..j0 + out.len()` of one im2col row of a stride-1 convolution whose output lines are
+/// as wide as its input's (`iw`): output pixel q reads the input plane `src` at q + dy·iw + dx,
+/// zero where that lies outside the plane. So a whole run of output lines is one copy of `src`:
+/// reads above the first line or below the last fall outside `src` (zero), and the columns that
+/// would wrap to the next or the previous line are set to zero after (a copy per output line, a
+/// call each on runs of 32 to 64 values, filled the UNet's 640 → 640 rows at 32² in 1.9 ms, the
+/// one copy in 1.4).
+fn shifted_plane(src: &[f32], out: &mut [f32], j0: usize, iw: usize, (dy, dx): (isize, isize)) {
+    let len = out.len() as isize;
+    let start = j0 as isize + dy * iw as isize + dx;
+    let lo = (-start).clamp(0, len) as usize;
+    let hi = (src.len() as isize - start).clamp(lo as isize, len) as usize;
+    out[..lo].fill(0.0);
+    out[hi..].fill(0.0);
+    if lo < hi {
+        // (Else the whole run reads outside the plane, possibly wholly before it.)
+        out[lo..hi].copy_from_slice(&src[(start + lo as isize) as usize..(start + hi as isize) as usize]);
+    }
+    if dx == 0 {
+        return;
+    }
+    // The columns that read past the left edge (dx < 0: the first |dx|) or the right (the last
+    // dx) of each output line the run touches.
+    let edge = dx.unsigned_abs().min(iw);
+    let (cols_lo, cols_hi) = if dx < 0 { (0, edge) } else { (iw - edge, iw) };
+    let end = j0 + out.len();
+    for line in j0 / iw..end.div_ceil(iw) {
+        let a = (line * iw + cols_lo).max(j0);
+        let b = (line * iw + cols_hi).min(end);
+        if a < b {
+            out[a - j0..b - j0].fill(0.0);
+        }
+    }
+}
+
+/// [`shifted_plane`] on the input upsampled twice (nearest; `ih × iw` the upsampled size, `src` the
+/// plane before): output pixel q = (oy, ox) reads the upsampled plane at (oy + dy, ox + dx), that
+/// is `src` at ((oy + dy) / 2, (ox + dx) / 2), zero outside: line by line, each source value
+/// twice between the zero edges.
+fn upsampled_plane(src: &[f32], out: &mut [f32], j0: usize, (ih, iw): (usize, usize), (dy, dx): (isize, isize)) {
+    let (sw, end) = (iw / 2, j0 + out.len());
+    for oy in j0 / iw..end.div_ceil(iw) {
+        // Columns a..b of output line oy, and the ones among them that read inside the line.
+        let (a, b) = ((oy * iw).max(j0) - oy * iw, ((oy + 1) * iw).min(end) - oy * iw);
+        let seg = &mut out[oy * iw + a - j0..oy * iw + b - j0];
+        let iy = oy as isize + dy;
+        if iy < 0 || iy >= ih as isize {
+            seg.fill(0.0);
+            continue;
+        }
+        let line = &src[iy as usize / 2 * sw..(iy as usize / 2 + 1) * sw];
+        let lo = (-dx).clamp(a as isize, b as isize) as usize;
+        let hi = (iw as isize - dx).clamp(lo as isize, b as isize) as usize;
+        seg[..lo - a].fill(0.0);
+        seg[hi - a..].fill(0.0);
+        for (ox, v) in (lo..hi).zip(&mut seg[lo - a..hi - a]) {
+            *v = line[(ox as isize + dx) as usize / 2];
+        }
     }
 }
 
@@ -2117,6 +2229,9 @@ type Scratch = (Vec<f32>, Vec<half::bf16>, Vec<f32>);
 thread_local! {
     /// The im2col convolution's patch matrix (up to 4 Mi values), kept between calls.
     static PATCHES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The same rows packed for bf16 products (up to 8 MB), kept between calls; taken by a call
+    /// and put back after it.
+    static PACKED_PATCHES: std::cell::Cell<super::gemm_bf16::PackedB> = std::cell::Cell::new(Default::default());
 }
 
 /// Runs `f` with this thread's kept buffers from `key` (the attention's scratch, the Winograd
@@ -2650,8 +2765,12 @@ pub(crate) mod tests {
                 (1, 3, 5, 10, 7, 3, 2, 1),
                 (2, 40, 24, 8, 9, 1, 1, 0),
                 (1, 64, 96, 33, 20, 3, 1, 1),
-                // Several im2col tiles, odd k.
+                // Several im2col tiles, odd k (the rows made by the product's jobs: column blocks
+                // that start and end inside a line).
                 (1, 97, 8, 300, 160, 3, 1, 1),
+                // Made rows over two k blocks, a partial AMX panel; a 5×5 kernel (shifts by 2).
+                (1, 200, 40, 20, 24, 3, 1, 1),
+                (1, 12, 20, 23, 19, 5, 1, 2),
             ] {
                 let x = randn(&[b, cin, h, w], 11);
                 let wt = randn(&[cout, cin, k, k], 12).to_dtype(DType::BF16).unwrap();
