@@ -4,10 +4,15 @@
 //!     cargo run --release --example speed_probe -- unet|unet-b1|controlnet|controlnet-b1|vae-decode|vae-encode|taesd|attention|matmul|conv|conv-shapes|gemm-shapes|linear-shapes [N] [f32|f16|bf16|q8] [cpu|cuda]
 //!     cargo run --release --example speed_probe -- load [N] [f32|f16|bf16|q8] DIR
 //!     cargo run --release --example speed_probe -- conv-shapes [N] [f32|bf16] [unet|vae|taesd|"unet b1 up"|"unet b1 1x640->640"...]
+//!     GHIBLIFY_PROBE_WEIGHTS=16 cargo run --release --example speed_probe -- conv-shapes ...
 //!
 //! `load` times loading the diffusers folder DIR (text encoder, UNet, VAE, as a run does; warm page
 //! cache after the warm-up): weights read in place where stored as the run keeps them
 //! (`GHIBLIFY_IN_PLACE=0` copies them, as before).
+//!
+//! `conv-shapes` with `GHIBLIFY_PROBE_WEIGHTS=N` takes N weights of each shape in turn, so that
+//! every call reads its weight from memory as in a model run (a single weight stays in a large L3
+//! cache: the UNet's 1280 → 1280 at 8² ran 1.7 ms that way and 2.8–3.4 ms with 16, as in the UNet).
 //!
 //! `controlnet` times one SD1.5 ControlNet call at the CFG batch, `controlnet-b1` without CFG (as
 //! with `--fast`): the added cost per step of `--control`; compare with `unet` / `unet-b1`.
@@ -172,11 +177,10 @@ fn report(
     Ok(())
 }
 
-/// The UNet's typical matrix products (conv as im2col: cout × cin·9 · pixels; linear; attention),
-/// f32 (the gemm crate, as the kernels call it) against bf16 (`gemm_bf16`), in GFLOP/s.
 /// Every 3×3 stride-1 convolution shape of a 512² run (UNet at the CFG batch, KL VAE decoder,
 /// TAESD), best of `n`: run once with `GHIBLIFY_WINOGRAD=0` and once without to compare the two
 /// algorithms layer by layer. `only`: the shapes of one model (unet, vae, taesd).
+/// `GHIBLIFY_PROBE_WEIGHTS=N` takes N weights per shape in turn (see below).
 fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
     use ghiblify::models::kernels::{conv2d, upsample2x_conv2d, Weight};
     let shapes: &[(&str, usize, usize, usize, usize)] = &[
@@ -225,13 +229,23 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
     let mut total = 0.0;
     let label =
         |&(model, b, cin, cout, hw): &(&str, usize, usize, usize, usize)| format!("{model} {b}x{cin}->{cout} @{hw}²");
+    // GHIBLIFY_PROBE_WEIGHTS=N: N weights of each shape taken in turn, so that each call reads its
+    // weight from memory as in a model run (one weight stays in this machine's large L3 cache).
+    let copies: usize = std::env::var("GHIBLIFY_PROBE_WEIGHTS").map_or(Ok(1), |v| v.parse())?;
     for shape @ &(model, b, cin, cout, hw) in shapes.iter().filter(|s| label(s).starts_with(only)) {
         let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &Device::Cpu)?;
-        let w = Weight::Dense(Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &Device::Cpu)?.to_dtype(dtype)?);
+        let weights = (0..copies.max(1))
+            .map(|_| Ok(Weight::Dense(Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &Device::Cpu)?.to_dtype(dtype)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let bias = Tensor::randn(0f32, 1.0, cout, &Device::Cpu)?;
-        let conv = || match model.ends_with(" up") {
-            true => upsample2x_conv2d(&x, &w, Some(&bias), 1, 1),
-            false => conv2d(&x, &w, Some(&bias), 1, 1),
+        let turn = std::cell::Cell::new(0);
+        let conv = || {
+            let w = &weights[turn.get() % weights.len()];
+            turn.set(turn.get() + 1);
+            match model.ends_with(" up") {
+                true => upsample2x_conv2d(&x, w, Some(&bias), 1, 1),
+                false => conv2d(&x, w, Some(&bias), 1, 1),
+            }
         };
         conv()?;
         let mut best = f64::MAX;
@@ -290,6 +304,8 @@ fn linear_shapes(n: usize, bf16: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The UNet's typical matrix products (conv as im2col: cout × cin·9 · pixels; linear; attention),
+/// f32 (the gemm crate, as the kernels call it) against bf16 (`gemm_bf16`), in GFLOP/s.
 fn gemm_shapes(n: usize) {
     use ghiblify::models::gemm_bf16::{self, Lhs, View};
     let shapes = [

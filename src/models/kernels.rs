@@ -6,7 +6,9 @@
 //! call, single-threaded, then scatters the output; GroupNorm is ten separate tensor passes; the
 //! attention softmax over 4096 × 4096 scores runs glibc's scalar `expf`. Here:
 //! - [`conv2d`]: im2col straight from NCHW (each row a shifted copy of one input plane), tiled so the
-//!   buffer stays ≤ 16 MB, and one GEMM per tile writing NCHW output in place, bias included.
+//!   buffer stays ≤ 16 MB, and one GEMM per tile writing NCHW output in place, bias included; with
+//!   bf16 products and stride 1, no buffer: the product's jobs make the rows of their own blocks
+//!   (`gemm_bf16::gemm_rows`).
 //!   PyTorch/oneDNN and stable-diffusion.cpp (ggml_conv_2d = im2col + mul_mat) do the same. The
 //!   large 3×3 stride-1 ones take Winograd F(4×4, 3×3) instead (`kernels/winograd.rs`: a quarter
 //!   of the multiplications, as oneDNN and OpenVINO do on CPUs), in f32 whatever the weights.
