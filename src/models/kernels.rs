@@ -2771,9 +2771,13 @@ pub(crate) mod tests {
                 // Several im2col tiles, odd k (the rows made by the product's jobs: column blocks
                 // that start and end inside a line).
                 (1, 97, 8, 300, 160, 3, 1, 1),
-                // Made rows over two k blocks, a partial AMX panel; a 5×5 kernel (shifts by 2).
+                // Made rows over two k blocks, a partial AMX panel; a 5×5 kernel (shifts by 2); one
+                // line (the rows shifted up or down read nothing) and one column (every shifted
+                // column wraps).
                 (1, 200, 40, 20, 24, 3, 1, 1),
                 (1, 12, 20, 23, 19, 5, 1, 2),
+                (1, 40, 8, 1, 400, 3, 1, 1),
+                (1, 40, 8, 400, 1, 3, 1, 1),
             ] {
                 let x = randn(&[b, cin, h, w], 11);
                 let wt = randn(&[cout, cin, k, k], 12).to_dtype(DType::BF16).unwrap();
