@@ -29,7 +29,7 @@ use rayon::prelude::*;
 /// Rows of A per micro-tile.
 const MR: usize = 8;
 /// Columns of B per micro-tile (three zmm registers of 16 f32).
-const NR: usize = 48;
+pub(crate) const NR: usize = 48;
 /// Pairs of k per block ([`kc_pairs`]) for the AVX512_BF16 kernel: a packed B sliver (192 × NR
 /// words = 36 KB) stays in L1.
 const KC_PAIRS: usize = 192;

@@ -981,10 +981,10 @@ impl Conv {
             // Stride 1 with output lines as wide as the (upsampled) input's: every patch row is
             // its input plane shifted ([`shifted_plane`], [`upsampled_plane`]). With bf16
             // products the product's jobs make the rows of their own blocks ([`Wt::times_rows`])
-            // where every thread can take two slivers (48 columns each) at least; other shapes
-            // fill a tile of rows first.
+            // where every thread can take two slivers of columns at least; other shapes fill a
+            // tile of rows first.
             let planes = s == 1 && ow == iw;
-            let makes_rows = planes && direct && oplane >= 2 * 48 * rayon::current_num_threads();
+            let makes_rows = planes && direct && oplane >= 2 * super::gemm_bf16::NR * rayon::current_num_threads();
             // This thread's kept packed operand (a fresh one per call was zero-filled by one thread
             // and faulted in again: the UNet's 640 → 640 at 32² 5.7 → 4.9 ms).
             let mut packed = PACKED_PATCHES.take();
@@ -1019,12 +1019,11 @@ impl Conv {
                     let tp = tr * ow;
                     // Row r = (ci, ky, kx) of the patch matrix: input plane ci shifted by (ky, kx).
                     let fill = |r: usize, crow: &mut [f32]| {
+                        if planes {
+                            return shifted(r, oy0 * ow, crow);
+                        }
                         let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
                         let src = &xb[ci * plane..(ci + 1) * plane];
-                        if planes {
-                            shifted(r, oy0 * ow, crow);
-                            return;
-                        }
                         for (ty, seg) in crow.chunks_mut(ow).enumerate() {
                             let iy = ((oy0 + ty) * s + ky) as isize - p as isize;
                             if iy < 0 || iy >= ih as isize {
