@@ -342,10 +342,15 @@ pub struct Scale<'a> {
     pub rows: Option<&'a [f32]>,
     pub cols: Option<&'a [f32]>,
     pub bias: Option<&'a [f32]>,
+    /// C holds bf16 values (`c` points at them, `ldc` counts them): each result rounded to
+    /// nearest even as [`Elem::bf16_bits`] rounds an f32 operand, for a result whose only reader
+    /// is another bf16 product, which then reads the very words it would have packed. Only for
+    /// products that write C in one k block ([`one_k_block`]).
+    pub bf16_c: bool,
 }
 
 impl Scale<'_> {
-    pub const ONE: Scale<'static> = Scale { all: 1.0, rows: None, cols: None, bias: None };
+    pub const ONE: Scale<'static> = Scale { all: 1.0, rows: None, cols: None, bias: None, bf16_c: false };
 
     pub fn all(all: f32) -> Scale<'static> {
         Scale { all, ..Scale::ONE }
@@ -360,6 +365,7 @@ struct TileScale {
     rows: *const f32,
     cols: *const f32,
     bias: *const f32,
+    bf16_c: bool,
 }
 
 impl Scale<'_> {
@@ -368,7 +374,24 @@ impl Scale<'_> {
     #[inline(always)]
     unsafe fn tile(&self, i0: usize, js: usize) -> TileScale {
         let at = |v: Option<&[f32]>, i: usize| v.map_or(std::ptr::null(), |v| unsafe { v.as_ptr().add(i) });
-        TileScale { all: self.all, rows: at(self.rows, i0), cols: at(self.cols, js), bias: at(self.bias, js) }
+        TileScale {
+            all: self.all,
+            rows: at(self.rows, i0),
+            cols: at(self.cols, js),
+            bias: at(self.bias, js),
+            bf16_c: self.bf16_c,
+        }
+    }
+
+    /// Where C's element `at` (row-major, in C's elements) lies: C's pointer is to bf16 values
+    /// when [`Scale::bf16_c`].
+    #[inline(always)]
+    fn c_at(&self, c: *mut f32, at: usize) -> *mut f32 {
+        if self.bf16_c {
+            (c as *mut bf16).wrapping_add(at) as *mut f32
+        } else {
+            c.wrapping_add(at)
+        }
     }
 }
 
@@ -732,6 +755,29 @@ fn interleave_pairs(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
     body(lo, hi, dst)
 }
 
+/// `dst[j]` = `src[j]` rounded to bf16 as [`Elem::bf16_bits`] rounds (nearest even, NaN quiet).
+pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    #[inline(always)]
+    fn body(src: &[f32], dst: &mut [bf16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = bf16::from_bits(s.bf16_bits() as u16);
+        }
+    }
+    // The same loop compiled for AVX-512, where LLVM vectorises the rounding.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn avx512(src: &[f32], dst: &mut [bf16]) {
+        body(src, dst)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has AVX-512 (and more).
+        unsafe { avx512(src, dst) };
+        return;
+    }
+    body(src, dst)
+}
+
 /// A 3 × 3 convolution for [`conv3x3`]: `batch` images of `cin` planes of `ih × iw`,
 /// nearest-upsampled `up` times, stride 1, padding 1, `cout` output planes of `ih·up × iw·up`.
 #[derive(Clone, Copy, Debug)]
@@ -970,6 +1016,8 @@ pub unsafe fn gemm_packed<TA: Elem>(
     // The epilogue reads a factor for every row and column of C, and the bias only when writing.
     assert!(scale.rows.is_none_or(|r| r.len() >= m) && scale.cols.is_none_or(|c| c.len() >= n));
     assert!(scale.bias.is_none_or(|b| b.len() >= n && !accumulate));
+    // A bf16 C is written once, never summed into.
+    assert!(!scale.bf16_c || (!accumulate && k.div_ceil(2) <= kc));
     if m == 0 || n == 0 || k == 0 {
         return;
     }
@@ -1012,7 +1060,7 @@ pub unsafe fn gemm_packed<TA: Elem>(
                         pairs,
                         (ap, a_row),
                         block.as_ptr().add(s * pairs * NR),
-                        (c.add(i0 * ldc + js), ldc),
+                        (scale.c_at(c, i0 * ldc + js), ldc),
                         (rows.min(m - i0), NR.min(n - js)),
                         scale.tile(i0, js),
                         accumulate || kb > 0,
@@ -1198,8 +1246,18 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     if m == 0 || n == 0 {
         return;
     }
+    // A bf16 C is written once, never summed into.
+    assert!(!scale.bf16_c || (!accumulate && one_k_block(k)));
     if k == 0 {
         for i in 0..m {
+            if scale.bf16_c {
+                let row = unsafe { std::slice::from_raw_parts_mut((c as *mut bf16).add(i * ldc), n) };
+                match scale.bias {
+                    None => row.fill(bf16::ZERO),
+                    Some(b) => round_to_bf16(&b[..n], row),
+                }
+                continue;
+            }
             let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
             if !accumulate {
                 match scale.bias {
@@ -1390,22 +1448,29 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                     if let Some((gate, first, second)) = &mut halves {
                         // Both halves' sums into this job's two L1 tiles, gated there, and
                         // the result copied to C.
+                        // (The halves are f32 whatever C holds.)
                         let b0 = bwords.add(2 * s * bpairs * NR);
                         let to = (first.0.as_mut_ptr(), NR);
-                        micro(pairs, (ap, row), b0, to, (mr, nr), scale.tile(i0, js), false);
+                        let f32_tile = |j| TileScale { bf16_c: false, ..scale.tile(i0, j) };
+                        micro(pairs, (ap, row), b0, to, (mr, nr), f32_tile(js), false);
                         let (b1, to) = (b0.add(bpairs * NR), (second.0.as_mut_ptr(), NR));
-                        micro(pairs, (ap, row), b1, to, (mr, nr), scale.tile(i0, n + js), false);
+                        micro(pairs, (ap, row), b1, to, (mr, nr), f32_tile(n + js), false);
                         gate(&mut first.0[..mr * NR], &second.0[..mr * NR]);
                         for r in 0..mr {
-                            let from = first.0.as_ptr().add(r * NR);
-                            std::ptr::copy_nonoverlapping(from, out.0.add((i0 + r) * ldc + js), nr);
+                            let from = &first.0[r * NR..r * NR + nr];
+                            if scale.bf16_c {
+                                let to = (out.0 as *mut bf16).add((i0 + r) * ldc + js);
+                                round_to_bf16(from, std::slice::from_raw_parts_mut(to, nr));
+                            } else {
+                                std::ptr::copy_nonoverlapping(from.as_ptr(), out.0.add((i0 + r) * ldc + js), nr);
+                            }
                         }
                     } else {
                         micro(
                             pairs,
                             (ap, row),
                             bwords.add(s * bpairs * NR),
-                            (out.0.add(i0 * ldc + js), ldc),
+                            (scale.c_at(out.0, i0 * ldc + js), ldc),
                             (mr, nr),
                             scale.tile(i0, js),
                             load_c,
@@ -1508,6 +1573,9 @@ unsafe fn store_row(
     (add, add_rs): (*const f32, usize),
 ) {
     use std::arch::x86_64::*;
+    if scale.bf16_c {
+        return store_row_bf16(acc, r, (c as *mut half::bf16, ldc), nr, scale, (add, add_rs));
+    }
     let row = c.add(r * ldc);
     let sr = if scale.rows.is_null() { scale.all } else { scale.all * *scale.rows.add(r) };
     let sc = _mm512_set1_ps(sr);
@@ -1529,6 +1597,48 @@ unsafe fn store_row(
 }
 
 /// A micro-kernel: [`kernel`] (MR rows) or [`amx_kernel`] (AMX_ROWS rows).
+/// [`store_row`] into a bf16 C ([`Scale::bf16_c`]): the same f32 value, then rounded to nearest
+/// even as [`Elem::bf16_bits`] rounds (NaN quiet). Apart, so that [`kernel`]'s sums stay in registers.
+///
+/// # Safety
+/// As the micro-kernels'.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline(never)]
+unsafe fn store_row_bf16(
+    acc: &[std::arch::x86_64::__m512; 3],
+    r: usize,
+    (c, ldc): (*mut bf16, usize),
+    nr: usize,
+    scale: &TileScale,
+    (add, add_rs): (*const f32, usize),
+) {
+    use std::arch::x86_64::*;
+    let row = c.add(r * ldc) as *mut i16;
+    let sr = if scale.rows.is_null() { scale.all } else { scale.all * *scale.rows.add(r) };
+    let sc = _mm512_set1_ps(sr);
+    for (v, &x) in acc.iter().enumerate() {
+        let lanes = nr.saturating_sub(16 * v).min(16);
+        if lanes == 0 {
+            break;
+        }
+        let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
+        let mut y = _mm512_mul_ps(x, sc);
+        if !scale.cols.is_null() {
+            y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, scale.cols.add(16 * v)));
+        }
+        if !add.is_null() {
+            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, add.add(r * add_rs + 16 * v)));
+        }
+        let b = _mm512_castps_si512(y);
+        let odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        let rounded = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+        let nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+        let bits = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)));
+        _mm256_mask_storeu_epi16(row.add(16 * v), mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+    }
+}
+
 type Micro = unsafe fn(usize, (*const u32, usize), *const u32, (*mut f32, usize), (usize, usize), TileScale, bool);
 
 /// [`kernel`] for AMX_ROWS × NR: the whole 16-pair steps by AMX tiles into a buffer, the pairs
@@ -1554,18 +1664,29 @@ unsafe fn amx_kernel(
     // A whole tile of C, whole tile steps, nothing to scale: the sums start from C itself or the
     // bias (a tile load with row stride 0 repeats it) and go straight back to C, no pass over
     // them in AVX-512.
-    if mr == AMX_ROWS && nr == NR && pairs.is_multiple_of(16) && direct(&scale) {
+    let whole_tile = mr == AMX_ROWS && nr == NR && pairs.is_multiple_of(16);
+    if whole_tile && direct(&scale) {
         let from = if load_c { (c as *const f32, 4 * ldc) } else { (scale.bias, 0) };
         amx::products(std::iter::once((a, b, pairs / 16)), (4 * a_row, 4 * NR, 64), from, (c, 4 * ldc));
         return;
     }
+    // A bf16 C takes the sums through the buffer, from the bias where a direct tile starts from
+    // it: the same f32 values as an f32 C gets, then rounded.
+    let from_bias = whole_tile && scale.bf16_c && !load_c && direct(&TileScale { bf16_c: false, ..scale });
     let mut sums = std::mem::MaybeUninit::<Sums>::uninit();
     let whole = pairs / 16 * 16;
     // Writes all AMX_ROWS × NR sums (zero when there is no whole step).
     let to = (sums.as_mut_ptr() as *mut f32, 4 * NR);
-    amx::products(std::iter::once((a, b, whole / 16)), (4 * a_row, 4 * NR, 64), (std::ptr::null(), 0), to);
+    let from = if from_bias { (scale.bias, 0) } else { (std::ptr::null(), 0) };
+    amx::products(std::iter::once((a, b, whole / 16)), (4 * a_row, 4 * NR, 64), from, to);
     let sums = sums.assume_init_ref();
-    let (add, add_rs) = if load_c { (c as *const f32, ldc) } else { (scale.bias, 0) };
+    let (add, add_rs) = if load_c {
+        (c as *const f32, ldc)
+    } else if from_bias {
+        (std::ptr::null(), 0)
+    } else {
+        (scale.bias, 0)
+    };
     for r in 0..mr {
         let at = sums.0.as_ptr().add(r * NR);
         let mut acc = [_mm512_load_ps(at), _mm512_load_ps(at.add(16)), _mm512_load_ps(at.add(32))];
@@ -1586,7 +1707,7 @@ unsafe fn amx_kernel(
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn direct(scale: &TileScale) -> bool {
-    scale.all == 1.0 && scale.rows.is_null() && scale.cols.is_null()
+    scale.all == 1.0 && scale.rows.is_null() && scale.cols.is_null() && !scale.bf16_c
 }
 
 // Off x86_64 neither micro-kernel runs (`available()` is false): one stub serves both names.

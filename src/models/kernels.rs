@@ -160,6 +160,22 @@ fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && !crate::device::generic_ops()
 }
 
+/// Whether `t` is an activation our CPU kernels read: f32, or bf16 written for a reader with bf16
+/// products ([`layer_norm_bf16`], [`linear_geglu_bf16`]).
+fn is_cpu_act(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16) && !crate::device::generic_ops()
+}
+
+/// A bf16 activation on the CPU widened to f32 (exactly) for a path that is not ours: what it
+/// would have computed on had the producer written f32. Anything else as it is.
+fn widened(t: &Tensor) -> Result<std::borrow::Cow<'_, Tensor>> {
+    Ok(if t.device().is_cpu() && t.dtype() == DType::BF16 {
+        std::borrow::Cow::Owned(t.to_dtype(DType::F32)?)
+    } else {
+        std::borrow::Cow::Borrowed(t)
+    })
+}
+
 /// The data of a contiguous f32 storage.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
@@ -1379,6 +1395,73 @@ struct LinearOp {
     residual: Option<Tensor>,
     /// GEGLU on the product ([`linear_geglu`]): the output is `Y[.., :n/2] · GELU(Y[.., n/2:])`.
     geglu: bool,
+    /// The output written in bf16 where bf16 products write it in one k block with no residual
+    /// ([`linear_bf16`], and [`linear_geglu_bf16`] where the gate runs inside the product); f32
+    /// elsewhere.
+    bf16_out: bool,
+}
+
+/// A linear layer's input as stored: f32, or bf16 from a producer that rounded it as the bf16
+/// products would ([`layer_norm_bf16`], [`linear_geglu_bf16`]).
+#[derive(Clone, Copy)]
+enum Act<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> Act<'a> {
+    fn new(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::BF16(v), Some((a, b))) => Ok(Act::Bf16(&v[a..b])),
+            _ => f32_slice(s, l, what).map(Act::F32),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Act::F32(x) => x.len(),
+            Act::Bf16(x) => x.len(),
+        }
+    }
+
+    /// The values as f32 (bf16 widened, exactly).
+    fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            Act::F32(x) => std::borrow::Cow::Borrowed(x),
+            Act::Bf16(x) => Values::Bf16(x).to_f32(),
+        }
+    }
+}
+
+/// Rows of k bf16 values as the left operand of bf16 products: read in place where the product
+/// can (an even k; rows 64-byte aligned, as AMX tile loads want them, else those loads run at a
+/// third of their speed), else packed — a copy, the values already rounded.
+fn bf16_lhs(x: &[half::bf16], k: usize) -> super::gemm_bf16::Lhs<half::bf16> {
+    use super::gemm_bf16::{Lhs, View};
+    if k.is_multiple_of(32) && (x.as_ptr() as usize).is_multiple_of(64) {
+        Lhs::InPlace { ptr: x.as_ptr(), rs: k }
+    } else {
+        Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 })
+    }
+}
+
+/// Runs `$body` with `$lhs`, the [`Act`] `$x` (rows of `$k`) as the bf16 products' left operand:
+/// f32 packed (rounded once), bf16 as [`bf16_lhs`] takes it; the two element types make two
+/// instances of the body.
+macro_rules! with_act_lhs {
+    ($x:expr, $k:expr, |$lhs:ident| $body:expr) => {{
+        use super::gemm_bf16::{Lhs, View};
+        match $x {
+            Act::F32(x) => {
+                let $lhs = Lhs::Packed(View { ptr: x.as_ptr(), rs: $k, cs: 1 });
+                $body
+            }
+            Act::Bf16(x) => {
+                let $lhs = bf16_lhs(x, $k);
+                $body
+            }
+        }
+    }};
 }
 
 impl WeightedOp for LinearOp {
@@ -1397,8 +1480,8 @@ impl WeightedOp for LinearOp {
         wdims: &[usize],
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        use super::gemm_bf16::{gemm, Lhs, Scale, View};
-        let x = f32_slice(xs, xl, "linear input")?;
+        use super::gemm_bf16::{gemm, Scale, View};
+        let x = Act::new(xs, xl, "linear input")?;
         let &[n, k] = wdims else { candle_core::bail!("linear: weight of shape {wdims:?}") };
         let dims = xl.shape().dims();
         if dims.last() != Some(&k) {
@@ -1439,7 +1522,6 @@ impl WeightedOp for LinearOp {
             (None, None) => {}
         };
         let onto = residual.is_some();
-        let lhs = || Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
         // GEGLU inside the bf16 product where k is one block of it: only the gated half of Y is
         // ever written (Y was 42 MB per call of the UNet's widest projection, written, read back
         // by the GEGLU pass, and the result written again); elsewhere Y, then the GEGLU pass.
@@ -1447,20 +1529,25 @@ impl WeightedOp for LinearOp {
         let h = n / 2;
         // SAFETY (both): x is rows × k, the weight n × k (both halves), the output rows × h, the
         // bias and the int8 scales n long.
+        let bf16_out = self.bf16_out;
+        // A plain product's output in bf16 where asked and it is written in one k block.
+        let bf16_c = bf16_out && !self.geglu && !onto && super::gemm_bf16::one_k_block(k);
         let out = match &*w.for_products() {
             Wt::Bf16(w) if gated && w.len() == n * k => {
                 let scale = Scale { bias: bias.as_deref(), ..Scale::ONE };
-                Some(unsafe { gated_product(x, (rows, h, k), View { ptr: w.as_ptr(), rs: 1, cs: k }, scale) })
+                let w = View { ptr: w.as_ptr(), rs: 1, cs: k };
+                Some(with_act_lhs!(x, k, |a| unsafe { gated_product(a, (rows, h, k), w, scale, bf16_out) }))
             }
             Wt::Q8 { codes, scales } if gated && scales.len() == n && codes.len() == n * k => {
                 let scale = Scale { cols: Some(scales), bias: bias.as_deref(), ..Scale::ONE };
-                Some(unsafe { gated_product(x, (rows, h, k), View { ptr: codes.as_ptr(), rs: 1, cs: k }, scale) })
+                let w = View { ptr: codes.as_ptr(), rs: 1, cs: k };
+                Some(with_act_lhs!(x, k, |a| unsafe { gated_product(a, (rows, h, k), w, scale, bf16_out) }))
             }
             _ => None,
         };
         if let Some(out) = out {
             *od.last_mut().unwrap() = h;
-            return Ok((CpuStorage::F32(out), Shape::from(od)));
+            return Ok((out, Shape::from(od)));
         }
         // The output is written once ([`written`]): the bf16 products write every one of the
         // rows × n values (not accumulating) or accumulate onto the residual written first; the
@@ -1470,6 +1557,8 @@ impl WeightedOp for LinearOp {
         // rows × n, scales and bias (if any) n long.
         let out = match &*w.for_products() {
             Wt::F32(w) if w.len() == n * k => unsafe {
+                // (A bf16 input widened for the f32 product: what it would have read as f32.)
+                let x = x.to_f32();
                 written(rows * n, |out| {
                     start(out);
                     sgemm(
@@ -1484,26 +1573,58 @@ impl WeightedOp for LinearOp {
                     )
                 })
             },
-            Wt::Bf16(w) if w.len() == n * k => unsafe {
-                written(rows * n, |o| {
-                    let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
-                    if onto {
-                        start(o);
-                    }
-                    let scale = Scale { bias: bias.as_deref().filter(|_| !onto), ..Scale::ONE };
-                    gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, onto, lhs(), b, scale, true)
-                })
-            },
-            Wt::Q8 { codes, scales } if scales.len() == n && codes.len() == n * k => unsafe {
-                written(rows * n, |o| {
-                    let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
-                    if onto {
-                        start(o);
-                    }
-                    let scale = Scale { cols: Some(scales), bias: bias.as_deref().filter(|_| !onto), ..Scale::ONE };
-                    gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, onto, lhs(), b, scale, true)
-                })
-            },
+            Wt::Bf16(w) if w.len() == n * k => {
+                let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
+                let scale = Scale { bias: bias.as_deref().filter(|_| !onto), ..Scale::ONE };
+                if bf16_c {
+                    // SAFETY: as above; the output is written whole in bf16.
+                    let out = unsafe { bf16_product(x, (rows, n, k), b, scale) };
+                    return Ok((CpuStorage::BF16(out), Shape::from(od)));
+                }
+                unsafe {
+                    written(rows * n, |o| {
+                        if onto {
+                            start(o);
+                        }
+                        with_act_lhs!(x, k, |a| gemm(
+                            (rows, n, k),
+                            o.as_mut_ptr() as *mut f32,
+                            n,
+                            onto,
+                            a,
+                            b,
+                            scale,
+                            true
+                        ))
+                    })
+                }
+            }
+            Wt::Q8 { codes, scales } if scales.len() == n && codes.len() == n * k => {
+                let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
+                let scale = Scale { cols: Some(scales), bias: bias.as_deref().filter(|_| !onto), ..Scale::ONE };
+                if bf16_c {
+                    // SAFETY: as above; the output is written whole in bf16.
+                    let out = unsafe { bf16_product(x, (rows, n, k), b, scale) };
+                    return Ok((CpuStorage::BF16(out), Shape::from(od)));
+                }
+                unsafe {
+                    written(rows * n, |o| {
+                        if onto {
+                            start(o);
+                        }
+                        with_act_lhs!(x, k, |a| gemm(
+                            (rows, n, k),
+                            o.as_mut_ptr() as *mut f32,
+                            n,
+                            onto,
+                            a,
+                            b,
+                            scale,
+                            true
+                        ))
+                    })
+                }
+            }
             _ => candle_core::bail!("linear: the weight does not hold {n}×{k} values"),
         };
         if self.geglu {
@@ -1511,6 +1632,27 @@ impl WeightedOp for LinearOp {
             return Ok((CpuStorage::F32(geglu_pass(&out, h)), Shape::from(od)));
         }
         Ok((CpuStorage::F32(out), Shape::from(od)))
+    }
+}
+
+/// `X · B` (scaled as `scale` says) written in bf16 ([`super::gemm_bf16::Scale::bf16_c`]), X the
+/// rows × k activations.
+///
+/// # Safety
+/// `b` views k × n; the scale's columns and bias cover n; k within one block of the products.
+unsafe fn bf16_product<T: super::gemm_bf16::Elem>(
+    x: Act,
+    (rows, n, k): (usize, usize, usize),
+    b: super::gemm_bf16::View<T>,
+    scale: super::gemm_bf16::Scale,
+) -> Vec<half::bf16> {
+    use super::gemm_bf16::{gemm, Scale};
+    let scale = Scale { bf16_c: true, ..scale };
+    // SAFETY: the caller's promise; every value of the rows × n output is written by the product.
+    unsafe {
+        written_as(rows * n, half::bf16::NAN, |o| {
+            with_act_lhs!(x, k, |a| gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, false, a, b, scale, true))
+        })
     }
 }
 
@@ -1527,8 +1669,9 @@ fn ours(weight: &Weight) -> bool {
 /// accumulates onto the residual (and bias) written first — a transformer block's three residual
 /// sums without a pass and a tensor of their own. Elsewhere the two operations.
 pub fn linear_add(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
-    if is_cpu_f32(x) && is_cpu_f32(residual) && ours(weight) {
-        let op = LinearOp { scales: weight.scales(), residual: Some(residual.contiguous()?), geglu: false };
+    if is_cpu_act(x) && is_cpu_f32(residual) && ours(weight) {
+        let op =
+            LinearOp { scales: weight.scales(), residual: Some(residual.contiguous()?), geglu: false, bf16_out: false };
         return apply_weighted(x, weight, bias, op);
     }
     linear(x, weight, bias)? + residual
@@ -1542,9 +1685,12 @@ pub fn linear_add(x: &Tensor, weight: &Weight, bias: Option<&Tensor>, residual: 
 /// bias add is another pass on one: 0.1–0.2 s of a bf16 UNet call each). Elsewhere candle's
 /// product in the activations' dtype.
 pub fn linear(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
-    if is_cpu_f32(x) && ours(weight) {
-        return apply_weighted(x, weight, bias, LinearOp { scales: weight.scales(), residual: None, geglu: false });
+    if is_cpu_act(x) && ours(weight) {
+        let op = LinearOp { scales: weight.scales(), residual: None, geglu: false, bf16_out: false };
+        return apply_weighted(x, weight, bias, op);
     }
+    let x = widened(x)?;
+    let x = x.as_ref();
     let w = weight.dense(x.dtype())?;
     let (n, k) = w.dims2()?;
     let lead = &x.dims()[..x.rank() - 1];
@@ -1574,14 +1720,7 @@ simd! {
 fn norm_chunk(x: &[f32], out: &mut [std::mem::MaybeUninit<f32>], per: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
     // Two passes in f64 (mean, then squared deviations), as PyTorch's CPU group_norm: no
     // cancellation for large activations.
-    let n = x.len() as f64;
-    let mean = lane_sum(x) / n;
-    let m = mean as f32;
-    let var = lane_sum_by(x, |v| {
-        let d = (v - m) as f64;
-        d * d
-    }) / n;
-    let rstd = (1.0 / (var + eps).sqrt()) as f32;
+    let (m, rstd) = moments(x, eps);
     if per == 1 && !silu {
         // A LayerNorm row (`layer_norm`): a factor per value, one vectorisable loop.
         for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
@@ -1604,6 +1743,85 @@ fn norm_chunk(x: &[f32], out: &mut [std::mem::MaybeUninit<f32>], per: usize, gam
         }
     }
 }
+}
+
+/// The mean of `x` and 1/√(var + eps), both passes in f64 ([`norm_chunk`]).
+#[inline(always)]
+fn moments(x: &[f32], eps: f64) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = lane_sum(x) / n;
+    let m = mean as f32;
+    let var = lane_sum_by(x, |v| {
+        let d = (v - m) as f64;
+        d * d
+    }) / n;
+    (m, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+simd! {
+fn layer_norm_rows_bf16(x: &[f32], out: &mut [std::mem::MaybeUninit<half::bf16>], gamma: &[f32], beta: &[f32], eps: f64) {
+    // norm_chunk's LayerNorm row, value for value, then rounded as the bf16 products round an f32
+    // operand (so a product reading these rows gets the very words it would have packed).
+    use super::gemm_bf16::Elem;
+    let c = gamma.len();
+    for (xr, or) in x.chunks(c).zip(out.chunks_mut(c)) {
+        let (m, rstd) = moments(xr, eps);
+        for (((o, &v), &g), &b) in or.iter_mut().zip(xr).zip(gamma).zip(beta) {
+            o.write(half::bf16::from_bits(((v - m) * (g * rstd) + b).bf16_bits() as u16));
+        }
+    }
+}
+}
+
+/// [`layer_norm`] written in bf16 for readers that round it so anyway (linear layers with bf16
+/// products, [`linear`]).
+#[derive(Debug, Clone, Copy)]
+struct LayerNormBf16Op {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormBf16Op {
+    fn name(&self) -> &'static str {
+        "ghiblify-layer-norm-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm input")?;
+        let gamma = weight_f32(s2, l2, "layer_norm weight")?;
+        let beta = weight_f32(s3, l3, "layer_norm bias")?;
+        let c = gamma.len();
+        if c == 0 || beta.len() != c || l1.shape().dims().last() != Some(&c) {
+            candle_core::bail!("layer_norm: {:?} with {c} weights and {} biases", l1.shape(), beta.len());
+        }
+        // Blocks of rows per task (a row is 320 to 1280 values in the UNet).
+        let per = ((1 << 14) / c).max(1) * c;
+        let write = |out: &mut [std::mem::MaybeUninit<half::bf16>]| {
+            out.par_chunks_mut(per)
+                .zip(x.par_chunks(per))
+                .for_each(|(o, xr)| layer_norm_rows_bf16(xr, o, &gamma, &beta, self.eps))
+        };
+        // SAFETY: the output and x are chunked alike by whole rows, each written whole.
+        let out = unsafe { written_as(x.len(), half::bf16::NAN, write) };
+        Ok((CpuStorage::BF16(out), l1.shape().clone()))
+    }
+}
+
+/// [`layer_norm`], its output rounded to bf16 (nearest even) where our CPU kernels run: for a
+/// norm whose only readers are linear layers with bf16 products, which round their f32 input so
+/// and then read these rows in place — the same products, half the bytes written and read, no
+/// packing pass. Elsewhere [`layer_norm`] itself.
+pub fn layer_norm_bf16(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if !is_cpu_f32(x) {
+        return layer_norm(x, gamma, beta, eps);
+    }
+    x.contiguous()?.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &LayerNormBf16Op { eps })
 }
 
 /// Sum in f64 over 8 interleaved lanes (vectorisable; the order is fixed, so results repeat).
@@ -1847,16 +2065,38 @@ fn geglu_gate(a: &mut [f32], g: &[f32]) {
 /// # Safety
 /// x holds rows × k values, `w` views k × 2h (a weight's 2h rows of k, transposed), the scale's
 /// columns and bias cover 2h; the CPU multiplies bf16.
-unsafe fn gated_product<T: super::gemm_bf16::Elem>(
-    x: &[f32],
+unsafe fn gated_product<TA: super::gemm_bf16::Elem, T: super::gemm_bf16::Elem>(
+    a: super::gemm_bf16::Lhs<TA>,
     (rows, h, k): (usize, usize, usize),
     w: super::gemm_bf16::View<T>,
     scale: super::gemm_bf16::Scale,
-) -> Vec<f32> {
-    use super::gemm_bf16::{gemm_gated, Lhs, View};
-    let a = Lhs::Packed(View { ptr: x.as_ptr(), rs: k, cs: 1 });
+    bf16_out: bool,
+) -> CpuStorage {
+    use super::gemm_bf16::{gemm_gated, Scale};
     // SAFETY: the caller's promise; the output is rows × h, every value written by the product.
-    unsafe { written(rows * h, |o| gemm_gated((rows, h, k), o.as_mut_ptr() as *mut f32, h, a, w, scale, geglu_gate)) }
+    unsafe {
+        if bf16_out {
+            let out = written_as(rows * h, half::bf16::NAN, |o| {
+                let scale = Scale { bf16_c: true, ..scale };
+                gemm_gated((rows, h, k), o.as_mut_ptr() as *mut f32, h, a, w, scale, geglu_gate)
+            });
+            return CpuStorage::BF16(out);
+        }
+        CpuStorage::F32(written(rows * h, |o| {
+            gemm_gated((rows, h, k), o.as_mut_ptr() as *mut f32, h, a, w, scale, geglu_gate)
+        }))
+    }
+}
+
+/// [`linear`] with its output in bf16 where bf16 products write it in one k block (rounded as the
+/// bf16 products round an f32 operand: for a result read only by bf16 products — attention's
+/// queries, keys and values, [`attention`]); f32 elsewhere.
+pub fn linear_bf16(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+    if is_cpu_act(x) && ours(weight) {
+        let op = LinearOp { scales: weight.scales(), residual: None, geglu: false, bf16_out: true };
+        return apply_weighted(x, weight, bias, op);
+    }
+    linear(x, weight, bias)
 }
 
 /// diffusers' GEGLU on its projection, `geglu(linear(x, weight, bias))` in one op: on our CPU
@@ -1865,10 +2105,22 @@ unsafe fn gated_product<T: super::gemm_bf16::Elem>(
 /// before it leaves the op. The same values, up to where the bias enters the sums (within 1e-6 of
 /// the largest).
 pub fn linear_geglu(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
-    if is_cpu_f32(x) && ours(weight) {
-        return apply_weighted(x, weight, bias, LinearOp { scales: weight.scales(), residual: None, geglu: true });
+    if is_cpu_act(x) && ours(weight) {
+        let op = LinearOp { scales: weight.scales(), residual: None, geglu: true, bf16_out: false };
+        return apply_weighted(x, weight, bias, op);
     }
     geglu(&linear(x, weight, bias)?)
+}
+
+/// [`linear_geglu`] with its output in bf16 where the gate runs inside bf16 products (rounded as
+/// the bf16 products round an f32 operand: for a result read only by a linear layer with bf16
+/// products, [`linear`], which then reads it in place); f32 elsewhere.
+pub fn linear_geglu_bf16(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+    if is_cpu_act(x) && ours(weight) {
+        let op = LinearOp { scales: weight.scales(), residual: None, geglu: true, bf16_out: true };
+        return apply_weighted(x, weight, bias, op);
+    }
+    linear_geglu(x, weight, bias)
 }
 
 /// diffusers' GEGLU on the output of its projection: `h[..., :n] · GELU(h[..., n:])`, exact GELU.
@@ -2081,9 +2333,47 @@ struct AttentionOp {
     heads: usize,
     /// Both products in bf16 (f32 sums, softmax in f32), as SDPA under bf16 autocast.
     bf16: bool,
+    /// With `bf16`: the output written in bf16 ([`attention_bf16`]).
+    out_bf16: bool,
+}
+
+/// Queries per block for scores of `bytes` at most (block × lk f32).
+fn query_block(bytes: usize, lq: usize, lk: usize) -> usize {
+    (bytes / 4 / lk.max(1)).clamp(16, 256).min(lq)
 }
 
 impl AttentionOp {
+    /// The attention on q, k, v (all f32 or all bf16), its output f32 or (`out_bf16`, with bf16
+    /// products) bf16.
+    fn run_any<T: super::gemm_bf16::Elem>(
+        &self,
+        (q, k, v): (&[T], &[T], &[T]),
+        dims: (usize, usize, usize, usize),
+    ) -> Option<CpuStorage> {
+        let (b, lq, lk, c) = dims;
+        let n = b * lq * c;
+        // Queries per block: with bf16 products (K and V packed once per head) the block's scores
+        // (block × lk f32) stay near 1 MB, one core's L2.
+        let block = query_block(1 << 20, lq, lk);
+        // SAFETY: every job writes its rows × d block of the output, which the blocks and heads
+        // cover (c = h·d, checked in `attention`).
+        Some(unsafe {
+            if !self.bf16 {
+                return None;
+            }
+            if self.out_bf16 {
+                CpuStorage::BF16(written_as(n, half::bf16::NAN, |o| {
+                    self.run_bf16((q, k, v), dims, block, (SendPtr(o.as_mut_ptr() as *mut f32), true))
+                }))
+            } else {
+                CpuStorage::F32(written(n, |o| {
+                    self.run_bf16((q, k, v), dims, block, (SendPtr(o.as_mut_ptr() as *mut f32), false))
+                }))
+            }
+        })
+    }
+
+    /// The attention with f32 products (the gemm crate's).
     fn run(&self, q: &[f32], k: &[f32], v: &[f32], (b, lq, lk, c): (usize, usize, usize, usize)) -> Vec<f32> {
         let h = self.heads;
         let d = c / h;
@@ -2092,18 +2382,11 @@ impl AttentionOp {
         // covering c = h·d (checked in `attention`) and the blocks lq, written by the product
         // with V before it is scaled.
         let n = b * lq * c;
-        // Queries per block: with bf16 products (K and V packed once per head) the block's scores
-        // (block × lk f32) stay near 1 MB, one core's L2.
-        let block_of = |bytes: usize| (bytes / 4 / lk.max(1)).clamp(16, 256).min(lq);
-        if self.bf16 {
-            // SAFETY: as above.
-            return unsafe { written(n, |out| self.run_bf16((q, k, v), (b, lq, lk, c), block_of(1 << 20), out)) };
-        }
         // The gemm crate packs K (and V where d is not a multiple of 16) again on every call, so
         // in f32 the block's scores may reach 4 MB: at 4096 tokens 256 queries share a packing
         // where 64 did (the packing was 28 % of the attention; 2 × 4096 × 320, 8 heads, on an
         // Intel Xeon: 0.283 → 0.233 s).
-        let block = block_of(1 << 22);
+        let block = query_block(1 << 22, lq, lk);
         let nblk = lq.div_ceil(block);
         let write = |out: &mut [std::mem::MaybeUninit<f32>]| {
             let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
@@ -2160,14 +2443,16 @@ impl AttentionOp {
     /// [`AttentionOp::run`] with bf16 products: each head's Kᵀ and V packed once (bf16 pairs), then
     /// per block of queries the scores, an f32 softmax written as bf16 (unnormalised), and the
     /// product with V, divided by each row's sum in its epilogue (one pass over the scores fewer).
-    fn run_bf16(
+    /// # Safety
+    /// `out` holds b × lq × c values, f32 or (`bf16_out`) bf16, every one of which this writes.
+    unsafe fn run_bf16<T: super::gemm_bf16::Elem>(
         &self,
-        (q, k, v): (&[f32], &[f32], &[f32]),
+        (q, k, v): (&[T], &[T], &[T]),
         (b, lq, lk, c): (usize, usize, usize, usize),
         block: usize,
-        out: &mut [std::mem::MaybeUninit<f32>],
+        (out, bf16_out): (SendPtr, bool),
     ) {
-        use super::gemm_bf16::{align64, gemm_packed, Lhs, PackedB, Scale, View};
+        use super::gemm_bf16::{align64, gemm_packed, round_to_bf16, Lhs, PackedB, Scale, View};
         let h = self.heads;
         let d = c / h;
         let scale = 1.0 / (d as f32).sqrt();
@@ -2185,14 +2470,14 @@ impl AttentionOp {
                 }
             })
             .collect();
-        let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
         (0..b * h * nblk).into_par_iter().for_each(|job| {
             with_kept(&SCRATCH, |(scores, probs, inv)| {
                 let (bh, blk) = (job / nblk, job % nblk);
                 let (bi, hi) = (bh / h, bh % h);
                 let q0 = blk * block;
                 let rows = block.min(lq - q0);
-                let (s, inv) = (grown(scores, rows * lk), grown(inv, rows));
+                // (The scores' buffer also takes the rows × d output before it is rounded to bf16.)
+                let (s, inv) = (grown(scores, rows * lk.max(d)), grown(inv, rows));
                 // The probabilities from a 64-byte boundary: P·V reads them in place, as tiles
                 // where lk is a multiple of 32 (every row on a boundary).
                 let at = align64(probs, rows * lk);
@@ -2204,14 +2489,25 @@ impl AttentionOp {
                     // The scores unscaled, so that the AMX products store them straight from the
                     // tiles; the softmax applies the scale.
                     gemm_packed(rows, s.as_mut_ptr(), lk, false, Lhs::Packed(qv), kt, Scale::ONE);
-                    softmax_rows_bf16(s, lk, scale, p, inv);
-                    let op = out_ptr.get().add((bi * lq + q0) * c + hi * d);
+                    softmax_rows_bf16(&s[..rows * lk], lk, scale, p, inv);
                     let pv = if lk.is_multiple_of(2) {
                         Lhs::InPlace { ptr: p.as_ptr(), rs: lk }
                     } else {
                         Lhs::Packed(View { ptr: p.as_ptr(), rs: lk, cs: 1 })
                     };
-                    gemm_packed(rows, op, c, false, pv, vv, Scale { rows: Some(inv), ..Scale::ONE });
+                    let at = (bi * lq + q0) * c + hi * d;
+                    let by_sums = Scale { rows: Some(inv), ..Scale::ONE };
+                    if !bf16_out {
+                        gemm_packed(rows, out.get().add(at), c, false, pv, vv, by_sums);
+                        return;
+                    }
+                    // In bf16: the product (over k blocks, summed in f32) into the rows' f32
+                    // scores, no longer read, then each row rounded as a product would round it.
+                    gemm_packed(rows, s.as_mut_ptr(), d, false, pv, vv, by_sums);
+                    let o = out.get() as *mut half::bf16;
+                    for (r, row) in s.chunks(d.max(1)).take(rows).enumerate() {
+                        round_to_bf16(row, std::slice::from_raw_parts_mut(o.add(at + r * c), d));
+                    }
                 }
             })
         });
@@ -2264,7 +2560,7 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    fn get(&self) -> *mut f32 {
         self.0
     }
 }
@@ -2282,12 +2578,25 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let q = f32_slice(s1, l1, "attention q")?;
-        let k = f32_slice(s2, l2, "attention k")?;
-        let v = f32_slice(s3, l3, "attention v")?;
+        let q = Act::new(s1, l1, "attention q")?;
+        let k = Act::new(s2, l2, "attention k")?;
+        let v = Act::new(s3, l3, "attention v")?;
         let (b, lq, c) = l1.shape().dims3()?;
         let lk = l2.shape().dims3()?.1;
-        Ok((CpuStorage::F32(self.run(q, k, v, (b, lq, lk, c))), l1.shape().clone()))
+        let dims = (b, lq, lk, c);
+        // bf16 inputs (from linear layers with bf16 products, [`linear_bf16`]) as they are where
+        // all three are; otherwise f32, a bf16 one widened.
+        if let (Act::Bf16(q), Act::Bf16(k), Act::Bf16(v)) = (q, k, v) {
+            if let Some(out) = self.run_any((q, k, v), dims) {
+                return Ok((out, l1.shape().clone()));
+            }
+        }
+        let (q, k, v) = (q.to_f32(), k.to_f32(), v.to_f32());
+        let out = match self.run_any((&q[..], &k[..], &v[..]), dims) {
+            Some(out) => out,
+            None => CpuStorage::F32(self.run(&q, &k, &v, dims)),
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -2299,14 +2608,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, bf16: bool) -
     if c % heads != 0 || k.dims3()? != v.dims3()? || k.dim(0)? != b || k.dim(2)? != c {
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?} with {heads} heads", q.dims(), k.dims(), v.dims());
     }
-    if is_cpu_f32(q) {
-        return q.contiguous()?.apply_op3_no_bwd(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            &AttentionOp { heads, bf16: bf16 && bf16_arithmetic() },
-        );
+    attention_op(q, k, v, AttentionOp { heads, bf16: bf16 && bf16_arithmetic(), out_bf16: false })
+}
+
+/// [`attention`] with bf16 products and its output in bf16 (rounded as the bf16 products round
+/// an f32 operand) where our CPU kernels multiply in bf16: for a result read only by a linear layer
+/// with bf16 products (the attention's output projection, [`linear`]). Elsewhere [`attention`].
+/// q, k and v may be bf16 ([`linear_bf16`]).
+pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, _, c) = q.dims3()?;
+    if c % heads != 0 || k.dims3()? != v.dims3()? || k.dim(0)? != b || k.dim(2)? != c {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} with {heads} heads", q.dims(), k.dims(), v.dims());
     }
-    reference_attention(q, k, v, heads)
+    let on = bf16_arithmetic();
+    attention_op(q, k, v, AttentionOp { heads, bf16: on, out_bf16: on })
+}
+
+fn attention_op(q: &Tensor, k: &Tensor, v: &Tensor, op: AttentionOp) -> Result<Tensor> {
+    if is_cpu_act(q) && is_cpu_act(k) && is_cpu_act(v) {
+        return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+    }
+    reference_attention(&*widened(q)?, &*widened(k)?, &*widened(v)?, op.heads)
 }
 
 /// The plain candle formulation, query-chunked so the score matrix stays below ~128 MB (GPU
@@ -3230,6 +3552,150 @@ pub(crate) mod tests {
         // An odd projection has no two halves: an error naming its width.
         let err = linear_geglu(&randn(&[1, 3, 8], 64), &dense(&randn(&[91, 8], 65)), None).unwrap_err().to_string();
         assert!(err.contains("width 91"), "{err}");
+    }
+
+    /// `t` (f32) as bf16 rows whose storage starts at a 64-byte boundary (`aligned`) or 32 bytes
+    /// past one: a view into a larger tensor, so both ways the linear layers read bf16 rows (in
+    /// place, packed) are taken whatever the allocator hands out.
+    fn bf16_rows_at(t: &Tensor, aligned: bool) -> Tensor {
+        let vals = t.flatten_all().unwrap().to_dtype(DType::BF16).unwrap().to_vec1::<half::bf16>().unwrap();
+        let n = vals.len();
+        let mut v = vec![half::bf16::ZERO; n + 64];
+        let to64 = (64 - v.as_ptr() as usize % 64) % 64 / 2;
+        let at = if aligned { to64 } else { to64 + 16 };
+        v[at..at + n].copy_from_slice(&vals);
+        let placed = Tensor::from_vec(v, n + 64, &Device::Cpu).unwrap().narrow(0, at, n).unwrap();
+        let (storage, layout) = placed.storage_and_layout();
+        if let candle_core::Storage::Cpu(CpuStorage::BF16(v)) = &*storage {
+            let p = v[layout.start_offset()..].as_ptr() as usize;
+            assert_eq!(p.is_multiple_of(64), aligned, "placed at {at}");
+        }
+        drop(storage);
+        placed.reshape(t.dims()).unwrap()
+    }
+
+    #[test]
+    fn bf16_activations_are_what_the_products_read() {
+        // layer_norm_bf16 and linear_geglu_bf16 write what the bf16 products would have rounded
+        // their f32 results to, so a linear layer with bf16 products reading them (in place where
+        // the rows are aligned, packed where not) gives the same bits as on the f32 results; on
+        // the f32 products and the generic path a bf16 input is widened.
+        type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
+        let paths: [(&str, Path); 4] = [
+            ("kernels", |f| f()),
+            ("AVX512_BF16 kernel", |f| super::super::gemm_bf16::without_amx(f)),
+            ("f32 kernels", |f| without_bf16_arithmetic(f)),
+            ("generic", |f| crate::device::with_generic_ops(true, f)),
+        ];
+        for &(rows, k, n) in &[(37, 96, 40), (300, 320, 100), (70, 34, 24), (5, 64, 8)] {
+            let x = ((randn(&[1, rows, k], 71) * 3.0).unwrap() + 1.0).unwrap();
+            let (gamma, beta) = (randn(&[k], 72), randn(&[k], 73));
+            let w32 = (randn(&[n, k], 74) * 0.2).unwrap();
+            let wg32 = (randn(&[2 * k, k], 75) * 0.2).unwrap();
+            let (b, bg) = (randn(&[n], 76), randn(&[2 * k], 77));
+            let residual = randn(&[1, rows, n], 78);
+            for ((wname, w), (_, wg)) in weight_forms(&w32).iter().zip(&weight_forms(&wg32)) {
+                for (pname, run) in paths {
+                    let what = format!("{:?} {wname} {pname}", (rows, k, n));
+                    let products = run(&|| Tensor::new(u8::from(w.bf16_products()), &Device::Cpu).unwrap());
+                    let bf16 = products.to_scalar::<u8>().unwrap() == 1;
+                    let ln32 = run(&|| layer_norm(&x, &gamma, &beta, 1e-5).unwrap());
+                    let ln16 = run(&|| layer_norm_bf16(&x, &gamma, &beta, 1e-5).unwrap());
+                    if pname == "generic" {
+                        assert_eq!(ln16.dtype(), DType::F32, "{what}");
+                    } else {
+                        assert_eq!(ln16.dtype(), DType::BF16, "{what}");
+                        assert!(bits(&ln16.to_dtype(DType::F32).unwrap()) == bits(&bf16_rounded(&ln32)), "{what}");
+                    }
+                    for aligned in [true, false] {
+                        let what = format!("{what} aligned {aligned}");
+                        let h16 = if ln16.dtype() == DType::BF16 { bf16_rows_at(&ln16, aligned) } else { ln16.clone() };
+                        // Read in bf16 by the products (same bits as from f32), or widened (the
+                        // rounded values), or f32 all along (generic).
+                        let rounded = ln16.dtype() == DType::BF16 && !bf16;
+                        let (got, want) = (h16.clone(), if rounded { bf16_rounded(&ln32) } else { ln32.clone() });
+                        let pairs = [
+                            (run(&|| linear(&got, w, Some(&b)).unwrap()), run(&|| linear(&want, w, Some(&b)).unwrap())),
+                            (
+                                run(&|| linear_add(&got, w, None, &residual).unwrap()),
+                                run(&|| linear_add(&want, w, None, &residual).unwrap()),
+                            ),
+                        ];
+                        for (g, e) in pairs {
+                            assert_eq!(g.dtype(), DType::F32, "{what}");
+                            assert!(bits(&g) == bits(&e), "{what}: {}", max_rel(&g, &e));
+                        }
+                    }
+                    // Plain products written in bf16: the f32 results' bits rounded (the bias
+                    // entering where it does for f32).
+                    for (xname, xin) in [("f32", &x), ("bf16", &bf16_rows_at(&x, true))] {
+                        for bias in [None, Some(&b)] {
+                            let what = format!("{what} linear_bf16 from {xname} bias {}", bias.is_some());
+                            let l32 = run(&|| linear(xin, w, bias).unwrap());
+                            let l16 = run(&|| linear_bf16(xin, w, bias).unwrap());
+                            if bf16 && pname != "generic" {
+                                assert_eq!(l16.dtype(), DType::BF16, "{what}");
+                                assert!(
+                                    bits(&l16.to_dtype(DType::F32).unwrap()) == bits(&bf16_rounded(&l32)),
+                                    "{what}"
+                                );
+                            } else {
+                                assert!(l16.dtype() == DType::F32 && bits(&l16) == bits(&l32), "{what}");
+                            }
+                        }
+                    }
+                    let g32 = run(&|| linear_geglu(&x, wg, Some(&bg)).unwrap());
+                    let g16 = run(&|| linear_geglu_bf16(&x, wg, Some(&bg)).unwrap());
+                    let gated_inside = run(&|| Tensor::new(u8::from(wg.bf16_products()), &Device::Cpu).unwrap());
+                    if gated_inside.to_scalar::<u8>().unwrap() == 1 && pname != "generic" {
+                        assert_eq!(g16.dtype(), DType::BF16, "{what}");
+                        assert!(bits(&g16.to_dtype(DType::F32).unwrap()) == bits(&bf16_rounded(&g32)), "{what}");
+                    } else {
+                        assert!(g16.dtype() == DType::F32 && bits(&g16) == bits(&g32), "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_attention_reads_and_writes_what_its_products_round() {
+        // attention_bf16 on bf16 queries, keys and values writes the bits of the bf16-product
+        // attention on their f32 originals, rounded (its products round their operands so); with
+        // f32 products or on the generic path it is the f32 attention on the widened inputs.
+        // Several query blocks, odd key counts, a head wider than the keys (the output's f32
+        // rows before rounding outgrow the scores).
+        type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
+        let paths: [(&str, Path); 4] = [
+            ("kernels", |f| f()),
+            ("AVX512_BF16 kernel", |f| super::super::gemm_bf16::without_amx(f)),
+            ("f32 kernels", |f| without_bf16_arithmetic(f)),
+            ("generic", |f| crate::device::with_generic_ops(true, f)),
+        ];
+        for &(b, lq, lk, c, heads) in &[(2, 300, 300, 40, 5), (1, 100, 77, 64, 8), (1, 50, 7, 160, 1)] {
+            let q = bf16_rounded(&randn(&[b, lq, c], 81));
+            let k = bf16_rounded(&randn(&[b, lk, c], 82));
+            let v = bf16_rounded(&randn(&[b, lk, c], 83));
+            let half = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            for (pname, run) in paths {
+                let what = format!("{:?} {pname}", (b, lq, lk, c, heads));
+                let bf16 = pname == "kernels" || pname == "AVX512_BF16 kernel";
+                let want = run(&|| attention(&q, &k, &v, heads, true).unwrap());
+                let got = run(&|| attention_bf16(&half(&q), &half(&k), &half(&v), heads).unwrap());
+                if bf16 {
+                    assert_eq!(got.dtype(), DType::BF16, "{what}");
+                    assert!(bits(&got.to_dtype(DType::F32).unwrap()) == bits(&bf16_rounded(&want)), "{what}");
+                } else {
+                    assert!(got.dtype() == DType::F32 && bits(&got) == bits(&want), "{what}");
+                }
+                // Mixed inputs: the bf16 one widened, the output as above.
+                let mixed = run(&|| attention_bf16(&q, &half(&k), &v, heads).unwrap());
+                assert!(
+                    bits(&mixed.to_dtype(DType::F32).unwrap()) == bits(&got.to_dtype(DType::F32).unwrap()),
+                    "{what} mixed"
+                );
+            }
+        }
     }
 
     #[test]

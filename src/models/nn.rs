@@ -249,6 +249,21 @@ impl Linear {
     pub fn forward_geglu(&self, xs: &Tensor) -> Result<Tensor> {
         kernels::linear_geglu(xs, &self.weight, self.bias.as_ref())
     }
+
+    /// `forward(xs)` in bf16 where the products write it so ([`kernels::linear_bf16`]): for a
+    /// result read only by bf16 products (attention's queries, keys and values).
+    pub fn forward_bf16(&self, xs: &Tensor) -> Result<Tensor> {
+        kernels::linear_bf16(xs, &self.weight, self.bias.as_ref())
+    }
+
+    /// [`Linear::forward_geglu`] for a result read only by `reader`: written in bf16 when that
+    /// layer multiplies in bf16 ([`kernels::linear_geglu_bf16`]: the same products, half the bytes).
+    pub fn forward_geglu_for(&self, xs: &Tensor, reader: &Linear) -> Result<Tensor> {
+        if reader.bf16_products() {
+            return kernels::linear_geglu_bf16(xs, &self.weight, self.bias.as_ref());
+        }
+        self.forward_geglu(xs)
+    }
 }
 
 impl Module for Linear {
@@ -276,6 +291,18 @@ pub struct LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         kernels::layer_norm(xs, &self.weight, &self.bias, self.eps)
+    }
+}
+
+impl LayerNorm {
+    /// `forward(xs)` for a result read only by the linear layers `readers`: written in bf16 when
+    /// all of them multiply in bf16 ([`kernels::layer_norm_bf16`]: they round it so anyway, and
+    /// then read it in place).
+    pub fn forward_for(&self, xs: &Tensor, readers: &[&Linear]) -> Result<Tensor> {
+        if !readers.is_empty() && readers.iter().all(|l| l.bf16_products()) {
+            return kernels::layer_norm_bf16(xs, &self.weight, &self.bias, self.eps);
+        }
+        self.forward(xs)
     }
 }
 

@@ -7,7 +7,7 @@
 //! SD 1.x/2.x family never uses (class embeddings, SDXL's added conditions, …) are rejected by
 //! name instead of being silently ignored.
 
-use super::kernels::attention;
+use super::kernels::{self, attention};
 use super::nn::{
     conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear,
     ResnetBlock2D, ResnetConfig, Upsample2D,
@@ -426,6 +426,13 @@ impl Attention {
     }
     /// The attention's output plus `residual`, summed inside its last linear layer.
     fn forward_add(&self, xs: &Tensor, context: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        if [&self.to_q, &self.to_k, &self.to_v, &self.to_out].iter().all(|l| l.bf16_products()) {
+            // All bf16 products: queries, keys, values and the attention's output are read by
+            // bf16 products alone, so they are written in bf16 (the same products, half the bytes).
+            let (q, k, v) =
+                (self.to_q.forward_bf16(xs)?, self.to_k.forward_bf16(context)?, self.to_v.forward_bf16(context)?);
+            return self.to_out.forward_add(&kernels::attention_bf16(&q, &k, &v, self.heads)?, residual);
+        }
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
@@ -447,12 +454,15 @@ impl TransformerBlock {
         })
     }
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.norm1.forward(xs)?;
-        let xs = self.attn1.forward_add(&h, &h, xs)?;
-        let h = self.norm2.forward(&xs)?;
+        // The norms' and the GEGLU's results go to linear layers alone: in bf16 where those
+        // multiply in bf16 (`forward_for`), the residual stream in f32.
+        let a1 = &self.attn1;
+        let h = self.norm1.forward_for(xs, &[&a1.to_q, &a1.to_k, &a1.to_v])?;
+        let xs = a1.forward_add(&h, &h, xs)?;
+        let h = self.norm2.forward_for(&xs, &[&self.attn2.to_q])?;
         let xs = self.attn2.forward_add(&h, context, &xs)?;
         // GEGLU with the exact (erf) GELU, as torch's F.gelu: candle's `gelu` is the tanh form.
-        let g = self.ff_proj.forward_geglu(&self.norm3.forward(&xs)?)?;
+        let g = self.ff_proj.forward_geglu_for(&self.norm3.forward_for(&xs, &[&self.ff_proj])?, &self.ff_out)?;
         self.ff_out.forward_add(&g, &xs)
     }
 }
