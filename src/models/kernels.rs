@@ -2217,7 +2217,7 @@ unsafe fn exp_shifted_bf16_avx512(
 }
 
 /// 2^f ≈ Σ c·f^i on |f| ≤ ½, highest power first ([`exp_shifted_bf16_avx512`]).
-const EXP2_BF16: [f32; 5] = [9.582_820_3e-3, 5.590_633_7e-2, 2.402_409_9e-1, 6.931_241_8e-1, 1.0];
+const EXP2_BF16: [f32; 5] = [9.582_82e-3, 5.590_633_7e-2, 2.402_409_9e-1, 6.931_242e-1, 1.0];
 
 /// The last `len` (≤ 16) values of a row at `p` and their lanes' mask; −∞ in the other lanes (an
 /// exponential of 0, no effect on a maximum).
