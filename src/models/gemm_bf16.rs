@@ -1577,23 +1577,36 @@ unsafe fn store_row(
         return store_row_bf16(acc, r, (c as *mut half::bf16, ldc), nr, scale, (add, add_rs));
     }
     let row = c.add(r * ldc);
-    let sr = if scale.rows.is_null() { scale.all } else { scale.all * *scale.rows.add(r) };
-    let sc = _mm512_set1_ps(sr);
     for (v, &x) in acc.iter().enumerate() {
         let lanes = nr.saturating_sub(16 * v).min(16);
         if lanes == 0 {
             break;
         }
         let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
-        let mut y = _mm512_mul_ps(x, sc);
-        if !scale.cols.is_null() {
-            y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, scale.cols.add(16 * v)));
-        }
-        if !add.is_null() {
-            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, add.add(r * add_rs + 16 * v)));
-        }
-        _mm512_mask_storeu_ps(row.add(16 * v), mask, y);
+        _mm512_mask_storeu_ps(row.add(16 * v), mask, scaled(x, (r, v, mask), scale, (add, add_rs)));
     }
+}
+
+/// Lanes `16·v..` of row r's sums `x`, scaled by row and column and plus `add`'s row r (masked).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn scaled(
+    x: std::arch::x86_64::__m512,
+    (r, v, mask): (usize, usize, std::arch::x86_64::__mmask16),
+    scale: &TileScale,
+    (add, add_rs): (*const f32, usize),
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let sr = if scale.rows.is_null() { scale.all } else { scale.all * *scale.rows.add(r) };
+    let mut y = _mm512_mul_ps(x, _mm512_set1_ps(sr));
+    if !scale.cols.is_null() {
+        y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, scale.cols.add(16 * v)));
+    }
+    if !add.is_null() {
+        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, add.add(r * add_rs + 16 * v)));
+    }
+    y
 }
 
 /// A micro-kernel: [`kernel`] (MR rows) or [`amx_kernel`] (AMX_ROWS rows).
@@ -1615,21 +1628,13 @@ unsafe fn store_row_bf16(
 ) {
     use std::arch::x86_64::*;
     let row = c.add(r * ldc) as *mut i16;
-    let sr = if scale.rows.is_null() { scale.all } else { scale.all * *scale.rows.add(r) };
-    let sc = _mm512_set1_ps(sr);
     for (v, &x) in acc.iter().enumerate() {
         let lanes = nr.saturating_sub(16 * v).min(16);
         if lanes == 0 {
             break;
         }
         let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
-        let mut y = _mm512_mul_ps(x, sc);
-        if !scale.cols.is_null() {
-            y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, scale.cols.add(16 * v)));
-        }
-        if !add.is_null() {
-            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, add.add(r * add_rs + 16 * v)));
-        }
+        let y = scaled(x, (r, v, mask), scale, (add, add_rs));
         let b = _mm512_castps_si512(y);
         let odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
         let rounded = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));

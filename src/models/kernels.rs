@@ -1480,7 +1480,7 @@ impl WeightedOp for LinearOp {
         wdims: &[usize],
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        use super::gemm_bf16::{gemm, Scale, View};
+        use super::gemm_bf16::{Scale, View};
         let x = Act::new(xs, xl, "linear input")?;
         let &[n, k] = wdims else { candle_core::bail!("linear: weight of shape {wdims:?}") };
         let dims = xl.shape().dims();
@@ -1576,53 +1576,18 @@ impl WeightedOp for LinearOp {
             Wt::Bf16(w) if w.len() == n * k => {
                 let b = View { ptr: w.as_ptr(), rs: 1, cs: k };
                 let scale = Scale { bias: bias.as_deref().filter(|_| !onto), ..Scale::ONE };
-                if bf16_c {
-                    // SAFETY: as above; the output is written whole in bf16.
-                    let out = unsafe { bf16_product(x, (rows, n, k), b, scale) };
-                    return Ok((CpuStorage::BF16(out), Shape::from(od)));
-                }
-                unsafe {
-                    written(rows * n, |o| {
-                        if onto {
-                            start(o);
-                        }
-                        with_act_lhs!(x, k, |a| gemm(
-                            (rows, n, k),
-                            o.as_mut_ptr() as *mut f32,
-                            n,
-                            onto,
-                            a,
-                            b,
-                            scale,
-                            true
-                        ))
-                    })
+                // SAFETY (both): as above.
+                match unsafe { plain_product(x, (rows, n, k), b, scale, bf16_c, onto.then_some(&start)) } {
+                    CpuStorage::F32(out) => out,
+                    bf16 => return Ok((bf16, Shape::from(od))),
                 }
             }
             Wt::Q8 { codes, scales } if scales.len() == n && codes.len() == n * k => {
                 let b = View { ptr: codes.as_ptr(), rs: 1, cs: k };
                 let scale = Scale { cols: Some(scales), bias: bias.as_deref().filter(|_| !onto), ..Scale::ONE };
-                if bf16_c {
-                    // SAFETY: as above; the output is written whole in bf16.
-                    let out = unsafe { bf16_product(x, (rows, n, k), b, scale) };
-                    return Ok((CpuStorage::BF16(out), Shape::from(od)));
-                }
-                unsafe {
-                    written(rows * n, |o| {
-                        if onto {
-                            start(o);
-                        }
-                        with_act_lhs!(x, k, |a| gemm(
-                            (rows, n, k),
-                            o.as_mut_ptr() as *mut f32,
-                            n,
-                            onto,
-                            a,
-                            b,
-                            scale,
-                            true
-                        ))
-                    })
+                match unsafe { plain_product(x, (rows, n, k), b, scale, bf16_c, onto.then_some(&start)) } {
+                    CpuStorage::F32(out) => out,
+                    bf16 => return Ok((bf16, Shape::from(od))),
                 }
             }
             _ => candle_core::bail!("linear: the weight does not hold {n}×{k} values"),
@@ -1635,24 +1600,41 @@ impl WeightedOp for LinearOp {
     }
 }
 
-/// `X · B` (scaled as `scale` says) written in bf16 ([`super::gemm_bf16::Scale::bf16_c`]), X the
-/// rows × k activations.
+/// What a product's output starts as before the product sums into it (a residual, written whole).
+type Start<'a> = dyn Fn(&mut [std::mem::MaybeUninit<f32>]) + Sync + 'a;
+
+/// A linear layer's bf16 products, `X · B` scaled as `scale` says (X the rows × k activations):
+/// written in bf16 when `bf16_c` ([`super::gemm_bf16::Scale::bf16_c`]), else in f32 — onto what
+/// `onto` writes first (the residual) where it is given.
 ///
 /// # Safety
-/// `b` views k × n; the scale's columns and bias cover n; k within one block of the products.
-unsafe fn bf16_product<T: super::gemm_bf16::Elem>(
+/// `b` views k × n; the scale's columns and bias cover n; with `bf16_c`, k within one block of the
+/// products and no `onto`; `onto` writes every value it is handed.
+unsafe fn plain_product<T: super::gemm_bf16::Elem>(
     x: Act,
     (rows, n, k): (usize, usize, usize),
     b: super::gemm_bf16::View<T>,
     scale: super::gemm_bf16::Scale,
-) -> Vec<half::bf16> {
+    bf16_c: bool,
+    onto: Option<&Start<'_>>,
+) -> CpuStorage {
     use super::gemm_bf16::{gemm, Scale};
-    let scale = Scale { bf16_c: true, ..scale };
-    // SAFETY: the caller's promise; every value of the rows × n output is written by the product.
+    // SAFETY: the caller's promise; every value of the rows × n output is written by the product
+    // (or first by `onto`, then summed into).
     unsafe {
-        written_as(rows * n, half::bf16::NAN, |o| {
-            with_act_lhs!(x, k, |a| gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, false, a, b, scale, true))
-        })
+        if bf16_c {
+            let scale = Scale { bf16_c: true, ..scale };
+            return CpuStorage::BF16(written_as(rows * n, half::bf16::NAN, |o| {
+                with_act_lhs!(x, k, |a| gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, false, a, b, scale, true))
+            }));
+        }
+        CpuStorage::F32(written(rows * n, |o| {
+            if let Some(start) = onto {
+                start(o);
+            }
+            let acc = onto.is_some();
+            with_act_lhs!(x, k, |a| gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, acc, a, b, scale, true))
+        }))
     }
 }
 
@@ -2072,7 +2054,7 @@ fn geglu_gate_scalar(a: &mut [f32], g: &[f32]) {
 /// [`geglu_gate_scalar`]'s [`erf`] and [`exp`] 16 lanes at a time, with erf's 1 / (1 + z/2) from
 /// `vrcp14ps` and one Newton step (relative error ~1e-8, under f32's own rounding) instead of
 /// `vdivps`, whose one divider per core made it a third of the gate's time; FMAs where the scalar
-/// form rounds twice (values within two f32 steps of it).
+/// form rounds twice (within 5e-7, relative, of the scalar form's values).
 ///
 /// # Safety
 /// The CPU has AVX-512F.
@@ -3604,6 +3586,17 @@ pub(crate) mod tests {
         assert!(nan[0].is_nan() && !nan[1].is_nan() && nan[2].is_nan());
     }
 
+    type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
+
+    /// The ways a product runs on this CPU: as it chooses (AMX tiles where there are), on the
+    /// AVX512_BF16 kernel, in f32, and candle's generic composition.
+    const PRODUCT_PATHS: [(&str, Path); 4] = [
+        ("kernels", |f| f()),
+        ("AVX512_BF16 kernel", |f| super::super::gemm_bf16::without_amx(f)),
+        ("f32 kernels", |f| without_bf16_arithmetic(f)),
+        ("generic", |f| crate::device::with_generic_ops(true, f)),
+    ];
+
     #[test]
     fn geglu_matches_candle() {
         let h = (randn(&[2, 7, 2 * 45], 7) * 2.0).unwrap();
@@ -3624,13 +3617,7 @@ pub(crate) mod tests {
         // residual's sum). Tiles that do not fill (rows, halves not a multiple of 48), odd k,
         // several AMX tiles, and a k beyond one block of the products (the pass after the product
         // there), with and without bias.
-        type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
-        let paths: [(&str, Path); 4] = [
-            ("kernels", |f| f()),
-            ("AVX512_BF16 kernel", |f| super::super::gemm_bf16::without_amx(f)),
-            ("f32 kernels", |f| without_bf16_arithmetic(f)),
-            ("generic", |f| crate::device::with_generic_ops(true, f)),
-        ];
+        let paths = PRODUCT_PATHS;
         for &(rows, k, h) in &[(37, 96, 40), (300, 320, 100), (70, 33, 24), (64, 1600, 48)] {
             let x = randn(&[1, rows, k], 61);
             let w32 = (randn(&[2 * h, k], 62) * 0.2).unwrap();
@@ -3682,13 +3669,7 @@ pub(crate) mod tests {
         // their f32 results to, so a linear layer with bf16 products reading them (in place where
         // the rows are aligned, packed where not) gives the same bits as on the f32 results; on
         // the f32 products and the generic path a bf16 input is widened.
-        type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
-        let paths: [(&str, Path); 4] = [
-            ("kernels", |f| f()),
-            ("AVX512_BF16 kernel", |f| super::super::gemm_bf16::without_amx(f)),
-            ("f32 kernels", |f| without_bf16_arithmetic(f)),
-            ("generic", |f| crate::device::with_generic_ops(true, f)),
-        ];
+        let paths = PRODUCT_PATHS;
         for &(rows, k, n) in &[(37, 96, 40), (300, 320, 100), (70, 34, 24), (5, 64, 8)] {
             let x = ((randn(&[1, rows, k], 71) * 3.0).unwrap() + 1.0).unwrap();
             let (gamma, beta) = (randn(&[k], 72), randn(&[k], 73));
@@ -3767,13 +3748,7 @@ pub(crate) mod tests {
         // f32 products or on the generic path it is the f32 attention on the widened inputs.
         // Several query blocks, odd key counts, a head wider than the keys (the output's f32
         // rows before rounding outgrow the scores).
-        type Path = fn(&dyn Fn() -> Tensor) -> Tensor;
-        let paths: [(&str, Path); 4] = [
-            ("kernels", |f| f()),
-            ("AVX512_BF16 kernel", |f| super::super::gemm_bf16::without_amx(f)),
-            ("f32 kernels", |f| without_bf16_arithmetic(f)),
-            ("generic", |f| crate::device::with_generic_ops(true, f)),
-        ];
+        let paths = PRODUCT_PATHS;
         for &(b, lq, lk, c, heads) in &[(2, 300, 300, 40, 5), (1, 100, 77, 64, 8), (1, 50, 7, 160, 1)] {
             let q = bf16_rounded(&randn(&[b, lq, c], 81));
             let k = bf16_rounded(&randn(&[b, lk, c], 82));
