@@ -23,9 +23,11 @@
 //!
 //! - bf16-stored weights on a CPU with AVX512_BF16 ([`bf16_arithmetic`]): the convolutions, linear
 //!   layers and both attention products run `gemm_bf16` (bf16 products, f32 sums; activations
-//!   stay f32 between operations and are rounded to bf16 only inside a product's packing), the
-//!   way `torch.autocast("cpu", torch.bfloat16)` treats these operations; GroupNorm, softmax and
-//!   GEGLU stay f32.
+//!   stay f32 between operations and are rounded to bf16 only inside a product's packing — except
+//!   those read by bf16 products alone, which their producer writes already rounded so:
+//!   [`layer_norm_bf16`], [`linear_bf16`], [`linear_geglu_bf16`], [`attention_bf16`]), the way
+//!   `torch.autocast("cpu", torch.bfloat16)` treats these operations; GroupNorm, softmax and GEGLU
+//!   compute in f32.
 //!
 //! Non-CPU devices and other dtypes fall back to the plain candle ops these are tested against.
 
