@@ -1609,7 +1609,6 @@ unsafe fn scaled(
     y
 }
 
-/// A micro-kernel: [`kernel`] (MR rows) or [`amx_kernel`] (AMX_ROWS rows).
 /// [`store_row`] into a bf16 C ([`Scale::bf16_c`]): the same f32 value, then rounded to nearest
 /// even as [`Elem::bf16_bits`] rounds (NaN quiet). Apart, so that [`kernel`]'s sums stay in registers.
 ///
@@ -1644,6 +1643,7 @@ unsafe fn store_row_bf16(
     }
 }
 
+/// A micro-kernel: [`kernel`] (MR rows) or [`amx_kernel`] (AMX_ROWS rows).
 type Micro = unsafe fn(usize, (*const u32, usize), *const u32, (*mut f32, usize), (usize, usize), TileScale, bool);
 
 /// [`kernel`] for AMX_ROWS × NR: the whole 16-pair steps by AMX tiles into a buffer, the pairs

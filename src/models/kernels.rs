@@ -2400,24 +2400,24 @@ fn query_block(bytes: usize, lq: usize, lk: usize) -> usize {
 }
 
 impl AttentionOp {
-    /// The attention on q, k, v (all f32 or all bf16), its output f32 or (`out_bf16`, with bf16
-    /// products) bf16.
+    /// The attention with bf16 products on q, k, v (all f32 or all bf16), its output f32 or
+    /// (`out_bf16`) bf16; None where the op multiplies in f32 ([`AttentionOp::run`]).
     fn run_any<T: super::gemm_bf16::Elem>(
         &self,
         (q, k, v): (&[T], &[T], &[T]),
         dims: (usize, usize, usize, usize),
     ) -> Option<CpuStorage> {
+        if !self.bf16 {
+            return None;
+        }
         let (b, lq, lk, c) = dims;
         let n = b * lq * c;
         // Queries per block: with bf16 products (K and V packed once per head) the block's scores
         // (block × lk f32) stay near 1 MB, one core's L2.
         let block = query_block(1 << 20, lq, lk);
         // SAFETY: every job writes its rows × d block of the output, which the blocks and heads
-        // cover (c = h·d, checked in `attention`).
+        // cover (c = h·d, checked in `attention` and `attention_bf16`).
         Some(unsafe {
-            if !self.bf16 {
-                return None;
-            }
             if self.out_bf16 {
                 CpuStorage::BF16(written_as(n, half::bf16::NAN, |o| {
                     self.run_bf16((q, k, v), dims, block, (SendPtr(o.as_mut_ptr() as *mut f32), true))
