@@ -22,7 +22,7 @@
 //!
 //! [`available`] says whether the CPU has the instructions; callers fall back to f32 otherwise.
 
-use super::kernels::with_kept;
+use super::kernels::{f32_to_bf16, with_kept};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -236,14 +236,24 @@ impl Elem for f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_pairs_f32_avx512(src: &[f32], out: &mut [u32]) {
     use std::arch::x86_64::*;
-    pack_lanes(src, out, |p| {
-        let v = _mm512_loadu_ps(p);
-        let b = _mm512_castps_si512(v);
-        let odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-        let r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-        let nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)))
-    })
+    pack_lanes(src, out, |p| rounded_lanes(_mm512_loadu_ps(p)))
+}
+
+/// 16 f32 values rounded to bf16 in their lanes: the upper 16 bits of each lane are
+/// [`Elem::bf16_bits`] of the value (nearest even, NaN kept quiet).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn rounded_lanes(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let b = _mm512_castps_si512(v);
+    let odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    let r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    let nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)))
 }
 
 /// Packs `src` 32 values at a time: `lanes(p)` gives 16 values from `p` as 32-bit lanes whose upper
@@ -393,6 +403,14 @@ impl Scale<'_> {
             c.wrapping_add(at)
         }
     }
+}
+
+/// `len` bf16 values of a bf16 C from its element `at` ([`Scale::bf16_c`]), to be written.
+///
+/// # Safety
+/// C (`c`, pointing at bf16 values) holds them, and nothing else refers to them meanwhile.
+unsafe fn bf16_run<'a>(c: *mut f32, at: usize, len: usize) -> &'a mut [std::mem::MaybeUninit<bf16>] {
+    unsafe { std::slice::from_raw_parts_mut((c as *mut std::mem::MaybeUninit<bf16>).add(at), len) }
 }
 
 /// A read-only matrix view: element (i, j) at `ptr + i·rs + j·cs` (in elements).
@@ -753,29 +771,6 @@ fn interleave_pairs(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
         return;
     }
     body(lo, hi, dst)
-}
-
-/// `dst[j]` = `src[j]` rounded to bf16 as [`Elem::bf16_bits`] rounds (nearest even, NaN quiet).
-pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [bf16]) {
-    #[inline(always)]
-    fn body(src: &[f32], dst: &mut [bf16]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = bf16::from_bits(s.bf16_bits() as u16);
-        }
-    }
-    // The same loop compiled for AVX-512, where LLVM vectorises the rounding.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn avx512(src: &[f32], dst: &mut [bf16]) {
-        body(src, dst)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the CPU has AVX-512 (and more).
-        unsafe { avx512(src, dst) };
-        return;
-    }
-    body(src, dst)
 }
 
 /// A 3 × 3 convolution for [`conv3x3`]: `batch` images of `cin` planes of `ih × iw`,
@@ -1251,10 +1246,10 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     if k == 0 {
         for i in 0..m {
             if scale.bf16_c {
-                let row = unsafe { std::slice::from_raw_parts_mut((c as *mut bf16).add(i * ldc), n) };
+                let row = unsafe { bf16_run(c, i * ldc, n) };
                 match scale.bias {
-                    None => row.fill(bf16::ZERO),
-                    Some(b) => round_to_bf16(&b[..n], row),
+                    None => row.fill(std::mem::MaybeUninit::new(bf16::ZERO)),
+                    Some(b) => f32_to_bf16(&b[..n], row),
                 }
                 continue;
             }
@@ -1459,8 +1454,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                         for r in 0..mr {
                             let from = &first.0[r * NR..r * NR + nr];
                             if scale.bf16_c {
-                                let to = (out.0 as *mut bf16).add((i0 + r) * ldc + js);
-                                round_to_bf16(from, std::slice::from_raw_parts_mut(to, nr));
+                                f32_to_bf16(from, bf16_run(out.0, (i0 + r) * ldc + js, nr));
                             } else {
                                 std::ptr::copy_nonoverlapping(from.as_ptr(), out.0.add((i0 + r) * ldc + js), nr);
                             }
@@ -1633,12 +1627,7 @@ unsafe fn store_row_bf16(
             break;
         }
         let mask: __mmask16 = if lanes == 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
-        let y = scaled(x, (r, v, mask), scale, (add, add_rs));
-        let b = _mm512_castps_si512(y);
-        let odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-        let rounded = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-        let nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-        let bits = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)));
+        let bits = rounded_lanes(scaled(x, (r, v, mask), scale, (add, add_rs)));
         _mm256_mask_storeu_epi16(row.add(16 * v), mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
     }
 }

@@ -54,9 +54,9 @@ pub fn winograd_enabled() -> bool {
 /// (detected once, at run time), else for the baseline target: the loops are written so LLVM
 /// vectorises them at whatever width the features allow.
 macro_rules! simd {
-    (fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         #[inline(always)]
-        fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
@@ -326,8 +326,10 @@ fn narrowed<T: Copy + Send>(
 }
 
 simd! {
-fn f32_to_bf16(v: &[f32], out: &mut [std::mem::MaybeUninit<half::bf16>]) {
-    // half's rounding (nearest even, NaN kept quiet), the one candle's to_dtype applies.
+pub(crate) fn f32_to_bf16(v: &[f32], out: &mut [std::mem::MaybeUninit<half::bf16>]) {
+    // half's rounding (nearest even, NaN kept quiet), the one candle's to_dtype applies — bit for
+    // bit the bf16 products' own (`gemm_bf16::Elem::bf16_bits`), so a tensor written through here
+    // is what those products would have packed.
     for (o, &x) in out.iter_mut().zip(v) {
         o.write(half::bf16::from_f32(x));
     }
@@ -1621,22 +1623,34 @@ unsafe fn plain_product<T: super::gemm_bf16::Elem>(
     onto: Option<&Start<'_>>,
 ) -> CpuStorage {
     use super::gemm_bf16::{gemm, Scale};
+    let scale = Scale { bf16_c, ..scale };
     // SAFETY: the caller's promise; every value of the rows × n output is written by the product
-    // (or first by `onto`, then summed into).
+    // (or first by `onto`, then summed into: an f32 output, as `onto` comes only without bf16_c,
+    // which `gemm` asserts by refusing to sum into a bf16 C).
     unsafe {
-        if bf16_c {
-            let scale = Scale { bf16_c: true, ..scale };
-            return CpuStorage::BF16(written_as(rows * n, half::bf16::NAN, |o| {
-                with_act_lhs!(x, k, |a| gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, false, a, b, scale, true))
-            }));
-        }
-        CpuStorage::F32(written(rows * n, |o| {
+        written_storage(rows * n, bf16_c, |c| {
             if let Some(start) = onto {
-                start(o);
+                start(std::slice::from_raw_parts_mut(c as *mut std::mem::MaybeUninit<f32>, rows * n));
             }
             let acc = onto.is_some();
-            with_act_lhs!(x, k, |a| gemm((rows, n, k), o.as_mut_ptr() as *mut f32, n, acc, a, b, scale, true))
-        }))
+            with_act_lhs!(x, k, |a| gemm((rows, n, k), c, n, acc, a, b, scale, true))
+        })
+    }
+}
+
+/// [`written`] in f32, or (`bf16`) in bf16: `write` is handed where the n values start (f32 or
+/// bf16 ones, as the products' C pointer is with [`super::gemm_bf16::Scale::bf16_c`]).
+///
+/// # Safety
+/// As [`written`].
+unsafe fn written_storage(n: usize, bf16: bool, write: impl FnOnce(*mut f32)) -> CpuStorage {
+    // SAFETY: the caller's promise.
+    unsafe {
+        if bf16 {
+            CpuStorage::BF16(written_as(n, half::bf16::NAN, |o| write(o.as_mut_ptr() as *mut f32)))
+        } else {
+            CpuStorage::F32(written(n, |o| write(o.as_mut_ptr() as *mut f32)))
+        }
     }
 }
 
@@ -2130,19 +2144,9 @@ unsafe fn gated_product<TA: super::gemm_bf16::Elem, T: super::gemm_bf16::Elem>(
     bf16_out: bool,
 ) -> CpuStorage {
     use super::gemm_bf16::{gemm_gated, Scale};
+    let scale = Scale { bf16_c: bf16_out, ..scale };
     // SAFETY: the caller's promise; the output is rows × h, every value written by the product.
-    unsafe {
-        if bf16_out {
-            let out = written_as(rows * h, half::bf16::NAN, |o| {
-                let scale = Scale { bf16_c: true, ..scale };
-                gemm_gated((rows, h, k), o.as_mut_ptr() as *mut f32, h, a, w, scale, geglu_gate)
-            });
-            return CpuStorage::BF16(out);
-        }
-        CpuStorage::F32(written(rows * h, |o| {
-            gemm_gated((rows, h, k), o.as_mut_ptr() as *mut f32, h, a, w, scale, geglu_gate)
-        }))
-    }
+    unsafe { written_storage(rows * h, bf16_out, |c| gemm_gated((rows, h, k), c, h, a, w, scale, geglu_gate)) }
 }
 
 /// [`linear`] with its output in bf16 where bf16 products write it in one k block (rounded as the
@@ -2417,17 +2421,8 @@ impl AttentionOp {
         let block = query_block(1 << 20, lq, lk);
         // SAFETY: every job writes its rows × d block of the output, which the blocks and heads
         // cover (c = h·d, checked in `attention` and `attention_bf16`).
-        Some(unsafe {
-            if self.out_bf16 {
-                CpuStorage::BF16(written_as(n, half::bf16::NAN, |o| {
-                    self.run_bf16((q, k, v), dims, block, (SendPtr(o.as_mut_ptr() as *mut f32), true))
-                }))
-            } else {
-                CpuStorage::F32(written(n, |o| {
-                    self.run_bf16((q, k, v), dims, block, (SendPtr(o.as_mut_ptr() as *mut f32), false))
-                }))
-            }
-        })
+        let bf16 = self.out_bf16;
+        Some(unsafe { written_storage(n, bf16, |out| self.run_bf16((q, k, v), dims, block, (SendPtr(out), bf16))) })
     }
 
     /// The attention with f32 products (the gemm crate's).
@@ -2509,7 +2504,7 @@ impl AttentionOp {
         block: usize,
         (out, bf16_out): (SendPtr, bool),
     ) {
-        use super::gemm_bf16::{align64, gemm_packed, round_to_bf16, Lhs, PackedB, Scale, View};
+        use super::gemm_bf16::{align64, gemm_packed, Lhs, PackedB, Scale, View};
         let h = self.heads;
         let d = c / h;
         let scale = 1.0 / (d as f32).sqrt();
@@ -2565,9 +2560,9 @@ impl AttentionOp {
                     // In bf16: the product (over k blocks, summed in f32) into the rows' f32
                     // scores, no longer read, then each row rounded as a product would round it.
                     gemm_packed(rows, s.as_mut_ptr(), d, false, pv, vv, by_sums);
-                    let o = out.get() as *mut half::bf16;
+                    let o = out.get() as *mut std::mem::MaybeUninit<half::bf16>;
                     for (r, row) in s.chunks(d.max(1)).take(rows).enumerate() {
-                        round_to_bf16(row, std::slice::from_raw_parts_mut(o.add(at + r * c), d));
+                        f32_to_bf16(row, std::slice::from_raw_parts_mut(o.add(at + r * c), d));
                     }
                 }
             })
