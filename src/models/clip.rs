@@ -167,6 +167,11 @@ impl ClipTextEncoder {
 
     /// Token ids (B, L) → last hidden state (B, L, hidden). Works at any batch size.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        crate::device::on_cpu_pool(ids.device(), || self.forward_here(ids))
+    }
+
+    /// [`Self::forward`] on the calling thread.
+    fn forward_here(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l) = ids.dims2()?;
         if l > self.config.max_position_embeddings {
             candle_core::bail!("{l} tokens exceed max_position_embeddings {}", self.config.max_position_embeddings);

@@ -213,6 +213,18 @@ impl ControlNet {
         cond: &Tensor,
         scale: f64,
     ) -> candle_core::Result<Residuals> {
+        crate::device::on_cpu_pool(xs.device(), || self.forward_here(xs, t, context, cond, scale))
+    }
+
+    /// [`Self::forward`] on the calling thread.
+    fn forward_here(
+        &self,
+        xs: &Tensor,
+        t: f64,
+        context: &Tensor,
+        cond: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<Residuals> {
         let (b, _, h, w) = xs.dims4()?;
         let f = self.config.image_factor();
         let (cb, cc, ch, cw) = cond.dims4()?;

@@ -103,6 +103,11 @@ thread_local! {
     static NO_AMX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether [`without_amx`] holds on this thread.
+pub(crate) fn amx_switched_off() -> bool {
+    NO_AMX.get()
+}
+
 /// Runs `f` as on a CPU without AMX, on this thread (the products it starts take the AVX512_BF16
 /// micro-kernel): how the tests reach that kernel on AMX machines, and how benches compare them.
 pub fn without_amx<T>(f: impl FnOnce() -> T) -> T {

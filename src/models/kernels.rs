@@ -781,6 +781,12 @@ thread_local! {
     static NO_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether a thread-local switch of the kernels' paths is set on this thread (no bf16
+/// arithmetic, no AMX, a Winograd path forced): see [`crate::device::on_cpu_pool`].
+pub(crate) fn thread_switched() -> bool {
+    NO_BF16.get() || super::gemm_bf16::amx_switched_off() || winograd::switched()
+}
+
 /// Runs `f` as on a CPU without bf16 arithmetic (the f32 paths every other CPU takes), on this
 /// thread: how the tests reach those paths here.
 #[cfg(test)]

@@ -263,13 +263,15 @@ impl TinyVae {
 
     /// Images in [-1, 1] → latents (`EncoderTiny` works on [0, 1]).
     pub fn encode(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        run(&self.encoder, ((x + 1.0)? / 2.0)?)
+        crate::device::on_cpu_pool(x.device(), || run(&self.encoder, ((x + 1.0)? / 2.0)?))
     }
 
     /// Latents → images in about [-1, 1]; the input is soft-clamped to ±3 first (tanh).
     pub fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
-        let z = ((z / 3.0)?.tanh()? * 3.0)?;
-        let x = run(&self.decoder, z)?;
-        (x * 2.0)? - 1.0
+        crate::device::on_cpu_pool(z.device(), || {
+            let z = ((z / 3.0)?.tanh()? * 3.0)?;
+            let x = run(&self.decoder, z)?;
+            (x * 2.0)? - 1.0
+        })
     }
 }

@@ -839,6 +839,17 @@ impl UNet {
         context: &Tensor,
         control: Option<&Residuals>,
     ) -> candle_core::Result<Tensor> {
+        crate::device::on_cpu_pool(xs.device(), || self.forward_here(xs, t, context, control))
+    }
+
+    /// [`Self::forward_with`] on the calling thread.
+    fn forward_here(
+        &self,
+        xs: &Tensor,
+        t: f64,
+        context: &Tensor,
+        control: Option<&Residuals>,
+    ) -> candle_core::Result<Tensor> {
         let (b, _, h, w) = xs.dims4()?;
         let n = self.enc.down.len();
         let factor = 1usize << (n - 1);

@@ -320,7 +320,7 @@ impl Vae {
 
     /// Encodes images in [-1, 1], (B, 3, H, W), to the latent posterior (unscaled).
     pub fn encode(&self, xs: &Tensor) -> candle_core::Result<Posterior> {
-        self.posterior(&self.moments(xs)?)
+        crate::device::on_cpu_pool(xs.device(), || self.posterior(&self.moments(xs)?))
     }
 
     /// Encodes in tiles (diffusers' `enable_tiling()`) when the image is larger than one tile.
@@ -333,8 +333,10 @@ impl Vae {
         let latent_tile = tile / self.config.scale_factor();
         let overlap = (tile as f64 * (1.0 - OVERLAP)) as usize;
         let blend = (latent_tile as f64 * OVERLAP) as usize;
-        let moments = tiled(xs, tile, overlap, blend, latent_tile - blend, |t| self.moments(t))?;
-        self.posterior(&moments)
+        crate::device::on_cpu_pool(xs.device(), || {
+            let moments = tiled(xs, tile, overlap, blend, latent_tile - blend, |t| self.moments(t))?;
+            self.posterior(&moments)
+        })
     }
 
     /// Decodes in tiles (diffusers' `tiled_decode`) when the latents are larger than one tile.
@@ -347,7 +349,9 @@ impl Vae {
         }
         let overlap = (latent_tile as f64 * (1.0 - OVERLAP)) as usize;
         let blend = (tile as f64 * OVERLAP) as usize;
-        tiled(z, latent_tile, overlap, blend, tile - blend, |t| self.decode(t))
+        crate::device::on_cpu_pool(z.device(), || {
+            tiled(z, latent_tile, overlap, blend, tile - blend, |t| self.decode(t))
+        })
     }
 
     fn posterior(&self, h: &Tensor) -> candle_core::Result<Posterior> {
@@ -380,6 +384,11 @@ impl Vae {
 
     /// Decodes unscaled latents to images in about [-1, 1].
     pub fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        crate::device::on_cpu_pool(z.device(), || self.decode_here(z))
+    }
+
+    /// [`Self::decode`] on the calling thread.
+    fn decode_here(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(c) => c.forward(z)?,
             None => z.clone(),

@@ -84,6 +84,11 @@ pub(super) fn forced<T>(on: bool, f: impl FnOnce() -> T) -> T {
     crate::device::with_thread_switch(&FORCED, Some(on), f)
 }
 
+/// Whether any of this module's thread-local switches is set on this thread.
+pub(super) fn switched() -> bool {
+    FORCED.get().is_some() || SPLIT.get() || BY_CHANNELS.get()
+}
+
 /// Whether a test chose Winograd or im2col ([`forced`]): then the AMX implicit convolution stays
 /// out of the way too.
 pub(super) fn is_forced() -> bool {
