@@ -2423,8 +2423,13 @@ impl AttentionOp {
         let (b, lq, lk, c) = dims;
         let n = b * lq * c;
         // Queries per block: with bf16 products (K and V packed once per head) the block's scores
-        // (block × lk f32) stay near 1 MB, one core's L2.
-        let block = query_block(1 << 20, lq, lk);
+        // (block × lk f32) stay near 512 KB, so that they, the block's bf16 probabilities and the
+        // head's packed K and V share one core's L2 (2 MB here): at 1 MB (64 queries of 4096
+        // keys) the probabilities' stores were a third of the softmax's samples, their lines
+        // fetched back from L3 (attention at 2 × 4096 tokens, 8 heads, alternating: 0.092-0.097
+        // -> 0.079-0.087 s). Past 4096 keys that would leave fewer queries than an AMX
+        // micro-tile's 32 rows: there the 1 MB rule's count, up to 32, as before.
+        let block = query_block(1 << 19, lq, lk).max(query_block(1 << 20, lq, lk).min(32));
         // SAFETY: every job writes its rows × d block of the output, which the blocks and heads
         // cover (c = h·d, checked in `attention` and `attention_bf16`).
         let bf16 = self.out_bf16;
@@ -3775,6 +3780,31 @@ pub(crate) mod tests {
                     "{what} mixed"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn bf16_attention_rows_do_not_depend_on_the_query_block() {
+        // The block of queries sharing a pass is tuning (L2's size): each row's scores, softmax and
+        // product with V are the same bits whatever block it falls in, whole micro-tiles or not.
+        if !bf16_arithmetic() {
+            eprintln!("skipped: no bf16 arithmetic here");
+            return;
+        }
+        let (b, lq, lk, c, heads) = (1, 200, 1030, 80, 2);
+        let [q, k, v] = [91, 92, 93].map(|seed| randn(&[b, lq.max(lk), c], seed).flatten_all().unwrap());
+        let (q, k, v) = (q.to_vec1::<f32>().unwrap(), k.to_vec1::<f32>().unwrap(), v.to_vec1::<f32>().unwrap());
+        let op = AttentionOp { heads, bf16: true, out_bf16: false };
+        let run = |block: usize| {
+            let mut out = vec![f32::NAN; b * lq * c];
+            // SAFETY: out holds b × lq × c f32 values; q, k and v cover their shapes.
+            unsafe { op.run_bf16((&q[..], &k[..], &v[..]), (b, lq, lk, c), block, (SendPtr(out.as_mut_ptr()), false)) };
+            out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        let want = run(64);
+        assert!(want.iter().all(|&x| f32::from_bits(x).is_finite()));
+        for block in [16, 32, 48, 100, 256] {
+            assert!(run(block) == want, "block {block}");
         }
     }
 
