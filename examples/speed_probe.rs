@@ -261,8 +261,8 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each linear layer shape of the UNet's transformers at 512² without CFG (tokens, in, out, count
-/// per call), timed through `kernels::linear` with a bias as the model calls it (the feed-forward's
+/// Each linear layer shape of the UNet's transformers and time embedding at 512² without CFG
+/// (tokens, in, out, count per call), timed through `kernels::linear` with a bias as the model calls it (the feed-forward's
 /// first layer through `kernels::linear_geglu`, its GEGLU included), f32 activations, f32 or bf16
 /// weights; the rate and the whole call's linear time.
 fn linear_shapes(n: usize, bf16: bool) -> anyhow::Result<()> {
@@ -278,6 +278,12 @@ fn linear_shapes(n: usize, bf16: bool) -> anyhow::Result<()> {
         (256, 1280, 1280, 48),
         (256, 1280, 10240, 6),
         (256, 5120, 1280, 6),
+        // The time embedding's projections (one row; two with guidance): linear_1, then linear_2
+        // and the 1280-channel resnets' time_emb_proj, the 640- and the 320-channel ones.
+        (1, 320, 1280, 1),
+        (1, 1280, 1280, 13),
+        (1, 1280, 640, 5),
+        (1, 1280, 320, 5),
     ];
     let dtype = if bf16 { DType::BF16 } else { DType::F32 };
     let mut total = 0.0;

@@ -1025,7 +1025,7 @@ pub unsafe fn gemm_packed<TA: Elem>(
     let slivers = n.div_ceil(NR);
     let tiles = amx();
     // Rows per micro-tile, packed from A a panel of MR at a time (zero past m).
-    let (rows, micro) = if tiles { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel as Micro) };
+    let (rows, micro) = if tiles { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel::<MR> as Micro) };
     let _config = tiles.then(amx::Tiles::configure);
     // A packed with B's padding (zero pairs past k), so the products take whole tile steps.
     let mut abuf = Vec::new();
@@ -1443,8 +1443,15 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                     } else {
                         (a_in.base.add(i0 * a_in.row + kb * kc), a_in.row)
                     };
-                    let (rows, micro) = if amx_rows { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel as Micro) };
+                    let (rows, micro) =
+                        if amx_rows { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel::<MR> as Micro) };
                     let (mr, nr) = (rows.min(m - i0), NR.min(n - js));
+                    // A product of one or two rows computes only those.
+                    let micro = match mr {
+                        1 if !amx_rows => kernel::<1> as Micro,
+                        2 if !amx_rows => kernel::<2> as Micro,
+                        _ => micro,
+                    };
                     if let Some((gate, first, second)) = &mut halves {
                         // Both halves' sums into this job's two L1 tiles, gated there, and
                         // the result copied to C.
@@ -1513,15 +1520,18 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
     }
 }
 
-/// One MR × NR tile: `C[..mr, ..nr] = scale · Σ_p A_pair(p) ⊗ B_pair(p) (+ C)`, scale per row
+/// One R × NR tile (R = MR, or fewer for a product of fewer rows: the time embedding's one row,
+/// two with guidance, whose MR-row tiles were seven eighths zero rows — each row's sums the same
+/// either way): `C[..mr, ..nr] = scale · Σ_p A_pair(p) ⊗ B_pair(p) (+ C)`, scale per row
 /// and column as [`TileScale`] says. A's pair for row r
 /// and pair p is the word at `a + r·a_row + p`; B's sliver is [pair][NR] words.
 ///
 /// # Safety
-/// Pointers valid for what the strides and counts describe; the CPU has AVX512_BF16.
+/// Pointers valid for what the strides and counts describe (R rows of A); the CPU has
+/// AVX512_BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn kernel(
+unsafe fn kernel<const R: usize>(
     pairs: usize,
     (a, a_row): (*const u32, usize),
     b: *const u32,
@@ -1531,7 +1541,7 @@ unsafe fn kernel(
     load_c: bool,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+    let mut acc = [[_mm512_setzero_ps(); 3]; R];
     for p in 0..pairs {
         let bp = b.add(p * NR);
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
@@ -1709,9 +1719,19 @@ fn direct(scale: &TileScale) -> bool {
     scale.all == 1.0 && scale.rows.is_null() && scale.cols.is_null() && !scale.bf16_c
 }
 
-// Off x86_64 neither micro-kernel runs (`available()` is false): one stub serves both names.
+// Off x86_64 neither micro-kernel runs (`available()` is false).
 #[cfg(not(target_arch = "x86_64"))]
-use self::kernel as amx_kernel;
+unsafe fn amx_kernel(
+    _: usize,
+    _: (*const u32, usize),
+    _: *const u32,
+    _: (*mut f32, usize),
+    _: (usize, usize),
+    _: TileScale,
+    _: bool,
+) {
+    unreachable!("gemm_bf16::amx() is false off x86_64")
+}
 
 /// The tile unit: enabling it for the process, configuring it per thread, the products.
 #[cfg(target_arch = "x86_64")]
@@ -1904,7 +1924,7 @@ mod amx {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(
+unsafe fn kernel<const R: usize>(
     _: usize,
     _: (*const u32, usize),
     _: *const u32,
@@ -2017,6 +2037,40 @@ mod tests {
             let ours = x.bf16_bits() as u16;
             let want = bf16::from_f32(x).to_bits();
             assert!(ours == want || (x.is_nan() && bf16::from_bits(ours).is_nan()), "{x}: {ours:#x} vs {want:#x}");
+        }
+    }
+
+    #[test]
+    fn a_rows_sums_do_not_depend_on_the_rows_beside_it() {
+        both_kernels(rows_alone)
+    }
+
+    /// Rows multiplied alone (one or two: the micro-kernel for that many rows) give the bits the
+    /// same rows give inside a larger product's MR-row tiles, with a bias, in one k block and
+    /// several, serial and parallel. (On AMX a larger product's first 32 rows take the tiles, whose
+    /// sums round otherwise: its tail rows, from 32, are the ones to compare.)
+    fn rows_alone() {
+        for &(n, k) in &[(100, 40), (1280, 1280), (96, 3080)] {
+            let m = 35;
+            let a: Vec<bf16> = rnd(m * k, 7).iter().map(|&x| bf16::from_f32(x)).collect();
+            let bt: Vec<bf16> = rnd(n * k, 8).iter().map(|&x| bf16::from_f32(x)).collect();
+            let bias = rnd(n, 9);
+            let scale = Scale { bias: Some(&bias), ..Scale::ONE };
+            let b = View { ptr: bt.as_ptr(), rs: 1, cs: k };
+            let product = |i0: usize, rows: usize, parallel: bool| {
+                let mut c = vec![f32::NAN; rows * n];
+                let lhs = Lhs::<bf16>::InPlace { ptr: a[i0 * k..].as_ptr(), rs: k };
+                unsafe { gemm((rows, n, k), c.as_mut_ptr(), n, false, lhs, b, scale, parallel) };
+                c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let all = product(0, m, true);
+            let cases: &[(usize, usize)] =
+                if amx() { &[(32, 1), (33, 2), (34, 1)] } else { &[(0, 1), (5, 2), (33, 2)] };
+            for &(i0, rows) in cases {
+                for parallel in [false, true] {
+                    assert_eq!(product(i0, rows, parallel), all[i0 * n..(i0 + rows) * n], "{:?}", (i0, rows, n, k));
+                }
+            }
         }
     }
 
