@@ -441,8 +441,11 @@ impl Attention {
     /// Keys and values of `context` by `project` (bf16 or not). A cross-attention (context other
     /// than the queries' input) keeps them for its next call: a run passes the same text
     /// embeddings to every UNet call, and their projections (the 77 tokens times 16 layers' keys
-    /// and values) took ~1.5 % of a batch-1 bf16 call. Keyed by the tensor's id (candle's tensors
-    /// are immutable, ids unique), so another context is projected afresh.
+    /// and values) took ~1.5 % of a batch-1 bf16 call. Keyed by the tensor's id (unique to each
+    /// tensor; nothing here writes into a context in place, so a caller who does, through
+    /// `slice_set` or a `Var`, passes a new tensor to have it projected again), so another context
+    /// is projected afresh. The lock is not held while projecting: a pool thread waiting inside
+    /// the products may run another call's pass, which would take it again.
     fn keys_values(
         &self,
         xs: &Tensor,
@@ -453,14 +456,21 @@ impl Attention {
         if context.id() == xs.id() {
             return Ok((project(&self.to_k, context)?, project(&self.to_v, context)?));
         }
-        let mut kept = self.context_kv.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(kv) = kept.as_ref().filter(|kv| kv.context == context.id() && kv.bf16 == bf16) {
-            return Ok((kv.k.clone(), kv.v.clone()));
+        let kept = || self.context_kv.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let hit = {
+            let kept = kept();
+            kept.as_ref()
+                .filter(|kv| kv.context == context.id() && kv.bf16 == bf16)
+                .map(|kv| (kv.k.clone(), kv.v.clone()))
+        };
+        if let Some(kv) = hit {
+            return Ok(kv);
         }
         let (k, v) = (project(&self.to_k, context)?, project(&self.to_v, context)?);
-        *kept = Some(ContextKv { context: context.id(), bf16, k: k.clone(), v: v.clone() });
+        *kept() = Some(ContextKv { context: context.id(), bf16, k: k.clone(), v: v.clone() });
         Ok((k, v))
     }
+
     /// The attention's output plus `residual`, summed inside its last linear layer.
     fn forward_add(&self, xs: &Tensor, context: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         if [&self.to_q, &self.to_k, &self.to_v, &self.to_out].iter().all(|l| l.bf16_products()) {
