@@ -262,9 +262,9 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
 }
 
 /// Each linear layer shape of the UNet's transformers and time embedding at 512² without CFG
-/// (tokens, in, out, count per call), timed through `kernels::linear` with a bias as the model calls it (the feed-forward's
-/// first layer through `kernels::linear_geglu`, its GEGLU included), f32 activations, f32 or bf16
-/// weights; the rate and the whole call's linear time.
+/// (tokens, in, out, count per call), timed through `kernels::linear` with a bias as the model
+/// calls it (the feed-forward's first layer through `kernels::linear_geglu`, its GEGLU included),
+/// f32 activations, f32 or bf16 weights; the rate and the whole call's linear time.
 fn linear_shapes(n: usize, bf16: bool) -> anyhow::Result<()> {
     use ghiblify::models::kernels::{linear, linear_geglu, Weight};
     let shapes: &[(usize, usize, usize, usize)] = &[

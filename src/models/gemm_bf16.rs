@@ -1025,7 +1025,7 @@ pub unsafe fn gemm_packed<TA: Elem>(
     let slivers = n.div_ceil(NR);
     let tiles = amx();
     // Rows per micro-tile, packed from A a panel of MR at a time (zero past m).
-    let (rows, micro) = if tiles { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel::<MR> as Micro) };
+    let (rows, micro) = if tiles { (AMX_ROWS, AMX_MICRO) } else { (MR, kernel::<MR> as Micro) };
     let _config = tiles.then(amx::Tiles::configure);
     // A packed with B's padding (zero pairs past k), so the products take whole tile steps.
     let mut abuf = Vec::new();
@@ -1443,8 +1443,7 @@ unsafe fn gemm_impl<TA: Elem, TB: Elem>(
                     } else {
                         (a_in.base.add(i0 * a_in.row + kb * kc), a_in.row)
                     };
-                    let (rows, micro) =
-                        if amx_rows { (AMX_ROWS, amx_kernel as Micro) } else { (MR, kernel::<MR> as Micro) };
+                    let (rows, micro) = if amx_rows { (AMX_ROWS, AMX_MICRO) } else { (MR, kernel::<MR> as Micro) };
                     let (mr, nr) = (rows.min(m - i0), NR.min(n - js));
                     // A product of one or two rows computes only those.
                     let micro = match mr {
@@ -1719,19 +1718,12 @@ fn direct(scale: &TileScale) -> bool {
     scale.all == 1.0 && scale.rows.is_null() && scale.cols.is_null() && !scale.bf16_c
 }
 
-// Off x86_64 neither micro-kernel runs (`available()` is false).
+/// The AMX micro-kernel, as the products call it. Off x86_64 neither micro-kernel runs
+/// (`available()` is false): the register kernel's stub stands in.
+#[cfg(target_arch = "x86_64")]
+const AMX_MICRO: Micro = amx_kernel;
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn amx_kernel(
-    _: usize,
-    _: (*const u32, usize),
-    _: *const u32,
-    _: (*mut f32, usize),
-    _: (usize, usize),
-    _: TileScale,
-    _: bool,
-) {
-    unreachable!("gemm_bf16::amx() is false off x86_64")
-}
+const AMX_MICRO: Micro = kernel::<MR>;
 
 /// The tile unit: enabling it for the process, configuring it per thread, the products.
 #[cfg(target_arch = "x86_64")]
