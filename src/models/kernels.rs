@@ -342,6 +342,11 @@ fn f32_to_f16(v: &[f32], out: &mut [std::mem::MaybeUninit<half::f16>]) {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { f32_to_f16_avx512(v, out) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has F16C and AVX.
+        return unsafe { f32_to_f16_f16c(v, out) };
+    }
     for (o, &x) in out.iter_mut().zip(v) {
         o.write(half::f16::from_f32(x));
     }
@@ -363,6 +368,27 @@ unsafe fn f32_to_f16_avx512(v: &[f32], out: &mut [std::mem::MaybeUninit<half::f1
                 v.as_ptr().add(i),
             ));
             _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, h);
+        }
+    }
+    for (o, &x) in out[full..n].iter_mut().zip(&v[full..n]) {
+        o.write(half::f16::from_f32(x));
+    }
+}
+
+/// [`f32_to_f16_avx512`] 8 values per `vcvtps2ph` ymm, for CPUs with F16C but not AVX-512 (AVX2
+/// laptops and Zen 3): half's `from_f32` asks for F16C and calls the instruction on each value
+/// (round to nearest even both ways, so the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f32_to_f16_f16c(v: &[f32], out: &mut [std::mem::MaybeUninit<half::f16>]) {
+    use std::arch::x86_64::*;
+    let n = v.len().min(out.len());
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        // SAFETY: i + 8 ≤ n values of both.
+        unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(v.as_ptr().add(i)));
+            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, h);
         }
     }
     for (o, &x) in out[full..n].iter_mut().zip(&v[full..n]) {
@@ -828,6 +854,11 @@ fn f16_to_f32(v: &[half::f16], out: &mut [std::mem::MaybeUninit<f32>]) {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { f16_to_f32_avx512(v, out) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has F16C and AVX.
+        return unsafe { f16_to_f32_f16c(v, out) };
+    }
     for (o, &x) in out.iter_mut().zip(v) {
         o.write(x.to_f32());
     }
@@ -848,6 +879,27 @@ unsafe fn f16_to_f32_avx512(v: &[half::f16], out: &mut [std::mem::MaybeUninit<f3
         unsafe {
             let h = _mm256_loadu_si256(v.as_ptr().add(i) as *const __m256i);
             _mm512_storeu_ps(out.as_mut_ptr().add(i) as *mut f32, _mm512_cvtph_ps(h));
+        }
+    }
+    for (o, &x) in out[full..n].iter_mut().zip(&v[full..n]) {
+        o.write(x.to_f32());
+    }
+}
+
+/// [`f16_to_f32_avx512`] 8 values per `vcvtph2ps` ymm, for CPUs with F16C but not AVX-512: half's
+/// `to_f32` checks for F16C and calls the instruction once per value, which made `--dtype f16`'s
+/// widening the slowest part of a call on such CPUs (measured in docs/PERFORMANCE.md, round twenty).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_to_f32_f16c(v: &[half::f16], out: &mut [std::mem::MaybeUninit<f32>]) {
+    use std::arch::x86_64::*;
+    let n = v.len().min(out.len());
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        // SAFETY: i + 8 ≤ n values of both.
+        unsafe {
+            let h = _mm_loadu_si128(v.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i) as *mut f32, _mm256_cvtph_ps(h));
         }
     }
     for (o, &x) in out[full..n].iter_mut().zip(&v[full..n]) {
@@ -3201,6 +3253,64 @@ pub(crate) mod tests {
                 assert!(max_rel(&got, &want) < 1e-5, "bf16 linear {:?}: {}", (rows, k, n), max_rel(&got, &want));
             }
         })
+    }
+
+    #[test]
+    fn half_conversions_are_halfs_own_bit_for_bit() {
+        // Every f16 widened, and f32 values of every kind narrowed (halfway cases, subnormals,
+        // overflow, infinities, NaN), by each vector path this CPU runs, against half's one
+        // value at a time; lengths that leave a tail.
+        type Widen = unsafe fn(&[half::f16], &mut [std::mem::MaybeUninit<f32>]);
+        type Narrow = unsafe fn(&[f32], &mut [std::mem::MaybeUninit<half::f16>]);
+        let mut paths: Vec<(&str, Widen, Narrow)> =
+            vec![("dispatch", |v, o| f16_to_f32(v, o), |v, o| f32_to_f16(v, o))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                paths.push(("avx512", f16_to_f32_avx512, f32_to_f16_avx512));
+            }
+            if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+                paths.push(("f16c", f16_to_f32_f16c, f32_to_f16_f16c));
+            }
+        }
+        let halves: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let mut wides: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+        // Halfway between neighbouring f16 values (ties to even), just off them, and beyond range.
+        for h in (0..0x7c00u16).step_by(7) {
+            let (a, b) = (half::f16::from_bits(h).to_f32(), half::f16::from_bits(h + 1).to_f32());
+            let mid = (a as f64 + b as f64) / 2.0;
+            wides.extend([mid as f32, f32::from_bits((mid as f32).to_bits() + 1), -(mid as f32)]);
+        }
+        wides.extend([65520.0, 65519.99, 1e10, -1e10, 1e-10, f32::MIN_POSITIVE, f32::INFINITY, f32::NAN]);
+        wides.extend((0..20_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
+        for (name, widen, narrow) in paths {
+            for len in [halves.len(), 13] {
+                let mut out = vec![std::mem::MaybeUninit::uninit(); len];
+                // SAFETY: the path is one this CPU runs (checked above).
+                unsafe { widen(&halves[..len], &mut out) };
+                for (h, o) in halves.iter().zip(&out) {
+                    // SAFETY: the converter wrote every value.
+                    let got = unsafe { o.assume_init() };
+                    assert_eq!(got.to_bits(), h.to_f32().to_bits(), "{name} widening {:#06x}", h.to_bits());
+                }
+            }
+            for len in [wides.len(), 11] {
+                let mut out = vec![std::mem::MaybeUninit::uninit(); len];
+                // SAFETY: as above.
+                unsafe { narrow(&wides[..len], &mut out) };
+                for (w, o) in wides.iter().zip(&out) {
+                    // SAFETY: the converter wrote every value.
+                    let got = unsafe { o.assume_init() };
+                    let want = half::f16::from_f32(*w);
+                    assert!(
+                        got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                        "{name} narrowing {w:e}: {:#06x} vs {:#06x}",
+                        got.to_bits(),
+                        want.to_bits()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
