@@ -378,6 +378,12 @@ fn gemm_shapes(n: usize) {
         } else {
             f64::NAN
         };
-        println!("{name:24} f32 {:7.1} GFLOP/s   bf16 {:7.1} GFLOP/s", flops / f32_s / 1e9, flops / bf_s / 1e9);
+        // No bf16 kernel on this CPU (no AVX512_BF16): say so rather than print NaN.
+        let bf16 = if bf_s.is_nan() {
+            "   n/a (no AVX512_BF16)".to_string()
+        } else {
+            format!("{:7.1} GFLOP/s", flops / bf_s / 1e9)
+        };
+        println!("{name:24} f32 {:7.1} GFLOP/s   bf16 {bf16}", flops / f32_s / 1e9);
     }
 }
