@@ -888,7 +888,7 @@ unsafe fn f16_to_f32_avx512(v: &[half::f16], out: &mut [std::mem::MaybeUninit<f3
 
 /// [`f16_to_f32_avx512`] 8 values per `vcvtph2ps` ymm, for CPUs with F16C but not AVX-512: half's
 /// `to_f32` checks for F16C and calls the instruction once per value, which made `--dtype f16`'s
-/// widening the slowest part of a call on such CPUs (measured in docs/PERFORMANCE.md, round twenty).
+/// widening 15 % of a UNet call's samples on such a CPU (docs/PERFORMANCE.md, round twenty).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
 unsafe fn f16_to_f32_f16c(v: &[half::f16], out: &mut [std::mem::MaybeUninit<f32>]) {
