@@ -3262,6 +3262,7 @@ pub(crate) mod tests {
         // value at a time; lengths that leave a tail.
         type Widen = unsafe fn(&[half::f16], &mut [std::mem::MaybeUninit<f32>]);
         type Narrow = unsafe fn(&[f32], &mut [std::mem::MaybeUninit<half::f16>]);
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut paths: Vec<(&str, Widen, Narrow)> =
             vec![("dispatch", |v, o| f16_to_f32(v, o), |v, o| f32_to_f16(v, o))];
         #[cfg(target_arch = "x86_64")]
