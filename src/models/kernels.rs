@@ -3875,8 +3875,8 @@ pub(crate) mod tests {
             let half = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
             for (pname, run) in paths {
                 let what = format!("{:?} {pname}", (b, lq, lk, c, heads));
-                // Asked, not read off the path's name: a CPU without AVX512_BF16 (or where
-                // its products do not pay) runs "kernels" in f32.
+                // Asked, not read off the path's name: a CPU without AVX512_BF16 runs
+                // "kernels" in f32.
                 let bf16 = run(&|| Tensor::new(u8::from(bf16_arithmetic()), &Device::Cpu).unwrap());
                 let bf16 = bf16.to_scalar::<u8>().unwrap() == 1;
                 let want = run(&|| attention(&q, &k, &v, heads, true).unwrap());
