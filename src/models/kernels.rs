@@ -3716,6 +3716,12 @@ pub(crate) mod tests {
         ("generic", |f| crate::device::with_generic_ops(true, f)),
     ];
 
+    /// Whether `question` holds on the path `run` (asked inside it: the paths are this thread's
+    /// switches, and they pass only tensors through).
+    fn holds_on(run: Path, question: &dyn Fn() -> bool) -> bool {
+        run(&|| Tensor::new(u8::from(question()), &Device::Cpu).unwrap()).to_scalar::<u8>().unwrap() == 1
+    }
+
     #[test]
     fn geglu_matches_candle() {
         let h = (randn(&[2, 7, 2 * 45], 7) * 2.0).unwrap();
@@ -3799,8 +3805,7 @@ pub(crate) mod tests {
             for ((wname, w), (_, wg)) in weight_forms(&w32).iter().zip(&weight_forms(&wg32)) {
                 for (pname, run) in paths {
                     let what = format!("{:?} {wname} {pname}", (rows, k, n));
-                    let products = run(&|| Tensor::new(u8::from(w.bf16_products()), &Device::Cpu).unwrap());
-                    let bf16 = products.to_scalar::<u8>().unwrap() == 1;
+                    let bf16 = holds_on(run, &|| w.bf16_products());
                     let ln32 = run(&|| layer_norm(&x, &gamma, &beta, 1e-5).unwrap());
                     let ln16 = run(&|| layer_norm_bf16(&x, &gamma, &beta, 1e-5).unwrap());
                     if pname == "generic" {
@@ -3848,8 +3853,7 @@ pub(crate) mod tests {
                     }
                     let g32 = run(&|| linear_geglu(&x, wg, Some(&bg)).unwrap());
                     let g16 = run(&|| linear_geglu_bf16(&x, wg, Some(&bg)).unwrap());
-                    let gated_inside = run(&|| Tensor::new(u8::from(wg.bf16_products()), &Device::Cpu).unwrap());
-                    if gated_inside.to_scalar::<u8>().unwrap() == 1 && pname != "generic" {
+                    if holds_on(run, &|| wg.bf16_products()) && pname != "generic" {
                         assert_eq!(g16.dtype(), DType::BF16, "{what}");
                         assert!(bits(&g16.to_dtype(DType::F32).unwrap()) == bits(&bf16_rounded(&g32)), "{what}");
                     } else {
@@ -3877,8 +3881,7 @@ pub(crate) mod tests {
                 let what = format!("{:?} {pname}", (b, lq, lk, c, heads));
                 // Asked, not read off the path's name: a CPU without AVX512_BF16 runs
                 // "kernels" in f32.
-                let bf16 = run(&|| Tensor::new(u8::from(bf16_arithmetic()), &Device::Cpu).unwrap());
-                let bf16 = bf16.to_scalar::<u8>().unwrap() == 1;
+                let bf16 = holds_on(run, &bf16_arithmetic);
                 let want = run(&|| attention(&q, &k, &v, heads, true).unwrap());
                 let got = run(&|| attention_bf16(&half(&q), &half(&k), &half(&v), heads).unwrap());
                 if bf16 {
