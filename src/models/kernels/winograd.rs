@@ -60,7 +60,7 @@ thread_local! {
     static FORCED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: the split path even where the fused one would run.
     static SPLIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Tests: [`fused::conv_by_channels`] wherever the fused paths run.
+    /// Tests: [`fused::conv_by_channels`] wherever the fused paths run with AVX-512.
     static BY_CHANNELS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -172,7 +172,9 @@ thread_local! {
 /// every layer where it applies.
 pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
     if fused::available() && !SPLIT.get() {
-        if BY_CHANNELS.get() || (!fused::suits(sh.cin, sh.cout) && fused::suits_by_channels(&sh)) {
+        // (Jobs over output channels transform their filters in AVX-512 registers only.)
+        let by_channels = BY_CHANNELS.get() || (!fused::suits(sh.cin, sh.cout) && fused::suits_by_channels(&sh));
+        if fused::avx512() && by_channels {
             return fused::conv_by_channels(x, sh, w, tail);
         }
         if fused::suits(sh.cin, sh.cout) {
@@ -307,7 +309,7 @@ fn filter_1d_lanes(g0: &Lanes, g1: &Lanes, g2: &Lanes) -> [Lanes; 6] {
 fn filters_of(g: &[f32], dst: &mut [f32], cin: usize) {
     assert!(g.len() >= 9 * cin && dst.len() >= XI * cin);
     #[cfg(target_arch = "x86_64")]
-    if fused::available() {
+    if fused::avx512() {
         // SAFETY: the lengths asserted; the CPU has AVX-512F.
         let done = unsafe { filters_of_avx512(g, dst, cin) };
         return filters_of_from(g, dst, cin, done);
@@ -488,21 +490,53 @@ fn runs<const N: usize>(dst: &mut [f32], first: usize, stride: usize, len: usize
     })
 }
 
-/// `dst[ν·stride + t]` = (d B)_ν of the tile starting at `line[4t]`, t < n: whole groups of 16
-/// tiles with AVX-512 permutes ([`avx512::rows16`]), the rest (and other CPUs) by the compiler's
-/// vectorisation, which left up to 16 tiles of every call to a 4-wide loop (its loads of whole
-/// groups of four would have read past the line).
-fn rows_1d(line: &[f32], dst: &mut [f32], stride: usize, n: usize) {
-    assert!(line.len() >= 4 * n + 4 && n <= stride && dst.len() >= 5 * stride + n);
-    let whole = if fused::available() { n / 16 } else { 0 };
-    #[cfg(target_arch = "x86_64")]
-    if whole > 0 {
-        // SAFETY: 16·whole ≤ n tiles read line[..64·whole + 4] and write dst[ν·stride ..][..16·whole]
-        // (asserted); available() said the CPU has AVX-512F.
-        unsafe { avx512::rows16(line.as_ptr(), dst.as_mut_ptr(), stride, whole) };
+/// Tiles per whole group of the vector row transforms on this CPU: 16 with AVX-512
+/// ([`avx512`]), 8 with AVX2 ([`avx2`], whose fused products run there), none otherwise.
+fn row_group() -> usize {
+    if fused::avx512() {
+        16
+    } else if fused::avx2() {
+        8
+    } else {
+        0
     }
-    if 16 * whole < n {
-        rows_1d_any(&line[64 * whole..], &mut dst[16 * whole..], stride, n - 16 * whole);
+}
+
+/// `dst[ν·stride + t]` = (d B)_ν of the tile starting at `line[4t]`, t < n: whole groups of 16
+/// (8) tiles with AVX-512 (AVX2) permutes ([`avx512::rows16`], [`avx2::rows8`]), the rest (and
+/// other CPUs) by the compiler's vectorisation, which left up to 16 tiles of every call to a
+/// 4-wide loop (its loads of whole groups of four would have read past the line); with AVX2 it
+/// was a quarter of TAESD's samples, the permutes halve it (docs/PERFORMANCE.md, round 21).
+fn rows_1d(line: &[f32], dst: &mut [f32], stride: usize, n: usize) {
+    rows_1d_by(row_group(), line, dst, stride, n)
+}
+
+/// `group` if this CPU has its instructions (16: AVX-512F, 8: AVX2 and FMA), 0 otherwise, and how
+/// many of `n` tiles fill whole groups of it.
+fn whole_groups(group: usize, n: usize) -> (usize, usize) {
+    let group = if (group == 16 && fused::avx512()) || (group == 8 && fused::avx2()) { group } else { 0 };
+    (group, n.checked_div(group).map_or(0, |g| g * group))
+}
+
+/// [`rows_1d`] with whole groups of `group` tiles (16 or 8 where the CPU has the instructions,
+/// none otherwise): tests run each.
+fn rows_1d_by(group: usize, line: &[f32], dst: &mut [f32], stride: usize, n: usize) {
+    assert!(line.len() >= 4 * n + 4 && n <= stride && dst.len() >= 5 * stride + n);
+    let (group, done) = whole_groups(group, n);
+    #[cfg(target_arch = "x86_64")]
+    if done > 0 {
+        // SAFETY: done ≤ n tiles read line[..4·done + 4] and write dst[ν·stride ..][..done]
+        // (asserted); the CPU has AVX-512F (16) or AVX2 and FMA (8).
+        unsafe {
+            if group == 16 {
+                avx512::rows16(line.as_ptr(), dst.as_mut_ptr(), stride, done / 16)
+            } else {
+                avx2::rows8(line.as_ptr(), dst.as_mut_ptr(), stride, done / 8)
+            }
+        };
+    }
+    if done < n {
+        rows_1d_any(&line[4 * done..], &mut dst[done..], stride, n - done);
     }
 }
 
@@ -547,7 +581,7 @@ impl<'a> Tail<'a> {
 }
 
 /// `line[4t + b]` = Σ_ν cols[ν·stride + t] A[ν][b], then its [`RowTail`], t < n: as [`rows_1d`],
-/// whole groups of 16 tiles with AVX-512 permutes.
+/// whole groups of 16 (8) tiles with AVX-512 (AVX2) permutes.
 fn out_rows_1d(cols: &[f32], line: &mut [f32], stride: usize, n: usize, tail: RowTail) {
     out_rows_1d_to(cols, line, stride, n, tail, false)
 }
@@ -557,31 +591,69 @@ fn out_rows_1d(cols: &[f32], line: &mut [f32], stride: usize, n: usize, tail: Ro
 /// so that their lines are not first read in to be overwritten. The caller fences
 /// (`_mm_sfence`) before others read them.
 fn out_rows_1d_to(cols: &[f32], line: &mut [f32], stride: usize, n: usize, tail: RowTail, stream: bool) {
+    out_rows_1d_by(row_group(), cols, line, (stride, n), tail, stream)
+}
+
+/// [`out_rows_1d_to`] with whole groups of `group` tiles, as [`rows_1d_by`].
+fn out_rows_1d_by(
+    group: usize,
+    cols: &[f32],
+    line: &mut [f32],
+    (stride, n): (usize, usize),
+    tail: RowTail,
+    stream: bool,
+) {
     assert!(line.len() >= 4 * n && n <= stride && cols.len() >= 5 * stride + n);
     assert!(tail.residual.is_none_or(|r| r.len() >= 4 * n));
-    let whole = if fused::available() { n / 16 } else { 0 };
+    let (group, done) = whole_groups(group, n);
     #[cfg(target_arch = "x86_64")]
-    if whole > 0 {
+    if done > 0 {
         let stream = stream && (line.as_ptr() as usize).is_multiple_of(64);
         let residual = tail.residual.map_or(std::ptr::null(), <[f32]>::as_ptr);
-        // SAFETY: 16·whole ≤ n tiles read cols[ν·stride ..][..16·whole] and the residual's
-        // [..64·whole] (when given) and write line[..64·whole] (asserted), aligned to 64 bytes
-        // when streamed; available() said the CPU has AVX-512F.
+        let (cols, line, tail) = (cols.as_ptr(), line.as_mut_ptr(), (tail.bias, residual, tail.relu));
+        // SAFETY: done ≤ n tiles read cols[ν·stride ..][..done] and the residual's [..4·done]
+        // (when given) and write line[..4·done] (asserted), aligned to 64 bytes when streamed;
+        // the CPU has AVX-512F (16) or AVX2 and FMA (8).
         unsafe {
-            avx512::out_rows16(
-                cols.as_ptr(),
-                stride,
-                line.as_mut_ptr(),
-                whole,
-                (tail.bias, residual, tail.relu),
-                stream,
-            )
+            if group == 16 {
+                avx512::out_rows16(cols, stride, line, done / 16, tail, stream)
+            } else {
+                avx2::out_rows8(cols, stride, line, done / 8, tail, stream)
+            }
         };
     }
-    if 16 * whole < n {
-        let rest = RowTail { residual: tail.residual.map(|r| &r[64 * whole..]), ..tail };
-        out_rows_1d_any(&cols[16 * whole..], &mut line[64 * whole..], stride, n - 16 * whole, rest);
+    if done < n {
+        let rest = RowTail { residual: tail.residual.map(|r| &r[4 * done..]), ..tail };
+        out_rows_1d_any(&cols[done..], &mut line[4 * done..], stride, n - done, rest);
     }
+}
+
+/// [`input_1d`]'s arithmetic on vectors, operation for operation (so the same values): the
+/// vector add, sub and mul, the constants 2, 4, 5 and −4 as vectors, the six positions.
+macro_rules! input_1d_vec {
+    (($add:ident, $sub:ident, $mul:ident), ($c2:ident, $c4:ident, $c5:ident, $cm4:ident), [$d0:ident, $d1:ident, $d2:ident, $d3:ident, $d4:ident, $d5:ident]) => {
+        [
+            $add($sub($mul($c4, $d0), $mul($c5, $d2)), $d4),
+            $add($add($mul($cm4, $add($d1, $d2)), $d3), $d4),
+            $add($sub($mul($c4, $sub($d1, $d2)), $d3), $d4),
+            $add($sub($mul($c2, $sub($d3, $d1)), $d2), $d4),
+            $add($sub($mul($c2, $sub($d1, $d3)), $d2), $d4),
+            $add($sub($mul($c4, $d1), $mul($c5, $d3)), $d5),
+        ]
+    };
+}
+
+/// [`output_1d`]'s arithmetic on vectors, as [`input_1d_vec`]: the constants 2, 4 and 8.
+macro_rules! output_1d_vec {
+    (($add:ident, $sub:ident, $mul:ident), ($c2:ident, $c4:ident, $c8:ident), [$m0:expr, $m1:expr, $m2:expr, $m3:expr, $m4:expr, $m5:expr]) => {{
+        let (s12, d12, s34, d34) = ($add($m1, $m2), $sub($m1, $m2), $add($m3, $m4), $sub($m3, $m4));
+        [
+            $add($add($m0, s12), s34),
+            $add(d12, $mul($c2, d34)),
+            $add(s12, $mul($c4, s34)),
+            $add($add(d12, $mul($c8, d34)), $m5),
+        ]
+    }};
 }
 
 /// The row transforms 16 tiles at a time: the tiles' values sit four (or six) apart along the
@@ -618,14 +690,7 @@ mod avx512 {
                 let (d2, d3) = split(q0, q1, q2, q3, i23);
                 let (d4, d5) = split(s0, s1, s2, s3, i01);
                 let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
-                let o = [
-                    add(sub(mul(c4, d0), mul(c5, d2)), d4),
-                    add(add(mul(cm4, add(d1, d2)), d3), d4),
-                    add(sub(mul(c4, sub(d1, d2)), d3), d4),
-                    add(sub(mul(c2, sub(d3, d1)), d2), d4),
-                    add(sub(mul(c2, sub(d1, d3)), d2), d4),
-                    add(sub(mul(c4, d1), mul(c5, d3)), d5),
-                ];
+                let o = input_1d_vec!((add, sub, mul), (c2, c4, c5, cm4), [d0, d1, d2, d3, d4, d5]);
                 for (nu, o) in o.into_iter().enumerate() {
                     _mm512_storeu_ps(dst.add(nu * stride + 16 * b), o);
                 }
@@ -658,14 +723,8 @@ mod avx512 {
             unsafe {
                 let c = |nu: usize| _mm512_loadu_ps(cols.add(nu * stride + 16 * b));
                 let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
-                let (s12, d12, s34, d34) = (add(c(1), c(2)), sub(c(1), c(2)), add(c(3), c(4)), sub(c(3), c(4)));
-                let o = [
-                    add(add(c(0), s12), s34),
-                    add(d12, mul(c2, d34)),
-                    add(s12, mul(c4, s34)),
-                    add(add(d12, mul(c8, d34)), c(5)),
-                ]
-                .map(|v| add(v, bias));
+                let o = output_1d_vec!((add, sub, mul), (c2, c4, c8), [c(0), c(1), c(2), c(3), c(4), c(5)]);
+                let o = o.map(|v| add(v, bias));
                 // The residual and the ReLU on the values in line order.
                 // (max(NaN, 0) is 0 here as in f32::max: the second operand when one is NaN.)
                 let tail = |q: __m512d, at: usize| {
@@ -686,6 +745,106 @@ mod avx512 {
                     } else {
                         _mm512_storeu_pd(at as *mut f64, q0);
                         _mm512_storeu_pd(at.add(16) as *mut f64, q1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`avx512`]'s row transforms 8 tiles at a time in ymm registers (AVX2 has no two-source
+/// permutes: 4 × 4 transposes within 128-bit lanes, the tiles loaded into the lanes in order).
+/// The same arithmetic, operation for operation: the same results.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// See [`super::rows_1d`].
+    ///
+    /// # Safety
+    /// line[..32·blocks + 4] readable, dst[ν·stride + 8·blocks] writable for ν < 6; AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows8(line: *const f32, dst: *mut f32, stride: usize, blocks: usize) {
+        let (c4, c5, c2) = (_mm256_set1_ps(4.0), _mm256_set1_ps(5.0), _mm256_set1_ps(2.0));
+        let cm4 = _mm256_set1_ps(-4.0);
+        for b in 0..blocks {
+            // SAFETY: in bounds per the caller.
+            unsafe {
+                let p = line.add(32 * b);
+                // Tiles t and t + 4 (from `o` values on) in the two lanes.
+                let ld = |t: usize, o: usize| _mm256_loadu2_m128(p.add(4 * t + 16 + o), p.add(4 * t + o));
+                let (q0, q1, q2, q3) = (ld(0, 0), ld(1, 0), ld(2, 0), ld(3, 0));
+                let (s0, s1, s2, s3) = (ld(0, 4), ld(1, 4), ld(2, 4), ld(3, 4));
+                // 4 × 4 transposes in each lane: position k of tiles 0-3 | 4-7.
+                let (a0, a1) = (_mm256_unpacklo_ps(q0, q1), _mm256_unpackhi_ps(q0, q1));
+                let (a2, a3) = (_mm256_unpacklo_ps(q2, q3), _mm256_unpackhi_ps(q2, q3));
+                let pd = _mm256_castps_pd;
+                let ps = _mm256_castpd_ps;
+                let d0 = ps(_mm256_unpacklo_pd(pd(a0), pd(a2)));
+                let d1 = ps(_mm256_unpackhi_pd(pd(a0), pd(a2)));
+                let d2 = ps(_mm256_unpacklo_pd(pd(a1), pd(a3)));
+                let d3 = ps(_mm256_unpackhi_pd(pd(a1), pd(a3)));
+                let (e0, e2) = (_mm256_unpacklo_ps(s0, s1), _mm256_unpacklo_ps(s2, s3));
+                let d4 = ps(_mm256_unpacklo_pd(pd(e0), pd(e2)));
+                let d5 = ps(_mm256_unpackhi_pd(pd(e0), pd(e2)));
+                let (add, sub, mul) = (_mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps);
+                let o = input_1d_vec!((add, sub, mul), (c2, c4, c5, cm4), [d0, d1, d2, d3, d4, d5]);
+                for (nu, o) in o.into_iter().enumerate() {
+                    _mm256_storeu_ps(dst.add(nu * stride + 8 * b), o);
+                }
+            }
+        }
+    }
+
+    /// See [`super::out_rows_1d`].
+    ///
+    /// # Safety
+    /// cols[ν·stride + 8·blocks] readable for ν < 6, residual[..32·blocks] readable unless null,
+    /// line[..32·blocks] writable (32-byte aligned if `stream`); AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn out_rows8(
+        cols: *const f32,
+        stride: usize,
+        line: *mut f32,
+        blocks: usize,
+        (bias, residual, relu): (f32, *const f32, bool),
+        stream: bool,
+    ) {
+        let (c2, c4, c8) = (_mm256_set1_ps(2.0), _mm256_set1_ps(4.0), _mm256_set1_ps(8.0));
+        let (bias, zero) = (_mm256_set1_ps(bias), _mm256_setzero_ps());
+        for b in 0..blocks {
+            // SAFETY: in bounds per the caller.
+            unsafe {
+                let c = |nu: usize| _mm256_loadu_ps(cols.add(nu * stride + 8 * b));
+                let (add, sub, mul) = (_mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps);
+                let o = output_1d_vec!((add, sub, mul), (c2, c4, c8), [c(0), c(1), c(2), c(3), c(4), c(5)]);
+                let o = o.map(|v| add(v, bias));
+                // Tile t's four values together: 4 × 4 transposes in each lane give tiles
+                // (0 | 4), (1 | 5), (2 | 6), (3 | 7), whose lanes are then paired in line order.
+                let pd = _mm256_castps_pd;
+                let ps = _mm256_castpd_ps;
+                let (a0, a1) = (_mm256_unpacklo_ps(o[0], o[1]), _mm256_unpackhi_ps(o[0], o[1]));
+                let (a2, a3) = (_mm256_unpacklo_ps(o[2], o[3]), _mm256_unpackhi_ps(o[2], o[3]));
+                let t04 = ps(_mm256_unpacklo_pd(pd(a0), pd(a2)));
+                let t15 = ps(_mm256_unpackhi_pd(pd(a0), pd(a2)));
+                let t26 = ps(_mm256_unpacklo_pd(pd(a1), pd(a3)));
+                let t37 = ps(_mm256_unpackhi_pd(pd(a1), pd(a3)));
+                let q = [
+                    _mm256_permute2f128_ps::<0x20>(t04, t15),
+                    _mm256_permute2f128_ps::<0x20>(t26, t37),
+                    _mm256_permute2f128_ps::<0x31>(t04, t15),
+                    _mm256_permute2f128_ps::<0x31>(t26, t37),
+                ];
+                for (i, q) in q.into_iter().enumerate() {
+                    // The residual and the ReLU on the values in line order.
+                    // (max(NaN, 0) is 0 here as in f32::max: the second operand when one is NaN.)
+                    let off = 32 * b + 8 * i;
+                    let q = if residual.is_null() { q } else { add(q, _mm256_loadu_ps(residual.add(off))) };
+                    let q = if relu { _mm256_max_ps(q, zero) } else { q };
+                    if stream {
+                        _mm256_stream_ps(line.add(off), q);
+                    } else {
+                        _mm256_storeu_ps(line.add(off), q);
                     }
                 }
             }
@@ -873,18 +1032,21 @@ mod tests {
 
     #[test]
     fn vector_row_transforms_equal_the_compilers() {
-        // The AVX-512 groups of 16 tiles against the plain loops on the same values, bit for bit
-        // (same operations in the same order), for counts with and without a remainder, with and
-        // without the ReLU (a NaN kept without it), with and without a residual, through the
-        // caches and streamed.
+        // The AVX-512 groups of 16 tiles and the AVX2 groups of 8 (each where the CPU has it)
+        // against the plain loops on the same values, bit for bit (same operations in the same
+        // order), for counts with and without a remainder, with and without the ReLU (a NaN kept
+        // without it), with and without a residual, through the caches and streamed.
         let values = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * seed).sin() * 3.0).collect() };
-        for n in [1, 15, 16, 17, 32, 40] {
+        let groups: Vec<usize> =
+            [(16, fused::avx512()), (8, fused::avx2())].iter().filter(|g| g.1).map(|g| g.0).collect();
+        eprintln!("groups of tiles with vector permutes here: {groups:?}");
+        for (group, n) in groups.iter().flat_map(|&g| [1, 7, 8, 9, 15, 16, 17, 32, 40].map(|n| (g, n))) {
             let stride = n + 3;
             let line = values(4 * n + 4, 0.37);
             let (mut fast, mut plain) = (vec![0f32; 6 * stride], vec![0f32; 6 * stride]);
-            rows_1d(&line, &mut fast, stride, n);
+            rows_1d_by(group, &line, &mut fast, stride, n);
             rows_1d_any(&line, &mut plain, stride, n);
-            assert_eq!(fast, plain, "rows_1d, {n} tiles");
+            assert_eq!(fast, plain, "rows_1d, groups of {group}, {n} tiles");
             let mut cols = values(6 * stride, 0.71);
             cols[0] = f32::NAN;
             let residual = values(4 * n, 0.53);
@@ -895,10 +1057,12 @@ mod tests {
                 let fast = &mut buf[skip..skip + 4 * n];
                 let mut plain = vec![0f32; 4 * n];
                 let tail = RowTail { bias: 0.25, residual: res.then_some(&residual[..]), relu };
-                out_rows_1d_to(&cols, fast, stride, n, tail, stream);
+                out_rows_1d_by(group, &cols, fast, (stride, n), tail, stream);
                 out_rows_1d_any(&cols, &mut plain, stride, n, tail);
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                let at = format!("out_rows_1d, {n} tiles, relu {relu}, streamed {stream}, residual {res}");
+                let at = format!(
+                    "out_rows_1d, groups of {group}, {n} tiles, relu {relu}, streamed {stream}, residual {res}"
+                );
                 assert_eq!(bits(fast), bits(&plain), "{at}");
                 assert_eq!(fast[..4].iter().any(|v| v.is_nan()), !relu, "NaN in tile 0, {at}");
             }

@@ -9,9 +9,12 @@
 //! products, the fused one 40–45 % (at the rate of the gemm crate's largest products here).
 //! The tiles of a job are the vector lanes; the transformed filters (36 × cin × cout, 0.6 MB at
 //! 64 → 64) stay in the L2 cache for every job; the micro-kernel keeps a 12-channel × 32-tile
-//! block of products in 24 zmm registers while it sums over the input channels.
+//! block of products in 24 zmm registers while it sums over the input channels (with AVX2, which
+//! has 16 registers of 8 lanes, a 6-channel × 16-tile block in 12 ymm registers, four of them per
+//! 12 × 32 block: the same sums in the same order, so the same values).
 //!
-//! Only with AVX-512 (the micro-kernel's registers); other CPUs take the split path.
+//! With AVX-512 or AVX2 and FMA; other CPUs take the split path. The jobs over output channels
+//! ([`conv_by_channels`]) transform their filters in AVX-512 registers and run with AVX-512 only.
 
 #[cfg(target_arch = "x86_64")]
 use super::filter_2d_avx512;
@@ -40,12 +43,29 @@ fn stride(channels: usize) -> usize {
     channels * T + 16
 }
 
-/// Whether this CPU runs the fused path (AVX-512F, detected once).
+/// Whether this CPU runs the fused path: AVX-512F, or AVX2 and FMA ([`kernel_avx2`]).
 pub(super) fn available() -> bool {
+    avx512() || avx2()
+}
+
+/// Whether this CPU has AVX-512F (detected once): the micro-kernel in zmm registers, the
+/// transforms' AVX-512 permutes and [`conv_by_channels`].
+pub(super) fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether this CPU has AVX2 and FMA (detected once): [`kernel_avx2`].
+pub(super) fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -189,7 +209,7 @@ pub(super) fn conv_by_channels(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> 
                     for i in 0..mine {
                         let cs = chans_of(i);
                         // SAFETY: rows cs of the weight hold cin input channels; u's part holds
-                        // 36 ξ rows of ustride(kc); available() said the CPU has AVX-512F.
+                        // 36 ξ rows of ustride(kc); conv only runs this with avx512().
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
                             filters_by_lanes(
@@ -556,7 +576,7 @@ fn products(u: &[f32], v: &[f32], m: &mut [f32], cin: usize, cout: usize) {
         for co0 in (0..cout).step_by(CO) {
             // SAFETY: rows ci < cin of ux hold cout values from co0 (≥ r of them), rows ci of vx
             // hold T values, and rows co0 .. co0 + r of mx hold T values (the lengths asserted);
-            // available() said the CPU has AVX-512F.
+            // available() said the CPU has AVX-512F or AVX2 and FMA.
             unsafe {
                 tile(cout - co0, ux.as_ptr().add(co0), cout, vx.as_ptr(), cin, mx.as_mut_ptr().add(co0 * T), false)
             }
@@ -567,21 +587,48 @@ fn products(u: &[f32], v: &[f32], m: &mut [f32], cin: usize, cout: usize) {
 /// One micro-tile of `min(rest, CO)` output channels; `add`: onto the products already in `m`.
 ///
 /// # Safety
-/// As in [`products`]; the CPU has AVX-512F.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_macros))]
+/// As in [`products`]; [`available`] is true.
 unsafe fn tile(rest: usize, u: *const f32, ustride: usize, v: *const f32, cin: usize, m: *mut f32, add: bool) {
+    // SAFETY: the caller's; avx512() picks the kernel the CPU has.
+    unsafe { tile_on(avx512(), rest, (u, ustride), v, cin, m, add) }
+}
+
+/// [`tile`] with the AVX-512 kernel (`zmm`) or the AVX2 one: tests run both where the CPU has them.
+///
+/// # Safety
+/// As in [`products`]; the CPU has AVX-512F (`zmm`) or AVX2 and FMA.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_macros))]
+unsafe fn tile_on(
+    zmm: bool,
+    rest: usize,
+    (u, ustride): (*const f32, usize),
+    v: *const f32,
+    cin: usize,
+    m: *mut f32,
+    add: bool,
+) {
     macro_rules! by_rows {
-        ($($r:literal)*) => {
-            match rest.min(CO) {
-                $($r => kernel::<$r>(u, ustride, v, cin, m, add),)*
+        ($rows:expr, $kernel:ident $args:tt; $($r:literal)*) => {
+            match $rows {
+                $($r => $kernel::<$r> $args,)*
                 _ => unreachable!("1 ≤ rows ≤ CO"),
             }
         };
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's.
+    // SAFETY: the caller's; the blocks of the AVX2 kernel lie inside the micro-tile.
     unsafe {
-        by_rows!(1 2 3 4 5 6 7 8 9 10 11 12)
+        if zmm {
+            by_rows!(rest.min(CO), kernel(u, ustride, v, cin, m, add); 1 2 3 4 5 6 7 8 9 10 11 12)
+        } else {
+            let rows = rest.min(CO);
+            for r0 in (0..rows).step_by(CO2) {
+                for h in (0..T).step_by(16) {
+                    let (u, v, m) = (u.add(r0), v.add(h), m.add(r0 * T + h));
+                    by_rows!((rows - r0).min(CO2), kernel_avx2(u, ustride, v, cin, m, add); 1 2 3 4 5 6)
+                }
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("available() is false off x86-64")
@@ -621,6 +668,95 @@ unsafe fn kernel<const R: usize>(u: *const f32, ustride: usize, v: *const f32, c
             }
             _mm512_storeu_ps(m.add(r * T), a0);
             _mm512_storeu_ps(m.add(r * T + 16), a1);
+        }
+    }
+}
+
+/// Output channels per block of [`kernel_avx2`] (with 16 tiles: 12 accumulators of the 16 ymm
+/// registers, two for the inputs and one for the broadcast filter value).
+const CO2: usize = 6;
+
+/// [`kernel`] for 16 of the T tiles (`v` and `m` point at the first; rows still T apart) in ymm
+/// registers: `m[r][0..16] (+)= Σ_ci u[ci·ustride + r] · v[ci·T + 0..16]` for r < R ≤ [`CO2`], each
+/// value summed in the same order with the same fused multiply-adds as [`kernel`].
+///
+/// # Safety
+/// As in [`products`] for the 16 tiles; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2<const R: usize>(
+    u: *const f32,
+    ustride: usize,
+    v: *const f32,
+    cin: usize,
+    m: *mut f32,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for ci in 0..cin {
+        // SAFETY: in bounds per the caller.
+        unsafe {
+            let (v0, v1) = (_mm256_loadu_ps(v.add(ci * T)), _mm256_loadu_ps(v.add(ci * T + 8)));
+            let ur = u.add(ci * ustride);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let b = _mm256_set1_ps(*ur.add(r));
+                acc[0] = _mm256_fmadd_ps(b, v0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(b, v1, acc[1]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: in bounds per the caller.
+        unsafe {
+            let (mut a0, mut a1) = (acc[0], acc[1]);
+            if add {
+                a0 = _mm256_add_ps(_mm256_loadu_ps(m.add(r * T)), a0);
+                a1 = _mm256_add_ps(_mm256_loadu_ps(m.add(r * T + 8)), a1);
+            }
+            _mm256_storeu_ps(m.add(r * T), a0);
+            _mm256_storeu_ps(m.add(r * T + 8), a1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_kernels_sum_in_order_with_fused_multiply_adds() {
+        // Each kernel the CPU has (AVX-512's 12 × 32 block, AVX2's four 6 × 16 ones) against a
+        // plain chain of f32::mul_add over the input channels, bit for bit: the fused path's
+        // results do not depend on which of them ran. Every row count of a micro-tile, written
+        // and added onto, with the rows past it left alone.
+        let kernels: Vec<bool> = [(true, avx512()), (false, avx2())].iter().filter(|k| k.1).map(|k| k.0).collect();
+        eprintln!("micro-kernels here (zmm?): {kernels:?}");
+        let values = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * seed).sin() * 2.0).collect() };
+        let ustride = CO + 3;
+        for (zmm, cin, rest, add) in kernels.iter().flat_map(|&z| {
+            [1, 5, 70]
+                .into_iter()
+                .flat_map(move |c| (1..=CO + 1).flat_map(move |r| [(z, c, r, false), (z, c, r, true)]))
+        }) {
+            let (u, v) = (values(cin * ustride, 0.37), values(cin * T, 0.71));
+            let before = values(CO * T + T, 0.53);
+            let mut m = before.clone();
+            // SAFETY: u holds cin rows of ustride ≥ CO, v cin rows of T, m CO + 1 rows of T; the
+            // CPU has the kernel's instructions (filtered above).
+            unsafe { tile_on(zmm, rest, (u.as_ptr(), ustride), v.as_ptr(), cin, m.as_mut_ptr(), add) };
+            for r in 0..CO + 1 {
+                for t in 0..T {
+                    let sum = (0..cin).fold(0f32, |a, ci| u[ci * ustride + r].mul_add(v[ci * T + t], a));
+                    let want = match (r < rest.min(CO), add) {
+                        (false, _) => before[r * T + t],
+                        (true, false) => sum,
+                        (true, true) => before[r * T + t] + sum,
+                    };
+                    let at = format!("zmm {zmm}, {cin} channels, {rest} rows, add {add}: row {r}, tile {t}");
+                    assert_eq!(m[r * T + t].to_bits(), want.to_bits(), "{at}");
+                }
+            }
         }
     }
 }
