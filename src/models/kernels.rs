@@ -2285,7 +2285,79 @@ fn softmax_rows(s: &mut [f32], lk: usize, inv: &mut [f32]) {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { softmax_rows_avx512(s, lk, inv) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { softmax_rows_avx2(s, lk, inv) };
+    }
     softmax_rows_generic(s, lk, inv)
+}
+
+/// [`exp_shifted_avx512`] for 8 scores with AVX2, which has no `vscalefps`: the same 2^f
+/// polynomial, and 2^n put together in the exponent bits, with t held at −127 or above: n = −127
+/// gives exponent bits 0, so values below ~2^−126.5 (1e-38, nothing next to a row's maximum of 1)
+/// are 0 where `vscalefps` gives subnormals. −∞ − max gives 0; a NaN stays NaN (the max keeps its
+/// second operand, and NaN times any 2^n is NaN).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp_shifted_avx2(
+    x: std::arch::x86_64::__m256,
+    log2e: std::arch::x86_64::__m256,
+    max: std::arch::x86_64::__m256,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let t = _mm256_max_ps(_mm256_set1_ps(-127.0), _mm256_mul_ps(_mm256_sub_ps(x, max), log2e));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+    let f = _mm256_sub_ps(t, n);
+    let mut y = _mm256_set1_ps(1.535_336_2e-4);
+    for c in [1.339_887_4e-3, 9.618_437e-3, 5.550_332_5e-2, 2.402_264_8e-1, 6.931_472e-1, 1.0] {
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(c));
+    }
+    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+}
+
+/// [`softmax_rows`] with AVX2 and FMA: [`row_max`], then [`exp_shifted_avx2`] in place with two
+/// sums in flight (the portable loop's Cephes `exp`, vectorised by the compiler, was a quarter of
+/// an f32 attention's time on a CPU without AVX-512, docs/PERFORMANCE.md).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2(s: &mut [f32], lk: usize, inv: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
+    for (row, inv) in s.chunks_mut(lk).zip(inv.iter_mut()) {
+        let max = _mm256_set1_ps(row_max(row));
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let rp = row.as_mut_ptr();
+        // SAFETY: 16·i + 16 ≤ lk values of the row.
+        for i in 0..lk / 16 {
+            unsafe {
+                let lo = exp_shifted_avx2(_mm256_loadu_ps(rp.add(16 * i)), log2e, max);
+                let hi = exp_shifted_avx2(_mm256_loadu_ps(rp.add(16 * i + 8)), log2e, max);
+                _mm256_storeu_ps(rp.add(16 * i), lo);
+                _mm256_storeu_ps(rp.add(16 * i + 8), hi);
+                acc0 = _mm256_add_ps(acc0, lo);
+                acc1 = _mm256_add_ps(acc1, hi);
+            }
+        }
+        // The last values through a buffer, −∞ (an exponential of 0) in the lanes past the row.
+        for tail in row[lk / 16 * 16..].chunks_mut(8) {
+            let mut buf = [f32::NEG_INFINITY; 8];
+            buf[..tail.len()].copy_from_slice(tail);
+            // SAFETY: buf holds 8 values.
+            let e = unsafe { exp_shifted_avx2(_mm256_loadu_ps(buf.as_ptr()), log2e, max) };
+            unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), e) };
+            tail.copy_from_slice(&buf[..tail.len()]);
+            acc0 = _mm256_add_ps(acc0, e);
+        }
+        let mut sums = [0f32; 8];
+        // SAFETY: sums holds 8 values.
+        unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_add_ps(acc0, acc1)) };
+        *inv = 1.0 / sums.iter().sum::<f32>();
+    }
 }
 
 /// `exp(x − max)` for 16 scores as 2^t, t = (x − max)·log₂e: `vscalefps(2^f, n)` with n = round(t)
@@ -3453,13 +3525,17 @@ pub(crate) mod tests {
             rows.push((lk, v));
         }
         rows.push((40, vec![-3.5; 40]));
+        // Equal scores in a row whose last values fill part of a vector (its other lanes must add
+        // nothing to the sum).
+        rows.push((13, vec![-3.5; 13]));
         rows
     }
 
     #[test]
     fn softmax_rows_match_f64_and_leave_the_division_to_the_caller() {
         // exp(s − max) in place (unnormalised) within 1e-6 of f64 relative to the row's largest
-        // (1), and inv the reciprocal of the row's sum; the AVX-512 version and the portable one.
+        // (1), and inv the reciprocal of the row's sum; the AVX-512 and AVX2 versions (where the
+        // CPU has them) and the portable one.
         for (lk, row) in score_rows() {
             let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
             let exact: Vec<f64> = row.iter().map(|&x| (x as f64 - m).exp()).collect();
@@ -3474,6 +3550,12 @@ pub(crate) mod tests {
                 let (mut s, mut inv) = (row.clone(), [0f32]);
                 unsafe { softmax_rows_avx512(&mut s, lk, &mut inv) };
                 versions.push(("avx512", (s, inv[0])));
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                let (mut s, mut inv) = (row.clone(), [0f32]);
+                unsafe { softmax_rows_avx2(&mut s, lk, &mut inv) };
+                versions.push(("avx2", (s, inv[0])));
             }
             for (name, (got, inv)) in versions {
                 for (j, (&g, &e)) in got.iter().zip(&exact).enumerate() {
