@@ -520,6 +520,7 @@ fn whole_groups(group: usize, n: usize) -> (usize, usize) {
 
 /// [`rows_1d`] with whole groups of `group` tiles (16 or 8 where the CPU has the instructions,
 /// none otherwise): tests run each.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn rows_1d_by(group: usize, line: &[f32], dst: &mut [f32], stride: usize, n: usize) {
     assert!(line.len() >= 4 * n + 4 && n <= stride && dst.len() >= 5 * stride + n);
     let (group, done) = whole_groups(group, n);
@@ -595,6 +596,7 @@ fn out_rows_1d_to(cols: &[f32], line: &mut [f32], stride: usize, n: usize, tail:
 }
 
 /// [`out_rows_1d_to`] with whole groups of `group` tiles, as [`rows_1d_by`].
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn out_rows_1d_by(
     group: usize,
     cols: &[f32],
@@ -630,6 +632,7 @@ fn out_rows_1d_by(
 
 /// [`input_1d`]'s arithmetic on vectors, operation for operation (so the same values): the
 /// vector add, sub and mul, the constants 2, 4, 5 and −4 as vectors, the six positions.
+#[cfg(target_arch = "x86_64")]
 macro_rules! input_1d_vec {
     (($add:ident, $sub:ident, $mul:ident), ($c2:ident, $c4:ident, $c5:ident, $cm4:ident), [$d0:ident, $d1:ident, $d2:ident, $d3:ident, $d4:ident, $d5:ident]) => {
         [
@@ -644,6 +647,7 @@ macro_rules! input_1d_vec {
 }
 
 /// [`output_1d`]'s arithmetic on vectors, as [`input_1d_vec`]: the constants 2, 4 and 8.
+#[cfg(target_arch = "x86_64")]
 macro_rules! output_1d_vec {
     (($add:ident, $sub:ident, $mul:ident), ($c2:ident, $c4:ident, $c8:ident), [$m0:expr, $m1:expr, $m2:expr, $m3:expr, $m4:expr, $m5:expr]) => {{
         let (s12, d12, s34, d34) = ($add($m1, $m2), $sub($m1, $m2), $add($m3, $m4), $sub($m3, $m4));

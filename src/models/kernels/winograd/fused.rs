@@ -674,6 +674,7 @@ unsafe fn kernel<const R: usize>(u: *const f32, ustride: usize, v: *const f32, c
 
 /// Output channels per block of [`kernel_avx2`] (with 16 tiles: 12 accumulators of the 16 ymm
 /// registers, two for the inputs and one for the broadcast filter value).
+#[cfg(target_arch = "x86_64")]
 const CO2: usize = 6;
 
 /// [`kernel`] for 16 of the T tiles (`v` and `m` point at the first; rows still T apart) in ymm
