@@ -2293,6 +2293,12 @@ fn softmax_rows(s: &mut [f32], lk: usize, inv: &mut [f32]) {
     softmax_rows_generic(s, lk, inv)
 }
 
+/// Cephes' exp2f polynomial for 2^f on |f| ≤ ½, highest degree first (Horner): the softmaxes'
+/// exponentials, [`exp_shifted_avx512`] and [`exp_shifted_avx2`].
+#[cfg(target_arch = "x86_64")]
+const EXP2_FRACTION: [f32; 7] =
+    [1.535_336_2e-4, 1.339_887_4e-3, 9.618_437e-3, 5.550_332_5e-2, 2.402_264_8e-1, 6.931_472e-1, 1.0];
+
 /// [`exp_shifted_avx512`] for 8 scores with AVX2, which has no `vscalefps`: the same 2^f
 /// polynomial, and 2^n put together in the exponent bits, with t held at −127 or above: n = −127
 /// gives exponent bits 0, so values below ~2^−126.5 (1e-38, nothing next to a row's maximum of 1)
@@ -2309,9 +2315,9 @@ unsafe fn exp_shifted_avx2(
     let t = _mm256_max_ps(_mm256_set1_ps(-127.0), _mm256_mul_ps(_mm256_sub_ps(x, max), log2e));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
     let f = _mm256_sub_ps(t, n);
-    let mut y = _mm256_set1_ps(1.535_336_2e-4);
-    for c in [1.339_887_4e-3, 9.618_437e-3, 5.550_332_5e-2, 2.402_264_8e-1, 6.931_472e-1, 1.0] {
-        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(c));
+    let mut y = _mm256_set1_ps(EXP2_FRACTION[0]);
+    for c in &EXP2_FRACTION[1..] {
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(*c));
     }
     let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
     _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
@@ -2378,9 +2384,9 @@ unsafe fn exp_shifted_avx512(
     let t = _mm512_max_ps(_mm512_set1_ps(-200.0), _mm512_mul_ps(_mm512_sub_ps(x, max), log2e));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
     let f = _mm512_sub_ps(t, n);
-    let mut y = _mm512_set1_ps(1.535_336_2e-4);
-    for c in [1.339_887_4e-3, 9.618_437e-3, 5.550_332_5e-2, 2.402_264_8e-1, 6.931_472e-1, 1.0] {
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(c));
+    let mut y = _mm512_set1_ps(EXP2_FRACTION[0]);
+    for c in &EXP2_FRACTION[1..] {
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(*c));
     }
     _mm512_scalef_ps(y, n)
 }
