@@ -2286,11 +2286,22 @@ fn softmax_rows(s: &mut [f32], lk: usize, inv: &mut [f32]) {
         return unsafe { softmax_rows_avx512(s, lk, inv) };
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { softmax_rows_avx2(s, lk, inv) };
     }
     softmax_rows_generic(s, lk, inv)
+}
+
+/// Whether this CPU has AVX2 and FMA: the hand-written paths for CPUs without AVX-512 (this
+/// softmax, the fused Winograd kernel and row transforms).
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Cephes' exp2f polynomial for 2^f on |f| ≤ ½, highest degree first (Horner): the softmaxes'
@@ -3558,7 +3569,7 @@ pub(crate) mod tests {
                 versions.push(("avx512", (s, inv[0])));
             }
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if avx2_fma() {
                 let (mut s, mut inv) = (row.clone(), [0f32]);
                 unsafe { softmax_rows_avx2(&mut s, lk, &mut inv) };
                 versions.push(("avx2", (s, inv[0])));

@@ -18,7 +18,7 @@
 
 mod fused;
 
-use super::{join, relu_if, sgemm, SendPtr};
+use super::{avx2_fma, join, relu_if, sgemm, SendPtr};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -495,7 +495,7 @@ fn runs<const N: usize>(dst: &mut [f32], first: usize, stride: usize, len: usize
 fn row_group() -> usize {
     if fused::avx512() {
         16
-    } else if fused::avx2() {
+    } else if avx2_fma() {
         8
     } else {
         0
@@ -514,7 +514,7 @@ fn rows_1d(line: &[f32], dst: &mut [f32], stride: usize, n: usize) {
 /// `group` if this CPU has its instructions (16: AVX-512F, 8: AVX2 and FMA), 0 otherwise, and how
 /// many of `n` tiles fill whole groups of it.
 fn whole_groups(group: usize, n: usize) -> (usize, usize) {
-    let group = if (group == 16 && fused::avx512()) || (group == 8 && fused::avx2()) { group } else { 0 };
+    let group = if (group == 16 && fused::avx512()) || (group == 8 && avx2_fma()) { group } else { 0 };
     (group, n.checked_div(group).map_or(0, |g| g * group))
 }
 
@@ -1041,8 +1041,7 @@ mod tests {
         // order), for counts with and without a remainder, with and without the ReLU (a NaN kept
         // without it), with and without a residual, through the caches and streamed.
         let values = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * seed).sin() * 3.0).collect() };
-        let groups: Vec<usize> =
-            [(16, fused::avx512()), (8, fused::avx2())].iter().filter(|g| g.1).map(|g| g.0).collect();
+        let groups: Vec<usize> = [(16, fused::avx512()), (8, avx2_fma())].iter().filter(|g| g.1).map(|g| g.0).collect();
         eprintln!("groups of tiles with vector permutes here: {groups:?}");
         for (group, n) in groups.iter().flat_map(|&g| [1, 7, 8, 9, 15, 16, 17, 32, 40].map(|n| (g, n))) {
             let stride = n + 3;

@@ -22,7 +22,7 @@ use super::{
     cols_1d, fill_line, out_cols_1d, out_rows_1d, out_rows_1d_to, rows_1d, transform_filters, Filters, RowTail, Shape,
     Tail, XI,
 };
-use crate::models::kernels::{grown, SendPtr};
+use crate::models::kernels::{avx2_fma, grown, SendPtr};
 use rayon::prelude::*;
 
 /// Outputs above this size (bytes) are streamed to memory: a layer's input and output together
@@ -45,7 +45,7 @@ fn stride(channels: usize) -> usize {
 
 /// Whether this CPU runs the fused path: AVX-512F, or AVX2 and FMA ([`kernel_avx2`]).
 pub(super) fn available() -> bool {
-    avx512() || avx2()
+    avx512() || avx2_fma()
 }
 
 /// Whether this CPU has AVX-512F (detected once): the micro-kernel in zmm registers, the
@@ -55,17 +55,6 @@ pub(super) fn avx512() -> bool {
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Whether this CPU has AVX2 and FMA (detected once): [`kernel_avx2`].
-pub(super) fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -731,7 +720,7 @@ mod tests {
         // plain chain of f32::mul_add over the input channels, bit for bit: the fused path's
         // results do not depend on which of them ran. Every row count of a micro-tile, written
         // and added onto, with the rows past it left alone.
-        let kernels: Vec<bool> = [(true, avx512()), (false, avx2())].iter().filter(|k| k.1).map(|k| k.0).collect();
+        let kernels: Vec<bool> = [(true, avx512()), (false, avx2_fma())].iter().filter(|k| k.1).map(|k| k.0).collect();
         eprintln!("micro-kernels here (zmm?): {kernels:?}");
         let values = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * seed).sin() * 2.0).collect() };
         let ustride = CO + 3;
