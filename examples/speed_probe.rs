@@ -10,6 +10,9 @@
 //! cache after the warm-up): weights read in place where stored as the run keeps them
 //! (`GHIBLIFY_IN_PLACE=0` copies them, as before).
 //!
+//! `conv-shapes` with `GHIBLIFY_PROBE_WINOGRAD=1` (or `0`) runs every shape through Winograd (or
+//! im2col) whatever the size rules pick; with `both`, through each in turn (im2col / Winograd).
+//!
 //! `conv-shapes` with `GHIBLIFY_PROBE_WEIGHTS=N` takes N weights of each shape in turn, so that
 //! every call reads its weight from memory as in a model run (a single weight stays in a large L3
 //! cache: the UNet's 1280 → 1280 at 8² ran 1.7 ms that way and 2.8–3.4 ms with 16, as in the UNet).
@@ -232,6 +235,14 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
     // GHIBLIFY_PROBE_WEIGHTS=N: N weights of each shape taken in turn, so that each call reads its
     // weight from memory as in a model run (one weight stays in this machine's large L3 cache).
     let copies: usize = std::env::var("GHIBLIFY_PROBE_WEIGHTS").map_or(Ok(1), |v| v.parse())?;
+    // GHIBLIFY_PROBE_WINOGRAD=1 (or 0): every shape through Winograd (or im2col) whatever its size,
+    // to time a path the size rules do not pick; `both`: im2col / Winograd, alternating.
+    let paths = match std::env::var("GHIBLIFY_PROBE_WINOGRAD").as_deref() {
+        Ok("both") => vec![Some(false), Some(true)],
+        Ok(v) => vec![Some(v == "1")],
+        Err(_) => vec![None],
+    };
+    let path = std::cell::Cell::new(None);
     for shape @ &(model, b, cin, cout, hw) in shapes.iter().filter(|s| label(s).starts_with(only)) {
         let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &Device::Cpu)?;
         let weights = (0..copies.max(1))
@@ -242,20 +253,32 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
         let conv = || {
             let w = &weights[turn.get() % weights.len()];
             turn.set(turn.get() + 1);
-            match model.ends_with(" up") {
+            let run = || match model.ends_with(" up") {
                 true => upsample2x_conv2d(&x, w, Some(&bias), 1, 1),
                 false => conv2d(&x, w, Some(&bias), 1, 1),
+            };
+            match path.get() {
+                Some(on) => ghiblify::models::kernels::with_winograd(on, run),
+                None => run(),
             }
         };
-        conv()?;
-        let mut best = f64::MAX;
-        for _ in 0..n {
-            let t = Instant::now();
+        for &p in &paths {
+            path.set(p);
             conv()?;
-            best = best.min(t.elapsed().as_secs_f64());
         }
-        total += best;
-        println!("{}: {:.1} ms", label(shape), best * 1e3);
+        let mut bests = vec![f64::MAX; paths.len()];
+        for _ in 0..n {
+            // The paths in turn: a slow spell of the machine falls on each alike.
+            for (best, &p) in bests.iter_mut().zip(&paths) {
+                path.set(p);
+                let t = Instant::now();
+                conv()?;
+                *best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        total += bests[0];
+        let times: Vec<String> = bests.iter().map(|b| format!("{:.1} ms", b * 1e3)).collect();
+        println!("{}: {}", label(shape), times.join(" / "));
     }
     println!("total {:.3} s", total);
     Ok(())

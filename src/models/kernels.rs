@@ -1010,11 +1010,8 @@ impl Conv {
             && cin >= AMX_IMPLICIT_MIN_CIN
             && (cin < AMX_CONV_MIN_CIN || oh * ow >= AMX_IMPLICIT_WIDE_MIN_PIXELS)
             && !winograd::is_forced();
-        if !implicit
-            && (kh, kw, s, self.pad_end) == (3, 3, 1, 0)
-            && winograd::worthwhile(cin, cout, b * oh.div_ceil(4) * ow.div_ceil(4), amx_products)
-        {
-            let shape = winograd::Shape { batch: b, cin, ih, iw, up: f, pad: p, cout };
+        let shape = winograd::Shape { batch: b, cin, ih, iw, up: f, pad: p, cout };
+        if !implicit && (kh, kw, s, self.pad_end) == (3, 3, 1, 0) && winograd::worthwhile(&shape, amx_products) {
             let filters = match w {
                 Wt::F32(w) => winograd::Filters::F32(w),
                 Wt::F16(w) => winograd::Filters::F16(w),

@@ -36,19 +36,34 @@ const BUDGET: usize = 1 << 22;
 /// filling the tiles' 32 rows, cin ≥ 320): there a 3 × 3 layer is as fast or faster in bf16 than in f32
 /// Winograd at the UNet's sizes (docs/PERFORMANCE.md, round thirteen), and as close to f32 as
 /// autocast's bf16 convolutions.
-pub(super) fn worthwhile(cin: usize, cout: usize, tiles: usize, amx_products: bool) -> bool {
+pub(super) fn worthwhile(sh: &Shape, amx_products: bool) -> bool {
     if let Some(forced) = FORCED.get() {
         return forced;
     }
     if amx_products {
         return false;
     }
+    let (ty, tx) = sh.tiles();
+    let tiles = sh.batch * ty * tx;
+    let (cin, cout) = (sh.cin, sh.cout);
     // The fused path also pays on layers with one side narrow (TAESD's 3 → 64 and 64 → 3 at the
     // full image: 13.9 → 4.1 and 17.6 → 8.2–9.9 ms against im2col, whose patch matrix is 9 × the
     // input).
     let narrow_ok = fused::available() && fused::suits(cin, cout);
-    enabled() && tiles >= 64 && (narrow_ok || (cin >= 16 && cout >= 16))
+    // With AVX2's kernel the jobs over output channels also beat im2col at 16 to 63 tiles (the
+    // UNet's 16² layers, and its 8² upsamplers at batch 1: 1280 → 1280 2–3× faster), not at 8 or
+    // fewer (its 8² layers; docs/PERFORMANCE.md, round twenty-two). AVX-512's were not measured
+    // there and keep im2col.
+    let few = tiles >= MIN_TILES_AVX2_BY_CHANNELS
+        && !fused::avx512()
+        && fused::by_channels_available()
+        && !fused::suits(cin, cout)
+        && fused::suits_by_channels(sh);
+    enabled() && (tiles >= 64 || few) && (narrow_ok || (cin >= 16 && cout >= 16))
 }
+
+/// See [`worthwhile`].
+const MIN_TILES_AVX2_BY_CHANNELS: usize = 16;
 
 /// Unless `GHIBLIFY_WINOGRAD=0` (read once).
 pub(super) fn enabled() -> bool {
@@ -172,9 +187,8 @@ thread_local! {
 /// every layer where it applies.
 pub(super) fn conv(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> Vec<f32> {
     if fused::available() && !SPLIT.get() {
-        // (Jobs over output channels transform their filters in AVX-512 registers only.)
         let by_channels = BY_CHANNELS.get() || (!fused::suits(sh.cin, sh.cout) && fused::suits_by_channels(&sh));
-        if fused::avx512() && by_channels {
+        if fused::by_channels_available() && by_channels {
             return fused::conv_by_channels(x, sh, w, tail);
         }
         if fused::suits(sh.cin, sh.cout) {
@@ -367,6 +381,29 @@ pub(super) unsafe fn filter_2d_avx512(g: &[std::arch::x86_64::__m512; 9], dst: *
     }
 }
 
+/// [`filter_1d`]'s arithmetic on vectors, as [`input_1d_vec`]: `(add, sub, mul, set1)` for one
+/// vector width. `-(even + odd) / 6` is `(even + odd) · (−1/6)`: negating a product's operand
+/// negates the rounded product exactly, so the same bits as the scalar version.
+#[cfg(target_arch = "x86_64")]
+macro_rules! filter_1d_vec {
+    (($add:ident, $sub:ident, $mul:ident, $set1:ident), [$g0:expr, $g1:expr, $g2:expr]) => {{
+        let (g0, g1, g2) = ($g0, $g1, $g2);
+        let sixth = $set1(1.0 / 6.0);
+        let (even, odd) = ($add(g0, g2), g1);
+        let (quarter, g2_6) = ($mul(g0, $set1(0.25)), $mul(g2, sixth));
+        let q6 = $mul(quarter, sixth);
+        let o12 = $mul(odd, $set1(0.5 / 6.0));
+        [
+            quarter,
+            $mul($add(even, odd), $set1(-1.0 / 6.0)),
+            $mul($sub(odd, even), sixth),
+            $add($add(q6, o12), g2_6),
+            $add($sub(q6, o12), g2_6),
+            g2,
+        ]
+    }};
+}
+
 /// [`filter_1d`] on 16 lanes at once, the same operations in the same order (so the same values).
 ///
 /// # Safety
@@ -379,23 +416,42 @@ pub(super) unsafe fn filter_1d_avx512(
     g2: std::arch::x86_64::__m512,
 ) -> [std::arch::x86_64::__m512; 6] {
     use std::arch::x86_64::*;
+    unsafe { filter_1d_vec!((_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_set1_ps), [g0, g1, g2]) }
+}
+
+/// [`filter_2d_avx512`] on 8 lanes (AVX2): the same operations in the same order.
+///
+/// # Safety
+/// Inlined only into functions compiled for AVX2; dst + ξ·stride + 8 is writable for ξ < 36.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn filter_2d_avx2(g: &[std::arch::x86_64::__m256; 9], dst: *mut f32, stride: usize) {
     unsafe {
-        let neg =
-            |x: __m512| _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN)));
-        let sixth = _mm512_set1_ps(1.0 / 6.0);
-        let (even, odd) = (_mm512_add_ps(g0, g2), g1);
-        let (quarter, g2_6) = (_mm512_mul_ps(g0, _mm512_set1_ps(0.25)), _mm512_mul_ps(g2, sixth));
-        let q6 = _mm512_mul_ps(quarter, sixth);
-        let o12 = _mm512_mul_ps(odd, _mm512_set1_ps(0.5 / 6.0));
-        [
-            quarter,
-            _mm512_mul_ps(neg(_mm512_add_ps(even, odd)), sixth),
-            _mm512_mul_ps(_mm512_sub_ps(odd, even), sixth),
-            _mm512_add_ps(_mm512_add_ps(q6, o12), g2_6),
-            _mm512_add_ps(_mm512_sub_ps(q6, o12), g2_6),
-            g2,
-        ]
+        // No closure here either (see filter_2d_avx512).
+        let c0 = filter_1d_avx2(g[0], g[3], g[6]);
+        let c1 = filter_1d_avx2(g[1], g[4], g[7]);
+        let c2 = filter_1d_avx2(g[2], g[5], g[8]);
+        for (a, ((&x0, &x1), &x2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
+            for (b, row) in filter_1d_avx2(x0, x1, x2).into_iter().enumerate() {
+                std::arch::x86_64::_mm256_storeu_ps(dst.add((a * 6 + b) * stride), row);
+            }
+        }
     }
+}
+
+/// [`filter_1d`] on 8 lanes (AVX2), as [`filter_1d_avx512`].
+///
+/// # Safety
+/// Inlined only into functions compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn filter_1d_avx2(
+    g0: std::arch::x86_64::__m256,
+    g1: std::arch::x86_64::__m256,
+    g2: std::arch::x86_64::__m256,
+) -> [std::arch::x86_64::__m256; 6] {
+    use std::arch::x86_64::*;
+    unsafe { filter_1d_vec!((_mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_set1_ps), [g0, g1, g2]) }
 }
 
 simd! {

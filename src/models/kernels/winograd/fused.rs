@@ -48,6 +48,17 @@ pub(super) fn available() -> bool {
     avx512() || avx2_fma()
 }
 
+/// Whether this CPU runs [`conv_by_channels`]: AVX-512F, or AVX2, FMA and F16C (the filters of
+/// half-precision weights widened in [`filters_by_lanes_avx2`]).
+pub(super) fn by_channels_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512() || (avx2_fma() && std::arch::is_x86_feature_detected!("f16c"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether this CPU has AVX-512F (detected once): the micro-kernel in zmm registers, the
 /// transforms' AVX-512 permutes and [`conv_by_channels`].
 pub(super) fn avx512() -> bool {
@@ -198,22 +209,23 @@ pub(super) fn conv_by_channels(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> 
                     for i in 0..mine {
                         let cs = chans_of(i);
                         // SAFETY: rows cs of the weight hold cin input channels; u's part holds
-                        // 36 ξ rows of ustride(kc); conv only runs this with avx512().
+                        // 36 ξ rows of ustride(kc); conv only runs this where available() (and
+                        // by_channels_available()) said so.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
-                            filters_by_lanes(
-                                Taps { w, co0: cs.start, cin },
-                                cs.len(),
-                                ci0,
-                                kc,
-                                &mut u[i * ulen..(i + 1) * ulen],
-                            )
+                            let (taps, u) = (Taps { w, co0: cs.start, cin }, &mut u[i * ulen..(i + 1) * ulen]);
+                            match avx512() {
+                                true => filters_by_lanes(taps, cs.len(), ci0, kc, u),
+                                false => filters_by_lanes_avx2(taps, cs.len(), ci0, kc, u),
+                            }
                         };
                         #[cfg(not(target_arch = "x86_64"))]
                         let _ = (w, cs);
                     }
                     for tb in 0..tblocks {
                         let vb = &v[tb * vlen..];
+                        // With batch 1 the UNet's 16² layers have 16 tiles, its 8² ones 4.
+                        let live = total - tb * T;
                         for xi in 0..XI {
                             // A tile block's inputs for ξ (kc rows of T, 8 KB) stay in L1 for the
                             // job's micro-tiles.
@@ -222,7 +234,7 @@ pub(super) fn conv_by_channels(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> 
                                 // ci0 + kc of ξ hold T values; m's rows < r of ξ hold T values.
                                 unsafe {
                                     tile(
-                                        chans_of(i).len(),
+                                        (chans_of(i).len(), live),
                                         u.as_ptr().add(i * ulen + xi * ustride(kc)),
                                         16,
                                         vb.as_ptr().add(xi * stride(cin) + ci0 * T),
@@ -294,8 +306,42 @@ unsafe fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64:
     }
 }
 
+/// The 8 × 8 transpose of `rows` (row i's lane j → row j's lane i), in 24 shuffles.
+///
+/// # Safety
+/// Inlined only into functions compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    unsafe {
+        // Pairs of rows interleaved by single values, then by pairs (columns q and q + 4 of four
+        // rows in b[q]), then the 128-bit halves of rows 0–3 and 4–7 joined.
+        let mut a = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let mut b = [_mm256_setzero_ps(); 8];
+        for i in 0..2 {
+            for h in 0..2 {
+                let (x, y) = (_mm256_castps_pd(a[4 * i + h]), _mm256_castps_pd(a[4 * i + 2 + h]));
+                b[4 * i + 2 * h] = _mm256_castpd_ps(_mm256_unpacklo_pd(x, y));
+                b[4 * i + 2 * h + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(x, y));
+            }
+        }
+        let mut d = [_mm256_setzero_ps(); 8];
+        for q in 0..4 {
+            d[q] = _mm256_permute2f128_ps::<0x20>(b[q], b[4 + q]);
+            d[4 + q] = _mm256_permute2f128_ps::<0x31>(b[q], b[4 + q]);
+        }
+        d
+    }
+}
+
 /// Where a job's filters come from: the weight as stored (OIHW), read from output channel `co0`'s
 /// row on, one lane per output channel.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Taps<'a> {
     w: Filters<'a>,
@@ -317,21 +363,8 @@ struct Taps<'a> {
 #[target_feature(enable = "avx512f")]
 unsafe fn filters_by_lanes(src: Taps, lanes: usize, ci0: usize, kc: usize, u: &mut [f32]) {
     use std::arch::x86_64::*;
-    let Taps { w, co0, cin } = src;
-    assert!((1..=16).contains(&lanes) && u.len() >= XI * ustride(kc) && ci0 + kc <= cin);
-    let row = |l: usize| (co0 + l) * cin * 9 + ci0 * 9;
-    let len = match w {
-        Filters::F32(w) => w.len(),
-        Filters::F16(w) => w.len(),
-        Filters::Bf16(w) => w.len(),
-        Filters::Q8 { codes, .. } => codes.len(),
-    };
-    assert!(row(lanes - 1) + 9 * kc <= len);
-    // The int8 codes' scales, one per lane (1 for the others: the same products as no scaling).
-    let mut scales = [1f32; 16];
-    if let Filters::Q8 { scales: s, .. } = w {
-        scales[..lanes].copy_from_slice(&s[co0..co0 + lanes]);
-    }
+    let scales = src.checked(lanes, ci0, kc, u);
+    let (w, row) = (src.w, |l: usize| src.row(l, ci0));
     let scale = _mm512_loadu_ps(scales.as_ptr());
     let q8 = matches!(w, Filters::Q8 { .. });
     // 16 consecutive values of a row from `at`, widened as `dequantize_row` / the bf16 shift /
@@ -379,17 +412,117 @@ unsafe fn filters_by_lanes(src: Taps, lanes: usize, ci0: usize, kc: usize, u: &m
         let mut vals = [[0f32; 16]; 9];
         for (k, v) in vals.iter_mut().enumerate() {
             for (l, v) in v.iter_mut().enumerate().take(lanes) {
-                let at = row(l) + 9 * ci + k;
-                *v = match w {
-                    Filters::F32(w) => w[at],
-                    Filters::F16(w) => w[at].to_f32(),
-                    Filters::Bf16(w) => w[at].to_f32(),
-                    Filters::Q8 { codes, .. } => (codes[at].0 as i32 - 128) as f32 * scales[l],
-                };
+                *v = src.tap(row(l) + 9 * ci + k, scales[l]);
             }
         }
         let g = vals.map(|v| unsafe { _mm512_loadu_ps(v.as_ptr()) });
         unsafe { filter_2d_avx512(&g, u.as_mut_ptr().add(ci * 16), ustride(kc)) };
+    }
+}
+
+/// [`filters_by_lanes`] with AVX2 (F16C for half-precision weights): each row's 16 lanes as two
+/// halves of 8 output channels, the taps of 8 input channels read as each lane's 72 consecutive
+/// values and transposed 8 × 8 in registers, then [`super::filter_2d_avx2`]: the same widened
+/// values and the same operations in the same order, so the same results.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; rows co0 .. co0 + lanes of the weight hold input channels
+/// ci0 .. ci0 + kc.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn filters_by_lanes_avx2(src: Taps, lanes: usize, ci0: usize, kc: usize, u: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let scales = src.checked(lanes, ci0, kc, u);
+    let (w, row) = (src.w, |l: usize| src.row(l, ci0));
+    let q8 = matches!(w, Filters::Q8 { .. });
+    // 8 consecutive values of a row from `at`, widened as in `filters_by_lanes`.
+    #[inline(always)]
+    unsafe fn load8(w: Filters, at: usize) -> __m256 {
+        // SAFETY: the caller keeps at + 8 inside the weight.
+        unsafe {
+            match w {
+                Filters::F32(w) => _mm256_loadu_ps(w.as_ptr().add(at)),
+                Filters::F16(w) => _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(at) as *const __m128i)),
+                Filters::Bf16(w) => {
+                    let h = _mm_loadu_si128(w.as_ptr().add(at) as *const __m128i);
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                }
+                Filters::Q8 { codes, .. } => {
+                    let b = _mm_loadl_epi64(codes.as_ptr().add(at) as *const __m128i);
+                    _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), _mm256_set1_epi32(128)))
+                }
+            }
+        }
+    }
+    let full = kc / 8 * 8;
+    for l0 in [0, 8] {
+        // The lanes of this half that hold channels (none: zeros, as past `lanes` in any row).
+        let live = lanes.saturating_sub(l0).min(8);
+        let scale = _mm256_loadu_ps(scales.as_ptr().add(l0));
+        let mut gt = [[_mm256_setzero_ps(); 9]; 8];
+        for c0 in (0..full).step_by(8) {
+            for j in 0..9 {
+                let mut rows = [_mm256_setzero_ps(); 8];
+                for (l, r) in rows.iter_mut().enumerate().take(live) {
+                    // SAFETY: 9·c0 + 8j + 8 ≤ 9·kc values of row l0 + l (checked).
+                    *r = unsafe { load8(w, row(l0 + l) + 9 * c0 + 8 * j) };
+                }
+                let cols = unsafe { transpose8(rows) };
+                for (t, &col) in cols.iter().enumerate() {
+                    let c = 8 * j + t;
+                    gt[c / 9][c % 9] = if q8 { _mm256_mul_ps(col, scale) } else { col };
+                }
+            }
+            for (i, g) in gt.iter().enumerate() {
+                unsafe { super::filter_2d_avx2(g, u.as_mut_ptr().add((c0 + i) * 16 + l0), ustride(kc)) };
+            }
+        }
+        for ci in full..kc {
+            let mut vals = [[0f32; 8]; 9];
+            for (k, v) in vals.iter_mut().enumerate() {
+                for (l, v) in v.iter_mut().enumerate().take(live) {
+                    *v = src.tap(row(l0 + l) + 9 * ci + k, scales[l0 + l]);
+                }
+            }
+            let g = vals.map(|v| unsafe { _mm256_loadu_ps(v.as_ptr()) });
+            unsafe { super::filter_2d_avx2(&g, u.as_mut_ptr().add(ci * 16 + l0), ustride(kc)) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Taps<'_> {
+    /// Where lane `l`'s taps of input channel `ci0` start in the weight.
+    fn row(&self, l: usize, ci0: usize) -> usize {
+        (self.co0 + l) * self.cin * 9 + ci0 * 9
+    }
+
+    /// Checks what [`filters_by_lanes`] reads and writes (panics otherwise); the int8 codes'
+    /// scales, one per lane (1 for the others: the same products as no scaling).
+    fn checked(&self, lanes: usize, ci0: usize, kc: usize, u: &[f32]) -> [f32; 16] {
+        assert!((1..=16).contains(&lanes) && u.len() >= XI * ustride(kc) && ci0 + kc <= self.cin);
+        let len = match self.w {
+            Filters::F32(w) => w.len(),
+            Filters::F16(w) => w.len(),
+            Filters::Bf16(w) => w.len(),
+            Filters::Q8 { codes, .. } => codes.len(),
+        };
+        assert!(self.row(lanes - 1, ci0) + 9 * kc <= len);
+        let mut scales = [1f32; 16];
+        if let Filters::Q8 { scales: s, .. } = self.w {
+            scales[..lanes].copy_from_slice(&s[self.co0..self.co0 + lanes]);
+        }
+        scales
+    }
+
+    /// The weight's value at `at` widened (an int8 code less 128, times `scale`).
+    fn tap(&self, at: usize, scale: f32) -> f32 {
+        match self.w {
+            Filters::F32(w) => w[at],
+            Filters::F16(w) => w[at].to_f32(),
+            Filters::Bf16(w) => w[at].to_f32(),
+            Filters::Q8 { codes, .. } => (codes[at].0 as i32 - 128) as f32 * scale,
+        }
     }
 }
 
@@ -567,19 +700,29 @@ fn products(u: &[f32], v: &[f32], m: &mut [f32], cin: usize, cout: usize) {
             // hold T values, and rows co0 .. co0 + r of mx hold T values (the lengths asserted);
             // available() said the CPU has AVX-512F or AVX2 and FMA.
             unsafe {
-                tile(cout - co0, ux.as_ptr().add(co0), cout, vx.as_ptr(), cin, mx.as_mut_ptr().add(co0 * T), false)
+                tile((cout - co0, T), ux.as_ptr().add(co0), cout, vx.as_ptr(), cin, mx.as_mut_ptr().add(co0 * T), false)
             }
         }
     }
 }
 
-/// One micro-tile of `min(rest, CO)` output channels; `add`: onto the products already in `m`.
+/// One micro-tile of `min(rest, CO)` output channels; `add`: onto the products already in `m`;
+/// `live`: the tiles among the T that hold values (the AVX2 kernel leaves a block of 16 with none
+/// alone: its products would never be read).
 ///
 /// # Safety
 /// As in [`products`]; [`available`] is true.
-unsafe fn tile(rest: usize, u: *const f32, ustride: usize, v: *const f32, cin: usize, m: *mut f32, add: bool) {
+unsafe fn tile(
+    (rest, live): (usize, usize),
+    u: *const f32,
+    ustride: usize,
+    v: *const f32,
+    cin: usize,
+    m: *mut f32,
+    add: bool,
+) {
     // SAFETY: the caller's; avx512() picks the kernel the CPU has.
-    unsafe { tile_on(avx512(), rest, (u, ustride), v, cin, m, add) }
+    unsafe { tile_on(avx512(), (rest, live), (u, ustride), v, cin, m, add) }
 }
 
 /// [`tile`] with the AVX-512 kernel (`zmm`) or the AVX2 one: tests run both where the CPU has them.
@@ -589,7 +732,7 @@ unsafe fn tile(rest: usize, u: *const f32, ustride: usize, v: *const f32, cin: u
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_macros))]
 unsafe fn tile_on(
     zmm: bool,
-    rest: usize,
+    (rest, live): (usize, usize),
     (u, ustride): (*const f32, usize),
     v: *const f32,
     cin: usize,
@@ -612,7 +755,7 @@ unsafe fn tile_on(
         } else {
             let rows = rest.min(CO);
             for r0 in (0..rows).step_by(CO2) {
-                for h in (0..T).step_by(16) {
+                for h in (0..live.min(T)).step_by(16) {
                     let (u, v, m) = (u.add(r0), v.add(h), m.add(r0 * T + h));
                     by_rows!((rows - r0).min(CO2), kernel_avx2(u, ustride, v, cin, m, add); 1 2 3 4 5 6)
                 }
@@ -715,6 +858,79 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lane_filter_transforms_match_the_portable_one_bit_for_bit() {
+        // Each by-channels filter transform the CPU has (AVX-512's 16 lanes, AVX2's two halves
+        // of 8) against filter_1d over columns then rows, value by value, bit for bit, on f32,
+        // f16, bf16 and int8 weights: whole groups of input channels with a tail and without,
+        // a step of them from an offset, 1 to 16 lanes from an offset output channel, the lanes
+        // past them zero. Signed zeros and large values among the taps.
+        #[cfg(target_arch = "x86_64")]
+        {
+            type Transform = unsafe fn(Taps, usize, usize, usize, &mut [f32]);
+            let mut transforms: Vec<(&str, Transform)> = Vec::new();
+            if avx512() {
+                transforms.push(("avx512", filters_by_lanes));
+            }
+            if by_channels_available() && avx2_fma() {
+                transforms.push(("avx2", filters_by_lanes_avx2));
+            }
+            eprintln!("filter transforms here: {:?}", transforms.iter().map(|t| t.0).collect::<Vec<_>>());
+            let (cout, cin) = (19, 37);
+            let raw: Vec<f32> = (0..cout * cin * 9)
+                .map(|i| match i % 13 {
+                    0 => -0.0,
+                    1 => 3.0e4,
+                    _ => ((i * 7919) % 1013) as f32 / 97.0 - 5.0,
+                })
+                .collect();
+            let f16: Vec<half::f16> = raw.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let bf16: Vec<half::bf16> = raw.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let codes: Vec<crate::models::gemm_bf16::Q8> =
+                (0..raw.len()).map(|i| crate::models::gemm_bf16::Q8(((i * 37) % 256) as u8)).collect();
+            let scales: Vec<f32> = (0..cout).map(|c| 0.01 + c as f32 * 1.7e-3).collect();
+            let kinds = [
+                ("f32", Filters::F32(&raw)),
+                ("f16", Filters::F16(&f16)),
+                ("bf16", Filters::Bf16(&bf16)),
+                ("q8", Filters::Q8 { codes: &codes, scales: &scales }),
+            ];
+            for ((name, transform), (kind, w)) in transforms.iter().flat_map(|t| kinds.iter().map(move |k| (t, k))) {
+                for (lanes, co0) in [(1, 0), (7, 3), (8, 0), (9, 10), (12, 7), (16, 2)] {
+                    for (ci0, kc) in [(0, 37), (0, 32), (5, 16), (3, 11)] {
+                        let taps = Taps { w: *w, co0, cin };
+                        let scales = taps.checked(lanes, ci0, kc, &[0.0; XI * 16 * 40]);
+                        let mut u = vec![f32::NAN; XI * ustride(kc)];
+                        // SAFETY: the CPU has the transform's instructions (filtered above); rows
+                        // co0 .. co0 + lanes hold cin input channels, u 36 rows of ustride(kc).
+                        unsafe { transform(taps, lanes, ci0, kc, &mut u) };
+                        for ci in 0..kc {
+                            for l in 0..16 {
+                                let want = if l < lanes {
+                                    let g = |k: usize| taps.tap(taps.row(l, ci0) + 9 * ci + k, scales[l]);
+                                    let [c0, c1, c2] =
+                                        [0, 1, 2].map(|kx| super::super::filter_1d([g(kx), g(3 + kx), g(6 + kx)]));
+                                    (0..XI)
+                                        .map(|xi| super::super::filter_1d([c0[xi / 6], c1[xi / 6], c2[xi / 6]])[xi % 6])
+                                        .collect()
+                                } else {
+                                    vec![0.0; XI]
+                                };
+                                for (xi, want) in want.iter().enumerate() {
+                                    let got = u[xi * ustride(kc) + ci * 16 + l];
+                                    let at = format!("{name} {kind}: lanes {lanes} from {co0}, ci {ci} of {kc} from {ci0}, lane {l}, ξ {xi}");
+                                    // (Lanes past the channels: zero of either sign.)
+                                    let same = if l < lanes { got.to_bits() == want.to_bits() } else { got == 0.0 };
+                                    assert!(same, "{at}: {got} against {want}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn micro_kernels_sum_in_order_with_fused_multiply_adds() {
         // Each kernel the CPU has (AVX-512's 12 × 32 block, AVX2's four 6 × 16 ones) against a
         // plain chain of f32::mul_add over the input channels, bit for bit: the fused path's
@@ -734,7 +950,7 @@ mod tests {
             let mut m = before.clone();
             // SAFETY: u holds cin rows of ustride ≥ CO, v cin rows of T, m CO + 1 rows of T; the
             // CPU has the kernel's instructions (filtered above).
-            unsafe { tile_on(zmm, rest, (u.as_ptr(), ustride), v.as_ptr(), cin, m.as_mut_ptr(), add) };
+            unsafe { tile_on(zmm, (rest, T), (u.as_ptr(), ustride), v.as_ptr(), cin, m.as_mut_ptr(), add) };
             for r in 0..CO + 1 {
                 for t in 0..T {
                     let sum = (0..cin).fold(0f32, |a, ci| u[ci * ustride + r].mul_add(v[ci * T + t], a));
