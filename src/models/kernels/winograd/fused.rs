@@ -14,7 +14,8 @@
 //! 12 × 32 block: the same sums in the same order, so the same values).
 //!
 //! With AVX-512 or AVX2 and FMA; other CPUs take the split path. The jobs over output channels
-//! ([`conv_by_channels`]) transform their filters in AVX-512 registers and run with AVX-512 only.
+//! ([`conv_by_channels`]) transform their filters in zmm registers, or with AVX2 (and F16C) in two
+//! halves of ymm registers ([`filters_by_lanes_avx2`]).
 
 #[cfg(target_arch = "x86_64")]
 use super::filter_2d_avx512;
@@ -60,7 +61,7 @@ pub(super) fn by_channels_available() -> bool {
 }
 
 /// Whether this CPU has AVX-512F (detected once): the micro-kernel in zmm registers, the
-/// transforms' AVX-512 permutes and [`conv_by_channels`].
+/// transforms' AVX-512 permutes and [`conv_by_channels`]' filter transform in zmm registers.
 pub(super) fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -147,7 +148,8 @@ fn ustride(kc: usize) -> usize {
     kc * 16 + 16
 }
 
-/// Whether a wide layer with few tiles (the UNet's 32² layers at batch 1) gains from
+/// Whether a wide layer with few tiles (the UNet's 32² layers at batch 1; with AVX2 its 16² ones
+/// too, `winograd::worthwhile`) gains from
 /// [`conv_by_channels`]: its products are then too small to pay for the split path's passes over
 /// the transformed filters (36 × cin × cout f32 values written, packed again by the gemm crate and
 /// read, on every call: 236 MB for a 1280 → 1280 layer whose products are 64 tiles wide); the
@@ -209,8 +211,8 @@ pub(super) fn conv_by_channels(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> 
                     for i in 0..mine {
                         let cs = chans_of(i);
                         // SAFETY: rows cs of the weight hold cin input channels; u's part holds
-                        // 36 ξ rows of ustride(kc); conv only runs this where available() (and
-                        // by_channels_available()) said so.
+                        // 36 ξ rows of ustride(kc); conv only runs this where
+                        // by_channels_available() said so (AVX-512F, or AVX2, FMA and F16C).
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
                             let (taps, u) = (Taps { w, co0: cs.start, cin }, &mut u[i * ulen..(i + 1) * ulen]);
@@ -224,7 +226,8 @@ pub(super) fn conv_by_channels(x: &[f32], sh: Shape, w: Filters, tail: Tail) -> 
                     }
                     for tb in 0..tblocks {
                         let vb = &v[tb * vlen..];
-                        // With batch 1 the UNet's 16² layers have 16 tiles, its 8² ones 4.
+                        // The tiles this block holds (a last block may hold fewer than T: batch
+                        // 1's 16² layers have 16 in all).
                         let live = total - tb * T;
                         for xi in 0..XI {
                             // A tile block's inputs for ξ (kc rows of T, 8 KB) stay in L1 for the
