@@ -229,7 +229,6 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
         ("vae in/out", 1, 512, 8, 64),
     ];
     let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-    let mut total = 0.0;
     let label =
         |&(model, b, cin, cout, hw): &(&str, usize, usize, usize, usize)| format!("{model} {b}x{cin}->{cout} @{hw}²");
     // GHIBLIFY_PROBE_WEIGHTS=N: N weights of each shape taken in turn, so that each call reads its
@@ -243,6 +242,7 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
         Err(_) => vec![None],
     };
     let path = std::cell::Cell::new(None);
+    let mut totals = vec![0.0; paths.len()];
     for shape @ &(model, b, cin, cout, hw) in shapes.iter().filter(|s| label(s).starts_with(only)) {
         let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &Device::Cpu)?;
         let weights = (0..copies.max(1))
@@ -276,11 +276,12 @@ fn conv_shapes(n: usize, bf16: bool, only: &str) -> anyhow::Result<()> {
                 *best = best.min(t.elapsed().as_secs_f64());
             }
         }
-        total += bests[0];
+        totals.iter_mut().zip(&bests).for_each(|(t, b)| *t += b);
         let times: Vec<String> = bests.iter().map(|b| format!("{:.1} ms", b * 1e3)).collect();
         println!("{}: {}", label(shape), times.join(" / "));
     }
-    println!("total {:.3} s", total);
+    let totals: Vec<String> = totals.iter().map(|t| format!("{t:.3} s")).collect();
+    println!("total {}", totals.join(" / "));
     Ok(())
 }
 

@@ -49,7 +49,8 @@ pub(super) fn worthwhile(sh: &Shape, amx_products: bool) -> bool {
     // The fused path also pays on layers with one side narrow (TAESD's 3 → 64 and 64 → 3 at the
     // full image: 13.9 → 4.1 and 17.6 → 8.2–9.9 ms against im2col, whose patch matrix is 9 × the
     // input).
-    let narrow_ok = fused::available() && fused::suits(cin, cout);
+    let suits = fused::suits(cin, cout);
+    let narrow_ok = fused::available() && suits;
     // With AVX2's kernel the jobs over output channels also beat im2col at 16 to 63 tiles (the
     // UNet's 16² layers, and its 8² upsamplers at batch 1: 1280 → 1280 2–3× faster), not at 8 or
     // fewer (its 8² layers; docs/PERFORMANCE.md, round twenty-two). AVX-512's were not measured
@@ -57,7 +58,7 @@ pub(super) fn worthwhile(sh: &Shape, amx_products: bool) -> bool {
     let few = tiles >= MIN_TILES_AVX2_BY_CHANNELS
         && !fused::avx512()
         && fused::by_channels_available()
-        && !fused::suits(cin, cout)
+        && !suits
         && fused::suits_by_channels(sh);
     enabled() && (tiles >= 64 || few) && (narrow_ok || (cin >= 16 && cout >= 16))
 }
@@ -358,29 +359,6 @@ unsafe fn filters_of_avx512(g: &[f32], dst: &mut [f32], cin: usize) -> usize {
     full
 }
 
-/// G g Gᵀ of 16 lanes' 3×3 taps (`g[k]`: tap k of every lane), columns first then rows, the 36
-/// results stored as vectors at `dst + ξ·stride` (ξ = a·6 + b). The one 2-D filter transform of
-/// both vector paths: [`filters_of_avx512`] (lanes = input channels, stride = cin) and the
-/// by-channels path's `fused::filters_by_lanes` (lanes = output channels, stride = its ξ rows').
-///
-/// # Safety
-/// Inlined only into functions compiled for AVX-512F; dst + ξ·stride + 16 is writable for ξ < 36.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(super) unsafe fn filter_2d_avx512(g: &[std::arch::x86_64::__m512; 9], dst: *mut f32, stride: usize) {
-    unsafe {
-        // No closure here: it would be compiled without AVX-512 and call each intrinsic.
-        let c0 = filter_1d_avx512(g[0], g[3], g[6]);
-        let c1 = filter_1d_avx512(g[1], g[4], g[7]);
-        let c2 = filter_1d_avx512(g[2], g[5], g[8]);
-        for (a, ((&x0, &x1), &x2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
-            for (b, row) in filter_1d_avx512(x0, x1, x2).into_iter().enumerate() {
-                std::arch::x86_64::_mm512_storeu_ps(dst.add((a * 6 + b) * stride), row);
-            }
-        }
-    }
-}
-
 /// [`filter_1d`]'s arithmetic on vectors, as [`input_1d_vec`]: `(add, sub, mul, set1)` for one
 /// vector width. `-(even + odd) / 6` is `(even + odd) · (−1/6)`: negating a product's operand
 /// negates the rounded product exactly, so the same bits as the scalar version.
@@ -404,13 +382,45 @@ macro_rules! filter_1d_vec {
     }};
 }
 
+/// G g Gᵀ of one vector width's lanes of 3×3 taps (`$g[k]`: tap k of every lane) by `$filter_1d`,
+/// columns first then rows, the 36 results stored by `$store` at `$dst + ξ·$stride` (ξ = a·6 + b):
+/// [`filter_2d_avx512`]'s and [`filter_2d_avx2`]'s one body. No closure in it: inside an inlined
+/// helper a closure is compiled without the caller's target features and calls each intrinsic.
+#[cfg(target_arch = "x86_64")]
+macro_rules! filter_2d_vec {
+    ($filter_1d:ident, $store:path, $g:expr, $dst:expr, $stride:expr) => {{
+        let (g, dst, stride) = ($g, $dst, $stride);
+        let c0 = $filter_1d(g[0], g[3], g[6]);
+        let c1 = $filter_1d(g[1], g[4], g[7]);
+        let c2 = $filter_1d(g[2], g[5], g[8]);
+        for (a, ((&x0, &x1), &x2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
+            for (b, row) in $filter_1d(x0, x1, x2).into_iter().enumerate() {
+                $store(dst.add((a * 6 + b) * stride), row);
+            }
+        }
+    }};
+}
+
+/// G g Gᵀ of 16 lanes' 3×3 taps (`g[k]`: tap k of every lane), columns first then rows, the 36
+/// results stored as vectors at `dst + ξ·stride` (ξ = a·6 + b). The one 2-D filter transform of
+/// both AVX-512 paths: [`filters_of_avx512`] (lanes = input channels, stride = cin) and the
+/// by-channels path's `fused::filters_by_lanes` (lanes = output channels, stride = its ξ rows').
+///
+/// # Safety
+/// Inlined only into functions compiled for AVX-512F; dst + ξ·stride + 16 is writable for ξ < 36.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn filter_2d_avx512(g: &[std::arch::x86_64::__m512; 9], dst: *mut f32, stride: usize) {
+    unsafe { filter_2d_vec!(filter_1d_avx512, std::arch::x86_64::_mm512_storeu_ps, g, dst, stride) }
+}
+
 /// [`filter_1d`] on 16 lanes at once, the same operations in the same order (so the same values).
 ///
 /// # Safety
 /// Inlined only into functions compiled for AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) unsafe fn filter_1d_avx512(
+unsafe fn filter_1d_avx512(
     g0: std::arch::x86_64::__m512,
     g1: std::arch::x86_64::__m512,
     g2: std::arch::x86_64::__m512,
@@ -419,24 +429,15 @@ pub(super) unsafe fn filter_1d_avx512(
     unsafe { filter_1d_vec!((_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_set1_ps), [g0, g1, g2]) }
 }
 
-/// [`filter_2d_avx512`] on 8 lanes (AVX2): the same operations in the same order.
+/// [`filter_2d_avx512`] on 8 lanes (AVX2), for `fused::filters_by_lanes_avx2`: the same operations
+/// in the same order.
 ///
 /// # Safety
 /// Inlined only into functions compiled for AVX2; dst + ξ·stride + 8 is writable for ξ < 36.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) unsafe fn filter_2d_avx2(g: &[std::arch::x86_64::__m256; 9], dst: *mut f32, stride: usize) {
-    unsafe {
-        // No closure here either (see filter_2d_avx512).
-        let c0 = filter_1d_avx2(g[0], g[3], g[6]);
-        let c1 = filter_1d_avx2(g[1], g[4], g[7]);
-        let c2 = filter_1d_avx2(g[2], g[5], g[8]);
-        for (a, ((&x0, &x1), &x2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
-            for (b, row) in filter_1d_avx2(x0, x1, x2).into_iter().enumerate() {
-                std::arch::x86_64::_mm256_storeu_ps(dst.add((a * 6 + b) * stride), row);
-            }
-        }
-    }
+    unsafe { filter_2d_vec!(filter_1d_avx2, std::arch::x86_64::_mm256_storeu_ps, g, dst, stride) }
 }
 
 /// [`filter_1d`] on 8 lanes (AVX2), as [`filter_1d_avx512`].

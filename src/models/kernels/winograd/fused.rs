@@ -49,12 +49,17 @@ pub(super) fn available() -> bool {
     avx512() || avx2_fma()
 }
 
-/// Whether this CPU runs [`conv_by_channels`]: AVX-512F, or AVX2, FMA and F16C (the filters of
-/// half-precision weights widened in [`filters_by_lanes_avx2`]).
+/// Whether this CPU runs [`conv_by_channels`]: AVX-512F, or what [`filters_by_lanes_avx2`] needs.
 pub(super) fn by_channels_available() -> bool {
+    avx512() || avx2_f16c()
+}
+
+/// Whether this CPU has AVX2, FMA and F16C: [`filters_by_lanes_avx2`] (F16C widens the filters of
+/// half-precision weights).
+fn avx2_f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        avx512() || (avx2_fma() && std::arch::is_x86_feature_detected!("f16c"))
+        avx2_fma() && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -874,7 +879,7 @@ mod tests {
             if avx512() {
                 transforms.push(("avx512", filters_by_lanes));
             }
-            if by_channels_available() && avx2_fma() {
+            if avx2_f16c() {
                 transforms.push(("avx2", filters_by_lanes_avx2));
             }
             eprintln!("filter transforms here: {:?}", transforms.iter().map(|t| t.0).collect::<Vec<_>>());
@@ -901,8 +906,8 @@ mod tests {
                 for (lanes, co0) in [(1, 0), (7, 3), (8, 0), (9, 10), (12, 7), (16, 2)] {
                     for (ci0, kc) in [(0, 37), (0, 32), (5, 16), (3, 11)] {
                         let taps = Taps { w: *w, co0, cin };
-                        let scales = taps.checked(lanes, ci0, kc, &[0.0; XI * 16 * 40]);
                         let mut u = vec![f32::NAN; XI * ustride(kc)];
+                        let scales = taps.checked(lanes, ci0, kc, &u);
                         // SAFETY: the CPU has the transform's instructions (filtered above); rows
                         // co0 .. co0 + lanes hold cin input channels, u 36 rows of ustride(kc).
                         unsafe { transform(taps, lanes, ci0, kc, &mut u) };
